@@ -1,0 +1,234 @@
+//! Configuration: the TOML file layer and the validated internal model.
+//!
+//! The file layer (`file.rs`, serde structs with `deny_unknown_fields`) is the stable user
+//! interface described in SPEC.md; the types in this module are what the rest of the crate sees.
+//! [`Config::load`] reads a file, expands `${VAR}` and `*_file` secrets, reads key files and
+//! validates every key, reporting all problems at once ([`ConfigErrors`]).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use url::Url;
+
+use crate::oauth::key_file::ServiceAccountKey;
+
+mod error;
+mod file;
+mod load;
+
+pub use error::{ConfigError, ConfigErrors};
+
+/// A secret string (client secret). `Debug` and `Display` never show the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret value, for building a token request. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// The validated configuration. Every value here has been checked; nothing downstream needs to
+/// re-validate it.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this configuration was read from (for messages and SIGHUP reload).
+    pub source: Option<PathBuf>,
+    /// `[server]`.
+    pub server: ServerConfig,
+    /// `[log]`.
+    pub log: LogConfig,
+    /// `[[routes]]`, in file order. Names are unique.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `[server]`: listeners, client allowlist and process-wide knobs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Shared proxy listeners (`listen`, a string or an array). May be empty when every route
+    /// has a listener of its own.
+    pub listen: Vec<SocketAddr>,
+    /// The admin listener: `/metrics`, `/healthz`, `/readyz`, `/status`.
+    pub admin_listen: SocketAddr,
+    /// CIDRs whose clients may use the proxy. Default: `127.0.0.0/8` and `::1/128`.
+    pub allowed_clients: Vec<IpNet>,
+    /// Proxy worker threads. Default: number of CPUs.
+    pub threads: usize,
+    /// How long in-flight requests may drain after SIGTERM/SIGINT. Default 10 s.
+    pub grace_period: Duration,
+    /// Request bodies up to this many bytes are kept for one replay after an upstream 401.
+    /// Default 64 KiB.
+    pub replay_body_limit: usize,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Text (human) or JSON lines.
+    pub format: LogFormat,
+    /// A `tracing_subscriber::EnvFilter` directive, e.g. `info` or `info,tokengate::access=debug`.
+    /// Validated at load.
+    pub level: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable text lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// One `[[routes]]` entry.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Unique, `[a-z0-9_-]+`; used as the metric label.
+    pub name: String,
+    /// Starts with `/`. Matched on path-segment boundaries; the longest match wins. Default `/`.
+    pub path_prefix: String,
+    /// Match the `Host` header too (lower-case, without port).
+    pub host: Option<String>,
+    /// A listener of the route's own; it then matches every request on that listener.
+    pub listen: Option<SocketAddr>,
+    /// Remove `path_prefix` before forwarding.
+    pub strip_prefix: bool,
+    /// Where requests go.
+    pub upstream: Upstream,
+    /// TCP (and TLS) connect timeout to the upstream. Default 5 s.
+    pub connect_timeout: Duration,
+    /// Timeout for each read from the upstream. Default 60 s.
+    pub read_timeout: Duration,
+    /// Forward the `Cookie` header (an inbound credential, stripped by default).
+    pub forward_cookies: bool,
+    /// Allowed request methods; `None` allows every method.
+    pub allow_methods: Option<Vec<http::Method>>,
+    /// Extra trust roots (PEM) for this route's upstream and token endpoint.
+    pub ca_file: Option<PathBuf>,
+    /// More inbound credential headers to remove (lower-case).
+    pub strip_headers: Vec<http::HeaderName>,
+    /// `[routes.auth]`.
+    pub auth: AuthConfig,
+}
+
+/// A parsed `upstream` URL: scheme, host, optional port and base path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// `true` for `https`.
+    pub tls: bool,
+    /// Host name or IP literal (without brackets), used for DNS, TLS SNI and certificate checks.
+    pub host: String,
+    /// Port; defaults to 443/80 by scheme.
+    pub port: u16,
+    /// The `Host` header value sent upstream: host, plus `:port` when not the scheme default.
+    pub authority: String,
+    /// Base path without a trailing slash: `""` for `https://h` or `https://h/`, `/v1` for
+    /// `https://h/v1/`.
+    pub base_path: String,
+}
+
+/// `[routes.auth]`: how this route obtains its access token.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// The grant and its grant-specific settings.
+    pub grant: Grant,
+    /// Where the token endpoint is.
+    pub endpoint: TokenEndpointLocation,
+    /// RFC 6749 §2.2 client identifier.
+    pub client_id: String,
+    /// RFC 6749 §2.3.1 client secret. Required for `client_credentials`; optional for
+    /// `jwt_bearer` (Drillster requires it).
+    pub client_secret: Option<Secret>,
+    /// How the client authenticates at the token endpoint.
+    pub client_auth: ClientAuth,
+    /// `scope` token request parameter (RFC 6749 §3.3).
+    pub scope: Option<String>,
+    /// `jwt_bearer`: the assertion's `aud` (default: the token endpoint URL, exactly).
+    /// `client_credentials`: the `audience` token request parameter.
+    pub audience: Option<String>,
+    /// Used when `expires_in` is absent and the token is not a JWT with `exp`. Default 5 min.
+    pub default_token_lifetime: Duration,
+    /// Renew at this fraction of the lifetime, in (0, 1). Default 0.8.
+    pub refresh_ratio: f64,
+    /// A token with less than this left is never sent. Default 10 s.
+    pub min_time_left: Duration,
+}
+
+/// The token endpoint, given directly or found by discovery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenEndpointLocation {
+    /// `token_endpoint = "https://…"`.
+    Url(Url),
+    /// `issuer = "https://…"`: RFC 8414 discovery.
+    Issuer(Url),
+}
+
+/// Grant-specific settings.
+#[derive(Debug, Clone)]
+pub enum Grant {
+    /// RFC 7523 §2.1 JWT bearer grant (Drillster service accounts, seed 004).
+    JwtBearer {
+        /// The service account key file, parsed.
+        key: ServiceAccountKey,
+        /// Path of the key file (for messages).
+        key_file: PathBuf,
+        /// The assertion's `sub`; default the key file's `serviceAccountId`.
+        subject: String,
+        /// The assertion's `exp - iat`. Default 5 min, at most 1 h.
+        assertion_lifetime: Duration,
+    },
+    /// RFC 6749 §4.4 client credentials grant (Driftrock, seed 003).
+    ClientCredentials {
+        /// `resource` token request parameter (RFC 8707).
+        resource: Option<String>,
+    },
+}
+
+impl Grant {
+    /// The `grant` key's value: `jwt_bearer` or `client_credentials`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Grant::JwtBearer { .. } => "jwt_bearer",
+            Grant::ClientCredentials { .. } => "client_credentials",
+        }
+    }
+}
+
+/// RFC 6749 §2.3 client authentication at the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// `Authorization: Basic` (RFC 6749 §2.3.1).
+    Basic(BasicEncoding),
+    /// `client_id` and `client_secret` in the form body.
+    Post,
+}
+
+/// How client id and secret are encoded before base64 in `client_secret_basic`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BasicEncoding {
+    /// RFC 6749 §2.3.1: `application/x-www-form-urlencoded` each part first (default).
+    Form,
+    /// RFC 7617 as-is, for servers that compare raw values.
+    Raw,
+}

@@ -1,0 +1,231 @@
+//! `tokengate` command line (SPEC "Command line"). Parses arguments, loads config, starts; maps
+//! errors to exit codes: 0 success, 1 runtime failure, 2 bad usage or bad config.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use clap::{Parser, Subcommand};
+
+use tokengate::config::{Config, LogConfig, LogFormat};
+use tokengate::oauth::TokenClient;
+
+#[derive(Parser)]
+#[command(name = "tokengate", version, about = "Credential-injecting OAuth 2.0 gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (proxy listeners + admin listener) until SIGTERM/SIGINT.
+    Run {
+        /// Configuration file (TOML).
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Validate the configuration, secrets and key files.
+    Check {
+        /// Configuration file (TOML).
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Also obtain one token per route and print its expiry (never the token).
+        #[arg(long)]
+        fetch: bool,
+    },
+    /// Print one access token for a route on stdout.
+    Token {
+        /// Configuration file (TOML).
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Route name.
+        #[arg(long)]
+        route: String,
+        /// Request the token for this subject (JWT bearer grant) instead of the configured one.
+        #[arg(long)]
+        subject: Option<String>,
+    },
+    /// Start sandbox authorization servers, a sandbox API and the gateway on loopback, and print
+    /// curl lines to try.
+    Demo {
+        /// Proxy listener (default 127.0.0.1:8080, or an ephemeral port when that is taken).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Admin listener (default 127.0.0.1:9090, or an ephemeral port when that is taken).
+        #[arg(long)]
+        admin_listen: Option<std::net::SocketAddr>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_logging(&config.log);
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                routes = config.routes.len(),
+                "tokengate starting"
+            );
+            match tokengate::gateway::run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tokengate: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Check { config, fetch } => check(&config, fetch),
+        Command::Token {
+            config,
+            route,
+            subject,
+        } => token(&config, &route, subject),
+        Command::Demo {
+            listen,
+            admin_listen,
+        } => {
+            init_logging(&LogConfig {
+                format: LogFormat::Text,
+                level: "info".into(),
+            });
+            match tokengate::demo::run(listen, admin_listen) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tokengate demo: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+/// Loads and validates; on failure prints every problem (one per line) and returns exit 2.
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|errors| {
+        eprintln!("{errors}");
+        ExitCode::from(2)
+    })
+}
+
+fn check(path: &std::path::Path, fetch: bool) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    println!(
+        "{}: OK ({} route{})",
+        path.display(),
+        config.routes.len(),
+        if config.routes.len() == 1 { "" } else { "s" }
+    );
+    if !fetch {
+        return ExitCode::SUCCESS;
+    }
+    let Some(rt) = runtime() else {
+        return ExitCode::from(1);
+    };
+    let mut ok = true;
+    for (i, route) in config.routes.iter().enumerate() {
+        let result = rt.block_on(async {
+            let client = client_for(route)?;
+            client.fetch(SystemTime::now()).await.map_err(|e| e.to_string())
+        });
+        match result {
+            Ok(token) => println!(
+                "routes[{i}] {}: token obtained, expires in {} s",
+                route.name,
+                token.lifetime.as_secs()
+            ),
+            Err(e) => {
+                ok = false;
+                println!("routes[{i}] {}: token request failed: {e}", route.name);
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn token(path: &std::path::Path, route_name: &str, subject: Option<String>) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(route) = config.routes.iter().find(|r| r.name == route_name) else {
+        let names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
+        eprintln!(
+            "tokengate: --route {route_name:?}: no such route; routes are: {}",
+            names.join(", ")
+        );
+        return ExitCode::from(2);
+    };
+    let Some(rt) = runtime() else {
+        return ExitCode::from(1);
+    };
+    let result = rt.block_on(async {
+        let client = client_for(route)?.with_subject(subject);
+        client.fetch(SystemTime::now()).await.map_err(|e| e.to_string())
+    });
+    match result {
+        Ok(token) => {
+            println!("{}", token.value);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tokengate: route {route_name}: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn client_for(route: &tokengate::config::RouteConfig) -> Result<TokenClient, String> {
+    let ca = match &route.ca_file {
+        Some(p) => Some(std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?),
+        None => None,
+    };
+    TokenClient::new(
+        route.auth.clone(),
+        ca.as_deref(),
+        route.connect_timeout,
+        tokengate::oauth::token_endpoint::DEFAULT_REQUEST_TIMEOUT,
+    )
+    .map_err(|e| e.to_string())
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("tokengate: cannot start runtime: {e}");
+            None
+        }
+    }
+}
+
+/// Logs go to stderr, as text or JSON lines; `RUST_LOG` overrides `log.level` when set.
+fn init_logging(log: &LogConfig) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
+        .or_else(|| tracing_subscriber::EnvFilter::try_new(&log.level).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}

@@ -1,0 +1,332 @@
+//! Every metric tokengate exports, defined once (names and labels are SPEC.md's "Metrics").
+//!
+//! Each gateway owns its own [`Registry`] (so several gateways can run in one process, as the
+//! tests do); `/metrics` encodes it. Per-route handles are resolved once at start-up, so the
+//! request path only increments atomics: no label hashing, no lock.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use pingora_prometheus::prometheus::{
+    self, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::oauth::FetchOutcome;
+
+/// The gateway's metric families.
+pub struct Metrics {
+    registry: Registry,
+    requests_total: IntCounterVec,
+    request_duration: HistogramVec,
+    upstream_errors: IntCounterVec,
+    token_requests: IntCounterVec,
+    token_request_duration: HistogramVec,
+    token_expiry: IntGaugeVec,
+    token_failures: IntGaugeVec,
+    upstream_unauthorized: IntCounterVec,
+    denied: IntCounterVec,
+    config_reloads: IntCounterVec,
+}
+
+/// Why a request was refused before routing finished (`tokengate_denied_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyReason {
+    /// No route matched: 404.
+    NoRoute,
+    /// Client address outside `allowed_clients`: 403.
+    ClientNotAllowed,
+    /// Method outside the route's `allow_methods`: 405.
+    MethodNotAllowed,
+}
+
+impl DenyReason {
+    /// The label value, also the gateway error code.
+    pub fn label(self) -> &'static str {
+        match self {
+            DenyReason::NoRoute => "no_route",
+            DenyReason::ClientNotAllowed => "client_not_allowed",
+            DenyReason::MethodNotAllowed => "method_not_allowed",
+        }
+    }
+}
+
+/// `kind` label of `tokengate_upstream_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// TCP connect failed.
+    Connect,
+    /// Connect or read timed out.
+    Timeout,
+    /// TLS handshake or certificate failure.
+    Tls,
+    /// Connection reset or closed mid-request.
+    Reset,
+}
+
+impl UpstreamErrorKind {
+    fn index(self) -> usize {
+        self as usize
+    }
+    const LABELS: [&'static str; 4] = ["connect", "timeout", "tls", "reset"];
+}
+
+fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+    // Names are static and unique, so registration cannot fail; if it ever did, the metric
+    // would still count, only not be exported.
+    if let Err(e) = r.register(Box::new(c.clone())) {
+        tracing::error!(error = %e, "metric registration failed");
+    }
+    c
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    register(
+        r,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition"),
+    )
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    register(
+        r,
+        IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition"),
+    )
+}
+
+fn histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    register(
+        r,
+        HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+            .expect("static metric definition"),
+    )
+}
+
+impl Metrics {
+    /// Creates and registers every metric family; sets `tokengate_build_info`.
+    pub fn new() -> Arc<Self> {
+        let r = Registry::new();
+        let m = Metrics {
+            requests_total: counter_vec(
+                &r,
+                "tokengate_requests_total",
+                "Proxied requests by route and response status code.",
+                &["route", "code"],
+            ),
+            request_duration: histogram_vec(
+                &r,
+                "tokengate_request_duration_seconds",
+                "Time from request received to response finished, seconds.",
+                &["route"],
+                vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    5.0, 10.0, 30.0,
+                ],
+            ),
+            upstream_errors: counter_vec(
+                &r,
+                "tokengate_upstream_errors_total",
+                "Failures talking to the upstream, by kind (connect, timeout, tls, reset).",
+                &["route", "kind"],
+            ),
+            token_requests: counter_vec(
+                &r,
+                "tokengate_token_requests_total",
+                "Token endpoint requests by outcome (success, http_error, oauth_error, network_error, invalid_response).",
+                &["route", "outcome"],
+            ),
+            token_request_duration: histogram_vec(
+                &r,
+                "tokengate_token_request_duration_seconds",
+                "Token endpoint request duration, seconds.",
+                &["route"],
+                vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+            ),
+            token_expiry: gauge_vec(
+                &r,
+                "tokengate_token_expiry_timestamp_seconds",
+                "Unix time at which the current access token expires (0: none).",
+                &["route"],
+            ),
+            token_failures: gauge_vec(
+                &r,
+                "tokengate_token_consecutive_failures",
+                "Failed token requests since the last success.",
+                &["route"],
+            ),
+            upstream_unauthorized: counter_vec(
+                &r,
+                "tokengate_upstream_unauthorized_total",
+                "Upstream 401 answers to a current token, by action (replayed, passed_through).",
+                &["route", "action"],
+            ),
+            denied: counter_vec(
+                &r,
+                "tokengate_denied_total",
+                "Requests refused by the gateway, by reason.",
+                &["reason"],
+            ),
+            config_reloads: counter_vec(
+                &r,
+                "tokengate_config_reloads_total",
+                "Configuration reloads (SIGHUP) by outcome (success, error).",
+                &["outcome"],
+            ),
+            registry: r,
+        };
+        let build = gauge_vec(
+            &m.registry,
+            "tokengate_build_info",
+            "Always 1; the version label identifies the build.",
+            &["version"],
+        );
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        for reason in [
+            DenyReason::NoRoute,
+            DenyReason::ClientNotAllowed,
+            DenyReason::MethodNotAllowed,
+        ] {
+            m.denied.with_label_values(&[reason.label()]);
+        }
+        for outcome in ["success", "error"] {
+            m.config_reloads.with_label_values(&[outcome]);
+        }
+        Arc::new(m)
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn encode(&self) -> (Vec<u8>, String) {
+        let encoder = TextEncoder::new();
+        let mut buf = Vec::with_capacity(16 * 1024);
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        (buf, encoder.format_type().to_string())
+    }
+
+    /// Counts a refused request.
+    pub fn denied(&self, reason: DenyReason) {
+        self.denied.with_label_values(&[reason.label()]).inc();
+    }
+
+    /// Counts a config reload.
+    pub fn config_reload(&self, ok: bool) {
+        self.config_reloads
+            .with_label_values(&[if ok { "success" } else { "error" }])
+            .inc();
+    }
+
+    /// Per-route handles for the request path.
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        let l = [route];
+        RouteMetrics {
+            route: route.to_string(),
+            requests_total: self.requests_total.clone(),
+            by_status: (100..600).map(|_| OnceLock::new()).collect(),
+            duration: self.request_duration.with_label_values(&l),
+            upstream_errors: UpstreamErrorKind::LABELS
+                .map(|k| self.upstream_errors.with_label_values(&[route, k])),
+            replayed: self
+                .upstream_unauthorized
+                .with_label_values(&[route, "replayed"]),
+            passed_through: self
+                .upstream_unauthorized
+                .with_label_values(&[route, "passed_through"]),
+        }
+    }
+
+    /// Per-route handles for a token source.
+    pub fn token(&self, route: &str) -> TokenMetrics {
+        TokenMetrics {
+            requests: FetchOutcome::ALL
+                .map(|o| self.token_requests.with_label_values(&[route, o.label()])),
+            duration: self.token_request_duration.with_label_values(&[route]),
+            expiry: self.token_expiry.with_label_values(&[route]),
+            failures: self.token_failures.with_label_values(&[route]),
+        }
+    }
+}
+
+/// A route's request-path metric handles.
+pub struct RouteMetrics {
+    route: String,
+    requests_total: IntCounterVec,
+    /// Status code 100..=599 → counter, resolved on first use, then lock-free.
+    by_status: Box<[OnceLock<IntCounter>]>,
+    duration: Histogram,
+    upstream_errors: [IntCounter; 4],
+    replayed: IntCounter,
+    passed_through: IntCounter,
+}
+
+impl RouteMetrics {
+    /// Counts one finished request and observes its duration.
+    #[inline]
+    pub fn request(&self, status: u16, elapsed: Duration) {
+        let idx = status.clamp(100, 599) as usize - 100;
+        self.by_status[idx]
+            .get_or_init(|| {
+                let code = (idx + 100).to_string();
+                self.requests_total.with_label_values(&[&self.route, &code])
+            })
+            .inc();
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts an upstream failure.
+    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+        self.upstream_errors[kind.index()].inc();
+    }
+
+    /// Counts an upstream 401 to a current token.
+    pub fn unauthorized(&self, replayed: bool) {
+        if replayed {
+            self.replayed.inc()
+        } else {
+            self.passed_through.inc()
+        }
+    }
+}
+
+/// A token source's metric handles.
+#[derive(Clone)]
+pub struct TokenMetrics {
+    requests: [IntCounter; 5],
+    duration: Histogram,
+    expiry: IntGauge,
+    failures: IntGauge,
+}
+
+impl TokenMetrics {
+    /// Counts one token request and observes its duration.
+    pub fn fetched(&self, outcome: FetchOutcome, took: Duration) {
+        let i = FetchOutcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or(0);
+        self.requests[i].inc();
+        self.duration.observe(took.as_secs_f64());
+    }
+
+    /// Sets the expiry gauge.
+    pub fn set_expiry(&self, at: SystemTime) {
+        let secs = at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        self.expiry.set(secs as i64);
+    }
+
+    /// Sets the consecutive-failures gauge.
+    pub fn set_consecutive_failures(&self, n: u32) {
+        self.failures.set(i64::from(n));
+    }
+
+    /// Handles registered nowhere, for tools (`tokengate token`) and tests that need no export.
+    pub fn detached() -> Self {
+        Metrics::new().token("detached")
+    }
+}

@@ -1,0 +1,350 @@
+//! Token endpoint responses: RFC 6749 §5.1 (success) and §5.2 (error), parsed leniently.
+//!
+//! Real token endpoints deviate from the RFC in small ways; where §5.1 allows it we accept them:
+//! unknown fields are ignored, `expires_in` may be a number or a numeric string, `token_type`
+//! may have any case or be absent (= Bearer), and media-type parameters are ignored. What we
+//! cannot use is refused with an error that names the problem but never contains the token.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use serde_json::Value;
+
+/// A usable access token as obtained from the token endpoint.
+pub struct AccessToken {
+    /// The access token (RFC 6749 §1.4). Secret: never log it.
+    pub value: String,
+    /// How long the token is valid from the moment the response arrived. Already the earliest
+    /// of `expires_in`, the token's own JWT `exp` and, when neither exists, the default lifetime;
+    /// clamped to `[0, MAX_TOKEN_LIFETIME]`.
+    pub lifetime: Duration,
+}
+
+impl std::fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessToken")
+            .field("value", &format_args!("[redacted; {} bytes]", self.value.len()))
+            .field("lifetime", &self.lifetime)
+            .finish()
+    }
+}
+
+/// Longest lifetime we believe: one year. Larger (or absurd) `expires_in` values are clamped,
+/// so arithmetic on them cannot overflow.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Why a token response could not be used. Messages never contain the access token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenResponseError {
+    /// RFC 6749 §5.2 error object (`{"error": …}`), whatever the HTTP status.
+    #[error("token endpoint returned error \"{error}\"{}", describe(.description))]
+    OAuth {
+        /// The `error` code, e.g. `invalid_client`.
+        error: String,
+        /// `error_description`, if any (truncated to 200 characters).
+        description: Option<String>,
+    },
+    /// The body is not JSON (HTML error page, empty body, …) or not a JSON object.
+    #[error("token response is not a JSON object ({0})")]
+    NotJson(String),
+    /// `access_token` missing, not a string, or empty.
+    #[error("token response has no usable access_token")]
+    MissingAccessToken,
+    /// `token_type` is something other than Bearer (e.g. `DPoP`).
+    #[error("token_type \"{0}\" is not supported; tokengate sends Bearer tokens only (RFC 6750)")]
+    UnsupportedTokenType(String),
+    /// The access token cannot be sent in an HTTP header (control characters etc.).
+    #[error("access_token contains characters not allowed in an HTTP header")]
+    InvalidTokenCharacters,
+}
+
+fn describe(d: &Option<String>) -> String {
+    match d {
+        Some(d) => format!(": {d}"),
+        None => String::new(),
+    }
+}
+
+/// Parses a token endpoint response body.
+///
+/// * `body`: the raw response body (any HTTP status; the caller decides what the status means
+///   when the body is not an RFC 6749 §5.2 error object).
+/// * `now`: the wall-clock time the response arrived, used to read a JWT access token's `exp`.
+/// * `default_lifetime`: used when neither `expires_in` nor a JWT `exp` is present.
+///
+/// Errors: [`TokenResponseError`]; an `{"error": …}` object is always an error, even with
+/// HTTP 200.
+pub fn parse_token_response(
+    body: &[u8],
+    now: SystemTime,
+    default_lifetime: Duration,
+) -> Result<AccessToken, TokenResponseError> {
+    let value: Value = serde_json::from_slice(body).map_err(|_| {
+        TokenResponseError::NotJson(format!("{} bytes{}", body.len(), body_hint(body)))
+    })?;
+    let Value::Object(obj) = value else {
+        return Err(TokenResponseError::NotJson("not an object".into()));
+    };
+    if let Some(err) = obj.get("error") {
+        return Err(TokenResponseError::OAuth {
+            error: truncate(&json_to_text(err), 64),
+            description: obj
+                .get("error_description")
+                .map(|d| truncate(&json_to_text(d), 200)),
+        });
+    }
+    let token = match obj.get("access_token") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        _ => return Err(TokenResponseError::MissingAccessToken),
+    };
+    if !token.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+        return Err(TokenResponseError::InvalidTokenCharacters);
+    }
+    match obj.get("token_type") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => {}
+        Some(other) => {
+            return Err(TokenResponseError::UnsupportedTokenType(truncate(
+                &json_to_text(other),
+                32,
+            )))
+        }
+    }
+    let expires_in = obj.get("expires_in").and_then(expires_in_seconds);
+    let jwt_left = jwt_exp(&token).map(|exp| {
+        let now_secs = now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        exp - now_secs
+    });
+    let seconds = match (expires_in, jwt_left) {
+        (Some(a), Some(b)) => a.min(b),
+        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => default_lifetime.as_secs_f64(),
+    };
+    Ok(AccessToken {
+        value: token,
+        lifetime: clamp_lifetime(seconds),
+    })
+}
+
+/// Seconds from a number or a numeric string; anything else is treated as absent.
+fn expires_in_seconds(v: &Value) -> Option<f64> {
+    let n = match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    }?;
+    n.is_finite().then_some(n)
+}
+
+/// Saturating conversion of a seconds value to a lifetime: negative → 0, huge → the cap.
+fn clamp_lifetime(seconds: f64) -> Duration {
+    if !(seconds > 0.0) {
+        return Duration::ZERO;
+    }
+    if seconds >= MAX_TOKEN_LIFETIME.as_secs_f64() {
+        return MAX_TOKEN_LIFETIME;
+    }
+    Duration::from_secs_f64(seconds)
+}
+
+/// The `exp` claim of a JWT access token, without verifying it (we are not its audience; we only
+/// want to know when the server will stop accepting it).
+fn jwt_exp(token: &str) -> Option<f64> {
+    let mut parts = token.split('.');
+    let (_header, payload, _sig) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let claims: Value = serde_json::from_slice(&bytes).ok()?;
+    claims
+        .get("exp")
+        .and_then(Value::as_f64)
+        .filter(|e| e.is_finite())
+}
+
+fn json_to_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    let cleaned: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    match cleaned.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &cleaned[..i]),
+        None => cleaned,
+    }
+}
+
+/// A short, safe description of a non-JSON body for logs: only says whether it looks like HTML
+/// or is empty (a body could echo back credentials, so its text is never logged).
+fn body_hint(body: &[u8]) -> &'static str {
+    let head = body.iter().take(64).copied().collect::<Vec<u8>>();
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    if body.is_empty() {
+        ", empty"
+    } else if head.trim_start().starts_with("<!doctype html") || head.contains("<html") {
+        ", HTML"
+    } else {
+        ""
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<AccessToken, TokenResponseError> {
+        parse_token_response(body.as_bytes(), SystemTime::now(), Duration::from_secs(300))
+    }
+
+    fn jwt_with_exp(exp: u64) -> String {
+        let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!(
+            "{}.{}.sig",
+            e.encode(br#"{"alg":"HS256"}"#),
+            e.encode(format!(r#"{{"exp":{exp}}}"#))
+        )
+    }
+
+    #[test]
+    fn standard_response() {
+        let t = parse(r#"{"access_token":"x","token_type":"Bearer","expires_in":3600}"#).unwrap();
+        assert_eq!(t.value, "x");
+        assert_eq!(t.lifetime, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn expires_in_as_string() {
+        let t = parse(r#"{"access_token":"x","token_type":"Bearer","expires_in":"3600"}"#).unwrap();
+        assert_eq!(t.lifetime, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn token_type_any_case_or_absent() {
+        for tt in [r#""bearer""#, r#""BEARER""#, "null"] {
+            let body = format!(r#"{{"access_token":"x","token_type":{tt},"expires_in":60}}"#);
+            assert!(parse(&body).is_ok(), "{tt}");
+        }
+        assert!(parse(r#"{"access_token":"x","expires_in":60}"#).is_ok());
+        assert_eq!(
+            parse(r#"{"access_token":"x","token_type":"DPoP"}"#).unwrap_err(),
+            TokenResponseError::UnsupportedTokenType("DPoP".into())
+        );
+    }
+
+    #[test]
+    fn unknown_fields_ignored() {
+        let t = parse(
+            r#"{"access_token":"x","expires_in":60,"ext_expires_in":3600,"refresh_token":"r",
+                "id_token":"i","nested":{"a":[1,2,{"b":null}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(t.lifetime, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn error_object_with_any_status_is_an_error() {
+        let e = parse(r#"{"error":"invalid_client","error_description":"bad secret"}"#)
+            .unwrap_err();
+        assert_eq!(
+            e,
+            TokenResponseError::OAuth {
+                error: "invalid_client".into(),
+                description: Some("bad secret".into())
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "token endpoint returned error \"invalid_client\": bad secret"
+        );
+    }
+
+    #[test]
+    fn empty_access_token_refused() {
+        assert_eq!(
+            parse(r#"{"access_token":"","expires_in":0}"#).unwrap_err(),
+            TokenResponseError::MissingAccessToken
+        );
+        assert_eq!(
+            parse(r#"{"token_type":"Bearer"}"#).unwrap_err(),
+            TokenResponseError::MissingAccessToken
+        );
+    }
+
+    #[test]
+    fn html_and_empty_bodies() {
+        let e = parse("<!DOCTYPE html><html><body>502 Bad Gateway</body></html>").unwrap_err();
+        assert!(matches!(e, TokenResponseError::NotJson(ref m) if m.contains("HTML")), "{e}");
+        let e = parse("").unwrap_err();
+        assert!(matches!(e, TokenResponseError::NotJson(ref m) if m.contains("empty")), "{e}");
+        assert!(matches!(parse("[1]").unwrap_err(), TokenResponseError::NotJson(_)));
+    }
+
+    #[test]
+    fn absurd_expires_in_is_clamped_never_panics() {
+        let cases = [
+            ("0", Duration::ZERO),
+            ("-1", Duration::ZERO),
+            ("9223372036854775807", MAX_TOKEN_LIFETIME),
+            ("1e308", MAX_TOKEN_LIFETIME),
+            ("1.5", Duration::from_millis(1500)),
+            (r#""1e999""#, Duration::from_secs(300)),
+            (r#""abc""#, Duration::from_secs(300)),
+        ];
+        for (raw, want) in cases {
+            let body = format!(r#"{{"access_token":"x","expires_in":{raw}}}"#);
+            assert_eq!(parse(&body).unwrap().lifetime, want, "expires_in {raw}");
+        }
+    }
+
+    #[test]
+    fn jwt_exp_used_when_expires_in_absent_and_earliest_wins() {
+        let now = SystemTime::now();
+        let now_s = now.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let tok = jwt_with_exp(now_s + 120);
+        let body = format!(r#"{{"access_token":"{tok}"}}"#);
+        let t = parse_token_response(body.as_bytes(), now, Duration::from_secs(300)).unwrap();
+        assert!(t.lifetime <= Duration::from_secs(120) && t.lifetime > Duration::from_secs(118));
+        let body = format!(r#"{{"access_token":"{tok}","expires_in":3600}}"#);
+        let t = parse_token_response(body.as_bytes(), now, Duration::from_secs(300)).unwrap();
+        assert!(t.lifetime <= Duration::from_secs(120));
+        let body = format!(r#"{{"access_token":"{tok}","expires_in":30}}"#);
+        let t = parse_token_response(body.as_bytes(), now, Duration::from_secs(300)).unwrap();
+        assert_eq!(t.lifetime, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn opaque_token_without_expiry_uses_default() {
+        let t = parse(r#"{"access_token":"opaque"}"#).unwrap();
+        assert_eq!(t.lifetime, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn token_with_header_breaking_characters_refused() {
+        assert_eq!(
+            parse("{\"access_token\":\"a\\r\\nX-Evil: 1\"}").unwrap_err(),
+            TokenResponseError::InvalidTokenCharacters
+        );
+        assert_eq!(
+            parse(r#"{"access_token":"a b"}"#).unwrap_err(),
+            TokenResponseError::InvalidTokenCharacters
+        );
+    }
+
+    #[test]
+    fn debug_never_shows_token() {
+        let t = parse(r#"{"access_token":"supersecrettoken","expires_in":5}"#).unwrap();
+        assert!(!format!("{t:?}").contains("supersecrettoken"));
+    }
+}

@@ -1,0 +1,455 @@
+//! The proxy: a thin pingora [`ProxyHttp`] implementation over the route table, header hygiene
+//! and the token cache.
+//!
+//! ```text
+//!  downstream request
+//!    │ request_filter ........... admission: allowlist (403), route (404), method (405),
+//!    │                            token from the cache (503 if none usable); fills the CTX
+//!    │ upstream_peer ............ the route's precomputed peer
+//!    │ upstream_request_filter .. strip inbound credentials and hop-by-hop fields, insert
+//!    │                            exactly one `Authorization: Bearer`, Host, X-Forwarded-*,
+//!    │                            rewrite path (strip_prefix, base path, access_token)
+//!    ▼
+//!  upstream response
+//!    │ response_filter .......... X-Request-Id to the client
+//!    │ fail_to_proxy ............ 502/504 as gateway JSON errors
+//!    ▼ logging .................. metrics and the access log: the only per-request logging
+//! ```
+
+pub mod error_response;
+pub mod headers;
+pub mod routes;
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use http::header::{HOST, RETRY_AFTER};
+use http::{HeaderName, HeaderValue, Method};
+use ipnet::IpNet;
+use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
+use pingora::{ErrorSource, ErrorType};
+
+use crate::metrics::{Metrics, UpstreamErrorKind};
+use error_response::GatewayError;
+use routes::{Route, RouteTable};
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// State shared by every listener: compiled routes, client allowlist, metrics.
+pub struct SharedState {
+    /// Compiled routes, indexed like `Config::routes`.
+    pub routes: Vec<Route>,
+    /// `server.allowed_clients`.
+    pub allowed_clients: Vec<IpNet>,
+    /// Metric handles.
+    pub metrics: Arc<Metrics>,
+    request_ids: RequestIds,
+}
+
+impl SharedState {
+    /// Bundles the compiled routes and settings.
+    pub fn new(routes: Vec<Route>, allowed_clients: Vec<IpNet>, metrics: Arc<Metrics>) -> Self {
+        SharedState {
+            routes,
+            allowed_clients,
+            metrics,
+            request_ids: RequestIds::new(),
+        }
+    }
+
+    #[inline]
+    fn client_allowed(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.allowed_clients.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// The [`ProxyHttp`] service of one listener.
+pub struct Gateway {
+    table: RouteTable,
+    state: Arc<SharedState>,
+}
+
+impl Gateway {
+    /// A proxy for one listener with its route table.
+    pub fn new(table: RouteTable, state: Arc<SharedState>) -> Self {
+        Gateway { table, state }
+    }
+
+    async fn refuse(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        err: GatewayError,
+        route: Option<&Route>,
+    ) -> Result<bool> {
+        ctx.error = Some(err.code());
+        if let Some(reason) = err.deny_reason() {
+            self.state.metrics.denied(reason);
+        }
+        let extra = match (&err, route) {
+            (GatewayError::MethodNotAllowed, Some(r)) => {
+                r.allow_header.clone().map(|v| (http::header::ALLOW, v))
+            }
+            (GatewayError::TokenUnavailable { retry_after }, _) => Some((
+                RETRY_AFTER,
+                HeaderValue::from(retry_after.as_secs().max(1)),
+            )),
+            _ => None,
+        };
+        error_response::write(
+            session,
+            &err,
+            route.map(|r| r.name.as_str()),
+            ctx.request_id.as_ref(),
+            extra,
+        )
+        .await?;
+        Ok(true)
+    }
+}
+
+/// Per-request context: small and plain.
+pub struct RequestCtx {
+    started: Instant,
+    route: Option<usize>,
+    authorization: Option<HeaderValue>,
+    generation: u64,
+    request_id: Option<HeaderValue>,
+    error: Option<&'static str>,
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            started: Instant::now(),
+            route: None,
+            authorization: None,
+            generation: 0,
+            request_id: None,
+            error: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let req = session.req_header();
+        ctx.request_id = Some(match req.headers.get(&X_REQUEST_ID) {
+            Some(v) if valid_request_id(v) => v.clone(),
+            _ => self.state.request_ids.next(),
+        });
+
+        let client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        if !client_ip.is_some_and(|ip| self.state.client_allowed(ip)) {
+            // An early answer with a request body still unread: don't reuse the connection.
+            session.set_keepalive(None);
+            return self
+                .refuse(session, ctx, GatewayError::ClientNotAllowed, None)
+                .await;
+        }
+
+        let req = session.req_header();
+        if req.method == Method::CONNECT {
+            session.set_keepalive(None);
+            return self
+                .refuse(session, ctx, GatewayError::MethodNotAllowed, None)
+                .await;
+        }
+        let host = req
+            .headers
+            .get(HOST)
+            .map(|h| h.as_bytes())
+            .or_else(|| req.uri.authority().map(|a| a.as_str().as_bytes()));
+        let Some(index) = self.table.lookup(host, req.uri.path()) else {
+            session.set_keepalive(None);
+            return self.refuse(session, ctx, GatewayError::NoRoute, None).await;
+        };
+        let route = &self.state.routes[index];
+        ctx.route = Some(index);
+        if !route.allows(&req.method) {
+            session.set_keepalive(None);
+            return self
+                .refuse(session, ctx, GatewayError::MethodNotAllowed, Some(route))
+                .await;
+        }
+
+        match route.token.token().await {
+            Ok((authorization, generation)) => {
+                ctx.authorization = Some(authorization);
+                ctx.generation = generation;
+                Ok(false)
+            }
+            Err(unavailable) => {
+                session.set_keepalive(None);
+                let err = GatewayError::TokenUnavailable {
+                    retry_after: unavailable.retry_after,
+                };
+                self.refuse(session, ctx, err, Some(route)).await
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        match ctx.route {
+            Some(i) => Ok(Box::new(self.state.routes[i].peer.clone())),
+            None => Error::e_explain(ErrorType::InternalError, "no route in upstream_peer"),
+        }
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let (Some(i), Some(authorization)) = (ctx.route, ctx.authorization.take()) else {
+            // Unreachable by construction; never forward without a token.
+            return Error::e_explain(ErrorType::InternalError, "no token for upstream request");
+        };
+        let route = &self.state.routes[i];
+
+        headers::strip_inbound_credentials(upstream, route.forward_cookies, &route.strip_headers);
+        upstream.insert_header(http::header::AUTHORIZATION, authorization)?;
+
+        if let Some(host) = upstream.headers.get(HOST).cloned() {
+            upstream.insert_header(X_FORWARDED_HOST.clone(), host)?;
+        }
+        upstream.insert_header(HOST, route.host_header.clone())?;
+        upstream.insert_header(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"))?;
+        if let Some(ip) = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_canonical())
+        {
+            let xff = match upstream.headers.get(&X_FORWARDED_FOR) {
+                Some(prev) => format!("{}, {ip}", String::from_utf8_lossy(prev.as_bytes())),
+                None => ip.to_string(),
+            };
+            upstream.insert_header(X_FORWARDED_FOR.clone(), xff)?;
+        }
+        if let Some(id) = &ctx.request_id {
+            upstream.insert_header(X_REQUEST_ID.clone(), id.clone())?;
+        }
+        rewrite_target(upstream, route)
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(id) = &ctx.request_id {
+            response.insert_header(X_REQUEST_ID.clone(), id.clone())?;
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let route = ctx.route.map(|i| &self.state.routes[i]);
+        let (code, err) = match (e.esource(), e.etype()) {
+            (ErrorSource::Upstream, etype) => {
+                let (kind, err) = classify_upstream_error(etype);
+                if let Some(r) = route {
+                    r.metrics.upstream_error(kind);
+                }
+                (err.status(), Some(err))
+            }
+            (ErrorSource::Downstream, ErrorType::ReadError | ErrorType::WriteError)
+            | (ErrorSource::Downstream, ErrorType::ConnectionClosed) => (0, None),
+            (ErrorSource::Downstream, _) => (400, None),
+            (_, ErrorType::HTTPStatus(code)) => (*code, None),
+            _ => (500, None),
+        };
+        match err {
+            Some(err) if !session.response_written().is_some() => {
+                ctx.error = Some(err.code());
+                if let Err(write_err) = error_response::write(
+                    session,
+                    &err,
+                    route.map(|r| r.name.as_str()),
+                    ctx.request_id.as_ref(),
+                    None,
+                )
+                .await
+                {
+                    tracing::debug!(error = %write_err, "could not send error response");
+                }
+            }
+            _ if code > 0 && session.response_written().is_none() => {
+                let _ = session.respond_error(code).await;
+            }
+            _ => {}
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        let elapsed = ctx.started.elapsed();
+        let route = ctx.route.map(|i| &self.state.routes[i]);
+        if let Some(r) = route {
+            r.metrics.request(status, elapsed);
+        }
+        tracing::debug!(
+            target: "tokengate::access",
+            route = route.map(|r| r.name.as_str()).unwrap_or("-"),
+            method = %session.req_header().method,
+            path = session.req_header().uri.path(),
+            status,
+            duration_us = elapsed.as_micros() as u64,
+            token_generation = ctx.generation,
+            gateway_error = ctx.error.unwrap_or("-"),
+            error = e.map(|e| e.etype().as_str()).unwrap_or("-"),
+            request_id = ctx.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
+        );
+    }
+}
+
+/// Rewrites the request-target to origin-form `base_path + path' + ?query'` where needed:
+/// prefix stripping, a base path, an `access_token` parameter, or an absolute-form target (never
+/// forwarded as such: only the configured upstream is ever reached). Untouched otherwise.
+fn rewrite_target(upstream: &mut RequestHeader, route: &Route) -> Result<()> {
+    let raw = upstream.raw_path();
+    let origin_form = raw.first() == Some(&b'/');
+    let strip = route.strip_prefix && route.prefix != "/";
+    let (raw_path, raw_query): (&[u8], Option<&[u8]>) = if origin_form {
+        match raw.iter().position(|&b| b == b'?') {
+            Some(q) => (&raw[..q], Some(&raw[q + 1..])),
+            None => (raw, None),
+        }
+    } else {
+        let pq = upstream.uri.path_and_query();
+        (
+            pq.map(|p| p.path().as_bytes()).unwrap_or(b"/"),
+            pq.and_then(|p| p.query()).map(str::as_bytes),
+        )
+    };
+    let new_query = raw_query
+        .and_then(|q| std::str::from_utf8(q).ok())
+        .and_then(headers::strip_access_token);
+    if origin_form && !strip && route.base_path.is_empty() && new_query.is_none() {
+        return Ok(());
+    }
+    let path = String::from_utf8_lossy(raw_path);
+    let mut target = headers::upstream_path(
+        &route.base_path,
+        strip.then_some(route.prefix.as_str()),
+        &path,
+    )
+    .into_bytes();
+    match (&new_query, raw_query) {
+        (Some(q), _) if q.is_empty() => {}
+        (Some(q), _) => {
+            target.push(b'?');
+            target.extend_from_slice(q.as_bytes());
+        }
+        (None, Some(q)) => {
+            target.push(b'?');
+            target.extend_from_slice(q);
+        }
+        (None, None) => {}
+    }
+    upstream.set_raw_path(&target)
+}
+
+fn classify_upstream_error(etype: &ErrorType) -> (UpstreamErrorKind, GatewayError) {
+    use ErrorType::*;
+    match etype {
+        ConnectTimedout | TLSHandshakeTimedout => {
+            (UpstreamErrorKind::Timeout, GatewayError::UpstreamTimeout)
+        }
+        ReadTimedout | WriteTimedout => (UpstreamErrorKind::Timeout, GatewayError::UpstreamTimeout),
+        TLSHandshakeFailure | InvalidCert | HandshakeError => {
+            (UpstreamErrorKind::Tls, GatewayError::UpstreamUnreachable)
+        }
+        ConnectRefused | ConnectNoRoute | ConnectError | SocketError | BindError => {
+            (UpstreamErrorKind::Connect, GatewayError::UpstreamUnreachable)
+        }
+        _ => (UpstreamErrorKind::Reset, GatewayError::UpstreamUnreachable),
+    }
+}
+
+/// A client-supplied `X-Request-Id` is kept when it is short visible ASCII.
+#[inline]
+fn valid_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
+}
+
+/// Generates request ids: a random per-process prefix and a counter, as 32 hex digits.
+struct RequestIds {
+    prefix: u64,
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        RequestIds {
+            prefix: rand::random(),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    #[inline]
+    fn next(&self) -> HeaderValue {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let mut buf = [0u8; 32];
+        for (i, word) in [self.prefix, n].into_iter().enumerate() {
+            for j in 0..16 {
+                buf[i * 16 + j] = HEX[((word >> (60 - 4 * j)) & 0xf) as usize];
+            }
+        }
+        HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_unique_hex() {
+        let ids = RequestIds::new();
+        let a = ids.next();
+        let b = ids.next();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+        assert!(a.as_bytes().iter().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn request_id_validation() {
+        assert!(valid_request_id(&HeaderValue::from_static("abc-123")));
+        assert!(!valid_request_id(&HeaderValue::from_static("")));
+        assert!(!valid_request_id(&HeaderValue::from_static("a b")));
+    }
+}

@@ -1,0 +1,225 @@
+//! Routes compiled for the request path, and the per-listener route table.
+//!
+//! Matching (SPEC "Proxy behaviour"): a route's own `listen`, else `host`, else the longest
+//! `path_prefix` on a path-segment boundary. Lookup is one hash probe per path segment, whatever
+//! the number of routes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::{HeaderName, HeaderValue, Method};
+use pingora::upstreams::peer::HttpPeer;
+
+use crate::config::RouteConfig;
+use crate::metrics::RouteMetrics;
+use crate::token::TokenSource;
+
+/// A route, with everything the request path needs precomputed.
+pub struct Route {
+    /// Position in the config (`routes[i]`).
+    pub index: usize,
+    /// Route name (metric label, error bodies).
+    pub name: String,
+    /// Normalised `path_prefix` (no trailing `/` unless `/`).
+    pub prefix: String,
+    /// Remove `prefix` before forwarding.
+    pub strip_prefix: bool,
+    /// Upstream base path without trailing `/`.
+    pub base_path: String,
+    /// The upstream peer (address, TLS, SNI, timeouts, trust roots), cloned per request.
+    pub peer: HttpPeer,
+    /// `Host` sent upstream.
+    pub host_header: HeaderValue,
+    /// Allowed methods (`None`: all).
+    pub allow_methods: Option<Vec<Method>>,
+    /// `Allow` header value for 405 answers.
+    pub allow_header: Option<HeaderValue>,
+    /// Extra credential headers to remove.
+    pub strip_headers: Vec<HeaderName>,
+    /// Forward `Cookie`.
+    pub forward_cookies: bool,
+    /// Where the access token comes from.
+    pub token: Arc<TokenSource>,
+    /// Request-path metric handles.
+    pub metrics: RouteMetrics,
+}
+
+impl Route {
+    /// Whether `method` is allowed on this route.
+    #[inline]
+    pub fn allows(&self, method: &Method) -> bool {
+        match &self.allow_methods {
+            None => true,
+            Some(list) => list.iter().any(|m| m == method),
+        }
+    }
+}
+
+/// Normalises a configured prefix: leading `/`, no trailing `/` (except the root).
+pub fn normalise_prefix(prefix: &str) -> String {
+    let trimmed = prefix.trim_end_matches('/');
+    if trimmed.is_empty() {
+        "/".to_string()
+    } else if trimmed.starts_with('/') {
+        trimmed.to_string()
+    } else {
+        format!("/{trimmed}")
+    }
+}
+
+/// Prefix → route index for one host (or for any host).
+#[derive(Default, Debug)]
+struct PrefixMap {
+    exact: HashMap<String, usize>,
+}
+
+impl PrefixMap {
+    /// Longest prefix of `path` on a segment boundary that is a key.
+    #[inline]
+    fn lookup(&self, path: &str) -> Option<usize> {
+        if self.exact.is_empty() {
+            return None;
+        }
+        let mut end = path.len();
+        loop {
+            let candidate = if end == 0 { "/" } else { &path[..end] };
+            if let Some(&i) = self.exact.get(candidate) {
+                return Some(i);
+            }
+            if end == 0 {
+                return None;
+            }
+            // Next shorter candidate: up to (not including) the previous '/'.
+            end = path[..end].rfind('/').unwrap_or(0);
+        }
+    }
+}
+
+/// The routes one listener serves.
+#[derive(Default, Debug)]
+pub struct RouteTable {
+    /// A route with its own listener matches everything there.
+    own: Option<usize>,
+    by_host: HashMap<String, PrefixMap>,
+    any_host: PrefixMap,
+}
+
+impl RouteTable {
+    /// A table for a route's own listener.
+    pub fn own(index: usize) -> Self {
+        RouteTable {
+            own: Some(index),
+            ..Default::default()
+        }
+    }
+
+    /// A table of shared-listener routes: `(index, config)` of each route without a listener
+    /// of its own. Config validation has rejected duplicate host+prefix pairs; if one slipped
+    /// through, the first route wins.
+    pub fn shared<'a>(routes: impl IntoIterator<Item = (usize, &'a RouteConfig)>) -> Self {
+        let mut t = RouteTable::default();
+        for (i, r) in routes {
+            let map = match &r.host {
+                Some(h) => t.by_host.entry(h.to_ascii_lowercase()).or_default(),
+                None => &mut t.any_host,
+            };
+            map.exact.entry(normalise_prefix(&r.path_prefix)).or_insert(i);
+        }
+        t
+    }
+
+    /// The route for a request: `host` is the `Host` header (any case, port allowed), `path`
+    /// the request path without query.
+    #[inline]
+    pub fn lookup(&self, host: Option<&[u8]>, path: &str) -> Option<usize> {
+        if let Some(i) = self.own {
+            return Some(i);
+        }
+        if !self.by_host.is_empty() {
+            if let Some(map) = host.and_then(|h| self.host_map(h)) {
+                if let Some(i) = map.lookup(path) {
+                    return Some(i);
+                }
+            }
+        }
+        self.any_host.lookup(path)
+    }
+
+    fn host_map(&self, host: &[u8]) -> Option<&PrefixMap> {
+        let host = std::str::from_utf8(host).ok()?;
+        let name = strip_port(host);
+        if let Some(m) = self.by_host.get(name) {
+            return Some(m);
+        }
+        self.by_host.get(&name.to_ascii_lowercase())
+    }
+}
+
+/// `host:port` → `host`; `[v6]:port` → `v6`.
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(entries: &[(Option<&str>, &str)]) -> RouteTable {
+        let mut t = RouteTable::default();
+        for (i, (host, prefix)) in entries.iter().enumerate() {
+            let map = match host {
+                Some(h) => t.by_host.entry(h.to_string()).or_default(),
+                None => &mut t.any_host,
+            };
+            map.exact.insert(normalise_prefix(prefix), i);
+        }
+        t
+    }
+
+    #[test]
+    fn longest_prefix_on_segment_boundary_wins() {
+        let t = table(&[(None, "/"), (None, "/api"), (None, "/api/v2/")]);
+        assert_eq!(t.lookup(None, "/"), Some(0));
+        assert_eq!(t.lookup(None, "/apix"), Some(0));
+        assert_eq!(t.lookup(None, "/api"), Some(1));
+        assert_eq!(t.lookup(None, "/api/"), Some(1));
+        assert_eq!(t.lookup(None, "/api/v1/x"), Some(1));
+        assert_eq!(t.lookup(None, "/api/v2"), Some(2));
+        assert_eq!(t.lookup(None, "/api/v2/users/7"), Some(2));
+    }
+
+    #[test]
+    fn no_root_route_means_no_match() {
+        let t = table(&[(None, "/driftrock")]);
+        assert_eq!(t.lookup(None, "/other"), None);
+        assert_eq!(t.lookup(None, "/driftrock/v2/event"), Some(0));
+    }
+
+    #[test]
+    fn host_routes_first_then_any_host() {
+        let t = table(&[(Some("drillster.internal"), "/"), (None, "/")]);
+        assert_eq!(t.lookup(Some(b"drillster.internal"), "/x"), Some(0));
+        assert_eq!(t.lookup(Some(b"Drillster.Internal:8080"), "/x"), Some(0));
+        assert_eq!(t.lookup(Some(b"other"), "/x"), Some(1));
+        assert_eq!(t.lookup(None, "/x"), Some(1));
+    }
+
+    #[test]
+    fn own_listener_matches_everything() {
+        let t = RouteTable::own(3);
+        assert_eq!(t.lookup(Some(b"x"), "/anything"), Some(3));
+    }
+
+    #[test]
+    fn strip_port_variants() {
+        assert_eq!(strip_port("a.b:80"), "a.b");
+        assert_eq!(strip_port("a.b"), "a.b");
+        assert_eq!(strip_port("[::1]:80"), "::1");
+    }
+}

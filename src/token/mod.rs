@@ -1,0 +1,469 @@
+//! The token cache: one [`TokenSource`] per credential identity (route, subject, scope, audience).
+//!
+//! * The current token is published with an atomic swap ([`arc_swap::ArcSwapOption`]); the
+//!   request path reads it without a lock or an await.
+//! * One background task per source (the *refresher*) owns every fetch: it renews at
+//!   `refresh_ratio` of the lifetime (jittered), retries failures with capped exponential backoff
+//!   and jitter (honouring `Retry-After`), and never evicts a token that is still valid. Requests
+//!   that find no usable token (cold start, after a 401 drop) wake the refresher and wait for its
+//!   next result, so concurrent requests share one fetch (single flight).
+//! * Tokens carry a generation number, so an upstream 401 drops only the token it was sent with.
+//!
+//! No HTTP details live here: fetching is behind [`TokenFetcher`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use async_trait::async_trait;
+use backon::BackoffBuilder;
+use http::HeaderValue;
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::metrics::TokenMetrics;
+use crate::oauth::{AccessToken, FetchError, FetchOutcome};
+
+/// Obtains access tokens for one credential identity ([`crate::oauth::TokenClient`] in
+/// production).
+#[async_trait]
+pub trait TokenFetcher: Send + Sync + 'static {
+    /// One token request.
+    async fn fetch(&self) -> Result<AccessToken, FetchError>;
+}
+
+#[async_trait]
+impl TokenFetcher for crate::oauth::TokenClient {
+    async fn fetch(&self) -> Result<AccessToken, FetchError> {
+        crate::oauth::TokenClient::fetch(self, SystemTime::now()).await
+    }
+}
+
+/// Shortest lifetime we act on: a token said to live less (`expires_in` 0, negative) is treated
+/// as living this long, so a misbehaving server cannot drive the refresher into a tight loop.
+pub const MIN_LIFETIME: Duration = Duration::from_secs(1);
+
+/// Renewal and retry settings of one source.
+#[derive(Debug, Clone)]
+pub struct RenewalPolicy {
+    /// Renew at this fraction of the lifetime (0 < r < 1).
+    pub refresh_ratio: f64,
+    /// A token with less than this left is never sent (scaled down for very short tokens, see
+    /// [`Token`]).
+    pub min_time_left: Duration,
+    /// First retry delay after a failure.
+    pub backoff_min: Duration,
+    /// Retry delay cap.
+    pub backoff_max: Duration,
+    /// How long a request waits for a token when none is usable.
+    pub max_wait: Duration,
+    /// How many requests may wait at once; more get 503 at once.
+    pub max_waiters: usize,
+}
+
+impl Default for RenewalPolicy {
+    fn default() -> Self {
+        RenewalPolicy {
+            refresh_ratio: 0.8,
+            min_time_left: Duration::from_secs(10),
+            backoff_min: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            max_wait: Duration::from_secs(15),
+            max_waiters: 10_000,
+        }
+    }
+}
+
+/// A published access token. Cheap to read; never logged.
+pub struct Token {
+    authorization: HeaderValue,
+    /// Increases by one with every token a source publishes.
+    pub generation: u64,
+    /// When the response arrived.
+    pub obtained_at: Instant,
+    /// After this instant the token is not sent (expiry minus the time-left margin).
+    pub usable_until: Instant,
+    /// When the refresher renews it.
+    pub refresh_at: Instant,
+    /// Wall-clock expiry (for `/status` and the expiry gauge).
+    pub expires_at_wall: SystemTime,
+    /// Length of the access token in bytes (for logs about oversized headers).
+    pub len: usize,
+}
+
+impl Token {
+    /// `Bearer <access token>`, marked sensitive (never logged by `http`'s Debug).
+    pub fn authorization(&self) -> &HeaderValue {
+        &self.authorization
+    }
+
+    /// Whether the token may still be sent at `now`.
+    #[inline]
+    pub fn is_usable(&self, now: Instant) -> bool {
+        now < self.usable_until
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("generation", &self.generation)
+            .field("len", &self.len)
+            .field("expires_at_wall", &self.expires_at_wall)
+            .finish_non_exhaustive()
+    }
+}
+
+/// No usable token could be had in time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unavailable {
+    /// When the next token request is due (for `Retry-After`), at least 1 s.
+    pub retry_after: Duration,
+}
+
+/// What `/status` shows about a source. No secrets, no token.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SourceStatus {
+    /// Wall-clock expiry of the current token.
+    #[serde(with = "opt_unix")]
+    pub token_expires_at: Option<SystemTime>,
+    /// When the last token was obtained.
+    #[serde(with = "opt_unix")]
+    pub last_refresh: Option<SystemTime>,
+    /// Failed token requests since the last success.
+    pub consecutive_failures: u32,
+    /// The last failure's message (status, OAuth `error`/`error_description`; never a secret).
+    pub last_error: Option<String>,
+    /// Generation of the current token (0: none yet).
+    pub generation: u64,
+    /// Whether a usable token is held right now.
+    pub usable: bool,
+}
+
+mod opt_unix {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    pub fn serialize<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+        match t.and_then(|t| t.duration_since(UNIX_EPOCH).ok()) {
+            Some(d) => s.serialize_some(&d.as_secs()),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+/// Outcome of one refresher attempt, broadcast to waiting requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    None,
+    Succeeded(u64),
+    Failed(u64),
+}
+
+/// One credential identity's token: the published value, its refresher and its status.
+pub struct TokenSource {
+    name: String,
+    current: ArcSwapOption<Token>,
+    fetcher: Box<dyn TokenFetcher>,
+    policy: RenewalPolicy,
+    metrics: TokenMetrics,
+    /// Wakes the refresher (a waiter needs a token, or a token was dropped).
+    wake: Notify,
+    /// Attempt results for waiters.
+    attempts: watch::Sender<Attempt>,
+    waiters: Semaphore,
+    /// Milliseconds since `epoch` at which the next fetch may run (backoff), for `Retry-After`.
+    next_attempt_ms: AtomicU64,
+    epoch: Instant,
+    /// Hashes of dropped tokens: a fetch that returns one of them does not put it back.
+    dropped: Mutex<Vec<u64>>,
+    status: Mutex<SourceStatus>,
+}
+
+impl TokenSource {
+    /// Creates a source. Call [`TokenSource::spawn_refresher`] to start renewing.
+    pub fn new(
+        name: impl Into<String>,
+        fetcher: Box<dyn TokenFetcher>,
+        policy: RenewalPolicy,
+        metrics: TokenMetrics,
+    ) -> Arc<Self> {
+        let max_waiters = policy.max_waiters;
+        Arc::new(TokenSource {
+            name: name.into(),
+            current: ArcSwapOption::empty(),
+            fetcher,
+            policy,
+            metrics,
+            wake: Notify::new(),
+            attempts: watch::channel(Attempt::None).0,
+            waiters: Semaphore::new(max_waiters),
+            next_attempt_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+            dropped: Mutex::new(Vec::new()),
+            status: Mutex::new(SourceStatus::default()),
+        })
+    }
+
+    /// The route (identity) name, for logs and metrics.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Starts the refresher on `runtime`; it fetches the first token at once. Abort the
+    /// returned handle to stop it.
+    pub fn spawn_refresher(self: &Arc<Self>, runtime: &tokio::runtime::Handle) -> JoinHandle<()> {
+        let this = Arc::clone(self);
+        runtime.spawn(async move { this.refresher().await })
+    }
+
+    /// The current token if it is usable now. Lock-free; the hot path.
+    #[inline]
+    pub fn usable_now(&self, now: Instant) -> Option<(HeaderValue, u64)> {
+        let guard = self.current.load();
+        match guard.as_deref() {
+            Some(t) if t.is_usable(now) => Some((t.authorization.clone(), t.generation)),
+            _ => None,
+        }
+    }
+
+    /// The current token (usable or not), for status and logs.
+    pub fn current(&self) -> Option<Arc<Token>> {
+        self.current.load_full()
+    }
+
+    /// A usable token: at once when one is cached, else after the refresher's next attempt
+    /// (shared by all waiters), bounded by the policy's `max_wait` and `max_waiters`.
+    ///
+    /// Errors: [`Unavailable`] when the attempt failed, the source is backing off, the wait
+    /// timed out or too many requests are waiting.
+    pub async fn token(&self) -> Result<(HeaderValue, u64), Unavailable> {
+        if let Some(t) = self.usable_now(Instant::now()) {
+            return Ok(t);
+        }
+        let _permit = self
+            .waiters
+            .try_acquire()
+            .map_err(|_| self.unavailable())?;
+        let mut rx = self.attempts.subscribe();
+        rx.borrow_and_update();
+        // Re-check after subscribing: a token published in between must not be missed.
+        if let Some(t) = self.usable_now(Instant::now()) {
+            return Ok(t);
+        }
+        let deadline = tokio::time::Instant::now() + self.policy.max_wait;
+        if self.backoff_remaining() > self.policy.max_wait {
+            return Err(self.unavailable());
+        }
+        self.wake.notify_one();
+        loop {
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Err(self.unavailable()),
+            }
+            if let Some(t) = self.usable_now(Instant::now()) {
+                return Ok(t);
+            }
+            if let Attempt::Failed(_) = *rx.borrow_and_update() {
+                return Err(self.unavailable());
+            }
+        }
+    }
+
+    /// Drops the token of `generation` after the upstream rejected it (RFC 6750 §3.1
+    /// `invalid_token`) and wakes the refresher. A newer token is left alone.
+    /// Returns whether the token was dropped by this call.
+    pub fn invalidate(&self, generation: u64) -> bool {
+        let cur = self.current.load_full();
+        let Some(tok) = cur.as_ref().filter(|t| t.generation == generation) else {
+            return false;
+        };
+        let prev = self.current.compare_and_swap(&cur, None);
+        let dropped = matches!((&*prev, &cur), (Some(a), Some(b)) if Arc::ptr_eq(a, b));
+        if dropped {
+            let mut d = lock(&self.dropped);
+            d.push(hash_token(tok.authorization.as_bytes()));
+            if d.len() > 16 {
+                d.remove(0);
+            }
+            drop(d);
+            self.wake.notify_one();
+        }
+        dropped
+    }
+
+    /// A snapshot for `/status` and `/readyz`.
+    pub fn status(&self) -> SourceStatus {
+        let mut s = lock(&self.status).clone();
+        s.usable = self.usable_now(Instant::now()).is_some();
+        s
+    }
+
+    fn unavailable(&self) -> Unavailable {
+        let secs = self.backoff_remaining().as_secs_f64().ceil().max(1.0);
+        Unavailable {
+            retry_after: Duration::from_secs(secs as u64),
+        }
+    }
+
+    fn backoff_remaining(&self) -> Duration {
+        let next = Duration::from_millis(self.next_attempt_ms.load(Ordering::Relaxed));
+        next.saturating_sub(self.epoch.elapsed())
+    }
+
+    async fn refresher(self: Arc<Self>) {
+        let mut backoff = self.new_backoff();
+        let mut attempt_no = 0u64;
+        loop {
+            let now = Instant::now();
+            let due = match self.current.load().as_deref() {
+                Some(t) if now < t.refresh_at => t.refresh_at,
+                _ => now,
+            };
+            let wake_at = due.max(self.epoch + self.backoff_until());
+            if wake_at > now {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake_at.into()) => {}
+                    _ = self.wake.notified() => {}
+                }
+                continue;
+            }
+            attempt_no += 1;
+            let started = Instant::now();
+            let result = self.fetcher.fetch().await;
+            let took = started.elapsed();
+            match result {
+                Ok(token) if self.was_dropped(&token) => {
+                    self.record_failure(
+                        FetchError {
+                            outcome: FetchOutcome::InvalidResponse,
+                            message: "token endpoint returned the token the upstream just rejected"
+                                .into(),
+                            retry_after: None,
+                        },
+                        took,
+                        &mut backoff,
+                    );
+                    self.attempts.send_replace(Attempt::Failed(attempt_no));
+                }
+                Ok(token) => {
+                    self.publish(token, took);
+                    backoff = self.new_backoff();
+                    self.attempts.send_replace(Attempt::Succeeded(attempt_no));
+                }
+                Err(e) => {
+                    self.record_failure(e, took, &mut backoff);
+                    self.attempts.send_replace(Attempt::Failed(attempt_no));
+                }
+            }
+        }
+    }
+
+    fn backoff_until(&self) -> Duration {
+        Duration::from_millis(self.next_attempt_ms.load(Ordering::Relaxed))
+    }
+
+    fn new_backoff(&self) -> backon::ExponentialBackoff {
+        backon::ExponentialBuilder::default()
+            .with_min_delay(self.policy.backoff_min)
+            .with_max_delay(self.policy.backoff_max)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    fn was_dropped(&self, token: &AccessToken) -> bool {
+        let h = hash_token(format!("Bearer {}", token.value).as_bytes());
+        lock(&self.dropped).contains(&h)
+    }
+
+    fn publish(&self, token: AccessToken, took: Duration) {
+        let obtained_at = Instant::now();
+        let lifetime = token.lifetime.max(MIN_LIFETIME);
+        let ratio = self.policy.refresh_ratio.clamp(0.05, 0.95);
+        // Very short tokens: the margin shrinks so the token stays usable for most of its life.
+        let margin = self
+            .policy
+            .min_time_left
+            .min(lifetime.mul_f64((1.0 - ratio) / 2.0));
+        // Renew between 90 % and 100 % of `ratio` (jitter spreads many gateways' renewals).
+        let jitter = 1.0 - rand::random::<f64>() * 0.1;
+        let refresh_after = lifetime.mul_f64(ratio * jitter);
+        let len = token.value.len();
+        let mut authorization = match HeaderValue::try_from(format!("Bearer {}", token.value)) {
+            Ok(v) => v,
+            Err(_) => {
+                // parse_token_response already refused such tokens; stay safe anyway.
+                return;
+            }
+        };
+        authorization.set_sensitive(true);
+        let generation = lock(&self.status).generation + 1;
+        let expires_at_wall = SystemTime::now() + lifetime;
+        self.current.store(Some(Arc::new(Token {
+            authorization,
+            generation,
+            obtained_at,
+            usable_until: obtained_at + lifetime - margin,
+            refresh_at: obtained_at + refresh_after,
+            expires_at_wall,
+            len,
+        })));
+        self.next_attempt_ms.store(0, Ordering::Relaxed);
+        {
+            let mut s = lock(&self.status);
+            s.generation = generation;
+            s.token_expires_at = Some(expires_at_wall);
+            s.last_refresh = Some(SystemTime::now());
+            s.consecutive_failures = 0;
+        }
+        self.metrics.fetched(FetchOutcome::Success, took);
+        self.metrics.set_consecutive_failures(0);
+        self.metrics.set_expiry(expires_at_wall);
+        tracing::info!(
+            route = %self.name,
+            generation,
+            lifetime_s = lifetime.as_secs_f64(),
+            took_ms = took.as_millis() as u64,
+            "access token obtained"
+        );
+    }
+
+    fn record_failure(&self, e: FetchError, took: Duration, backoff: &mut backon::ExponentialBackoff) {
+        let delay = backoff.next().unwrap_or(self.policy.backoff_max);
+        let delay = delay.max(e.retry_after.unwrap_or_default());
+        let next = self.epoch.elapsed() + delay;
+        self.next_attempt_ms
+            .store(next.as_millis() as u64, Ordering::Relaxed);
+        let failures = {
+            let mut s = lock(&self.status);
+            s.consecutive_failures = s.consecutive_failures.saturating_add(1);
+            s.last_error = Some(e.message.clone());
+            s.consecutive_failures
+        };
+        self.metrics.fetched(e.outcome, took);
+        self.metrics.set_consecutive_failures(failures);
+        let still_valid = self.usable_now(Instant::now()).is_some();
+        tracing::warn!(
+            route = %self.name,
+            outcome = e.outcome.label(),
+            consecutive_failures = failures,
+            retry_in_ms = delay.as_millis() as u64,
+            still_valid,
+            error = %e.message,
+            "token request failed"
+        );
+    }
+}
+
+fn hash_token(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
+/// Locks a status mutex; a poisoned lock (a panic elsewhere) still yields the data.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
