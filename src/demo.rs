@@ -1,1 +1,191 @@
-//! TODO
+//! `tokengate demo`: the embedded default. Starts the sandbox (a Drillster-like and a
+//! Driftrock-like authorization server and an echo API, all on loopback) and a gateway in front
+//! of them, prints `curl` lines to try, and runs until Ctrl-C. Nothing leaves the machine.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+
+use crate::config::{Config, ConfigErrors};
+use crate::gateway::{GatewayHandle, StartError};
+use crate::sandbox::{keys, Sandbox, SandboxError};
+
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// Runtime, file or signal trouble.
+    #[error("{0}")]
+    Io(String),
+    /// A sandbox server failed.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    /// The generated config did not validate (a bug).
+    #[error("demo config: {0}")]
+    Config(#[from] ConfigErrors),
+    /// The gateway did not start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+}
+
+/// The demo's gateway config for a running sandbox: route `drillster` (JWT bearer grant) under
+/// `/drillster/` and route `driftrock` (client credentials, form-encoded Basic) under
+/// `/driftrock/`, both stripping their prefix and forwarding to the sandbox API.
+/// `key_file` is the path of the demo key file.
+pub fn config_toml(sandbox: &Sandbox, listen: SocketAddr, admin: SocketAddr, key_file: &Path) -> String {
+    format!(
+        r#"# tokengate demo configuration (sandbox only: every credential here is public)
+[server]
+listen = "{listen}"
+admin_listen = "{admin}"
+grace_period = "0s"
+
+[log]
+level = "info"
+
+[[routes]]
+name = "drillster"
+path_prefix = "/drillster"
+strip_prefix = true
+upstream = "{api}"
+
+[routes.auth]
+grant = "jwt_bearer"
+token_endpoint = "{drillster}"
+client_id = "{drillster_id}"
+client_secret = "{drillster_secret}"
+key_file = "{key_file}"
+
+[[routes]]
+name = "driftrock"
+path_prefix = "/driftrock"
+strip_prefix = true
+upstream = "{api}"
+
+[routes.auth]
+grant = "client_credentials"
+token_endpoint = "{driftrock}"
+client_id = "{driftrock_id}"
+client_secret = "{driftrock_secret}"
+"#,
+        api = sandbox.api.base_url(),
+        drillster = sandbox.drillster.token_endpoint(),
+        drillster_id = keys::DRILLSTER_CLIENT_ID,
+        drillster_secret = keys::DRILLSTER_CLIENT_SECRET,
+        key_file = key_file.display(),
+        driftrock = sandbox.driftrock.token_endpoint(),
+        driftrock_id = keys::DRIFTROCK_CLIENT_ID,
+        driftrock_secret = keys::DRIFTROCK_CLIENT_SECRET,
+    )
+}
+
+/// The `curl` lines the demo prints; the first answers 200 with the sandbox API's echo.
+pub fn curl_lines(listen: SocketAddr, admin: SocketAddr) -> Vec<String> {
+    vec![
+        format!(
+            "curl -s -H 'Authorization: Basic bGVnYWN5OnBhc3N3b3Jk' http://{listen}/drillster/api/2.1.1/user"
+        ),
+        format!(
+            "curl -s -X POST -H 'Cookie: session=legacy' -d '{{\"event\":\"demo\"}}' 'http://{listen}/driftrock/v2/event?access_token=leaked&page=2'"
+        ),
+        format!("curl -s http://{listen}/elsewhere"),
+        format!("curl -s http://{admin}/status"),
+        format!("curl -s http://{admin}/metrics | grep '^tokengate_token'"),
+    ]
+}
+
+/// A sandbox, its demo config and a gateway in front of it, all running.
+pub struct Demo {
+    /// The sandbox servers.
+    pub sandbox: Sandbox,
+    /// The gateway.
+    pub gateway: GatewayHandle,
+    /// Where the generated config and key file were written.
+    pub dir: PathBuf,
+}
+
+impl Demo {
+    /// Starts everything on `runtime`. `listen`/`admin` default to 127.0.0.1:8080/9090, or
+    /// ephemeral ports when those are taken.
+    pub fn start(
+        runtime: &tokio::runtime::Runtime,
+        listen: Option<SocketAddr>,
+        admin: Option<SocketAddr>,
+    ) -> Result<Demo, DemoError> {
+        let sandbox = runtime.block_on(Sandbox::start())?;
+        let dir = std::env::temp_dir().join(format!("tokengate-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| DemoError::Io(format!("{}: {e}", dir.display())))?;
+        let key_file = dir.join("drillster-key.json");
+        write_private(&key_file, keys::DEMO_KEY_JSON)?;
+        let listen = listen.unwrap_or_else(|| free_or_ephemeral("127.0.0.1:8080"));
+        let admin = admin.unwrap_or_else(|| free_or_ephemeral("127.0.0.1:9090"));
+        let toml = config_toml(&sandbox, listen, admin, &key_file);
+        let config_path = dir.join("tokengate-demo.toml");
+        write_private(&config_path, &toml)?;
+        let config = Config::from_toml_str(&toml, Some(&config_path), &|_| None)?;
+        let gateway = GatewayHandle::start(config)?;
+        Ok(Demo {
+            sandbox,
+            gateway,
+            dir,
+        })
+    }
+}
+
+/// Runs the demo until Ctrl-C.
+pub fn run(listen: Option<SocketAddr>, admin: Option<SocketAddr>) -> Result<(), DemoError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| DemoError::Io(format!("runtime: {e}")))?;
+    let demo = Demo::start(&runtime, listen, admin)?;
+    let listen = demo.gateway.listen[0];
+    let admin = demo.gateway.admin;
+    println!();
+    println!("tokengate demo is running (sandbox only; nothing leaves this machine)");
+    println!("  gateway        http://{listen}  (routes /drillster/ and /driftrock/)");
+    println!("  admin          http://{admin}   (/metrics /healthz /readyz /status)");
+    println!("  Drillster-like token endpoint  {}", demo.sandbox.drillster.token_endpoint());
+    println!("  Driftrock-like token endpoint  {}", demo.sandbox.driftrock.token_endpoint());
+    println!("  sandbox API    {}", demo.sandbox.api.base_url());
+    println!("  config         {}", demo.dir.join("tokengate-demo.toml").display());
+    println!();
+    println!("Try (the API echoes what it received: your Authorization, Cookie and access_token are gone, the gateway's Bearer token is there):");
+    for line in curl_lines(listen, admin) {
+        println!("  {line}");
+    }
+    println!();
+    println!("Ctrl-C to stop.");
+    runtime
+        .block_on(tokio::signal::ctrl_c())
+        .map_err(|e| DemoError::Io(format!("signal: {e}")))?;
+    let Demo {
+        sandbox,
+        gateway,
+        dir,
+    } = demo;
+    gateway.shutdown();
+    let _ = std::fs::remove_dir_all(dir);
+    runtime.block_on(sandbox.shutdown())?;
+    Ok(())
+}
+
+fn free_or_ephemeral(preferred: &str) -> SocketAddr {
+    let bind = |a: &str| TcpListener::bind(a).and_then(|l| l.local_addr());
+    bind(preferred)
+        .or_else(|_| bind("127.0.0.1:0"))
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+fn write_private(path: &Path, content: &str) -> Result<(), DemoError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| DemoError::Io(format!("{}: {e}", path.display())))?;
+    f.write_all(content.as_bytes())
+        .map_err(|e| DemoError::Io(format!("{}: {e}", path.display())))
+}
