@@ -177,6 +177,8 @@ pub struct TokenSource {
     /// Hashes of dropped tokens: a fetch that returns one of them does not put it back.
     dropped: Mutex<Vec<u64>>,
     status: Mutex<SourceStatus>,
+    /// Requests that found no usable token and had to wait (should stay 0 in steady state).
+    waited: AtomicU64,
 }
 
 impl TokenSource {
@@ -201,6 +203,7 @@ impl TokenSource {
             epoch: Instant::now(),
             dropped: Mutex::new(Vec::new()),
             status: Mutex::new(SourceStatus::default()),
+            waited: AtomicU64::new(0),
         })
     }
 
@@ -240,6 +243,7 @@ impl TokenSource {
         if let Some(t) = self.usable_now(Instant::now()) {
             return Ok(t);
         }
+        self.waited.fetch_add(1, Ordering::Relaxed);
         let _permit = self
             .waiters
             .try_acquire()
@@ -289,6 +293,12 @@ impl TokenSource {
             self.wake.notify_one();
         }
         dropped
+    }
+
+    /// How many requests found no usable token and had to wait for the refresher (cold start,
+    /// after a 401 drop, or during an outage). In steady state this does not grow.
+    pub fn waited_requests(&self) -> u64 {
+        self.waited.load(Ordering::Relaxed)
     }
 
     /// A snapshot for `/status` and `/readyz`.

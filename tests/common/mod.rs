@@ -1,0 +1,191 @@
+//! Builders for integration tests: a sandbox and a gateway in front of it, on ephemeral loopback
+//! ports, plus a raw HTTP/1.1 client for requests reqwest cannot express (duplicate headers with
+//! different case, absolute-form targets).
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokengate::config::Config;
+use tokengate::gateway::GatewayHandle;
+use tokengate::sandbox::{Echo, Sandbox};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A free loopback port (bound, then released for the gateway to take).
+pub fn free_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local_addr")
+}
+
+/// The sandbox demo key file in the repository.
+pub fn demo_key_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/sandbox/keys/demo-key.json")
+}
+
+/// The demo configuration for `sandbox` on fresh ports, with `edit` applied to the TOML text.
+pub fn config_for(sandbox: &Sandbox, edit: impl FnOnce(String) -> String) -> Config {
+    let toml = tokengate::demo::config_toml(sandbox, free_addr(), free_addr(), &demo_key_path());
+    let toml = edit(toml);
+    Config::from_toml_str(&toml, None, &|_| None).unwrap_or_else(|e| panic!("{e}\n{toml}"))
+}
+
+/// A running gateway with its base URLs.
+pub struct TestGateway {
+    pub handle: GatewayHandle,
+    /// `http://127.0.0.1:PORT` of the (first) proxy listener.
+    pub base: String,
+    /// `http://127.0.0.1:PORT` of the admin listener.
+    pub admin: String,
+}
+
+impl TestGateway {
+    /// Starts the gateway on its own thread (blocking until its listeners accept connections).
+    pub async fn start(config: Config) -> TestGateway {
+        let handle = tokio::task::spawn_blocking(move || GatewayHandle::start(config))
+            .await
+            .expect("join")
+            .expect("gateway starts");
+        TestGateway {
+            base: format!("http://{}", handle.listen[0]),
+            admin: format!("http://{}", handle.admin),
+            handle,
+        }
+    }
+
+    /// `base + path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// The proxy listener address.
+    pub fn addr(&self) -> SocketAddr {
+        self.handle.listen[0]
+    }
+
+    /// Waits (by polling the readiness endpoint, the gateway's readiness signal) until every
+    /// route holds a usable token.
+    pub async fn ready(&self) {
+        let client = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(r) = client.get(format!("{}/readyz", self.admin)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "gateway not ready in 15 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.admin))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
+    /// Requests that had to wait for a token, summed over routes.
+    pub fn waited_requests(&self) -> u64 {
+        self.handle
+            .state()
+            .routes
+            .iter()
+            .map(|r| r.token.waited_requests())
+            .sum()
+    }
+
+    /// Stops the gateway.
+    pub async fn stop(self) {
+        let handle = self.handle;
+        tokio::task::spawn_blocking(move || handle.shutdown())
+            .await
+            .expect("join");
+    }
+}
+
+/// A response read by [`raw_request`].
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// First value of a response header (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+
+    /// The body as the sandbox API's echo.
+    pub fn echo(&self) -> Echo {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "not an echo ({e}): {}\n{}",
+                self.head,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("JSON body")
+    }
+}
+
+/// Sends `request` (raw bytes, should say `Connection: close`) and reads the whole answer.
+pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> RawResponse {
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("response within 10 s")
+        .expect("read");
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end: {}", String::from_utf8_lossy(&buf)));
+    let head = String::from_utf8_lossy(&buf[..split]).to_string();
+    let mut body = buf[split + 4..].to_vec();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    let chunked = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.contains("chunked"));
+    if chunked {
+        body = dechunk(&body);
+    }
+    RawResponse { status, head, body }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size = usize::from_str_radix(
+            std::str::from_utf8(&b[..eol]).unwrap_or("0").split(';').next().unwrap_or("0").trim(),
+            16,
+        )
+        .unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + size]);
+        b = &b[eol + 2 + size + 2..];
+    }
+}

@@ -1,0 +1,349 @@
+//! End to end through the gateway: sandbox authorization servers and API on loopback, the real
+//! gateway in front (SPEC "Proxy behaviour", "Token lifecycle", "Admin endpoints").
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{config_for, raw_request, TestGateway};
+use tokengate::sandbox::{keys, Echo, Sandbox};
+
+async fn get_echo(gw: &TestGateway, path: &str) -> Echo {
+    let r = reqwest::get(gw.url(path)).await.expect("request");
+    assert_eq!(r.status(), 200, "{path}");
+    r.json().await.expect("echo")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn both_grants_end_to_end() {
+    let sandbox = Sandbox::start().await.unwrap();
+    let gw = TestGateway::start(config_for(&sandbox, |t| t)).await;
+
+    let echo = get_echo(&gw, "/drillster/api/2.1.1/user?x=1").await;
+    assert_eq!(echo.path, "/api/2.1.1/user");
+    assert_eq!(echo.query.as_deref(), Some("x=1"));
+    assert_eq!(echo.subject.as_deref(), Some(keys::DEMO_SERVICE_ACCOUNT_ID));
+    assert_eq!(echo.issuer.as_deref(), Some("drillster"));
+    assert_eq!(echo.authorization_count, 1);
+    assert!(echo.header("authorization").unwrap().starts_with("Bearer "));
+    assert_eq!(echo.header("host"), Some(sandbox.api.addr().to_string().as_str()));
+    assert!(echo.header("x-request-id").is_some());
+
+    // The assertion the gateway sent, as the Drillster-like server received it (seed 004).
+    let req = sandbox.drillster.last_request().expect("token request");
+    assert_eq!(req.param("grant_type"), Some(tokengate::oauth::jwt_bearer::GRANT_TYPE));
+    assert_eq!(req.param("client_id"), Some(keys::DRILLSTER_CLIENT_ID));
+    assert_eq!(req.header("accept"), Some("application/json"));
+    let header = req.assertion_header().unwrap();
+    assert_eq!(header["alg"], "RS256");
+    assert_eq!(header["typ"], "JWT");
+    assert_eq!(header["kid"], keys::DEMO_KEY_ID);
+    let claims = req.assertion_claims().unwrap();
+    assert_eq!(claims["iss"], keys::DEMO_SERVICE_ACCOUNT_ID);
+    assert_eq!(claims["sub"], keys::DEMO_SERVICE_ACCOUNT_ID);
+    assert_eq!(claims["aud"], sandbox.drillster.token_endpoint());
+    let (exp, iat) = (claims["exp"].as_u64().unwrap(), claims["iat"].as_u64().unwrap());
+    assert!(exp > iat && exp - iat <= 3600);
+    assert!(claims["jti"].as_str().is_some_and(|j| !j.is_empty()));
+
+    // Client credentials with an id and secret that need RFC 6749 §2.3.1 form-encoding; the
+    // Driftrock-like server form-decodes Basic credentials, so this only works when encoded.
+    let echo = get_echo(&gw, "/driftrock/v2/event").await;
+    assert_eq!(echo.path, "/v2/event");
+    assert_eq!(echo.subject.as_deref(), Some(keys::DRIFTROCK_CLIENT_ID));
+    assert_eq!(echo.issuer.as_deref(), Some("driftrock"));
+    let req = sandbox.driftrock.last_request().expect("token request");
+    assert_eq!(req.param("grant_type"), Some("client_credentials"));
+    assert_eq!(
+        req.header("authorization"),
+        Some(tokengate::sandbox::basic_authorization(keys::DRIFTROCK_CLIENT_ID, keys::DRIFTROCK_CLIENT_SECRET).as_str())
+    );
+    assert_eq!(sandbox.driftrock.failures(), 0);
+    gw.stop().await;
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inbound_credentials_never_reach_the_upstream() {
+    let sandbox = Sandbox::start().await.unwrap();
+    let gw = TestGateway::start(config_for(&sandbox, |t| t)).await;
+    gw.ready().await;
+
+    let request = format!(
+        "GET /drillster/v1/items?a=1&access_token=leaked-query-token&b=%2F&c HTTP/1.1\r\n\
+         Host: gateway.internal\r\n\
+         Authorization: Basic bGVnYWN5OnBhc3N3b3Jk\r\n\
+         X-Custom: keep me\r\n\
+         authorization: Bearer client-supplied-token\r\n\
+         Proxy-Authorization: Basic cHJveHk6c2VjcmV0\r\n\
+         Cookie: session=legacy-session\r\n\
+         X-Custom: and me\r\n\
+         Accept: application/json\r\n\
+         Connection: close\r\n\r\n"
+    );
+    let resp = raw_request(gw.addr(), request.as_bytes()).await;
+    assert_eq!(resp.status, 200, "{}", resp.head);
+    let echo = resp.echo();
+    assert_eq!(echo.authorization_count, 1);
+    let auth = echo.header("authorization").unwrap();
+    assert!(auth.starts_with("Bearer ey"), "gateway token, not the client's");
+    assert!(sandbox.registry.issued_count() >= 1);
+    assert_ne!(auth, "Bearer client-supplied-token");
+    assert_eq!(echo.header("proxy-authorization"), None);
+    assert_eq!(echo.header("cookie"), None);
+    assert_eq!(echo.query.as_deref(), Some("a=1&b=%2F&c"));
+    assert_eq!(echo.header_values("x-custom"), vec!["keep me", "and me"]);
+    assert_eq!(echo.header("accept"), Some("application/json"));
+    assert_eq!(echo.header("x-forwarded-host"), Some("gateway.internal"));
+    assert_eq!(echo.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(echo.header("x-forwarded-proto"), Some("http"));
+    let body = String::from_utf8_lossy(&resp.body);
+    for secret in ["leaked-query-token", "client-supplied-token", "legacy-session", "cHJveHk6c2VjcmV0", "bGVnYWN5OnBhc3N3b3Jk"] {
+        assert!(!body.contains(secret), "{secret} reached the upstream");
+    }
+    // A client-supplied X-Request-Id is kept and returned.
+    let resp = raw_request(
+        gw.addr(),
+        b"GET /driftrock/x HTTP/1.1\r\nHost: g\r\nX-Request-Id: trace-42\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("x-request-id").as_deref(), Some("trace-42"));
+    assert_eq!(resp.echo().header("x-request-id"), Some("trace-42"));
+    gw.stop().await;
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cold_start_200_concurrent_requests_share_one_token_request_per_route() {
+    let sandbox = Sandbox::start().await.unwrap();
+    // Slow token endpoints: every request below arrives while the first fetch is in flight.
+    sandbox.drillster.faults().set_latency(Duration::from_millis(400));
+    sandbox.driftrock.faults().set_latency(Duration::from_millis(400));
+    let gw = TestGateway::start(config_for(&sandbox, |t| t)).await;
+    let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let url = gw.url(if i % 2 == 0 { "/drillster/a" } else { "/driftrock/b" });
+            let client = client.clone();
+            tokio::spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    let mut ok = 0;
+    for t in tasks {
+        if t.await.unwrap().unwrap() == 200 {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 200);
+    assert_eq!(sandbox.drillster.requests(), 1, "drillster token requests");
+    assert_eq!(sandbox.driftrock.requests(), 1, "driftrock token requests");
+    assert!(gw.waited_requests() > 0, "the requests really arrived before the token");
+    gw.stop().await;
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_second_tokens_renew_in_the_background_without_failures_or_waits() {
+    let sandbox = Sandbox::builder()
+        .token_lifetime(Duration::from_secs(2))
+        .start()
+        .await
+        .unwrap();
+    let gw = Arc::new(TestGateway::start(config_for(&sandbox, |t| t)).await);
+    gw.ready().await;
+    let waited_before = gw.waited_requests();
+    let issued_before = sandbox.drillster.successes() + sandbox.driftrock.successes();
+
+    let until = Instant::now() + Duration::from_secs(10);
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let gw = Arc::clone(&gw);
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                let path = if w % 2 == 0 { "/drillster/x" } else { "/driftrock/y" };
+                let (mut ok, mut failed) = (0u64, Vec::new());
+                while Instant::now() < until {
+                    let r = client.get(gw.url(path)).send().await.unwrap();
+                    if r.status() == 200 {
+                        ok += 1;
+                    } else {
+                        failed.push(r.status().as_u16());
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for w in workers {
+        let (ok, failed) = w.await.unwrap();
+        assert!(failed.is_empty(), "failed statuses: {failed:?}");
+        total += ok;
+    }
+    assert!(total > 100, "only {total} requests in 10 s");
+    let renewals = sandbox.drillster.successes() + sandbox.driftrock.successes() - issued_before;
+    assert!(renewals >= 8, "expected several renewals per route, saw {renewals}");
+    assert_eq!(gw.waited_requests(), waited_before, "a request waited on the token endpoint");
+    let gw = Arc::try_unwrap(gw).ok().expect("sole owner");
+    gw.stop().await;
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gateway_errors_are_json_with_tokengate_error_header() {
+    let sandbox = Sandbox::start().await.unwrap();
+    let gw = TestGateway::start(config_for(&sandbox, |t| {
+        t.replacen(
+            "strip_prefix = true\n",
+            "strip_prefix = true\nallow_methods = [\"GET\"]\n",
+            1,
+        )
+    }))
+    .await;
+    gw.ready().await;
+
+    let r = reqwest::get(gw.url("/nowhere")).await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["tokengate-error"], "no_route");
+    assert!(r.headers().contains_key("x-request-id"));
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "no_route");
+
+    let r = reqwest::Client::new()
+        .post(gw.url("/drillster/x"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(r.headers()["allow"], "GET");
+    assert_eq!(r.headers()["tokengate-error"], "method_not_allowed");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["route"], "drillster");
+
+    let metrics = gw.metrics().await;
+    assert!(metrics.contains("tokengate_denied_total{reason=\"no_route\"} 1"), "{metrics}");
+    assert!(metrics.contains("tokengate_denied_total{reason=\"method_not_allowed\"} 1"));
+    gw.stop().await;
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_outside_allowed_clients_get_403_and_nothing_is_forwarded() {
+    let sandbox = Sandbox::start().await.unwrap();
+    let gw = TestGateway::start(config_for(&sandbox, |t| {
+        t.replacen("[server]\n", "[server]\nallowed_clients = [\"10.0.0.0/8\"]\n", 1)
+    }))
+    .await;
+    gw.ready().await;
+    let resp = raw_request(
+        gw.addr(),
+        b"GET /drillster/x HTTP/1.1\r\nHost: g\r\nX-Forwarded-For: 10.1.2.3\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(resp.status, 403);
+    assert_eq!(resp.header("tokengate-error").as_deref(), Some("client_not_allowed"));
+    assert_eq!(resp.json()["error"], "client_not_allowed");
+    assert_eq!(sandbox.api.requests(), 0);
+    gw.stop().await;
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_usable_token_means_503_with_retry_after_never_an_unauthenticated_request() {
+    let sandbox = Sandbox::start().await.unwrap();
+    sandbox.drillster.faults().fail_with(http::StatusCode::INTERNAL_SERVER_ERROR);
+    let gw = TestGateway::start(config_for(&sandbox, |t| t)).await;
+    let r = reqwest::get(gw.url("/drillster/x")).await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["tokengate-error"], "token_unavailable");
+    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1);
+    assert_eq!(sandbox.api.requests(), 0, "nothing forwarded without a token");
+
+    let ready = reqwest::get(format!("{}/readyz", gw.admin)).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let v: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(v["routes_without_token"], serde_json::json!(["drillster"]));
+    let metrics = gw.metrics().await;
+    assert!(metrics.contains("tokengate_token_requests_total{outcome=\"http_error\",route=\"drillster\"}"));
+
+    // Recovery without a restart.
+    sandbox.drillster.faults().stop_failing();
+    gw.ready().await;
+    let r = reqwest::get(gw.url("/drillster/x")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    gw.stop().await;
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_endpoints_report_without_secrets() {
+    let sandbox = Sandbox::start().await.unwrap();
+    let gw = TestGateway::start(config_for(&sandbox, |t| t)).await;
+    gw.ready().await;
+    let echo = get_echo(&gw, "/drillster/x").await;
+    let token = echo.header("authorization").unwrap().trim_start_matches("Bearer ").to_string();
+
+    let health = reqwest::get(format!("{}/healthz", gw.admin)).await.unwrap();
+    assert_eq!(health.status(), 200);
+    let status = reqwest::get(format!("{}/status", gw.admin)).await.unwrap().text().await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(v["routes"][0]["name"], "drillster");
+    assert_eq!(v["routes"][0]["grant"], "jwt_bearer");
+    assert_eq!(v["routes"][0]["token"]["usable"], true);
+    assert!(v["routes"][0]["token"]["expires_at"].as_u64().unwrap() > 0);
+    let metrics = gw.metrics().await;
+    for name in [
+        "tokengate_requests_total{code=\"200\",route=\"drillster\"} 1",
+        "tokengate_request_duration_seconds_count{route=\"drillster\"} 1",
+        "tokengate_token_requests_total{outcome=\"success\",route=\"drillster\"} 1",
+        "tokengate_token_expiry_timestamp_seconds{route=\"drillster\"}",
+        "tokengate_token_consecutive_failures{route=\"drillster\"} 0",
+        "tokengate_build_info{version=",
+    ] {
+        assert!(metrics.contains(name), "missing {name}");
+    }
+    for text in [&status, &metrics] {
+        for secret in [
+            token.as_str(),
+            keys::DRILLSTER_CLIENT_SECRET,
+            keys::DRIFTROCK_CLIENT_SECRET,
+            "PRIVATE KEY",
+        ] {
+            assert!(!text.contains(secret), "admin output leaks a secret");
+        }
+    }
+    gw.stop().await;
+    sandbox.shutdown().await.unwrap();
+}
+
+#[test]
+fn demo_first_curl_line_answers_200() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let demo = tokengate::demo::Demo::start(
+        &runtime,
+        Some(common::free_addr()),
+        Some(common::free_addr()),
+    )
+    .unwrap();
+    let lines = tokengate::demo::curl_lines(demo.gateway.listen[0], demo.gateway.admin);
+    // The first line is: curl -s -H 'Authorization: Basic …' http://LISTEN/drillster/…
+    let url = lines[0].split_whitespace().last().unwrap().to_string();
+    assert!(url.ends_with("/drillster/api/2.1.1/user"), "{url}");
+    let echo: Echo = runtime.block_on(async {
+        let r = reqwest::Client::new()
+            .get(&url)
+            .header("Authorization", "Basic bGVnYWN5OnBhc3N3b3Jk")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
+    });
+    assert_eq!(echo.authorization_count, 1);
+    assert_ne!(echo.header("authorization"), Some("Basic bGVnYWN5OnBhc3N3b3Jk"));
+    drop(demo);
+}
