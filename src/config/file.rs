@@ -1,0 +1,249 @@
+//! The file layer: serde structs that mirror SPEC.md's TOML keys exactly.
+//!
+//! Every struct has `deny_unknown_fields` so a misspelt key is an error, not a silently ignored
+//! setting. Every field is optional here: presence, defaults and cross-key rules are checked in
+//! `load.rs`, which can then say which key is missing and how to fix it. Durations and byte sizes
+//! are parsed here (with their own error messages) because their syntax is all there is to them.
+//!
+//! `${VAR}` expansion has already happened when these are deserialized (see `load.rs`).
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileConfig {
+    pub server: Option<ServerFile>,
+    pub log: Option<LogFile>,
+    pub routes: Option<Vec<RouteFile>>,
+}
+
+/// `[server]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ServerFile {
+    pub listen: Option<OneOrMany>,
+    pub admin_listen: Option<String>,
+    pub allowed_clients: Option<Vec<String>>,
+    pub threads: Option<i64>,
+    pub grace_period: Option<DurationValue>,
+    pub replay_body_limit: Option<ByteSizeValue>,
+}
+
+/// `[log]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct LogFile {
+    pub format: Option<String>,
+    pub level: Option<String>,
+}
+
+/// One `[[routes]]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RouteFile {
+    pub name: Option<String>,
+    pub path_prefix: Option<String>,
+    pub host: Option<String>,
+    pub listen: Option<String>,
+    pub strip_prefix: Option<bool>,
+    pub upstream: Option<String>,
+    pub connect_timeout: Option<DurationValue>,
+    pub read_timeout: Option<DurationValue>,
+    pub forward_cookies: Option<bool>,
+    pub allow_methods: Option<Vec<String>>,
+    pub ca_file: Option<String>,
+    pub strip_headers: Option<Vec<String>>,
+    pub auth: Option<AuthFile>,
+}
+
+/// `[routes.auth]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AuthFile {
+    pub grant: Option<String>,
+    pub token_endpoint: Option<String>,
+    pub issuer: Option<String>,
+    pub client_id: Option<String>,
+    pub client_id_file: Option<String>,
+    pub client_secret: Option<String>,
+    pub client_secret_file: Option<String>,
+    pub client_auth: Option<String>,
+    pub basic_encoding: Option<String>,
+    pub key_file: Option<String>,
+    pub subject: Option<String>,
+    pub audience: Option<String>,
+    pub assertion_lifetime: Option<DurationValue>,
+    pub scope: Option<String>,
+    pub resource: Option<String>,
+    pub default_token_lifetime: Option<DurationValue>,
+    pub refresh_ratio: Option<f64>,
+    pub min_time_left: Option<DurationValue>,
+}
+
+/// `listen`: one address or an array of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#"an address or an array of addresses, e.g. "127.0.0.1:8080""#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany::One(v.to_string()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<OneOrMany, A::Error> {
+                let mut all = Vec::new();
+                while let Some(item) = seq.next_element::<String>()? {
+                    all.push(item);
+                }
+                Ok(OneOrMany::Many(all))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+/// A humantime duration string such as `"5s"`, `"10m"` or `"1h 30m"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct DurationValue(pub Duration);
+
+impl<'de> Deserialize<'de> for DurationValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = DurationValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#"a duration string with a unit, e.g. "5s", "10m" or "1h""#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<DurationValue, E> {
+                humantime::parse_duration(v.trim())
+                    .map(DurationValue)
+                    .map_err(|e| {
+                        E::custom(format!(
+                            "invalid duration {v:?} ({e}); write a number with a unit, e.g. \
+                             \"5s\", \"10m\" or \"1h\""
+                        ))
+                    })
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<DurationValue, E> {
+                Err(E::custom(format!(
+                    "the bare number {v} has no unit; write a duration string such as \"{v}s\""
+                )))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<DurationValue, E> {
+                Err(E::custom(format!(
+                    "the bare number {v} has no unit; write a duration string such as \"{v}s\""
+                )))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<DurationValue, E> {
+                Err(E::custom(format!(
+                    "the bare number {v} has no unit; write a duration string such as \"{v}s\""
+                )))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+/// A byte size: a bytesize string (`"64KiB"`, `"1 MB"`) or an integer number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ByteSizeValue(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSizeValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ByteSizeValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#"a byte size such as "64KiB" or a number of bytes"#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSizeValue, E> {
+                v.trim()
+                    .parse::<bytesize::ByteSize>()
+                    .map(|b| ByteSizeValue(b.as_u64()))
+                    .map_err(|_| {
+                        E::custom(format!(
+                            "invalid byte size {v:?}; write a number with a unit, e.g. \"64KiB\", \
+                             \"1MiB\", or a plain number of bytes"
+                        ))
+                    })
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSizeValue, E> {
+                u64::try_from(v).map(ByteSizeValue).map_err(|_| {
+                    E::custom(format!(
+                        "the byte size {v} is negative; write e.g. \"64KiB\""
+                    ))
+                })
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSizeValue, E> {
+                Ok(ByteSizeValue(v))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+/// Keys whose values are credentials: never quoted in error messages, and each has a `_file`
+/// twin (SPEC "Secrets").
+pub(super) const SECRET_KEYS: &[&str] = &["client_secret", "client_id"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    struct D {
+        d: DurationValue,
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct B {
+        b: ByteSizeValue,
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct L {
+        l: OneOrMany,
+    }
+
+    #[test]
+    fn durations() {
+        let d: D = toml::from_str(r#"d = "1h 30m""#).expect("duration");
+        assert_eq!(d.d.0, Duration::from_secs(5400));
+        let e = toml::from_str::<D>("d = 10").expect_err("bare number");
+        assert!(e.message().contains("\"10s\""), "{}", e.message());
+        let e = toml::from_str::<D>(r#"d = "10 parsecs""#).expect_err("bad unit");
+        assert!(e.message().contains("invalid duration"), "{}", e.message());
+    }
+
+    #[test]
+    fn byte_sizes() {
+        let b: B = toml::from_str(r#"b = "64KiB""#).expect("size");
+        assert_eq!(b.b.0, 65536);
+        let b: B = toml::from_str("b = 1000").expect("int");
+        assert_eq!(b.b.0, 1000);
+        assert!(toml::from_str::<B>("b = -1").is_err());
+        assert!(toml::from_str::<B>(r#"b = "lots""#).is_err());
+    }
+
+    #[test]
+    fn one_or_many() {
+        let l: L = toml::from_str(r#"l = "a""#).expect("one");
+        assert_eq!(l.l, OneOrMany::One("a".into()));
+        let l: L = toml::from_str(r#"l = ["a", "b"]"#).expect("many");
+        assert_eq!(l.l, OneOrMany::Many(vec!["a".into(), "b".into()]));
+        assert!(toml::from_str::<L>("l = 5").is_err());
+    }
+}
