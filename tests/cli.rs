@@ -1,0 +1,201 @@
+//! The `tokengate` binary: exit codes and messages of `check`, `token` (SPEC "Command line").
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use tokengate::sandbox::Sandbox;
+
+fn tokengate(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .args(args)
+        .env_remove("TOKENGATE_TEST_UNSET_VAR")
+        .output()
+        .expect("run tokengate")
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("tokengate-cli-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    fn write(&self, name: &str, content: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, content).unwrap();
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn good_config(key_file: &Path) -> String {
+    format!(
+        r#"[server]
+listen = "127.0.0.1:18080"
+admin_listen = "127.0.0.1:19090"
+
+[[routes]]
+name = "drillster"
+upstream = "https://www.drillster.com"
+
+[routes.auth]
+grant = "jwt_bearer"
+token_endpoint = "https://www.drillster.com/api/oauth/token"
+client_id = "874a16d4ac764ce4a545f0cca4584c63"
+client_secret = "not-a-real-secret"
+key_file = "{}"
+"#,
+        key_file.display()
+    )
+}
+
+/// Runs `check` on `config` and asserts exit 2 with a message naming `key`.
+fn assert_rejected(dir: &TempDir, name: &str, config: &str, key: &str, also: &str) {
+    let path = dir.write(name, config);
+    let out = tokengate(&["check", "-c", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+    assert!(stderr.contains(key), "{name}: stderr does not name {key}:\n{stderr}");
+    assert!(stderr.contains(also), "{name}: stderr lacks {also:?}:\n{stderr}");
+    assert!(stderr.contains(name), "{name}: stderr does not name the file:\n{stderr}");
+}
+
+#[test]
+fn check_accepts_a_good_config() {
+    let dir = TempDir::new("good");
+    let path = dir.write("good.toml", &good_config(&common::demo_key_path()));
+    let out = tokengate(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn check_rejects_bad_configs_naming_the_key() {
+    let dir = TempDir::new("bad");
+    let key = common::demo_key_path();
+    let good = good_config(&key);
+
+    assert_rejected(
+        &dir,
+        "unknown-key.toml",
+        &good.replace("client_secret =", "client_scret ="),
+        "routes[0].auth.client_scret",
+        "unknown",
+    );
+    assert_rejected(
+        &dir,
+        "missing-client-id.toml",
+        &good.replace("client_id = \"874a16d4ac764ce4a545f0cca4584c63\"\n", ""),
+        "routes[0].auth.client_id",
+        "missing",
+    );
+    assert_rejected(
+        &dir,
+        "unset-var.toml",
+        &good.replace("not-a-real-secret", "${TOKENGATE_TEST_UNSET_VAR}"),
+        "routes[0].auth.client_secret",
+        "TOKENGATE_TEST_UNSET_VAR",
+    );
+    assert_rejected(
+        &dir,
+        "missing-key-file.toml",
+        &good_config(&dir.0.join("no-such-key.json")),
+        "routes[0].auth.key_file",
+        "no-such-key.json",
+    );
+    let not_a_key = dir.write(
+        "not-a-key.json",
+        r#"{"keyId":"k1","serviceAccountId":"sa","privateKey":"-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n"}"#,
+    );
+    assert_rejected(
+        &dir,
+        "bad-private-key.toml",
+        &good_config(&not_a_key),
+        "routes[0].auth.key_file",
+        "privateKey",
+    );
+}
+
+#[test]
+fn check_reports_every_problem_at_once() {
+    let dir = TempDir::new("many");
+    let bad = good_config(&dir.0.join("missing.json"))
+        .replace("client_secret =", "client_scret =")
+        .replace("\"jwt_bearer\"", "\"jwt_bearer\"\nrefresh_ratio = 1.5");
+    let path = dir.write("many.toml", &bad);
+    let out = tokengate(&["check", "-c", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains("routes[0].auth.client_scret"), "{stderr}");
+    // Unknown keys stop the file layer; the other problems show once the key is fixed.
+    let fixed = bad.replace("client_scret =", "client_secret =");
+    let path = dir.write("many2.toml", &fixed);
+    let out = tokengate(&["check", "-c", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains("routes[0].auth.key_file"), "{stderr}");
+    assert!(stderr.contains("routes[0].auth.refresh_ratio"), "{stderr}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(tokengate(&["frobnicate"]).status.code(), Some(2));
+    assert_eq!(tokengate(&["check"]).status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_and_check_fetch_against_the_sandbox() {
+    let sandbox = Sandbox::start().await.unwrap();
+    let dir = TempDir::new("fetch");
+    let toml = tokengate::demo::config_toml(
+        &sandbox,
+        common::free_addr(),
+        common::free_addr(),
+        &common::demo_key_path(),
+    );
+    let path = dir.write("sandbox.toml", &toml);
+    let p = path.to_str().unwrap().to_string();
+
+    let out = tokio::task::spawn_blocking({
+        let p = p.clone();
+        move || tokengate(&["token", "-c", &p, "--route", "driftrock"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_eq!(sandbox.registry.issued_count(), 1);
+    let echo = reqwest::Client::new()
+        .get(sandbox.api.url("/v2/ping"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(echo.status(), 200, "the printed token is accepted by the API");
+
+    let out = tokio::task::spawn_blocking({
+        let p = p.clone();
+        move || tokengate(&["token", "-c", &p, "--route", "drillster", "--subject", "user-42"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(sandbox.drillster.last_request().unwrap().assertion_claims().unwrap()["sub"], "user-42");
+
+    let out = tokio::task::spawn_blocking(move || tokengate(&["check", "-c", &p, "--fetch"]))
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("drillster: token obtained, expires in"), "{stdout}");
+    assert!(stdout.contains("driftrock: token obtained, expires in"), "{stdout}");
+    assert!(!stdout.contains("eyJ"), "check --fetch must not print a token");
+    sandbox.shutdown().await.unwrap();
+}
