@@ -116,6 +116,7 @@ impl Built {
         let state = Arc::new(SharedState::new(
             routes,
             config.server.allowed_clients.clone(),
+            config.server.replay_body_limit,
             metrics,
         ));
         Ok(Built {

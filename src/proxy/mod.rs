@@ -50,15 +50,23 @@ pub struct SharedState {
     pub allowed_clients: Vec<IpNet>,
     /// Metric handles.
     pub metrics: Arc<Metrics>,
+    /// `server.replay_body_limit`, bytes.
+    pub replay_body_limit: usize,
     request_ids: RequestIds,
 }
 
 impl SharedState {
     /// Bundles the compiled routes and settings.
-    pub fn new(routes: Vec<Route>, allowed_clients: Vec<IpNet>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        routes: Vec<Route>,
+        allowed_clients: Vec<IpNet>,
+        replay_body_limit: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         SharedState {
             routes,
             allowed_clients,
+            replay_body_limit,
             metrics,
             request_ids: RequestIds::new(),
         }
@@ -124,6 +132,12 @@ pub struct RequestCtx {
     generation: u64,
     request_id: Option<HeaderValue>,
     error: Option<&'static str>,
+    /// The request was replayed once after an upstream 401 (never twice).
+    replayed: bool,
+    /// Set while the replay error travels through pingora's retry machinery.
+    replay_pending: bool,
+    /// A replay found no usable token: answer 503 `token_unavailable`.
+    unavailable: Option<std::time::Duration>,
 }
 
 #[async_trait]
@@ -138,6 +152,9 @@ impl ProxyHttp for Gateway {
             generation: 0,
             request_id: None,
             error: None,
+            replayed: false,
+            replay_pending: false,
+            unavailable: None,
         }
     }
 
@@ -218,11 +235,28 @@ impl ProxyHttp for Gateway {
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let (Some(i), Some(authorization)) = (ctx.route, ctx.authorization.take()) else {
-            // Unreachable by construction; never forward without a token.
-            return Error::e_explain(ErrorType::InternalError, "no token for upstream request");
+        let Some(i) = ctx.route else {
+            return Error::e_explain(ErrorType::InternalError, "no route for upstream request");
         };
         let route = &self.state.routes[i];
+        let authorization = match ctx.authorization.take() {
+            Some(a) => a,
+            // A replay after an upstream 401: the refreshed token (one refresh is shared by every
+            // request that saw the 401). Never forward without a token.
+            None => match route.token.token().await {
+                Ok((a, generation)) => {
+                    ctx.generation = generation;
+                    a
+                }
+                Err(unavailable) => {
+                    ctx.unavailable = Some(unavailable.retry_after);
+                    return Error::e_explain(
+                        ErrorType::HTTPStatus(503),
+                        "no usable access token for the replay",
+                    );
+                }
+            },
+        };
 
         headers::strip_inbound_credentials(upstream, route.forward_cookies, &route.strip_headers);
         upstream.insert_header(http::header::AUTHORIZATION, authorization)?;
@@ -249,6 +283,74 @@ impl ProxyHttp for Gateway {
         rewrite_target(upstream, route)
     }
 
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if response.status != http::StatusCode::UNAUTHORIZED {
+            return Ok(());
+        }
+        let Some(route) = ctx.route.map(|i| &self.state.routes[i]) else {
+            return Ok(());
+        };
+        if ctx.replayed {
+            // The refreshed token was refused too: no loop, the 401 goes to the client.
+            route.metrics.unauthorized(false);
+            return Ok(());
+        }
+        // Drop exactly the token this request carried; a newer one is left alone.
+        route.token.invalidate(ctx.generation);
+        if !self.replayable(session) {
+            route.metrics.unauthorized(false);
+            return Ok(());
+        }
+        route.metrics.unauthorized(true);
+        ctx.replayed = true;
+        ctx.replay_pending = true;
+        let mut e = Error::explain(
+            ErrorType::Custom("upstream_unauthorized"),
+            "upstream answered 401 to the current access token; replaying once with a new one",
+        );
+        e.set_retry(true);
+        Err(e)
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if std::mem::take(&mut ctx.replay_pending) {
+            // Our own 401 replay: replayability was decided in upstream_response_filter.
+            return e;
+        }
+        // pingora's default policy.
+        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+        error: &Error,
+        _context: pingora::proxy::ProxyWarnLogContext,
+    ) -> bool {
+        // A 401 replay is counted in tokengate_upstream_unauthorized_total, not logged per request.
+        matches!(error.etype(), ErrorType::Custom("upstream_unauthorized"))
+    }
+
     async fn response_filter(
         &self,
         _session: &mut Session,
@@ -269,6 +371,10 @@ impl ProxyHttp for Gateway {
     ) -> FailToProxy {
         let route = ctx.route.map(|i| &self.state.routes[i]);
         let (code, err) = match (e.esource(), e.etype()) {
+            _ if ctx.unavailable.is_some() => {
+                let retry_after = ctx.unavailable.unwrap_or_default();
+                (503, Some(GatewayError::TokenUnavailable { retry_after }))
+            }
             (ErrorSource::Upstream, etype) => {
                 let (kind, err) = classify_upstream_error(etype);
                 if let Some(r) = route {
@@ -283,14 +389,21 @@ impl ProxyHttp for Gateway {
             _ => (500, None),
         };
         match err {
-            Some(err) if !session.response_written().is_some() => {
+            Some(err) if session.response_written().is_none() => {
                 ctx.error = Some(err.code());
+                let extra = match &err {
+                    GatewayError::TokenUnavailable { retry_after } => Some((
+                        RETRY_AFTER,
+                        HeaderValue::from(retry_after.as_secs().max(1)),
+                    )),
+                    _ => None,
+                };
                 if let Err(write_err) = error_response::write(
                     session,
                     &err,
                     route.map(|r| r.name.as_str()),
                     ctx.request_id.as_ref(),
-                    None,
+                    extra,
                 )
                 .await
                 {
@@ -332,6 +445,36 @@ impl ProxyHttp for Gateway {
         );
     }
 }
+
+impl Gateway {
+    /// Whether the request can be sent again: no body, or a body kept whole within
+    /// `replay_body_limit` (pingora's retry buffer holds at most 64 KiB). Never an empty-body
+    /// retry of a request that had a body.
+    fn replayable(&self, session: &mut Session) -> bool {
+        let req = session.req_header();
+        let content_length = req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let chunked = req.headers.contains_key(http::header::TRANSFER_ENCODING);
+        if !chunked && content_length.unwrap_or(0) == 0 {
+            return true;
+        }
+        let limit = self.state.replay_body_limit.min(RETRY_BUFFER_LIMIT) as u64;
+        let within = content_length.is_none_or(|n| n <= limit);
+        within
+            && session.as_mut().is_body_done()
+            && !session.as_ref().retry_buffer_truncated()
+            && session
+                .as_ref()
+                .get_retry_buffer()
+                .is_some_and(|b| b.len() as u64 <= limit)
+    }
+}
+
+/// pingora keeps at most this many request body bytes for a retry.
+const RETRY_BUFFER_LIMIT: usize = 64 * 1024;
 
 /// Rewrites the request-target to origin-form `base_path + path' + ?query'` where needed:
 /// prefix stripping, a base path, an `access_token` parameter, or an absolute-form target (never

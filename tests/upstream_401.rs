@@ -1,0 +1,124 @@
+//! Upstream 401 to a current token (SPEC "Proxy behaviour"): only that token generation is
+//! dropped, one refresh is shared, the request is replayed once if replayable, never looped.
+
+mod common;
+
+use common::{config_for, TestGateway};
+use http::StatusCode;
+use sha2::{Digest, Sha256};
+use tokengate::sandbox::{CannedResponse, Echo, Sandbox};
+
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or(0)
+}
+
+const REPLAYED: &str = "tokengate_upstream_unauthorized_total{action=\"replayed\",route=\"drillster\"}";
+const PASSED: &str =
+    "tokengate_upstream_unauthorized_total{action=\"passed_through\",route=\"drillster\"}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn revoked_token_is_dropped_refreshed_once_and_requests_replayed() {
+    let sandbox = Sandbox::start().await.unwrap();
+    let gw = TestGateway::start(config_for(&sandbox, |t| t)).await;
+    gw.ready().await;
+    let client = reqwest::Client::new();
+    let first: Echo = client.get(gw.url("/drillster/a")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(sandbox.drillster.successes(), 1);
+
+    // The API now refuses the not-yet-expired token (as after a key rotation upstream).
+    sandbox.registry.revoke_all();
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let (client, url) = (client.clone(), gw.url("/drillster/b"));
+            tokio::spawn(async move { client.get(url).send().await.unwrap() })
+        })
+        .collect();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status(), 200);
+        let echo: Echo = r.json().await.unwrap();
+        assert_ne!(echo.header("authorization"), first.header("authorization"));
+    }
+    assert_eq!(sandbox.drillster.successes(), 2, "exactly one refresh for all 20 requests");
+    let m = gw.metrics().await;
+    assert!(metric(&m, REPLAYED) >= 1, "{m}");
+    assert_eq!(metric(&m, PASSED), 0);
+    // The other route's token was not touched.
+    assert_eq!(sandbox.driftrock.successes(), 1);
+    gw.stop().await;
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn get_and_small_post_are_replayed_byte_identical() {
+    let sandbox = Sandbox::start().await.unwrap();
+    let gw = TestGateway::start(config_for(&sandbox, |t| t)).await;
+    gw.ready().await;
+    let client = reqwest::Client::new();
+
+    sandbox.registry.revoke_all();
+    let echo: Echo = client
+        .get(gw.url("/drillster/items?page=2"))
+        .header("X-Trace", "t1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!((echo.method.as_str(), echo.path.as_str()), ("GET", "/items"));
+    assert_eq!(echo.query.as_deref(), Some("page=2"));
+    assert_eq!(echo.header("x-trace"), Some("t1"));
+
+    sandbox.registry.revoke_all();
+    let body: Vec<u8> = (0..2000u32).map(|i| (i % 251) as u8).collect();
+    let r = client
+        .post(gw.url("/drillster/upload"))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let echo: Echo = r.json().await.unwrap();
+    assert_eq!(echo.body_len, 2000);
+    assert_eq!(echo.body_sha256, hex(&Sha256::digest(&body)));
+    assert_eq!(sandbox.drillster.successes(), 3);
+    let m = gw.metrics().await;
+    assert_eq!(metric(&m, REPLAYED), 2);
+    gw.stop().await;
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upstream_that_keeps_refusing_gets_one_refresh_per_request_and_no_loop() {
+    let sandbox = Sandbox::start().await.unwrap();
+    let gw = TestGateway::start(config_for(&sandbox, |t| t)).await;
+    gw.ready().await;
+    sandbox.api.faults().respond_with(
+        CannedResponse::json(StatusCode::UNAUTHORIZED, r#"{"error":"invalid_token"}"#)
+            .header("www-authenticate", "Bearer error=\"invalid_token\""),
+    );
+    let client = reqwest::Client::new();
+    for i in 1..=3u64 {
+        let r = client.get(gw.url("/drillster/x")).send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        assert!(r.headers().get("tokengate-error").is_none(), "the API's own 401");
+        assert_eq!(sandbox.drillster.successes(), 1 + i, "one refresh per request");
+    }
+    // Two upstream attempts per request (original + one replay), never more.
+    assert_eq!(sandbox.api.requests(), 6);
+    let m = gw.metrics().await;
+    assert_eq!(metric(&m, REPLAYED), 3);
+    assert_eq!(metric(&m, PASSED), 3);
+    gw.stop().await;
+    sandbox.shutdown().await.unwrap();
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
