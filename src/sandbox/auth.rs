@@ -1,0 +1,904 @@
+//! The Drillster-like (RFC 7523) and Driftrock-like (RFC 6749 §4.4) sandbox authorization servers.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, PRAGMA, WWW_AUTHENTICATE};
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
+use http_body_util::{BodyExt as _, Limited};
+use hyper::body::Incoming;
+use jsonwebtoken::DecodingKey;
+use serde_json::{json, Value};
+
+use super::client_auth::{decode_basic, BasicDecoding};
+use super::faults::{self, Faults};
+use super::jwt_bearer::{self, AssertionRejection, RegisteredKey, TimeRules};
+use super::keys;
+use super::registry::{ceil_secs, unix_now, TokenRegistry, TokenRequest};
+use super::server::{self, Bound, Handler, HttpServer, Reply, Resp};
+use super::SandboxError;
+
+/// `grant_type` of the JWT bearer grant (RFC 7523 §2.1).
+pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+
+/// RFC 8414 §3 metadata path.
+const OAUTH_METADATA_PATH: &str = "/.well-known/oauth-authorization-server";
+/// OpenID Connect Discovery 1.0 §4 metadata path (also served, as many vendors do).
+const OIDC_METADATA_PATH: &str = "/.well-known/openid-configuration";
+
+/// Token request bodies larger than this get a 400 (an assertion is ~1 KiB).
+const MAX_BODY: usize = 1 << 20;
+/// How many recent token requests are kept for [`AuthServer::recent_requests`].
+const RECENT: usize = 64;
+
+/// Which vendor a sandbox authorization server imitates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vendor {
+    /// Drillster service accounts (seed 004): `POST /api/oauth/token` with the RFC 7523 JWT
+    /// bearer grant, client authentication by `client_secret_post` (Basic also accepted).
+    Drillster,
+    /// Driftrock (seed 003): `POST /oauth2/token` with the RFC 6749 §4.4 client credentials
+    /// grant, client authentication by HTTP Basic.
+    Driftrock,
+}
+
+impl Vendor {
+    /// The token endpoint path of the real vendor.
+    pub fn token_path(self) -> &'static str {
+        match self {
+            Vendor::Drillster => "/api/oauth/token",
+            Vendor::Driftrock => "/oauth2/token",
+        }
+    }
+
+    /// The only `grant_type` the vendor's token endpoint accepts.
+    pub fn grant_type(self) -> &'static str {
+        match self {
+            Vendor::Drillster => JWT_BEARER_GRANT,
+            Vendor::Driftrock => "client_credentials",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Vendor::Drillster => "drillster",
+            Vendor::Driftrock => "driftrock",
+        }
+    }
+}
+
+/// A member of a successful token response (RFC 6749 §5.1) as actually sent, to test how leniently
+/// clients parse `expires_in` and `token_type`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum JsonField {
+    /// The normal value: `expires_in` = the token lifetime in whole seconds, `token_type` =
+    /// `"Bearer"`.
+    #[default]
+    Normal,
+    /// The member is left out.
+    Absent,
+    /// This JSON text is sent verbatim as the member's value, e.g. `"3600"` (with the quotes),
+    /// `0`, `-1`, `9223372036854775807`, `1e308`, `1.5`, `null`. Not validated.
+    Raw(String),
+}
+
+impl JsonField {
+    /// The value sent verbatim as JSON text (see [`JsonField::Raw`]).
+    pub fn raw(json: impl Into<String>) -> Self {
+        Self::Raw(json.into())
+    }
+
+    /// The value sent as a JSON string, e.g. `JsonField::string("3600")` sends `"3600"`.
+    pub fn string(value: &str) -> Self {
+        Self::Raw(Value::String(value.to_owned()).to_string())
+    }
+}
+
+/// One token request as the server received it (for assertions in tests). Recorded before any
+/// fault or check runs, so hung, failed and refused requests are recorded too. It holds the
+/// client secret and assertion as sent: sandbox credentials only, never log it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedRequest {
+    /// The request method.
+    pub method: String,
+    /// The request path, as received.
+    pub path: String,
+    /// The raw query string, if any.
+    pub query: Option<String>,
+    /// Headers as (lower-case name, value), grouped by name in first-seen order (what
+    /// `http::HeaderMap` keeps); values are lossily decoded as UTF-8.
+    pub headers: Vec<(String, String)>,
+    /// The raw body, lossily decoded as UTF-8.
+    pub body: String,
+    /// The body's form parameters, decoded, in order, including repeats and empty values.
+    pub params: Vec<(String, String)>,
+}
+
+impl RecordedRequest {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.header_values(name).into_iter().next()
+    }
+
+    /// Every value of header `name` (case-insensitive).
+    pub fn header_values(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// The first value of form parameter `name`.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The decoded (unverified) JOSE header of the `assertion` parameter, if it is a JWT.
+    pub fn assertion_header(&self) -> Option<Value> {
+        self.assertion_part(0)
+    }
+
+    /// The decoded (unverified) claims of the `assertion` parameter, if it is a JWT.
+    pub fn assertion_claims(&self) -> Option<Value> {
+        self.assertion_part(1)
+    }
+
+    fn assertion_part(&self, index: usize) -> Option<Value> {
+        let part = self.param("assertion")?.split('.').nth(index)?;
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).ok()?).ok()
+    }
+}
+
+/// Builds and starts an [`AuthServer`]; see [`AuthServer::drillster`] and
+/// [`AuthServer::driftrock`].
+#[must_use = "call .start().await"]
+pub struct AuthServerBuilder {
+    vendor: Vendor,
+    name: Option<String>,
+    clients: Vec<(String, String)>,
+    keys: Vec<(String, String, String)>,
+    demo_key: bool,
+    token_lifetime: Duration,
+    clock_skew: Duration,
+    max_assertion_lifetime: Duration,
+    basic_decoding: BasicDecoding,
+    allow_basic: bool,
+    allow_post: bool,
+    registry: Option<TokenRegistry>,
+}
+
+impl AuthServerBuilder {
+    fn new(vendor: Vendor) -> Self {
+        Self {
+            vendor,
+            name: None,
+            clients: Vec::new(),
+            keys: Vec::new(),
+            demo_key: vendor == Vendor::Drillster,
+            token_lifetime: Duration::from_secs(3600),
+            clock_skew: Duration::from_secs(5),
+            max_assertion_lifetime: Duration::from_secs(3600),
+            basic_decoding: BasicDecoding::Form,
+            allow_basic: true,
+            allow_post: vendor == Vendor::Drillster,
+            registry: None,
+        }
+    }
+
+    /// Registers a client application. May be called repeatedly; if it is never called the
+    /// vendor's sandbox client is registered ([`keys::DRILLSTER_CLIENT_ID`] /
+    /// [`keys::DRIFTROCK_CLIENT_ID`] with their secrets).
+    pub fn client(mut self, id: impl Into<String>, secret: impl Into<String>) -> Self {
+        self.clients.push((id.into(), secret.into()));
+        self
+    }
+
+    /// Registers a service-account public key (SPKI or PKCS#1 PEM) under `kid`; assertions signed
+    /// with it must carry `iss` = `service_account_id` (seed 004). The demo key is registered too
+    /// unless [`without_demo_key`](Self::without_demo_key) is called.
+    pub fn key(
+        mut self,
+        kid: impl Into<String>,
+        service_account_id: impl Into<String>,
+        public_pem: impl Into<String>,
+    ) -> Self {
+        self.keys
+            .push((kid.into(), service_account_id.into(), public_pem.into()));
+        self
+    }
+
+    /// Does not register the demo key ([`keys::DEMO_KEY_ID`]).
+    pub fn without_demo_key(mut self) -> Self {
+        self.demo_key = false;
+        self
+    }
+
+    /// Lifetime of issued access tokens (`exp` − `iat` and `expires_in`, rounded up to whole
+    /// seconds). Default 3600 s, the value both vendors document. Zero issues expired tokens.
+    pub fn token_lifetime(mut self, lifetime: Duration) -> Self {
+        self.token_lifetime = lifetime;
+        self
+    }
+
+    /// Clock skew tolerated on assertion `exp`, `iat` and `nbf`. Default 5 s.
+    pub fn clock_skew(mut self, skew: Duration) -> Self {
+        self.clock_skew = skew;
+        self
+    }
+
+    /// How far ahead an assertion's `exp` may be (before skew). Default 1 h (seed 004).
+    pub fn max_assertion_lifetime(mut self, max: Duration) -> Self {
+        self.max_assertion_lifetime = max;
+        self
+    }
+
+    /// How Basic client credentials are decoded. Default [`BasicDecoding::Form`] (RFC 6749
+    /// §2.3.1).
+    pub fn basic_decoding(mut self, mode: BasicDecoding) -> Self {
+        self.basic_decoding = mode;
+        self
+    }
+
+    /// Whether `client_secret_post` (RFC 6749 §2.3.1: `client_id` and `client_secret` in the
+    /// body) is accepted. Default: on for Drillster (seed 004 shows it), off for Driftrock (seed
+    /// 003 asks for Basic).
+    pub fn client_secret_post(mut self, enabled: bool) -> Self {
+        self.allow_post = enabled;
+        self
+    }
+
+    /// Whether `client_secret_basic` is accepted. Default on.
+    pub fn client_secret_basic(mut self, enabled: bool) -> Self {
+        self.allow_basic = enabled;
+        self
+    }
+
+    /// Records issued tokens in `registry` (share one registry between servers and the API).
+    /// Default: a new registry of its own.
+    pub fn registry(mut self, registry: TokenRegistry) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// The issuer name recorded with each token (default `"drillster"` / `"driftrock"`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Binds `127.0.0.1:0` and starts serving on the current tokio runtime.
+    ///
+    /// # Errors
+    /// [`SandboxError::Bind`] if no port can be bound, [`SandboxError::InvalidKey`] if a key given
+    /// to [`key`](Self::key) is not an RSA public key PEM.
+    pub async fn start(self) -> Result<AuthServer, SandboxError> {
+        let vendor = self.vendor;
+        let mut keys = HashMap::new();
+        let demo = self.demo_key.then(|| {
+            (
+                keys::DEMO_KEY_ID.to_owned(),
+                keys::DEMO_SERVICE_ACCOUNT_ID.to_owned(),
+                keys::DEMO_PUBLIC_PEM.to_owned(),
+            )
+        });
+        for (kid, service_account_id, pem) in demo.into_iter().chain(self.keys) {
+            let key = DecodingKey::from_rsa_pem(pem.as_bytes()).map_err(|source| {
+                SandboxError::InvalidKey {
+                    kid: kid.clone(),
+                    source,
+                }
+            })?;
+            keys.insert(
+                kid,
+                RegisteredKey {
+                    service_account_id,
+                    key,
+                },
+            );
+        }
+        let mut clients: HashMap<String, String> = self.clients.into_iter().collect();
+        if clients.is_empty() {
+            let (id, secret) = match vendor {
+                Vendor::Drillster => (keys::DRILLSTER_CLIENT_ID, keys::DRILLSTER_CLIENT_SECRET),
+                Vendor::Driftrock => (keys::DRIFTROCK_CLIENT_ID, keys::DRIFTROCK_CLIENT_SECRET),
+            };
+            clients.insert(id.to_owned(), secret.to_owned());
+        }
+
+        let bound = Bound::new(vendor.name()).await?;
+        let base_url = format!("http://{}", bound.addr());
+        let state = Arc::new(AuthState {
+            vendor,
+            name: self.name.unwrap_or_else(|| vendor.name().to_owned()),
+            token_endpoint: format!("{base_url}{}", vendor.token_path()),
+            base_url,
+            clients,
+            keys,
+            clock_skew: self.clock_skew,
+            max_assertion_lifetime: self.max_assertion_lifetime,
+            allow_basic: self.allow_basic,
+            allow_post: self.allow_post,
+            registry: self.registry.unwrap_or_default(),
+            faults: Faults::default(),
+            discovery_faults: Faults::default(),
+            settings: Mutex::new(Settings {
+                token_lifetime: self.token_lifetime,
+                expires_in: JsonField::Normal,
+                token_type: JsonField::Normal,
+                basic_decoding: self.basic_decoding,
+            }),
+            requests: AtomicU64::new(0),
+            successes: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            discovery_requests: AtomicU64::new(0),
+            recent: Mutex::new(VecDeque::with_capacity(RECENT)),
+            used_jti: Mutex::new(HashMap::new()),
+        });
+        let server = bound.serve(state.clone());
+        Ok(AuthServer { server, state })
+    }
+}
+
+/// A running sandbox authorization server on `127.0.0.1:<ephemeral>`.
+///
+/// Serves `POST <token path>` ([`Vendor::token_path`]), and RFC 8414 metadata at
+/// `GET /.well-known/oauth-authorization-server` and `GET /.well-known/openid-configuration`
+/// (`issuer` = [`issuer`](Self::issuer), `token_endpoint` = [`token_endpoint`](Self::token_endpoint)).
+/// Everything else is a 404.
+///
+/// The token endpoint checks, in this order, each failure answered with an RFC 6749 §5.2 JSON
+/// error (`Content-Type: application/json;charset=UTF-8`, `Cache-Control: no-store`,
+/// `Pragma: no-cache`):
+/// 1. method `POST` (RFC 6749 §3.2) — else 405 `invalid_request` with `Allow: POST`;
+/// 2. `Content-Type: application/x-www-form-urlencoded` (RFC 6749 §4.4.2, §2.1 of RFC 7523),
+///    no parameter twice (RFC 6749 §3.2; empty values count as absent) — else 400
+///    `invalid_request`;
+/// 3. client authentication (RFC 6749 §2.3.1): exactly one `Authorization` header if any, Basic
+///    decoded per [`BasicDecoding`], or `client_id` + `client_secret` in the body when
+///    `client_secret_post` is enabled; not both methods (RFC 6749 §2.3) — else 401
+///    `invalid_client` with `WWW-Authenticate: Basic realm="…"` (400 `invalid_request` for two
+///    methods or two headers);
+/// 4. `grant_type` present (400 `invalid_request`) and the vendor's ([`Vendor::grant_type`];
+///    400 `unsupported_grant_type`);
+/// 5. Drillster only: the `assertion` (RFC 7523 §3, seed 004; each failure a 400
+///    `invalid_grant` whose description is an [`AssertionRejection`]), and `jti` not seen before.
+///
+/// Success: 200 `{"access_token": <HS256 JWT>, "token_type": "Bearer", "expires_in": <s>}` (plus
+/// `scope` if one was requested) with the same headers, the token recorded in
+/// [`registry`](Self::registry) for subject `sub` (Drillster) or the client id (Driftrock).
+pub struct AuthServer {
+    server: HttpServer,
+    state: Arc<AuthState>,
+}
+
+impl std::fmt::Debug for AuthServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthServer")
+            .field("vendor", &self.state.vendor)
+            .field("token_endpoint", &self.state.token_endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuthServer {
+    /// A Drillster-like server (seed 004, RFC 7523 §2.1 + §3).
+    pub fn drillster() -> AuthServerBuilder {
+        AuthServerBuilder::new(Vendor::Drillster)
+    }
+
+    /// A Driftrock-like server (seed 003, RFC 6749 §4.4).
+    pub fn driftrock() -> AuthServerBuilder {
+        AuthServerBuilder::new(Vendor::Driftrock)
+    }
+
+    /// The vendor imitated.
+    pub fn vendor(&self) -> Vendor {
+        self.state.vendor
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr()
+    }
+
+    /// The issuer identifier, `http://127.0.0.1:PORT` (RFC 8414 §2; no trailing slash).
+    pub fn issuer(&self) -> String {
+        self.state.base_url.clone()
+    }
+
+    /// The full token endpoint URL, e.g. `http://127.0.0.1:PORT/api/oauth/token`; a Drillster
+    /// assertion's `aud` must equal it exactly.
+    pub fn token_endpoint(&self) -> String {
+        self.state.token_endpoint.clone()
+    }
+
+    /// The RFC 8414 metadata URL.
+    pub fn metadata_url(&self) -> String {
+        format!("{}{OAUTH_METADATA_PATH}", self.state.base_url)
+    }
+
+    /// The registry the issued tokens are recorded in.
+    pub fn registry(&self) -> &TokenRegistry {
+        &self.state.registry
+    }
+
+    /// Fault knobs of the token endpoint.
+    pub fn faults(&self) -> &Faults {
+        &self.state.faults
+    }
+
+    /// Fault knobs of the two metadata endpoints (separate, so discovery can work while the token
+    /// endpoint fails, or the other way round).
+    pub fn discovery_faults(&self) -> &Faults {
+        &self.state.discovery_faults
+    }
+
+    /// Token requests received (whatever became of them).
+    pub fn requests(&self) -> u64 {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// Token requests answered with a token.
+    pub fn successes(&self) -> u64 {
+        self.state.successes.load(Ordering::SeqCst)
+    }
+
+    /// Token requests answered otherwise: refused, canned response, closed connection. (Hung
+    /// requests count in neither.)
+    pub fn failures(&self) -> u64 {
+        self.state.failures.load(Ordering::SeqCst)
+    }
+
+    /// Metadata (discovery) requests received.
+    pub fn discovery_requests(&self) -> u64 {
+        self.state.discovery_requests.load(Ordering::SeqCst)
+    }
+
+    /// The most recent token request.
+    pub fn last_request(&self) -> Option<RecordedRequest> {
+        self.state.recent().back().cloned()
+    }
+
+    /// The most recent token requests (up to 64), oldest first.
+    pub fn recent_requests(&self) -> Vec<RecordedRequest> {
+        self.state.recent().iter().cloned().collect()
+    }
+
+    /// Changes the lifetime of tokens issued from now on.
+    pub fn set_token_lifetime(&self, lifetime: Duration) {
+        self.state.settings().token_lifetime = lifetime;
+    }
+
+    /// Overrides the `expires_in` member of successful responses from now on (the token's real
+    /// `exp` and registry expiry still follow the token lifetime).
+    pub fn set_expires_in(&self, field: JsonField) {
+        self.state.settings().expires_in = field;
+    }
+
+    /// Overrides the `token_type` member of successful responses from now on.
+    pub fn set_token_type(&self, field: JsonField) {
+        self.state.settings().token_type = field;
+    }
+
+    /// Changes how Basic credentials are decoded from now on.
+    pub fn set_basic_decoding(&self, mode: BasicDecoding) {
+        self.state.settings().basic_decoding = mode;
+    }
+
+    /// Handler panics caught so far (each was answered with a 500). Tests may assert it is 0;
+    /// dropping the server panics if it is not (unless [`shutdown`](Self::shutdown) reported it).
+    pub fn panics(&self) -> u64 {
+        self.server.panics()
+    }
+
+    /// Stops the server, closing open connections.
+    ///
+    /// # Errors
+    /// [`SandboxError::HandlerPanicked`] if a handler panicked during the server's life.
+    pub async fn shutdown(self) -> Result<(), SandboxError> {
+        self.server.shutdown().await
+    }
+}
+
+struct Settings {
+    token_lifetime: Duration,
+    expires_in: JsonField,
+    token_type: JsonField,
+    basic_decoding: BasicDecoding,
+}
+
+struct AuthState {
+    vendor: Vendor,
+    name: String,
+    base_url: String,
+    token_endpoint: String,
+    clients: HashMap<String, String>,
+    keys: HashMap<String, RegisteredKey>,
+    clock_skew: Duration,
+    max_assertion_lifetime: Duration,
+    allow_basic: bool,
+    allow_post: bool,
+    registry: TokenRegistry,
+    faults: Faults,
+    discovery_faults: Faults,
+    settings: Mutex<Settings>,
+    requests: AtomicU64,
+    successes: AtomicU64,
+    failures: AtomicU64,
+    discovery_requests: AtomicU64,
+    recent: Mutex<VecDeque<RecordedRequest>>,
+    used_jti: Mutex<HashMap<String, f64>>,
+}
+
+/// An RFC 6749 §5.2 error answer.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}: {description}")]
+struct OAuthError {
+    status: StatusCode,
+    error: &'static str,
+    description: String,
+}
+
+impl OAuthError {
+    fn invalid_request(description: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            error: "invalid_request",
+            description: description.into(),
+        }
+    }
+
+    fn invalid_client(description: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            error: "invalid_client",
+            description: description.into(),
+        }
+    }
+
+    fn invalid_grant(rejection: &AssertionRejection) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            error: "invalid_grant",
+            description: rejection.to_string(),
+        }
+    }
+
+    fn into_response(self, realm: &str) -> Resp {
+        let body = json!({ "error": self.error, "error_description": self.description });
+        let mut response = no_cache(server::json(self.status, &body));
+        let headers = response.headers_mut();
+        match self.status {
+            // RFC 6749 §5.2: 401 carries a challenge for the scheme the client may use.
+            StatusCode::UNAUTHORIZED => {
+                let challenge = format!("Basic realm=\"{realm}\"");
+                if let Ok(value) = HeaderValue::from_str(&challenge) {
+                    headers.insert(WWW_AUTHENTICATE, value);
+                }
+            }
+            StatusCode::METHOD_NOT_ALLOWED => {
+                headers.insert(ALLOW, HeaderValue::from_static("POST"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+fn no_cache(mut response: Resp) -> Resp {
+    response
+        .headers_mut()
+        .insert(PRAGMA, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// Form parameters after RFC 6749 §3.2 checks: none repeated, empty ones dropped.
+struct Params(HashMap<String, String>);
+
+impl Params {
+    fn new(raw: &[(String, String)]) -> Result<Self, OAuthError> {
+        let mut map = HashMap::new();
+        for (name, value) in raw.iter().filter(|(_, v)| !v.is_empty()) {
+            if map.insert(name.clone(), value.clone()).is_some() {
+                return Err(OAuthError::invalid_request(format!(
+                    "parameter {name} included more than once"
+                )));
+            }
+        }
+        Ok(Self(map))
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+}
+
+impl Handler for AuthState {
+    async fn handle(self: Arc<Self>, request: Request<Incoming>, _peer: SocketAddr) -> Reply {
+        let path = request.uri().path();
+        if path == self.vendor.token_path() {
+            self.token_endpoint(request).await
+        } else if path == OAUTH_METADATA_PATH || path == OIDC_METADATA_PATH {
+            self.metadata(request.method()).await
+        } else {
+            let body = json!({ "error": "not_found", "path": path });
+            Reply::Respond(server::json(StatusCode::NOT_FOUND, &body))
+        }
+    }
+}
+
+impl AuthState {
+    fn settings(&self) -> MutexGuard<'_, Settings> {
+        self.settings.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn recent(&self) -> MutexGuard<'_, VecDeque<RecordedRequest>> {
+        self.recent.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn metadata(&self, method: &Method) -> Reply {
+        self.discovery_requests.fetch_add(1, Ordering::SeqCst);
+        if let Some(reply) = faults::apply(&self.discovery_faults).await {
+            return reply;
+        }
+        if method != Method::GET && method != Method::HEAD {
+            let mut response = server::json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &json!({ "error": "method_not_allowed" }),
+            );
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return Reply::Respond(response);
+        }
+        let mut methods = Vec::new();
+        if self.allow_basic {
+            methods.push("client_secret_basic");
+        }
+        if self.allow_post {
+            methods.push("client_secret_post");
+        }
+        // RFC 8414 §2 metadata: issuer and token_endpoint are what clients use.
+        let metadata = json!({
+            "issuer": self.base_url,
+            "token_endpoint": self.token_endpoint,
+            "grant_types_supported": [self.vendor.grant_type()],
+            "token_endpoint_auth_methods_supported": methods,
+            "response_types_supported": [],
+        });
+        let mut response = server::json(StatusCode::OK, &metadata);
+        response.headers_mut().remove(http::header::CACHE_CONTROL);
+        Reply::Respond(response)
+    }
+
+    async fn token_endpoint(self: &Arc<Self>, request: Request<Incoming>) -> Reply {
+        let (parts, body) = request.into_parts();
+        let body = Limited::new(body, MAX_BODY)
+            .collect()
+            .await
+            .map(|collected| collected.to_bytes());
+        let recorded = record(&parts, body.as_ref().ok());
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        {
+            let mut recent = self.recent();
+            if recent.len() == RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(recorded.clone());
+        }
+        if let Some(reply) = faults::apply(&self.faults).await {
+            if !matches!(reply, Reply::Hang) {
+                self.failures.fetch_add(1, Ordering::SeqCst);
+            }
+            return reply;
+        }
+        let result = match body {
+            Ok(_) => self.grant(&parts, &recorded.params),
+            Err(_) => Err(OAuthError::invalid_request(
+                "request body unreadable or larger than 1 MiB",
+            )),
+        };
+        match result {
+            Ok(response) => {
+                self.successes.fetch_add(1, Ordering::SeqCst);
+                Reply::Respond(response)
+            }
+            Err(e) => {
+                tracing::debug!(server = %self.name, error = %e, "sandbox token request refused");
+                self.failures.fetch_add(1, Ordering::SeqCst);
+                Reply::Respond(e.into_response(&self.name))
+            }
+        }
+    }
+
+    fn grant(&self, parts: &Parts, raw_params: &[(String, String)]) -> Result<Resp, OAuthError> {
+        if parts.method != Method::POST {
+            return Err(OAuthError {
+                status: StatusCode::METHOD_NOT_ALLOWED,
+                error: "invalid_request",
+                description: "the token endpoint accepts POST only".to_owned(),
+            });
+        }
+        let is_form = parts
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| {
+                v.trim()
+                    .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+            });
+        if !is_form {
+            return Err(OAuthError::invalid_request(
+                "Content-Type must be application/x-www-form-urlencoded",
+            ));
+        }
+        let params = Params::new(raw_params)?;
+        let client_id = self.authenticate(&parts.headers, &params)?;
+        let grant_type = params
+            .get("grant_type")
+            .ok_or_else(|| OAuthError::invalid_request("missing grant_type"))?;
+        if grant_type != self.vendor.grant_type() {
+            return Err(OAuthError {
+                status: StatusCode::BAD_REQUEST,
+                error: "unsupported_grant_type",
+                description: format!("grant_type must be {}", self.vendor.grant_type()),
+            });
+        }
+        let subject = match self.vendor {
+            Vendor::Drillster => self.check_assertion(&params)?,
+            Vendor::Driftrock => client_id.clone(),
+        };
+        let scope = params.get("scope");
+        let settings = self.settings();
+        let request = TokenRequest {
+            subject: &subject,
+            client_id: &client_id,
+            issuer: &self.name,
+            issuer_url: &self.base_url,
+            scope,
+            lifetime: settings.token_lifetime,
+        };
+        let (token, _exp) = self.registry.issue(&request).map_err(|e| OAuthError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            error: "server_error",
+            description: e.to_string(),
+        })?;
+        let mut body = format!("{{\"access_token\":{}", Value::String(token));
+        match &settings.token_type {
+            JsonField::Normal => body.push_str(",\"token_type\":\"Bearer\""),
+            JsonField::Absent => {}
+            JsonField::Raw(raw) => body.push_str(&format!(",\"token_type\":{raw}")),
+        }
+        match &settings.expires_in {
+            JsonField::Normal => body.push_str(&format!(
+                ",\"expires_in\":{}",
+                ceil_secs(settings.token_lifetime)
+            )),
+            JsonField::Absent => {}
+            JsonField::Raw(raw) => body.push_str(&format!(",\"expires_in\":{raw}")),
+        }
+        if let Some(scope) = scope {
+            body.push_str(&format!(",\"scope\":{}", Value::String(scope.to_owned())));
+        }
+        body.push('}');
+        Ok(no_cache(server::raw_json(
+            StatusCode::OK,
+            Bytes::from(body),
+        )))
+    }
+
+    /// RFC 6749 §2.3.1 client authentication; returns the authenticated client id.
+    fn authenticate(&self, headers: &HeaderMap, params: &Params) -> Result<String, OAuthError> {
+        let mut authorization = headers.get_all(AUTHORIZATION).iter();
+        let first = authorization.next();
+        if authorization.next().is_some() {
+            return Err(OAuthError::invalid_request(
+                "more than one Authorization header",
+            ));
+        }
+        let (id, secret) = match first {
+            Some(value) => {
+                let value = value
+                    .to_str()
+                    .map_err(|_| OAuthError::invalid_client("malformed Authorization header"))?;
+                let (scheme, credentials) = value.split_once(' ').unwrap_or((value, ""));
+                if !scheme.eq_ignore_ascii_case("basic") {
+                    return Err(OAuthError::invalid_client(
+                        "unsupported authentication scheme; use Basic",
+                    ));
+                }
+                if !self.allow_basic {
+                    return Err(OAuthError::invalid_client(
+                        "client_secret_basic is not enabled",
+                    ));
+                }
+                if params.get("client_secret").is_some() {
+                    return Err(OAuthError::invalid_request(
+                        "more than one client authentication method",
+                    ));
+                }
+                let mode = self.settings().basic_decoding;
+                let (id, secret) = decode_basic(credentials, mode)
+                    .map_err(|e| OAuthError::invalid_client(e.to_string()))?;
+                if params.get("client_id").is_some_and(|p| p != id) {
+                    return Err(OAuthError::invalid_client(
+                        "client_id parameter does not match the Basic credentials",
+                    ));
+                }
+                (id, secret)
+            }
+            None => match (params.get("client_id"), params.get("client_secret")) {
+                (None, _) => {
+                    return Err(OAuthError::invalid_client("no client authentication"));
+                }
+                (Some(_), None) => return Err(OAuthError::invalid_client("missing client_secret")),
+                (Some(_), Some(_)) if !self.allow_post => {
+                    return Err(OAuthError::invalid_client(
+                        "client_secret_post is not enabled; use HTTP Basic",
+                    ));
+                }
+                (Some(id), Some(secret)) => (id.to_owned(), secret.to_owned()),
+            },
+        };
+        match self.clients.get(&id) {
+            None => Err(OAuthError::invalid_client("unknown client")),
+            Some(expected) if *expected != secret => {
+                Err(OAuthError::invalid_client("bad client secret"))
+            }
+            Some(_) => Ok(id),
+        }
+    }
+
+    /// RFC 7523 §3 checks plus `jti` replay protection; returns the assertion's `sub`.
+    fn check_assertion(&self, params: &Params) -> Result<String, OAuthError> {
+        let assertion = params
+            .get("assertion")
+            .ok_or_else(|| OAuthError::invalid_request("missing assertion"))?;
+        let now = unix_now().as_secs_f64();
+        let skew = self.clock_skew.as_secs_f64();
+        let rules = TimeRules {
+            now,
+            skew,
+            max_lifetime: self.max_assertion_lifetime.as_secs_f64(),
+        };
+        let verified = jwt_bearer::verify(assertion, &self.keys, &self.token_endpoint, rules)
+            .map_err(|r| OAuthError::invalid_grant(&r))?;
+        if let Some(jti) = verified.jti {
+            let mut used = self.used_jti.lock().unwrap_or_else(PoisonError::into_inner);
+            // An expired assertion is refused on exp anyway, so its jti need not be kept.
+            used.retain(|_, exp| *exp > now - skew);
+            if used.insert(jti, verified.exp).is_some() {
+                return Err(OAuthError::invalid_grant(&AssertionRejection::ReusedJti));
+            }
+        }
+        Ok(verified.subject)
+    }
+}
+
+fn record(parts: &Parts, body: Option<&Bytes>) -> RecordedRequest {
+    let body = body.map(|b| b.as_ref()).unwrap_or_default();
+    RecordedRequest {
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_owned(),
+        query: parts.uri.query().map(str::to_owned),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), server::lossy(v)))
+            .collect(),
+        body: String::from_utf8_lossy(body).into_owned(),
+        params: form_urlencoded::parse(body).into_owned().collect(),
+    }
+}
