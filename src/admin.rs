@@ -57,7 +57,10 @@ impl AdminApp {
             .map(|r| r.name.as_str())
             .collect();
         if not_ready.is_empty() {
-            (StatusCode::OK, json!({"ready": true}).to_string().into_bytes())
+            (
+                StatusCode::OK,
+                json!({"ready": true}).to_string().into_bytes(),
+            )
         } else {
             (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -130,7 +133,11 @@ impl ServeHttp for AdminApp {
                 let (body, ct) = self.state.metrics.encode();
                 respond(StatusCode::OK, &ct, body)
             }
-            "/healthz" => respond(StatusCode::OK, "application/json", br#"{"ok":true}"#.to_vec()),
+            "/healthz" => respond(
+                StatusCode::OK,
+                "application/json",
+                br#"{"ok":true}"#.to_vec(),
+            ),
             "/readyz" => {
                 let (status, body) = self.readyz();
                 respond(status, "application/json", body)

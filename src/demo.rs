@@ -30,7 +30,12 @@ pub enum DemoError {
 /// `/drillster/` and route `driftrock` (client credentials, form-encoded Basic) under
 /// `/driftrock/`, both stripping their prefix and forwarding to the sandbox API.
 /// `key_file` is the path of the demo key file.
-pub fn config_toml(sandbox: &Sandbox, listen: SocketAddr, admin: SocketAddr, key_file: &Path) -> String {
+pub fn config_toml(
+    sandbox: &Sandbox,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    key_file: &Path,
+) -> String {
     format!(
         r#"# tokengate demo configuration (sandbox only: every credential here is public)
 [server]
@@ -112,7 +117,8 @@ impl Demo {
     ) -> Result<Demo, DemoError> {
         let sandbox = runtime.block_on(Sandbox::start())?;
         let dir = std::env::temp_dir().join(format!("tokengate-demo-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| DemoError::Io(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| DemoError::Io(format!("{}: {e}", dir.display())))?;
         let key_file = dir.join("drillster-key.json");
         write_private(&key_file, keys::DEMO_KEY_JSON)?;
         let listen = listen.unwrap_or_else(|| free_or_ephemeral("127.0.0.1:8080"));
@@ -144,10 +150,19 @@ pub fn run(listen: Option<SocketAddr>, admin: Option<SocketAddr>) -> Result<(), 
     println!("tokengate demo is running (sandbox only; nothing leaves this machine)");
     println!("  gateway        http://{listen}  (routes /drillster/ and /driftrock/)");
     println!("  admin          http://{admin}   (/metrics /healthz /readyz /status)");
-    println!("  Drillster-like token endpoint  {}", demo.sandbox.drillster.token_endpoint());
-    println!("  Driftrock-like token endpoint  {}", demo.sandbox.driftrock.token_endpoint());
+    println!(
+        "  Drillster-like token endpoint  {}",
+        demo.sandbox.drillster.token_endpoint()
+    );
+    println!(
+        "  Driftrock-like token endpoint  {}",
+        demo.sandbox.driftrock.token_endpoint()
+    );
     println!("  sandbox API    {}", demo.sandbox.api.base_url());
-    println!("  config         {}", demo.dir.join("tokengate-demo.toml").display());
+    println!(
+        "  config         {}",
+        demo.dir.join("tokengate-demo.toml").display()
+    );
     println!();
     println!("Try (the API echoes what it received: your Authorization, Cookie and access_token are gone, the gateway's Bearer token is there):");
     for line in curl_lines(listen, admin) {

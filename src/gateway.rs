@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use http::{HeaderName, HeaderValue, Method};
+use http::{HeaderValue, Method};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora::services::listening::Service;
@@ -108,7 +108,13 @@ impl Built {
                 policy,
                 metrics.token(&rc.name),
             );
-            routes.push(compile_route(index, rc, source, ca_pem.as_deref(), &metrics)?);
+            routes.push(compile_route(
+                index,
+                rc,
+                source,
+                ca_pem.as_deref(),
+                &metrics,
+            )?);
         }
         for route in &routes {
             route.token.spawn_refresher(token_runtime.handle());
@@ -350,9 +356,8 @@ fn compile_route(
         let joined = m.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
         HeaderValue::from_str(&joined).ok()
     });
-    let host_header = HeaderValue::from_str(&up.authority).map_err(|_| {
-        StartError::Internal(format!("routes[{index}].upstream: invalid host"))
-    })?;
+    let host_header = HeaderValue::from_str(&up.authority)
+        .map_err(|_| StartError::Internal(format!("routes[{index}].upstream: invalid host")))?;
     Ok(Route {
         index,
         name: rc.name.clone(),
@@ -363,7 +368,7 @@ fn compile_route(
         host_header,
         allow_methods: rc.allow_methods.clone(),
         allow_header,
-        strip_headers: rc.strip_headers.iter().cloned().collect::<Vec<HeaderName>>(),
+        strip_headers: rc.strip_headers.to_vec(),
         forward_cookies: rc.forward_cookies,
         token,
         metrics: metrics.route(&rc.name),

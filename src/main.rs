@@ -11,7 +11,11 @@ use tokengate::config::{Config, LogConfig, LogFormat};
 use tokengate::oauth::TokenClient;
 
 #[derive(Parser)]
-#[command(name = "tokengate", version, about = "Credential-injecting OAuth 2.0 gateway")]
+#[command(
+    name = "tokengate",
+    version,
+    about = "Credential-injecting OAuth 2.0 gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -134,7 +138,10 @@ fn check(path: &std::path::Path, fetch: bool) -> ExitCode {
     for (i, route) in config.routes.iter().enumerate() {
         let result = rt.block_on(async {
             let client = client_for(route)?;
-            client.fetch(SystemTime::now()).await.map_err(|e| e.to_string())
+            client
+                .fetch(SystemTime::now())
+                .await
+                .map_err(|e| e.to_string())
         });
         match result {
             Ok(token) => println!(
@@ -173,7 +180,10 @@ fn token(path: &std::path::Path, route_name: &str, subject: Option<String>) -> E
     };
     let result = rt.block_on(async {
         let client = client_for(route)?.with_subject(subject);
-        client.fetch(SystemTime::now()).await.map_err(|e| e.to_string())
+        client
+            .fetch(SystemTime::now())
+            .await
+            .map_err(|e| e.to_string())
     });
     match result {
         Ok(token) => {

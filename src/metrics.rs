@@ -316,7 +316,10 @@ impl TokenMetrics {
 
     /// Sets the expiry gauge.
     pub fn set_expiry(&self, at: SystemTime) {
-        let secs = at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let secs = at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         self.expiry.set(secs as i64);
     }
 

@@ -63,9 +63,18 @@ fn assert_rejected(dir: &TempDir, name: &str, config: &str, key: &str, also: &st
     let out = tokengate(&["check", "-c", path.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
-    assert!(stderr.contains(key), "{name}: stderr does not name {key}:\n{stderr}");
-    assert!(stderr.contains(also), "{name}: stderr lacks {also:?}:\n{stderr}");
-    assert!(stderr.contains(name), "{name}: stderr does not name the file:\n{stderr}");
+    assert!(
+        stderr.contains(key),
+        "{name}: stderr does not name {key}:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(also),
+        "{name}: stderr lacks {also:?}:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(name),
+        "{name}: stderr does not name the file:\n{stderr}"
+    );
 }
 
 #[test]
@@ -73,7 +82,12 @@ fn check_accepts_a_good_config() {
     let dir = TempDir::new("good");
     let path = dir.write("good.toml", &good_config(&common::demo_key_path()));
     let out = tokengate(&["check", "-c", path.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -169,7 +183,12 @@ async fn token_and_check_fetch_against_the_sandbox() {
     })
     .await
     .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert_eq!(sandbox.registry.issued_count(), 1);
     let echo = reqwest::Client::new()
@@ -178,24 +197,55 @@ async fn token_and_check_fetch_against_the_sandbox() {
         .send()
         .await
         .unwrap();
-    assert_eq!(echo.status(), 200, "the printed token is accepted by the API");
+    assert_eq!(
+        echo.status(),
+        200,
+        "the printed token is accepted by the API"
+    );
 
     let out = tokio::task::spawn_blocking({
         let p = p.clone();
-        move || tokengate(&["token", "-c", &p, "--route", "drillster", "--subject", "user-42"])
+        move || {
+            tokengate(&[
+                "token",
+                "-c",
+                &p,
+                "--route",
+                "drillster",
+                "--subject",
+                "user-42",
+            ])
+        }
     })
     .await
     .unwrap();
     assert_eq!(out.status.code(), Some(0));
-    assert_eq!(sandbox.drillster.last_request().unwrap().assertion_claims().unwrap()["sub"], "user-42");
+    assert_eq!(
+        sandbox
+            .drillster
+            .last_request()
+            .unwrap()
+            .assertion_claims()
+            .unwrap()["sub"],
+        "user-42"
+    );
 
     let out = tokio::task::spawn_blocking(move || tokengate(&["check", "-c", &p, "--fetch"]))
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert_eq!(out.status.code(), Some(0), "{stdout}");
-    assert!(stdout.contains("drillster: token obtained, expires in"), "{stdout}");
-    assert!(stdout.contains("driftrock: token obtained, expires in"), "{stdout}");
-    assert!(!stdout.contains("eyJ"), "check --fetch must not print a token");
+    assert!(
+        stdout.contains("drillster: token obtained, expires in"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("driftrock: token obtained, expires in"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("eyJ"),
+        "check --fetch must not print a token"
+    );
     sandbox.shutdown().await.unwrap();
 }

@@ -27,12 +27,18 @@ async fn both_grants_end_to_end() {
     assert_eq!(echo.issuer.as_deref(), Some("drillster"));
     assert_eq!(echo.authorization_count, 1);
     assert!(echo.header("authorization").unwrap().starts_with("Bearer "));
-    assert_eq!(echo.header("host"), Some(sandbox.api.addr().to_string().as_str()));
+    assert_eq!(
+        echo.header("host"),
+        Some(sandbox.api.addr().to_string().as_str())
+    );
     assert!(echo.header("x-request-id").is_some());
 
     // The assertion the gateway sent, as the Drillster-like server received it (seed 004).
     let req = sandbox.drillster.last_request().expect("token request");
-    assert_eq!(req.param("grant_type"), Some(tokengate::oauth::jwt_bearer::GRANT_TYPE));
+    assert_eq!(
+        req.param("grant_type"),
+        Some(tokengate::oauth::jwt_bearer::GRANT_TYPE)
+    );
     assert_eq!(req.param("client_id"), Some(keys::DRILLSTER_CLIENT_ID));
     assert_eq!(req.header("accept"), Some("application/json"));
     let header = req.assertion_header().unwrap();
@@ -43,7 +49,10 @@ async fn both_grants_end_to_end() {
     assert_eq!(claims["iss"], keys::DEMO_SERVICE_ACCOUNT_ID);
     assert_eq!(claims["sub"], keys::DEMO_SERVICE_ACCOUNT_ID);
     assert_eq!(claims["aud"], sandbox.drillster.token_endpoint());
-    let (exp, iat) = (claims["exp"].as_u64().unwrap(), claims["iat"].as_u64().unwrap());
+    let (exp, iat) = (
+        claims["exp"].as_u64().unwrap(),
+        claims["iat"].as_u64().unwrap(),
+    );
     assert!(exp > iat && exp - iat <= 3600);
     assert!(claims["jti"].as_str().is_some_and(|j| !j.is_empty()));
 
@@ -57,7 +66,13 @@ async fn both_grants_end_to_end() {
     assert_eq!(req.param("grant_type"), Some("client_credentials"));
     assert_eq!(
         req.header("authorization"),
-        Some(tokengate::sandbox::basic_authorization(keys::DRIFTROCK_CLIENT_ID, keys::DRIFTROCK_CLIENT_SECRET).as_str())
+        Some(
+            tokengate::sandbox::basic_authorization(
+                keys::DRIFTROCK_CLIENT_ID,
+                keys::DRIFTROCK_CLIENT_SECRET
+            )
+            .as_str()
+        )
     );
     assert_eq!(sandbox.driftrock.failures(), 0);
     gw.stop().await;
@@ -70,7 +85,7 @@ async fn inbound_credentials_never_reach_the_upstream() {
     let gw = TestGateway::start(config_for(&sandbox, |t| t)).await;
     gw.ready().await;
 
-    let request = format!(
+    let request =
         "GET /drillster/v1/items?a=1&access_token=leaked-query-token&b=%2F&c HTTP/1.1\r\n\
          Host: gateway.internal\r\n\
          Authorization: Basic bGVnYWN5OnBhc3N3b3Jk\r\n\
@@ -80,14 +95,16 @@ async fn inbound_credentials_never_reach_the_upstream() {
          Cookie: session=legacy-session\r\n\
          X-Custom: and me\r\n\
          Accept: application/json\r\n\
-         Connection: close\r\n\r\n"
-    );
+         Connection: close\r\n\r\n";
     let resp = raw_request(gw.addr(), request.as_bytes()).await;
     assert_eq!(resp.status, 200, "{}", resp.head);
     let echo = resp.echo();
     assert_eq!(echo.authorization_count, 1);
     let auth = echo.header("authorization").unwrap();
-    assert!(auth.starts_with("Bearer ey"), "gateway token, not the client's");
+    assert!(
+        auth.starts_with("Bearer ey"),
+        "gateway token, not the client's"
+    );
     assert!(sandbox.registry.issued_count() >= 1);
     assert_ne!(auth, "Bearer client-supplied-token");
     assert_eq!(echo.header("proxy-authorization"), None);
@@ -99,7 +116,13 @@ async fn inbound_credentials_never_reach_the_upstream() {
     assert_eq!(echo.header("x-forwarded-for"), Some("127.0.0.1"));
     assert_eq!(echo.header("x-forwarded-proto"), Some("http"));
     let body = String::from_utf8_lossy(&resp.body);
-    for secret in ["leaked-query-token", "client-supplied-token", "legacy-session", "cHJveHk6c2VjcmV0", "bGVnYWN5OnBhc3N3b3Jk"] {
+    for secret in [
+        "leaked-query-token",
+        "client-supplied-token",
+        "legacy-session",
+        "cHJveHk6c2VjcmV0",
+        "bGVnYWN5OnBhc3N3b3Jk",
+    ] {
         assert!(!body.contains(secret), "{secret} reached the upstream");
     }
     // A client-supplied X-Request-Id is kept and returned.
@@ -119,13 +142,26 @@ async fn inbound_credentials_never_reach_the_upstream() {
 async fn cold_start_200_concurrent_requests_share_one_token_request_per_route() {
     let sandbox = Sandbox::start().await.unwrap();
     // Slow token endpoints: every request below arrives while the first fetch is in flight.
-    sandbox.drillster.faults().set_latency(Duration::from_millis(400));
-    sandbox.driftrock.faults().set_latency(Duration::from_millis(400));
+    sandbox
+        .drillster
+        .faults()
+        .set_latency(Duration::from_millis(400));
+    sandbox
+        .driftrock
+        .faults()
+        .set_latency(Duration::from_millis(400));
     let gw = TestGateway::start(config_for(&sandbox, |t| t)).await;
-    let client = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let tasks: Vec<_> = (0..200)
         .map(|i| {
-            let url = gw.url(if i % 2 == 0 { "/drillster/a" } else { "/driftrock/b" });
+            let url = gw.url(if i % 2 == 0 {
+                "/drillster/a"
+            } else {
+                "/driftrock/b"
+            });
             let client = client.clone();
             tokio::spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) })
         })
@@ -139,7 +175,10 @@ async fn cold_start_200_concurrent_requests_share_one_token_request_per_route() 
     assert_eq!(ok, 200);
     assert_eq!(sandbox.drillster.requests(), 1, "drillster token requests");
     assert_eq!(sandbox.driftrock.requests(), 1, "driftrock token requests");
-    assert!(gw.waited_requests() > 0, "the requests really arrived before the token");
+    assert!(
+        gw.waited_requests() > 0,
+        "the requests really arrived before the token"
+    );
     gw.stop().await;
     sandbox.shutdown().await.unwrap();
 }
@@ -162,7 +201,11 @@ async fn two_second_tokens_renew_in_the_background_without_failures_or_waits() {
             let gw = Arc::clone(&gw);
             tokio::spawn(async move {
                 let client = reqwest::Client::new();
-                let path = if w % 2 == 0 { "/drillster/x" } else { "/driftrock/y" };
+                let path = if w % 2 == 0 {
+                    "/drillster/x"
+                } else {
+                    "/driftrock/y"
+                };
                 let (mut ok, mut failed) = (0u64, Vec::new());
                 while Instant::now() < until {
                     let r = client.get(gw.url(path)).send().await.unwrap();
@@ -184,8 +227,15 @@ async fn two_second_tokens_renew_in_the_background_without_failures_or_waits() {
     }
     assert!(total > 100, "only {total} requests in 10 s");
     let renewals = sandbox.drillster.successes() + sandbox.driftrock.successes() - issued_before;
-    assert!(renewals >= 8, "expected several renewals per route, saw {renewals}");
-    assert_eq!(gw.waited_requests(), waited_before, "a request waited on the token endpoint");
+    assert!(
+        renewals >= 8,
+        "expected several renewals per route, saw {renewals}"
+    );
+    assert_eq!(
+        gw.waited_requests(),
+        waited_before,
+        "a request waited on the token endpoint"
+    );
     let gw = Arc::try_unwrap(gw).ok().expect("sole owner");
     gw.stop().await;
     sandbox.shutdown().await.unwrap();
@@ -224,7 +274,10 @@ async fn gateway_errors_are_json_with_tokengate_error_header() {
     assert_eq!(v["route"], "drillster");
 
     let metrics = gw.metrics().await;
-    assert!(metrics.contains("tokengate_denied_total{reason=\"no_route\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("tokengate_denied_total{reason=\"no_route\"} 1"),
+        "{metrics}"
+    );
     assert!(metrics.contains("tokengate_denied_total{reason=\"method_not_allowed\"} 1"));
     gw.stop().await;
     sandbox.shutdown().await.unwrap();
@@ -234,7 +287,11 @@ async fn gateway_errors_are_json_with_tokengate_error_header() {
 async fn clients_outside_allowed_clients_get_403_and_nothing_is_forwarded() {
     let sandbox = Sandbox::start().await.unwrap();
     let gw = TestGateway::start(config_for(&sandbox, |t| {
-        t.replacen("[server]\n", "[server]\nallowed_clients = [\"10.0.0.0/8\"]\n", 1)
+        t.replacen(
+            "[server]\n",
+            "[server]\nallowed_clients = [\"10.0.0.0/8\"]\n",
+            1,
+        )
     }))
     .await;
     gw.ready().await;
@@ -244,7 +301,10 @@ async fn clients_outside_allowed_clients_get_403_and_nothing_is_forwarded() {
     )
     .await;
     assert_eq!(resp.status, 403);
-    assert_eq!(resp.header("tokengate-error").as_deref(), Some("client_not_allowed"));
+    assert_eq!(
+        resp.header("tokengate-error").as_deref(),
+        Some("client_not_allowed")
+    );
     assert_eq!(resp.json()["error"], "client_not_allowed");
     assert_eq!(sandbox.api.requests(), 0);
     gw.stop().await;
@@ -254,21 +314,33 @@ async fn clients_outside_allowed_clients_get_403_and_nothing_is_forwarded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_usable_token_means_503_with_retry_after_never_an_unauthenticated_request() {
     let sandbox = Sandbox::start().await.unwrap();
-    sandbox.drillster.faults().fail_with(http::StatusCode::INTERNAL_SERVER_ERROR);
+    sandbox
+        .drillster
+        .faults()
+        .fail_with(http::StatusCode::INTERNAL_SERVER_ERROR);
     let gw = TestGateway::start(config_for(&sandbox, |t| t)).await;
     let r = reqwest::get(gw.url("/drillster/x")).await.unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["tokengate-error"], "token_unavailable");
-    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(retry >= 1);
-    assert_eq!(sandbox.api.requests(), 0, "nothing forwarded without a token");
+    assert_eq!(
+        sandbox.api.requests(),
+        0,
+        "nothing forwarded without a token"
+    );
 
     let ready = reqwest::get(format!("{}/readyz", gw.admin)).await.unwrap();
     assert_eq!(ready.status(), 503);
     let v: serde_json::Value = ready.json().await.unwrap();
     assert_eq!(v["routes_without_token"], serde_json::json!(["drillster"]));
     let metrics = gw.metrics().await;
-    assert!(metrics.contains("tokengate_token_requests_total{outcome=\"http_error\",route=\"drillster\"}"));
+    assert!(metrics
+        .contains("tokengate_token_requests_total{outcome=\"http_error\",route=\"drillster\"}"));
 
     // Recovery without a restart.
     sandbox.drillster.faults().stop_failing();
@@ -285,11 +357,20 @@ async fn admin_endpoints_report_without_secrets() {
     let gw = TestGateway::start(config_for(&sandbox, |t| t)).await;
     gw.ready().await;
     let echo = get_echo(&gw, "/drillster/x").await;
-    let token = echo.header("authorization").unwrap().trim_start_matches("Bearer ").to_string();
+    let token = echo
+        .header("authorization")
+        .unwrap()
+        .trim_start_matches("Bearer ")
+        .to_string();
 
     let health = reqwest::get(format!("{}/healthz", gw.admin)).await.unwrap();
     assert_eq!(health.status(), 200);
-    let status = reqwest::get(format!("{}/status", gw.admin)).await.unwrap().text().await.unwrap();
+    let status = reqwest::get(format!("{}/status", gw.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let v: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(v["routes"][0]["name"], "drillster");
     assert_eq!(v["routes"][0]["grant"], "jwt_bearer");
@@ -344,6 +425,9 @@ fn demo_first_curl_line_answers_200() {
         r.json().await.unwrap()
     });
     assert_eq!(echo.authorization_count, 1);
-    assert_ne!(echo.header("authorization"), Some("Basic bGVnYWN5OnBhc3N3b3Jk"));
+    assert_ne!(
+        echo.header("authorization"),
+        Some("Basic bGVnYWN5OnBhc3N3b3Jk")
+    );
     drop(demo);
 }

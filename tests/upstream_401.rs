@@ -17,7 +17,8 @@ fn metric(text: &str, series: &str) -> u64 {
         .unwrap_or(0)
 }
 
-const REPLAYED: &str = "tokengate_upstream_unauthorized_total{action=\"replayed\",route=\"drillster\"}";
+const REPLAYED: &str =
+    "tokengate_upstream_unauthorized_total{action=\"replayed\",route=\"drillster\"}";
 const PASSED: &str =
     "tokengate_upstream_unauthorized_total{action=\"passed_through\",route=\"drillster\"}";
 
@@ -27,7 +28,14 @@ async fn revoked_token_is_dropped_refreshed_once_and_requests_replayed() {
     let gw = TestGateway::start(config_for(&sandbox, |t| t)).await;
     gw.ready().await;
     let client = reqwest::Client::new();
-    let first: Echo = client.get(gw.url("/drillster/a")).send().await.unwrap().json().await.unwrap();
+    let first: Echo = client
+        .get(gw.url("/drillster/a"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(sandbox.drillster.successes(), 1);
 
     // The API now refuses the not-yet-expired token (as after a key rotation upstream).
@@ -44,7 +52,11 @@ async fn revoked_token_is_dropped_refreshed_once_and_requests_replayed() {
         let echo: Echo = r.json().await.unwrap();
         assert_ne!(echo.header("authorization"), first.header("authorization"));
     }
-    assert_eq!(sandbox.drillster.successes(), 2, "exactly one refresh for all 20 requests");
+    assert_eq!(
+        sandbox.drillster.successes(),
+        2,
+        "exactly one refresh for all 20 requests"
+    );
     let m = gw.metrics().await;
     assert!(metric(&m, REPLAYED) >= 1, "{m}");
     assert_eq!(metric(&m, PASSED), 0);
@@ -71,7 +83,10 @@ async fn get_and_small_post_are_replayed_byte_identical() {
         .json()
         .await
         .unwrap();
-    assert_eq!((echo.method.as_str(), echo.path.as_str()), ("GET", "/items"));
+    assert_eq!(
+        (echo.method.as_str(), echo.path.as_str()),
+        ("GET", "/items")
+    );
     assert_eq!(echo.query.as_deref(), Some("page=2"));
     assert_eq!(echo.header("x-trace"), Some("t1"));
 
@@ -107,8 +122,15 @@ async fn upstream_that_keeps_refusing_gets_one_refresh_per_request_and_no_loop()
     for i in 1..=3u64 {
         let r = client.get(gw.url("/drillster/x")).send().await.unwrap();
         assert_eq!(r.status(), 401);
-        assert!(r.headers().get("tokengate-error").is_none(), "the API's own 401");
-        assert_eq!(sandbox.drillster.successes(), 1 + i, "one refresh per request");
+        assert!(
+            r.headers().get("tokengate-error").is_none(),
+            "the API's own 401"
+        );
+        assert_eq!(
+            sandbox.drillster.successes(),
+            1 + i,
+            "one refresh per request"
+        );
     }
     // Two upstream attempts per request (original + one replay), never more.
     assert_eq!(sandbox.api.requests(), 6);

@@ -16,7 +16,11 @@ pub fn form_params(
     resource: Option<&str>,
 ) -> Vec<(&'static str, String)> {
     let mut form = vec![("grant_type", GRANT_TYPE.to_string())];
-    for (name, value) in [("scope", scope), ("audience", audience), ("resource", resource)] {
+    for (name, value) in [
+        ("scope", scope),
+        ("audience", audience),
+        ("resource", resource),
+    ] {
         if let Some(v) = value {
             form.push((name, v.to_string()));
         }
@@ -32,7 +36,11 @@ pub fn form_params(
 /// JavaScript example does that): [`BasicEncoding::Raw`]. The result is a secret.
 pub fn basic_authorization(client_id: &str, secret: &Secret, encoding: BasicEncoding) -> String {
     let joined = match encoding {
-        BasicEncoding::Form => format!("{}:{}", form_encode(client_id), form_encode(secret.expose())),
+        BasicEncoding::Form => format!(
+            "{}:{}",
+            form_encode(client_id),
+            form_encode(secret.expose())
+        ),
         BasicEncoding::Raw => format!("{}:{}", client_id, secret.expose()),
     };
     format!(

@@ -77,7 +77,10 @@ pub fn build_assertion(
 /// Token request form parameters (seed 004, "Requesting the access token"; RFC 7523 §2.1).
 /// Client authentication parameters are added by the caller.
 pub fn form_params(assertion: String, scope: Option<&str>) -> Vec<(&'static str, String)> {
-    let mut form = vec![("grant_type", GRANT_TYPE.to_string()), ("assertion", assertion)];
+    let mut form = vec![
+        ("grant_type", GRANT_TYPE.to_string()),
+        ("assertion", assertion),
+    ];
     if let Some(scope) = scope {
         form.push(("scope", scope.to_string()));
     }

@@ -84,6 +84,10 @@ impl FetchError {
 #[error("{0}")]
 pub struct ClientBuildError(String);
 
+/// Form parameters of a token request, and the `Authorization: Basic` value when the client
+/// authenticates with `client_secret_basic`.
+type RequestParts = (Vec<(&'static str, String)>, Option<String>);
+
 /// Token endpoint client for one route (one credential identity's grant settings).
 pub struct TokenClient {
     http: reqwest::Client,
@@ -212,11 +216,7 @@ impl TokenClient {
     }
 
     /// The grant's form parameters and, for `client_secret_basic`, the `Authorization` value.
-    fn request_parts(
-        &self,
-        endpoint: &str,
-        now: SystemTime,
-    ) -> Result<(Vec<(&'static str, String)>, Option<String>), FetchError> {
+    fn request_parts(&self, endpoint: &str, now: SystemTime) -> Result<RequestParts, FetchError> {
         let auth = &self.auth;
         let form = match &auth.grant {
             Grant::JwtBearer {

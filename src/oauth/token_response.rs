@@ -23,7 +23,10 @@ pub struct AccessToken {
 impl std::fmt::Debug for AccessToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AccessToken")
-            .field("value", &format_args!("[redacted; {} bytes]", self.value.len()))
+            .field(
+                "value",
+                &format_args!("[redacted; {} bytes]", self.value.len()),
+            )
             .field("lifetime", &self.lifetime)
             .finish()
     }
@@ -141,7 +144,8 @@ fn expires_in_seconds(v: &Value) -> Option<f64> {
 
 /// Saturating conversion of a seconds value to a lifetime: negative → 0, huge → the cap.
 fn clamp_lifetime(seconds: f64) -> Duration {
-    if !(seconds > 0.0) {
+    // NaN is excluded by the callers; `partial_cmp` keeps a NaN at zero all the same.
+    if seconds.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
         return Duration::ZERO;
     }
     if seconds >= MAX_TOKEN_LIFETIME.as_secs_f64() {
@@ -255,8 +259,8 @@ mod tests {
 
     #[test]
     fn error_object_with_any_status_is_an_error() {
-        let e = parse(r#"{"error":"invalid_client","error_description":"bad secret"}"#)
-            .unwrap_err();
+        let e =
+            parse(r#"{"error":"invalid_client","error_description":"bad secret"}"#).unwrap_err();
         assert_eq!(
             e,
             TokenResponseError::OAuth {
@@ -285,10 +289,19 @@ mod tests {
     #[test]
     fn html_and_empty_bodies() {
         let e = parse("<!DOCTYPE html><html><body>502 Bad Gateway</body></html>").unwrap_err();
-        assert!(matches!(e, TokenResponseError::NotJson(ref m) if m.contains("HTML")), "{e}");
+        assert!(
+            matches!(e, TokenResponseError::NotJson(ref m) if m.contains("HTML")),
+            "{e}"
+        );
         let e = parse("").unwrap_err();
-        assert!(matches!(e, TokenResponseError::NotJson(ref m) if m.contains("empty")), "{e}");
-        assert!(matches!(parse("[1]").unwrap_err(), TokenResponseError::NotJson(_)));
+        assert!(
+            matches!(e, TokenResponseError::NotJson(ref m) if m.contains("empty")),
+            "{e}"
+        );
+        assert!(matches!(
+            parse("[1]").unwrap_err(),
+            TokenResponseError::NotJson(_)
+        ));
     }
 
     #[test]

@@ -155,7 +155,10 @@ mod tests {
 
     #[test]
     fn upstream_path_joins_byte_for_byte() {
-        assert_eq!(upstream_path("/v1", Some("/api"), "/api/users"), "/v1/users");
+        assert_eq!(
+            upstream_path("/v1", Some("/api"), "/api/users"),
+            "/v1/users"
+        );
         assert_eq!(upstream_path("/v1", Some("/api"), "/api"), "/v1/");
         assert_eq!(upstream_path("/v1", Some("/api"), "/api/a//b"), "/v1/a//b");
         assert_eq!(upstream_path("", None, "/a%2Fb/c"), "/a%2Fb/c");

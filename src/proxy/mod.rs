@@ -106,10 +106,9 @@ impl Gateway {
             (GatewayError::MethodNotAllowed, Some(r)) => {
                 r.allow_header.clone().map(|v| (http::header::ALLOW, v))
             }
-            (GatewayError::TokenUnavailable { retry_after }, _) => Some((
-                RETRY_AFTER,
-                HeaderValue::from(retry_after.as_secs().max(1)),
-            )),
+            (GatewayError::TokenUnavailable { retry_after }, _) => {
+                Some((RETRY_AFTER, HeaderValue::from(retry_after.as_secs().max(1))))
+            }
             _ => None,
         };
         error_response::write(
@@ -392,10 +391,9 @@ impl ProxyHttp for Gateway {
             Some(err) if session.response_written().is_none() => {
                 ctx.error = Some(err.code());
                 let extra = match &err {
-                    GatewayError::TokenUnavailable { retry_after } => Some((
-                        RETRY_AFTER,
-                        HeaderValue::from(retry_after.as_secs().max(1)),
-                    )),
+                    GatewayError::TokenUnavailable { retry_after } => {
+                        Some((RETRY_AFTER, HeaderValue::from(retry_after.as_secs().max(1))))
+                    }
                     _ => None,
                 };
                 if let Err(write_err) = error_response::write(
@@ -533,9 +531,10 @@ fn classify_upstream_error(etype: &ErrorType) -> (UpstreamErrorKind, GatewayErro
         TLSHandshakeFailure | InvalidCert | HandshakeError => {
             (UpstreamErrorKind::Tls, GatewayError::UpstreamUnreachable)
         }
-        ConnectRefused | ConnectNoRoute | ConnectError | SocketError | BindError => {
-            (UpstreamErrorKind::Connect, GatewayError::UpstreamUnreachable)
-        }
+        ConnectRefused | ConnectNoRoute | ConnectError | SocketError | BindError => (
+            UpstreamErrorKind::Connect,
+            GatewayError::UpstreamUnreachable,
+        ),
         _ => (UpstreamErrorKind::Reset, GatewayError::UpstreamUnreachable),
     }
 }

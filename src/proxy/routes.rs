@@ -123,7 +123,9 @@ impl RouteTable {
                 Some(h) => t.by_host.entry(h.to_ascii_lowercase()).or_default(),
                 None => &mut t.any_host,
             };
-            map.exact.entry(normalise_prefix(&r.path_prefix)).or_insert(i);
+            map.exact
+                .entry(normalise_prefix(&r.path_prefix))
+                .or_insert(i);
         }
         t
     }

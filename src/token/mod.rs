@@ -143,7 +143,10 @@ pub struct SourceStatus {
 
 mod opt_unix {
     use std::time::{SystemTime, UNIX_EPOCH};
-    pub fn serialize<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        t: &Option<SystemTime>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         match t.and_then(|t| t.duration_since(UNIX_EPOCH).ok()) {
             Some(d) => s.serialize_some(&d.as_secs()),
             None => s.serialize_none(),
@@ -244,10 +247,7 @@ impl TokenSource {
             return Ok(t);
         }
         self.waited.fetch_add(1, Ordering::Relaxed);
-        let _permit = self
-            .waiters
-            .try_acquire()
-            .map_err(|_| self.unavailable())?;
+        let _permit = self.waiters.try_acquire().map_err(|_| self.unavailable())?;
         let mut rx = self.attempts.subscribe();
         rx.borrow_and_update();
         // Re-check after subscribing: a token published in between must not be missed.
@@ -439,7 +439,12 @@ impl TokenSource {
         );
     }
 
-    fn record_failure(&self, e: FetchError, took: Duration, backoff: &mut backon::ExponentialBackoff) {
+    fn record_failure(
+        &self,
+        e: FetchError,
+        took: Duration,
+        backoff: &mut backon::ExponentialBackoff,
+    ) {
         let delay = backoff.next().unwrap_or(self.policy.backoff_max);
         let delay = delay.max(e.retry_after.unwrap_or_default());
         let next = self.epoch.elapsed() + delay;

@@ -74,7 +74,10 @@ impl TestGateway {
                     return;
                 }
             }
-            assert!(tokio::time::Instant::now() < deadline, "gateway not ready in 15 s");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "gateway not ready in 15 s"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -121,7 +124,9 @@ impl RawResponse {
     pub fn header(&self, name: &str) -> Option<String> {
         self.head.lines().skip(1).find_map(|l| {
             let (n, v) = l.split_once(':')?;
-            n.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            n.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
         })
     }
 
@@ -178,7 +183,12 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
             return out;
         };
         let size = usize::from_str_radix(
-            std::str::from_utf8(&b[..eol]).unwrap_or("0").split(';').next().unwrap_or("0").trim(),
+            std::str::from_utf8(&b[..eol])
+                .unwrap_or("0")
+                .split(';')
+                .next()
+                .unwrap_or("0")
+                .trim(),
             16,
         )
         .unwrap_or(0);
