@@ -72,8 +72,10 @@ pub fn prefix_matches(prefix: &str, path: &str) -> bool {
 /// (no decoding, no slash merging). `base_path` has no trailing slash; a stripped path that
 /// becomes empty is `/`. SPEC "Proxy behaviour".
 pub fn upstream_path(base_path: &str, prefix: Option<&str>, path: &str) -> String {
+    // Only a path that is under the prefix loses it (a route's own listener matches paths
+    // outside its prefix too).
     let rest = match prefix {
-        Some(p) if p != "/" => &path[p.len().min(path.len())..],
+        Some(p) if p != "/" && prefix_matches(p, path) => &path[p.len()..],
         _ => path,
     };
     let mut out = String::with_capacity(base_path.len() + rest.len() + 1);
@@ -164,5 +166,7 @@ mod tests {
         assert_eq!(upstream_path("", None, "/a%2Fb/c"), "/a%2Fb/c");
         assert_eq!(upstream_path("/v1", None, "/x%252F"), "/v1/x%252F");
         assert_eq!(upstream_path("", Some("/"), "/q%20r"), "/q%20r");
+        assert_eq!(upstream_path("", Some("/api"), "/any/path"), "/any/path");
+        assert_eq!(upstream_path("", Some("/api"), "/apix"), "/apix");
     }
 }
