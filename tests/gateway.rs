@@ -431,3 +431,39 @@ fn demo_first_curl_line_answers_200() {
     );
     drop(demo);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unreachable_upstream_is_502_upstream_unreachable() {
+    let sandbox = Sandbox::start().await.unwrap();
+    let closed = common::free_addr();
+    let api = sandbox.api.base_url();
+    let gw = TestGateway::start(config_for(&sandbox, |t| {
+        t.replacen(
+            &format!("upstream = \"{api}\""),
+            &format!("upstream = \"http://{closed}\""),
+            1,
+        )
+    }))
+    .await;
+    gw.ready().await;
+    let r = reqwest::get(gw.url("/drillster/x?access_token=q-secret"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.headers()["tokengate-error"], "upstream_unreachable");
+    let body = r.text().await.unwrap();
+    assert!(!body.contains("q-secret"));
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["route"], "drillster");
+    let m = gw.metrics().await;
+    assert!(
+        m.contains("tokengate_upstream_errors_total{kind=\"connect\",route=\"drillster\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("tokengate_requests_total{code=\"502\",route=\"drillster\"} 1"),
+        "{m}"
+    );
+    gw.stop().await;
+    sandbox.shutdown().await.unwrap();
+}

@@ -339,6 +339,22 @@ impl ProxyHttp for Gateway {
         e
     }
 
+    fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
+        // pingora puts this in its error logs. Never the query: it may carry `access_token`.
+        let req = session.req_header();
+        let route = ctx.route.map(|i| self.state.routes[i].name.as_str());
+        format!(
+            "{} {}, route: {}, request id: {}",
+            req.method,
+            req.uri.path(),
+            route.unwrap_or("-"),
+            ctx.request_id
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+        )
+    }
+
     fn suppress_proxy_warn_log(
         &self,
         _session: &Session,
