@@ -90,6 +90,7 @@ impl AdminApp {
                         "expires_at": s.token_expires_at.map(unix),
                         "last_refresh": s.last_refresh.map(unix),
                         "consecutive_failures": s.consecutive_failures,
+                        "next_attempt_at": s.next_attempt_at.map(unix),
                         "last_error": s.last_error,
                     }
                 })

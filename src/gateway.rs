@@ -21,7 +21,6 @@ use tokio::sync::mpsc;
 use crate::admin::AdminApp;
 use crate::config::{Config, RouteConfig};
 use crate::metrics::Metrics;
-use crate::oauth::token_endpoint::DEFAULT_REQUEST_TIMEOUT;
 use crate::oauth::TokenClient;
 use crate::proxy::routes::{normalise_prefix, Route, RouteTable};
 use crate::proxy::{Gateway, SharedState};
@@ -90,7 +89,7 @@ impl Built {
                 rc.auth.clone(),
                 ca_pem.as_deref(),
                 rc.connect_timeout,
-                DEFAULT_REQUEST_TIMEOUT,
+                rc.auth.token_timeout,
             )
             .map_err(|e| StartError::CaFile {
                 index,
@@ -99,7 +98,9 @@ impl Built {
             let policy = RenewalPolicy {
                 refresh_ratio: rc.auth.refresh_ratio,
                 min_time_left: rc.auth.min_time_left,
-                max_wait: DEFAULT_REQUEST_TIMEOUT + Duration::from_secs(1),
+                // A waiting request gives up shortly after the fetch it waits for must have
+                // ended (token_timeout bounds the whole fetch, discovery included).
+                max_wait: rc.auth.token_timeout + Duration::from_secs(1),
                 ..RenewalPolicy::default()
             };
             let source = TokenSource::new(

@@ -206,7 +206,7 @@ fn client_for(route: &tokengate::config::RouteConfig) -> Result<TokenClient, Str
         route.auth.clone(),
         ca.as_deref(),
         route.connect_timeout,
-        tokengate::oauth::token_endpoint::DEFAULT_REQUEST_TIMEOUT,
+        route.auth.token_timeout,
     )
     .map_err(|e| e.to_string())
 }

@@ -83,6 +83,7 @@ pub(super) struct AuthFile {
     pub default_token_lifetime: Option<DurationValue>,
     pub refresh_ratio: Option<f64>,
     pub min_time_left: Option<DurationValue>,
+    pub token_timeout: Option<DurationValue>,
 }
 
 /// `listen`: one address or an array of them.

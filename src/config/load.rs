@@ -57,6 +57,8 @@ pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
 pub const DEFAULT_REFRESH_RATIO: f64 = 0.8;
 /// Default `routes.auth.min_time_left`.
 pub const DEFAULT_MIN_TIME_LEFT: Duration = Duration::from_secs(10);
+/// Default `routes.auth.token_timeout`.
+pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Methods `allow_methods` accepts (RFC 9110 §9 plus PATCH, RFC 5789).
 const METHODS: &[&str] = &[
@@ -1344,6 +1346,11 @@ impl Validator<'_, '_> {
                 DEFAULT_REFRESH_RATIO
             }
         };
+        let token_timeout = self.positive(
+            &format!("{p}.token_timeout"),
+            a.token_timeout.map(|d| d.0),
+            DEFAULT_TOKEN_TIMEOUT,
+        );
         let min_time_left = a.min_time_left.map_or(DEFAULT_MIN_TIME_LEFT, |d| d.0);
         if min_time_left >= default_token_lifetime {
             self.r.push(
@@ -1455,6 +1462,7 @@ impl Validator<'_, '_> {
             default_token_lifetime,
             refresh_ratio,
             min_time_left,
+            token_timeout,
         })
     }
 
@@ -1782,6 +1790,7 @@ key_file = {key_file:?}
         assert_eq!(r.auth.refresh_ratio, 0.8);
         assert_eq!(r.auth.default_token_lifetime, Duration::from_secs(300));
         assert_eq!(r.auth.min_time_left, Duration::from_secs(10));
+        assert_eq!(r.auth.token_timeout, Duration::from_secs(10));
         assert_eq!(r.upstream.authority, "external-apis.driftrock.com");
         assert_eq!(r.upstream.port, 443);
         assert!(r.upstream.tls);
@@ -2307,6 +2316,13 @@ refresh_ratio = 1.5
             has(&errs, "routes[0].auth.refresh_ratio: 0 is outside (0, 1)"),
             "{errs:?}"
         );
+        let errs = errors(&cc_route("token_timeout = \"0s\""));
+        assert!(
+            has(&errs, "routes[0].auth.token_timeout: \"0s\" is not allowed"),
+            "{errs:?}"
+        );
+        let c = load(&cc_route("token_timeout = \"1500ms\"")).expect("token_timeout");
+        assert_eq!(c.routes[0].auth.token_timeout, Duration::from_millis(1500));
         let errs = errors(&cc_route("default_token_lifetime = 300"));
         assert!(
             has(

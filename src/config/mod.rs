@@ -173,6 +173,9 @@ pub struct AuthConfig {
     pub refresh_ratio: f64,
     /// A token with less than this left is never sent. Default 10 s.
     pub min_time_left: Duration,
+    /// Total time one token request may take (discovery included, connect included); also
+    /// bounds how long a request waits for a token. Default 10 s.
+    pub token_timeout: Duration,
 }
 
 /// The token endpoint, given directly or found by discovery.

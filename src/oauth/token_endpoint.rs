@@ -13,7 +13,8 @@ use super::token_response::{parse_token_response, AccessToken, TokenResponseErro
 use super::{client_credentials, jwt_bearer};
 use crate::config::{AuthConfig, ClientAuth, Grant, TokenEndpointLocation};
 
-/// Total time one token (or discovery) request may take, connect included.
+/// Total time one token fetch may take by default (`routes.auth.token_timeout`), connect and
+/// discovery included.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest token response body read; a token response is a few KiB at most.
@@ -95,11 +96,15 @@ pub struct TokenClient {
     /// Overrides the assertion subject (the `token` command's `--subject`).
     subject: Option<String>,
     endpoint: OnceCell<Url>,
+    /// Bounds one whole [`TokenClient::fetch`], discovery included.
+    request_timeout: Duration,
 }
 
 impl TokenClient {
     /// Builds the client. `ca_pem`: extra trust roots (the route's `ca_file` content), added to
-    /// the system roots. Timeouts: `connect_timeout` for connecting, `request_timeout` in total.
+    /// the system roots. Timeouts: `connect_timeout` for connecting, `request_timeout` for each
+    /// HTTP request and for one whole [`fetch`](Self::fetch) (discovery and token request
+    /// together).
     pub fn new(
         auth: AuthConfig,
         ca_pem: Option<&[u8]>,
@@ -133,6 +138,7 @@ impl TokenClient {
             auth,
             subject: None,
             endpoint,
+            request_timeout,
         })
     }
 
@@ -159,9 +165,26 @@ impl TokenClient {
             .await
     }
 
-    /// Obtains one access token. `now` is the wall clock used for the assertion and to read a
-    /// JWT access token's `exp`. The returned lifetime counts from when the response arrived.
+    /// Obtains one access token. `now` is the wall clock used for the assertion (injectable, so
+    /// tests can run the gateway's clock ahead of or behind the server's). The returned lifetime
+    /// counts from when the response arrived.
+    ///
+    /// The whole fetch, discovery included, ends after the request timeout with a
+    /// [`FetchOutcome::NetworkError`].
     pub async fn fetch(&self, now: SystemTime) -> Result<AccessToken, FetchError> {
+        match tokio::time::timeout(self.request_timeout, self.fetch_once(now)).await {
+            Ok(result) => result,
+            Err(_) => Err(FetchError::new(
+                FetchOutcome::NetworkError,
+                format!(
+                    "token endpoint timed out: no answer within {}",
+                    humantime::format_duration(self.request_timeout)
+                ),
+            )),
+        }
+    }
+
+    async fn fetch_once(&self, now: SystemTime) -> Result<AccessToken, FetchError> {
         let endpoint = self.token_endpoint().await?.clone();
         let (mut form, basic) = self.request_parts(endpoint.as_str(), now)?;
         if basic.is_none() {

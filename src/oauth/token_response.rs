@@ -16,7 +16,8 @@ pub struct AccessToken {
     pub value: String,
     /// How long the token is valid from the moment the response arrived. Already the earliest
     /// of `expires_in`, the token's own JWT `exp` and, when neither exists, the default lifetime;
-    /// clamped to `[0, MAX_TOKEN_LIFETIME]`.
+    /// clamped to `[0, MAX_TOKEN_LIFETIME]` (the cache treats less than
+    /// [`crate::token::MIN_LIFETIME`] as that).
     pub lifetime: Duration,
 }
 
@@ -32,9 +33,9 @@ impl std::fmt::Debug for AccessToken {
     }
 }
 
-/// Longest lifetime we believe: one year. Larger (or absurd) `expires_in` values are clamped,
-/// so arithmetic on them cannot overflow.
-pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Longest lifetime we believe: one day. Larger (or absurd, e.g. `1e308`) `expires_in` values
+/// are clamped, so arithmetic on them cannot overflow and a token is renewed at least daily.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// Why a token response could not be used. Messages never contain the access token.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

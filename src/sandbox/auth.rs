@@ -4,7 +4,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -119,6 +119,8 @@ pub struct RecordedRequest {
     pub body: String,
     /// The body's form parameters, decoded, in order, including repeats and empty values.
     pub params: Vec<(String, String)>,
+    /// When the request had been read (before any fault ran), for measuring retry intervals.
+    pub received: Instant,
 }
 
 impl RecordedRequest {
@@ -337,7 +339,16 @@ impl AuthServerBuilder {
                 expires_in: JsonField::Normal,
                 token_type: JsonField::Normal,
                 basic_decoding: self.basic_decoding,
+                opaque_tokens: false,
+                extra_members: None,
+                content_type: None,
+                reissue: 0,
+                serve_oauth_metadata: true,
+                serve_openid_configuration: true,
+                metadata_issuer: JsonField::Normal,
             }),
+            last_token: Mutex::new(None),
+            discovery_paths: Mutex::new(Vec::new()),
             requests: AtomicU64::new(0),
             successes: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -496,6 +507,61 @@ impl AuthServer {
         self.state.settings().basic_decoding = mode;
     }
 
+    /// From now on issue opaque access tokens (random base64url strings, still recorded in the
+    /// registry) instead of JWTs, so a client cannot read an `exp` from the token itself; `false`
+    /// goes back to JWTs.
+    pub fn set_opaque_tokens(&self, on: bool) {
+        self.state.settings().opaque_tokens = on;
+    }
+
+    /// Appends these members verbatim to every successful token response from now on, e.g.
+    /// `"refresh_token":"r","ext_expires_in":7200` (RFC 6749 §5.1: clients must ignore
+    /// unknown members). Not validated, so broken JSON is possible on purpose. `None` stops it.
+    pub fn set_extra_members(&self, members: Option<&str>) {
+        self.state.settings().extra_members = members.map(str::to_owned);
+    }
+
+    /// The `Content-Type` of successful token responses from now on (default
+    /// `application/json;charset=UTF-8`), e.g. `application/json; charset=utf-8`. `None` goes back
+    /// to the default.
+    pub fn set_content_type(&self, content_type: Option<&str>) {
+        self.state.settings().content_type = content_type.map(str::to_owned);
+    }
+
+    /// The next `n` successful token requests are answered with the most recently issued access
+    /// token again (with `expires_in` = its remaining lifetime) instead of a new one, as servers
+    /// that cache tokens per client do — even when that token has been revoked since. Requests
+    /// before any token was issued, or after it expired, get a new one.
+    pub fn reissue_next(&self, n: u32) {
+        self.state.settings().reissue = n;
+    }
+
+    /// Whether `/.well-known/oauth-authorization-server` (RFC 8414) and
+    /// `/.well-known/openid-configuration` (OpenID Connect Discovery) are served; a disabled one
+    /// answers 404 (still counted in [`discovery_requests`](Self::discovery_requests)). Default:
+    /// both served.
+    pub fn serve_metadata(&self, oauth_authorization_server: bool, openid_configuration: bool) {
+        let mut settings = self.state.settings();
+        settings.serve_oauth_metadata = oauth_authorization_server;
+        settings.serve_openid_configuration = openid_configuration;
+    }
+
+    /// Overrides the `issuer` member of both metadata documents from now on
+    /// ([`JsonField::Normal`]: [`issuer`](Self::issuer)); a mismatching issuer must make clients
+    /// refuse the document (RFC 8414 §3.3).
+    pub fn set_metadata_issuer(&self, field: JsonField) {
+        self.state.settings().metadata_issuer = field;
+    }
+
+    /// The paths of the metadata (discovery) requests received, oldest first.
+    pub fn discovery_paths(&self) -> Vec<String> {
+        self.state
+            .discovery_paths
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Handler panics caught so far (each was answered with a 500). Tests may assert it is 0;
     /// dropping the server panics if it is not (unless [`shutdown`](Self::shutdown) reported it).
     pub fn panics(&self) -> u64 {
@@ -516,6 +582,13 @@ struct Settings {
     expires_in: JsonField,
     token_type: JsonField,
     basic_decoding: BasicDecoding,
+    opaque_tokens: bool,
+    extra_members: Option<String>,
+    content_type: Option<String>,
+    reissue: u32,
+    serve_oauth_metadata: bool,
+    serve_openid_configuration: bool,
+    metadata_issuer: JsonField,
 }
 
 struct AuthState {
@@ -539,6 +612,9 @@ struct AuthState {
     discovery_requests: AtomicU64,
     recent: Mutex<VecDeque<RecordedRequest>>,
     used_jti: Mutex<HashMap<String, f64>>,
+    /// The most recently issued access token and its `exp` (for `reissue_next`).
+    last_token: Mutex<Option<(String, u64)>>,
+    discovery_paths: Mutex<Vec<String>>,
 }
 
 /// An RFC 6749 §5.2 error answer.
@@ -630,7 +706,8 @@ impl Handler for AuthState {
         if path == self.vendor.token_path() {
             self.token_endpoint(request).await
         } else if path == OAUTH_METADATA_PATH || path == OIDC_METADATA_PATH {
-            self.metadata(request.method()).await
+            let path = path.to_owned();
+            self.metadata(request.method(), &path).await
         } else {
             let body = json!({ "error": "not_found", "path": path });
             Reply::Respond(server::json(StatusCode::NOT_FOUND, &body))
@@ -647,10 +724,27 @@ impl AuthState {
         self.recent.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    async fn metadata(&self, method: &Method) -> Reply {
+    async fn metadata(&self, method: &Method, path: &str) -> Reply {
         self.discovery_requests.fetch_add(1, Ordering::SeqCst);
+        self.discovery_paths
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(path.to_owned());
         if let Some(reply) = faults::apply(&self.discovery_faults).await {
             return reply;
+        }
+        let (served, issuer) = {
+            let settings = self.settings();
+            let served = if path == OAUTH_METADATA_PATH {
+                settings.serve_oauth_metadata
+            } else {
+                settings.serve_openid_configuration
+            };
+            (served, settings.metadata_issuer.clone())
+        };
+        if !served {
+            let body = json!({ "error": "not_found", "path": path });
+            return Reply::Respond(server::json(StatusCode::NOT_FOUND, &body));
         }
         if method != Method::GET && method != Method::HEAD {
             let mut response = server::json(
@@ -670,13 +764,22 @@ impl AuthState {
             methods.push("client_secret_post");
         }
         // RFC 8414 §2 metadata: issuer and token_endpoint are what clients use.
-        let metadata = json!({
+        let mut metadata = json!({
             "issuer": self.base_url,
             "token_endpoint": self.token_endpoint,
             "grant_types_supported": [self.vendor.grant_type()],
             "token_endpoint_auth_methods_supported": methods,
             "response_types_supported": [],
         });
+        match issuer {
+            JsonField::Normal => {}
+            JsonField::Absent => {
+                metadata.as_object_mut().map(|m| m.remove("issuer"));
+            }
+            JsonField::Raw(raw) => {
+                metadata["issuer"] = serde_json::from_str(&raw).unwrap_or(Value::String(raw));
+            }
+        }
         let mut response = server::json(StatusCode::OK, &metadata);
         response.headers_mut().remove(http::header::CACHE_CONTROL);
         Reply::Respond(response)
@@ -761,20 +864,47 @@ impl AuthState {
             Vendor::Driftrock => client_id.clone(),
         };
         let scope = params.get("scope");
-        let settings = self.settings();
-        let request = TokenRequest {
-            subject: &subject,
-            client_id: &client_id,
-            issuer: &self.name,
-            issuer_url: &self.base_url,
-            scope,
-            lifetime: settings.token_lifetime,
+        let mut settings = self.settings();
+        let now = unix_now().as_secs();
+        let reissued = if settings.reissue > 0 {
+            let last = self
+                .last_token
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            last.filter(|(_, exp)| *exp > now)
+        } else {
+            None
         };
-        let (token, _exp) = self.registry.issue(&request).map_err(|e| OAuthError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            error: "server_error",
-            description: e.to_string(),
-        })?;
+        let (token, lifetime_secs) = match reissued {
+            Some((token, exp)) => {
+                settings.reissue -= 1;
+                (token, exp - now)
+            }
+            None => {
+                let request = TokenRequest {
+                    subject: &subject,
+                    client_id: &client_id,
+                    issuer: &self.name,
+                    issuer_url: &self.base_url,
+                    scope,
+                    lifetime: settings.token_lifetime,
+                };
+                let (token, exp) = self
+                    .registry
+                    .issue_as(&request, settings.opaque_tokens)
+                    .map_err(|e| OAuthError {
+                        status: StatusCode::INTERNAL_SERVER_ERROR,
+                        error: "server_error",
+                        description: e.to_string(),
+                    })?;
+                *self
+                    .last_token
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some((token.clone(), exp));
+                (token, ceil_secs(settings.token_lifetime))
+            }
+        };
         let mut body = format!("{{\"access_token\":{}", Value::String(token));
         match &settings.token_type {
             JsonField::Normal => body.push_str(",\"token_type\":\"Bearer\""),
@@ -782,21 +912,27 @@ impl AuthState {
             JsonField::Raw(raw) => body.push_str(&format!(",\"token_type\":{raw}")),
         }
         match &settings.expires_in {
-            JsonField::Normal => body.push_str(&format!(
-                ",\"expires_in\":{}",
-                ceil_secs(settings.token_lifetime)
-            )),
+            JsonField::Normal => body.push_str(&format!(",\"expires_in\":{lifetime_secs}")),
             JsonField::Absent => {}
             JsonField::Raw(raw) => body.push_str(&format!(",\"expires_in\":{raw}")),
         }
         if let Some(scope) = scope {
             body.push_str(&format!(",\"scope\":{}", Value::String(scope.to_owned())));
         }
+        if let Some(extra) = &settings.extra_members {
+            body.push(',');
+            body.push_str(extra);
+        }
         body.push('}');
-        Ok(no_cache(server::raw_json(
-            StatusCode::OK,
-            Bytes::from(body),
-        )))
+        let mut response = no_cache(server::raw_json(StatusCode::OK, Bytes::from(body)));
+        if let Some(value) = settings
+            .content_type
+            .as_deref()
+            .and_then(|ct| HeaderValue::from_str(ct).ok())
+        {
+            response.headers_mut().insert(CONTENT_TYPE, value);
+        }
+        Ok(response)
     }
 
     /// RFC 6749 §2.3.1 client authentication; returns the authenticated client id.
@@ -900,5 +1036,6 @@ fn record(parts: &Parts, body: Option<&Bytes>) -> RecordedRequest {
             .collect(),
         body: String::from_utf8_lossy(body).into_owned(),
         params: form_urlencoded::parse(body).into_owned().collect(),
+        received: Instant::now(),
     }
 }

@@ -1,5 +1,6 @@
 //! Runtime fault injection for the sandbox servers: slow, hanging, dropped and canned answers.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use super::server::{Reply, Resp};
 /// Each request that reaches the endpoint first waits the configured [latency](Self::set_latency),
 /// then, in this order of precedence: hangs forever if [hang](Self::set_hang) is on, closes the
 /// connection without an answer if [close](Self::set_close_connection) is on, answers with the
+/// next [scripted response](Self::respond_with_sequence) if any is left, with the
 /// [canned response](Self::respond_with) if one is armed, and otherwise answers normally.
 /// Knobs are independent: turning one off leaves the others as they are; [`reset`](Self::reset)
 /// turns everything off. These mirror what real token endpoints and APIs do on a bad day: slow
@@ -33,6 +35,7 @@ struct FaultState {
     close_connection: bool,
     panic: bool,
     canned: Option<(CannedResponse, Remaining)>,
+    script: VecDeque<CannedResponse>,
 }
 
 #[derive(Clone, Copy)]
@@ -96,9 +99,23 @@ impl Faults {
         self.lock().canned = (n > 0).then_some((response, Remaining::Next(n)));
     }
 
-    /// Disarms the canned response.
+    /// Answers the next requests with `responses`, one each, in order, then answers as before
+    /// (normally, or with the [canned response](Self::respond_with) if one is armed). Appends to
+    /// a script that is still running.
+    pub fn respond_with_sequence(&self, responses: impl IntoIterator<Item = CannedResponse>) {
+        self.lock().script.extend(responses);
+    }
+
+    /// How many scripted responses are left.
+    pub fn scripted_left(&self) -> usize {
+        self.lock().script.len()
+    }
+
+    /// Disarms the canned response and drops what is left of the script.
     pub fn clear_response(&self) {
-        self.lock().canned = None;
+        let mut s = self.lock();
+        s.canned = None;
+        s.script.clear();
     }
 
     /// Fails every request from now on with `status` and an RFC 6749 §5.2 error body (see
@@ -126,6 +143,8 @@ impl Faults {
             FaultAction::Close
         } else if s.panic {
             FaultAction::Panic
+        } else if let Some(scripted) = s.script.pop_front() {
+            FaultAction::Respond(scripted.to_response())
         } else if let Some((canned, remaining)) = s.canned.take() {
             let response = canned.to_response();
             s.canned = match remaining {
@@ -271,6 +290,23 @@ mod tests {
         faults.respond_with_next(2, CannedResponse::new(StatusCode::BAD_GATEWAY));
         for _ in 0..2 {
             assert!(matches!(faults.next_action().1, FaultAction::Respond(r) if r.status() == 502));
+        }
+        assert!(matches!(faults.next_action().1, FaultAction::Proceed));
+    }
+
+    #[test]
+    fn script_then_canned_then_normal() {
+        let faults = Faults::default();
+        faults.respond_with_next(1, CannedResponse::new(StatusCode::BAD_GATEWAY));
+        faults.respond_with_sequence([
+            CannedResponse::new(StatusCode::TOO_MANY_REQUESTS),
+            CannedResponse::new(StatusCode::UNAUTHORIZED),
+        ]);
+        assert_eq!(faults.scripted_left(), 2);
+        for want in [429, 401, 502] {
+            assert!(
+                matches!(faults.next_action().1, FaultAction::Respond(r) if r.status() == want)
+            );
         }
         assert!(matches!(faults.next_action().1, FaultAction::Proceed));
     }

@@ -121,21 +121,37 @@ impl TokenRegistry {
     ///
     /// `exp` = now (whole seconds) + `lifetime` rounded up to whole seconds, so a lifetime of
     /// zero issues a token that is already expired.
+    #[cfg(test)]
     pub(crate) fn issue(&self, request: &TokenRequest<'_>) -> Result<(String, u64), SandboxError> {
+        self.issue_as(request, false)
+    }
+
+    /// Like `issue`; with `opaque` the token is a random 43-character base64url
+    /// string (as many servers issue) instead of a JWT, so clients cannot read an `exp` from it.
+    pub(crate) fn issue_as(
+        &self,
+        request: &TokenRequest<'_>,
+        opaque: bool,
+    ) -> Result<(String, u64), SandboxError> {
         let now = unix_now().as_secs();
         let lifetime = ceil_secs(request.lifetime);
         let exp = now.saturating_add(lifetime);
-        let claims = AccessTokenClaims {
-            iss: request.issuer_url,
-            sub: request.subject,
-            client_id: request.client_id,
-            scope: request.scope,
-            iat: now,
-            exp,
-            jti: uuid::Uuid::new_v4().simple().to_string(),
+        let token = if opaque {
+            let bytes: [u8; 32] = rand::random();
+            base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, bytes)
+        } else {
+            let claims = AccessTokenClaims {
+                iss: request.issuer_url,
+                sub: request.subject,
+                client_id: request.client_id,
+                scope: request.scope,
+                iat: now,
+                exp,
+                jti: uuid::Uuid::new_v4().simple().to_string(),
+            };
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.inner.key)
+                .map_err(SandboxError::SignAccessToken)?
         };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.inner.key)
-            .map_err(SandboxError::SignAccessToken)?;
         let entry = IssuedToken {
             subject: request.subject.to_owned(),
             client_id: request.client_id.to_owned(),
@@ -262,6 +278,17 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(registry.validate(&a), Err(TokenRejection::Expired));
         assert_eq!(registry.revoke_all(), 2);
+    }
+
+    #[test]
+    fn opaque_tokens_validate_and_are_not_jwts() {
+        let registry = TokenRegistry::new();
+        let (token, _) = registry
+            .issue_as(&request(Duration::from_secs(60)), true)
+            .expect("issue");
+        assert_eq!(token.len(), 43);
+        assert!(!token.contains('.'));
+        assert_eq!(registry.validate(&token).expect("valid").subject, "sub-1");
     }
 
     #[test]

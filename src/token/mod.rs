@@ -52,11 +52,12 @@ pub struct RenewalPolicy {
     /// A token with less than this left is never sent (scaled down for very short tokens, see
     /// [`Token`]).
     pub min_time_left: Duration,
-    /// First retry delay after a failure.
+    /// First retry delay after a failure (jittered up to twice this).
     pub backoff_min: Duration,
-    /// Retry delay cap.
+    /// Retry delay cap: no jittered delay exceeds it (a `Retry-After` from the server may).
     pub backoff_max: Duration,
-    /// How long a request waits for a token when none is usable.
+    /// How long a request waits for a token when none is usable and a fetch is due or in flight.
+    /// A request that finds the source backing off after a failure does not wait at all.
     pub max_wait: Duration,
     /// How many requests may wait at once; more get 503 at once.
     pub max_waiters: usize,
@@ -133,6 +134,10 @@ pub struct SourceStatus {
     pub last_refresh: Option<SystemTime>,
     /// Failed token requests since the last success.
     pub consecutive_failures: u32,
+    /// While backing off after a failure: when the next token request is due (the backoff, or
+    /// the server's `Retry-After`, whichever is later).
+    #[serde(with = "opt_unix")]
+    pub next_attempt_at: Option<SystemTime>,
     /// The last failure's message (status, OAuth `error`/`error_description`; never a secret).
     pub last_error: Option<String>,
     /// Generation of the current token (0: none yet).
@@ -179,6 +184,8 @@ pub struct TokenSource {
     epoch: Instant,
     /// Hashes of dropped tokens: a fetch that returns one of them does not put it back.
     dropped: Mutex<Vec<u64>>,
+    /// Counts drops, so the refresher can tell a fetch that raced with a drop.
+    drops: AtomicU64,
     status: Mutex<SourceStatus>,
     /// Requests that found no usable token and had to wait (should stay 0 in steady state).
     waited: AtomicU64,
@@ -205,6 +212,7 @@ impl TokenSource {
             next_attempt_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             dropped: Mutex::new(Vec::new()),
+            drops: AtomicU64::new(0),
             status: Mutex::new(SourceStatus::default()),
             waited: AtomicU64::new(0),
         })
@@ -240,13 +248,17 @@ impl TokenSource {
     /// A usable token: at once when one is cached, else after the refresher's next attempt
     /// (shared by all waiters), bounded by the policy's `max_wait` and `max_waiters`.
     ///
-    /// Errors: [`Unavailable`] when the attempt failed, the source is backing off, the wait
-    /// timed out or too many requests are waiting.
+    /// Errors: [`Unavailable`] when the attempt failed, the source is backing off after a
+    /// failure (at once: a request never waits out a backoff), the wait timed out or too many
+    /// requests are waiting. `retry_after` is the time until the next token request.
     pub async fn token(&self) -> Result<(HeaderValue, u64), Unavailable> {
         if let Some(t) = self.usable_now(Instant::now()) {
             return Ok(t);
         }
         self.waited.fetch_add(1, Ordering::Relaxed);
+        if !self.backoff_remaining().is_zero() {
+            return Err(self.unavailable());
+        }
         let _permit = self.waiters.try_acquire().map_err(|_| self.unavailable())?;
         let mut rx = self.attempts.subscribe();
         rx.borrow_and_update();
@@ -255,9 +267,6 @@ impl TokenSource {
             return Ok(t);
         }
         let deadline = tokio::time::Instant::now() + self.policy.max_wait;
-        if self.backoff_remaining() > self.policy.max_wait {
-            return Err(self.unavailable());
-        }
         self.wake.notify_one();
         loop {
             match tokio::time::timeout_at(deadline, rx.changed()).await {
@@ -290,6 +299,7 @@ impl TokenSource {
                 d.remove(0);
             }
             drop(d);
+            self.drops.fetch_add(1, Ordering::SeqCst);
             self.wake.notify_one();
         }
         dropped
@@ -305,6 +315,8 @@ impl TokenSource {
     pub fn status(&self) -> SourceStatus {
         let mut s = lock(&self.status).clone();
         s.usable = self.usable_now(Instant::now()).is_some();
+        let backoff = self.backoff_remaining();
+        s.next_attempt_at = (!backoff.is_zero()).then(|| SystemTime::now() + backoff);
         s
     }
 
@@ -338,10 +350,24 @@ impl TokenSource {
                 continue;
             }
             attempt_no += 1;
+            let drops_before = self.drops.load(Ordering::SeqCst);
             let started = Instant::now();
             let result = self.fetcher.fetch().await;
             let took = started.elapsed();
             match result {
+                Ok(token)
+                    if self.drops.load(Ordering::SeqCst) != drops_before
+                        && self.was_dropped(&token) =>
+                {
+                    // Requested before the upstream rejected this very token (a server that
+                    // hands out its cached token): stale, not the server's fault. Discard it
+                    // and ask again at once; waiters keep waiting for that answer.
+                    self.metrics.fetched(FetchOutcome::Success, took);
+                    tracing::info!(
+                        route = %self.name,
+                        "token fetched while the upstream rejected that same token; fetching again"
+                    );
+                }
                 Ok(token) if self.was_dropped(&token) => {
                     self.record_failure(
                         FetchError {
@@ -372,14 +398,8 @@ impl TokenSource {
         Duration::from_millis(self.next_attempt_ms.load(Ordering::Relaxed))
     }
 
-    fn new_backoff(&self) -> backon::ExponentialBackoff {
-        backon::ExponentialBuilder::default()
-            .with_min_delay(self.policy.backoff_min)
-            .with_max_delay(self.policy.backoff_max)
-            .with_factor(2.0)
-            .with_jitter()
-            .without_max_times()
-            .build()
+    fn new_backoff(&self) -> CappedBackoff {
+        CappedBackoff::new(self.policy.backoff_min, self.policy.backoff_max)
     }
 
     fn was_dropped(&self, token: &AccessToken) -> bool {
@@ -439,13 +459,9 @@ impl TokenSource {
         );
     }
 
-    fn record_failure(
-        &self,
-        e: FetchError,
-        took: Duration,
-        backoff: &mut backon::ExponentialBackoff,
-    ) {
-        let delay = backoff.next().unwrap_or(self.policy.backoff_max);
+    fn record_failure(&self, e: FetchError, took: Duration, backoff: &mut CappedBackoff) {
+        let delay = backoff.next_delay();
+        // Retry-After (RFC 9110 §10.2.3, on 429/503) is honoured even beyond the cap.
         let delay = delay.max(e.retry_after.unwrap_or_default());
         let next = self.epoch.elapsed() + delay;
         self.next_attempt_ms
@@ -468,6 +484,36 @@ impl TokenSource {
             error = %e.message,
             "token request failed"
         );
+    }
+}
+
+/// Capped exponential backoff with jitter (backon's exponential schedule, factor 2).
+///
+/// backon's jitter adds up to 100 % of the current delay, so its schedule is built with half the
+/// cap and the result is clamped as well: retry `n` (from 0) waits a random time in
+/// `[min·2ⁿ, 2·min·2ⁿ)`, and never more than `max`.
+pub struct CappedBackoff {
+    inner: backon::ExponentialBackoff,
+    max: Duration,
+}
+
+impl CappedBackoff {
+    /// A fresh schedule: first delay in `[min, 2·min)` (at most `max`).
+    pub fn new(min: Duration, max: Duration) -> Self {
+        let max = max.max(min);
+        let inner = backon::ExponentialBuilder::default()
+            .with_min_delay(min)
+            .with_max_delay((max / 2).max(min))
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+            .build();
+        CappedBackoff { inner, max }
+    }
+
+    /// The next delay.
+    pub fn next_delay(&mut self) -> Duration {
+        self.inner.next().unwrap_or(self.max).min(self.max)
     }
 }
 
