@@ -144,3 +144,15 @@ async fn upstream_that_keeps_refusing_gets_one_refresh_per_request_and_no_loop()
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+mod scenarios;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn item13_fetch_in_flight_cannot_restore_a_dropped_token() {
+    scenarios::fetch_in_flight_cannot_restore_a_dropped_token().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn item14_large_chunked_post_is_not_replayed_and_next_request_uses_new_token() {
+    scenarios::large_chunked_post_is_not_replayed_and_next_request_uses_new_token().await;
+}

@@ -212,6 +212,12 @@ impl TokenRegistry {
         count
     }
 
+    /// Every token string known to the registry (issued and not pruned), e.g. for tests that
+    /// check that no token leaked into logs. Secret material: never log the result.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.tokens().keys().cloned().collect()
+    }
+
     /// How many tokens have been issued since the registry was created.
     pub fn issued_count(&self) -> u64 {
         self.inner.issued.load(Ordering::Relaxed)
