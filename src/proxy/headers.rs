@@ -3,8 +3,8 @@
 //! `benches/hot_path.rs`.
 
 use http::header::{AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION};
-use http::HeaderName;
-use pingora::http::RequestHeader;
+use http::{HeaderName, HeaderValue};
+use pingora::http::{IntoCaseHeaderName, RequestHeader};
 
 /// Removes every inbound credential: all `Authorization` and `Proxy-Authorization` fields (any
 /// case, any count), `Cookie` unless `forward_cookies`, and each of `extra` (the route's
@@ -87,6 +87,76 @@ pub fn upstream_path(base_path: &str, prefix: Option<&str>, path: &str) -> Strin
     out
 }
 
+/// Puts the fields of `upstream` back in the order the client sent them (`original`: the
+/// downstream request's fields, in received order), after removals reordered them
+/// (`http::HeaderMap::remove` moves the last field into the removed one's slot). Values of one
+/// name keep their relative order; fields the client did not send (added by the gateway) go last,
+/// in their current order; names keep their received spelling.
+///
+/// Costs one pass and no allocation when the order is already right; otherwise one `Vec` and a
+/// rebuild of the header map (needed for correctness: issue 4 asks for the client's field order).
+pub fn restore_field_order(upstream: &mut RequestHeader, original: &http::HeaderMap) {
+    let in_order = upstream
+        .headers
+        .keys()
+        .filter(|k| original.contains_key(*k))
+        .eq(original
+            .keys()
+            .filter(|k| upstream.headers.contains_key(*k)));
+    if in_order {
+        return;
+    }
+    let rank = |name: &HeaderName| {
+        original
+            .keys()
+            .position(|k| k == name)
+            .unwrap_or(usize::MAX)
+    };
+    if upstream.has_case() {
+        let fields: Vec<_> = upstream
+            .headers
+            .iter()
+            .zip(upstream.case_header_iter())
+            .map(|((n, v), (c, _))| (rank(n), n.clone(), c.clone(), v.clone()))
+            .collect();
+        rebuild(upstream, fields);
+    } else {
+        let fields: Vec<_> = upstream
+            .headers
+            .iter()
+            .map(|(n, v)| (rank(n), n.clone(), n.clone(), v.clone()))
+            .collect();
+        rebuild(upstream, fields);
+    }
+}
+
+fn rebuild<C: IntoCaseHeaderName>(
+    upstream: &mut RequestHeader,
+    mut fields: Vec<(usize, HeaderName, C, HeaderValue)>,
+) {
+    // Stable: values of one name, and added fields, keep their relative order.
+    fields.sort_by_key(|f| f.0);
+    for (_, name, _, _) in &fields {
+        upstream.remove_header(name);
+    }
+    for (_, _, case, value) in fields {
+        // Appending a name/value that was just removed cannot fail.
+        let _ = upstream.append_header(case, value);
+    }
+}
+
+/// Whether the raw request head (request line and fields, as received) has a field named `name`
+/// (ASCII, lower-case). For what the parsed header no longer shows: pingora drops
+/// `Content-Length` when `Transfer-Encoding` is present (RFC 9112 §6.3), and a request carrying
+/// both is refused instead (RFC 9112 §6.1: such a message is a smuggling vector).
+pub fn raw_head_has_field(head: &[u8], name: &[u8]) -> bool {
+    head.split(|&b| b == b'\n').skip(1).any(|line| {
+        line.len() > name.len()
+            && line[name.len()] == b':'
+            && line[..name.len()].eq_ignore_ascii_case(name)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,6 +214,58 @@ mod tests {
         );
         assert_eq!(strip_access_token("my_access_token=1"), None);
         assert_eq!(strip_access_token("access_token").as_deref(), Some(""));
+    }
+
+    #[test]
+    fn field_order_restored_after_removals() {
+        let original = req(&[
+            ("Host", "h"),
+            ("Authorization", "Basic a"),
+            ("X-First", "1"),
+            ("Cookie", "c"),
+            ("X-Repeat", "a"),
+            ("X-Repeat", "b"),
+            ("X-Last", "z"),
+        ]);
+        let mut up = original.clone();
+        strip_inbound_credentials(&mut up, false, &[]);
+        up.append_header("X-Added", "g").unwrap();
+        restore_field_order(&mut up, &original.headers);
+        let fields: Vec<(String, String)> = up
+            .case_header_iter()
+            .map(|(n, v)| {
+                let n = String::from_utf8_lossy(n.as_slice()).into_owned();
+                (n, v.to_str().unwrap().to_owned())
+            })
+            .collect();
+        let want = [
+            ("Host", "h"),
+            ("X-First", "1"),
+            ("X-Repeat", "a"),
+            ("X-Repeat", "b"),
+            ("X-Last", "z"),
+            ("X-Added", "g"),
+        ];
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(fields, want);
+        let mut wire = Vec::new();
+        up.header_to_h1_wire(&mut wire);
+        assert!(String::from_utf8(wire)
+            .unwrap()
+            .starts_with("Host: h\r\nX-First: 1\r\n"));
+    }
+
+    #[test]
+    fn raw_head_field_lookup() {
+        let head = b"POST /content-length: HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nCONTENT-LENGTH: 4\r\n\r\n";
+        assert!(raw_head_has_field(head, b"content-length"));
+        assert!(raw_head_has_field(head, b"transfer-encoding"));
+        let head =
+            b"POST /content-length: HTTP/1.1\r\nX-Content-Length: 4\r\nContent-Lengthy: 1\r\n\r\n";
+        assert!(!raw_head_has_field(head, b"content-length"));
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use http::header::{HOST, RETRY_AFTER};
+use http::header::{HOST, RETRY_AFTER, TRANSFER_ENCODING};
 use http::{HeaderName, HeaderValue, Method};
 use ipnet::IpNet;
 use pingora::prelude::*;
@@ -177,6 +177,15 @@ impl ProxyHttp for Gateway {
         }
 
         let req = session.req_header();
+        if req.headers.contains_key(TRANSFER_ENCODING) && had_content_length(session) {
+            // Conflicting framing (RFC 9112 §6.1): refuse rather than guess. Only chunked
+            // requests pay for this scan.
+            session.set_keepalive(None);
+            return Error::e_explain(
+                ErrorType::HTTPStatus(400),
+                "request has both Transfer-Encoding and Content-Length",
+            );
+        }
         if req.method == Method::CONNECT {
             session.set_keepalive(None);
             return self
@@ -258,6 +267,7 @@ impl ProxyHttp for Gateway {
         };
 
         headers::strip_inbound_credentials(upstream, route.forward_cookies, &route.strip_headers);
+        headers::restore_field_order(upstream, &session.req_header().headers);
         upstream.insert_header(http::header::AUTHORIZATION, authorization)?;
 
         if let Some(host) = upstream.headers.get(HOST).cloned() {
@@ -485,6 +495,14 @@ impl Gateway {
                 .get_retry_buffer()
                 .is_some_and(|b| b.len() as u64 <= limit)
     }
+}
+
+/// Whether the downstream request head, as received, had a `Content-Length` field (pingora removes
+/// it from the parsed header when `Transfer-Encoding` is present).
+fn had_content_length(session: &Session) -> bool {
+    session.as_downstream().as_http1().is_some_and(|h1| {
+        headers::raw_head_has_field(&h1.get_headers_raw_bytes(), b"content-length")
+    })
 }
 
 /// pingora keeps at most this many request body bytes for a retry.

@@ -32,6 +32,7 @@ mod client_auth;
 mod faults;
 mod jwt_bearer;
 pub mod keys;
+mod raw_api;
 mod registry;
 mod server;
 
@@ -45,6 +46,7 @@ pub use auth::{
 pub use client_auth::{basic_authorization, basic_authorization_raw, form_encode, BasicDecoding};
 pub use faults::{CannedResponse, Faults};
 pub use jwt_bearer::AssertionRejection;
+pub use raw_api::{download_byte, RawApi, RawApiBuilder, RawRequest, RAW_API_MAX_HEAD};
 pub use registry::{IssuedToken, TokenRegistry, TokenRejection};
 
 /// Errors of the sandbox servers.
