@@ -156,3 +156,8 @@ async fn item13_fetch_in_flight_cannot_restore_a_dropped_token() {
 async fn item14_large_chunked_post_is_not_replayed_and_next_request_uses_new_token() {
     scenarios::large_chunked_post_is_not_replayed_and_next_request_uses_new_token().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn item15_upstream_that_keeps_refusing_gets_no_loop() {
+    scenarios::upstream_that_keeps_refusing_gets_no_loop().await;
+}

@@ -528,3 +528,104 @@ fn hash_token(bytes: &[u8]) -> u64 {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    /// Hands out `t1`, `t2`, … (lifetime 1 h), or never answers when `hang` is set.
+    struct Scripted {
+        n: AtomicU32,
+        hang: bool,
+    }
+
+    #[async_trait]
+    impl TokenFetcher for Scripted {
+        async fn fetch(&self) -> Result<AccessToken, FetchError> {
+            if self.hang {
+                std::future::pending::<()>().await;
+            }
+            let n = self.n.fetch_add(1, Ordering::SeqCst) + 1;
+            Ok(AccessToken {
+                value: format!("t{n}"),
+                lifetime: Duration::from_secs(3600),
+            })
+        }
+    }
+
+    fn source(hang: bool, policy: RenewalPolicy) -> Arc<TokenSource> {
+        let fetcher = Scripted {
+            n: AtomicU32::new(0),
+            hang,
+        };
+        TokenSource::new(
+            "test",
+            Box::new(fetcher),
+            policy,
+            TokenMetrics::detached(),
+        )
+    }
+
+    #[tokio::test]
+    async fn invalidate_drops_only_its_generation() {
+        let s = source(false, RenewalPolicy::default());
+        let _r = s.spawn_refresher(&tokio::runtime::Handle::current());
+        let (auth, generation) = s.token().await.unwrap();
+        assert_eq!((auth.to_str().unwrap(), generation), ("Bearer t1", 1));
+        assert!(s.invalidate(1));
+        let (auth, generation) = s.token().await.unwrap();
+        assert_eq!((auth.to_str().unwrap(), generation), ("Bearer t2", 2));
+        // A late 401 for the old generation leaves the new token alone.
+        assert!(!s.invalidate(1));
+        assert_eq!(s.usable_now(Instant::now()).unwrap().1, 2);
+    }
+
+    #[tokio::test]
+    async fn waiters_are_bounded_and_time_out() {
+        let policy = RenewalPolicy {
+            max_wait: Duration::from_millis(300),
+            max_waiters: 3,
+            ..RenewalPolicy::default()
+        };
+        let s = source(true, policy);
+        let _r = s.spawn_refresher(&tokio::runtime::Handle::current());
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..10)
+            .map(|_| {
+                let s = Arc::clone(&s);
+                tokio::spawn(async move {
+                    let r = s.token().await;
+                    (r.is_err(), Instant::now())
+                })
+            })
+            .collect();
+        let mut fast = 0;
+        for t in tasks {
+            let (failed, at) = t.await.unwrap();
+            assert!(failed);
+            if at - started < Duration::from_millis(200) {
+                fast += 1;
+            }
+            assert!(at - started < Duration::from_secs(3), "bounded wait");
+        }
+        assert_eq!(fast, 7, "only 3 may wait; the rest are refused at once");
+    }
+
+    #[test]
+    fn backoff_is_exponential_jittered_and_hard_capped() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_millis(1000));
+        let mut firsts = std::collections::BTreeSet::new();
+        for _ in 0..50 {
+            let mut b = CappedBackoff::new(min, max);
+            let d: Vec<Duration> = (0..12).map(|_| b.next_delay()).collect();
+            firsts.insert(d[0]);
+            assert!(d[0] >= min && d[0] < min * 2, "{d:?}");
+            assert!(d[1] >= min * 2 && d[1] < min * 4, "{d:?}");
+            assert!(d[2] >= min * 4 && d[2] < min * 8, "{d:?}");
+            assert!(d.iter().all(|x| *x <= max), "cap exceeded: {d:?}");
+            assert!(d[11] >= max / 2, "{d:?}");
+        }
+        assert!(firsts.len() > 10, "jitter");
+    }
+}
