@@ -352,6 +352,10 @@ fn compile_route(
     peer.options.verify_hostname = true;
     if let Some(pem) = ca_pem {
         peer.options.ca = Some(trust_roots(index, pem)?);
+        // pingora's connection-reuse key does not cover the CA list: without this, a connection
+        // verified against this route's private CA could be reused by a route that does not
+        // trust it (same address and SNI). Routes with the same CA file still share connections.
+        peer.group_key = ca_group_key(pem);
     }
     let allow_header = rc.allow_methods.as_ref().and_then(|m| {
         let joined = m.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
@@ -374,6 +378,15 @@ fn compile_route(
         token,
         metrics: metrics.route(&rc.name),
     })
+}
+
+/// A connection-pool key for peers trusting the CA file with contents `pem` (never 0, the key
+/// of peers with the default trust store).
+fn ca_group_key(pem: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    pem.hash(&mut h);
+    h.finish().max(1)
 }
 
 /// System roots plus the route's `ca_file` certificates (SPEC: "extra trust roots"). pingora's

@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -177,6 +177,7 @@ impl RawState {
 pub struct RawApiBuilder {
     registry: TokenRegistry,
     tls: Option<(Vec<u8>, Vec<u8>)>,
+    ip: IpAddr,
 }
 
 impl RawApiBuilder {
@@ -187,7 +188,14 @@ impl RawApiBuilder {
         self
     }
 
-    /// Binds `127.0.0.1:0` and starts serving on the current tokio runtime.
+    /// Listen on `ip` (default `127.0.0.1`), e.g. on whatever `localhost` resolves to first, for
+    /// a TLS upstream reached by that name.
+    pub fn bind(mut self, ip: IpAddr) -> Self {
+        self.ip = ip;
+        self
+    }
+
+    /// Binds `<ip>:0` and starts serving on the current tokio runtime.
     ///
     /// # Errors
     /// [`SandboxError::Bind`] if no port can be bound or the TLS material is unusable.
@@ -200,9 +208,7 @@ impl RawApiBuilder {
             Some((cert, key)) => Some(tls_acceptor(cert, key).map_err(bind_err)?),
             None => None,
         };
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .await
-            .map_err(bind_err)?;
+        let listener = TcpListener::bind((self.ip, 0)).await.map_err(bind_err)?;
         let addr = listener.local_addr().map_err(bind_err)?;
         let state = Arc::new(RawState {
             registry: self.registry,
@@ -250,6 +256,7 @@ impl RawApi {
         RawApiBuilder {
             registry,
             tls: None,
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
         }
     }
 
@@ -266,7 +273,7 @@ impl RawApi {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT`, or `https://localhost:PORT` for a TLS server (no trailing slash).
+    /// `http://<addr>`, or `https://localhost:PORT` for a TLS server (no trailing slash).
     pub fn base_url(&self) -> String {
         if self.tls {
             format!("https://localhost:{}", self.addr.port())
@@ -550,7 +557,10 @@ where
                 Ok(subject) => {
                     request.subject = subject;
                     let path = request.path().to_owned();
-                    if request.method == "GET" && path == "/ws" && has(&request, "upgrade", "websocket") {
+                    if request.method == "GET"
+                        && path == "/ws"
+                        && has(&request, "upgrade", "websocket")
+                    {
                         return websocket(io, buf, request, state).await;
                     }
                     match download_size(&request) {
