@@ -482,8 +482,11 @@ pub async fn failed_fetches_are_classified_and_backed_off() -> Seen {
 /// A fetcher that records the outcome label and message of every fetch.
 struct Recording {
     inner: TokenClient,
-    results: Arc<std::sync::Mutex<Vec<Result<(), (&'static str, String)>>>>,
+    results: Arc<std::sync::Mutex<Vec<FetchRecord>>>,
 }
+
+/// `Ok` or the failure's (outcome label, message).
+type FetchRecord = Result<(), (&'static str, String)>;
 
 #[async_trait::async_trait]
 impl tokengate::token::TokenFetcher for Recording {
