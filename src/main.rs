@@ -231,6 +231,18 @@ fn init_logging(log: &LogConfig) {
         .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
         .or_else(|| tracing_subscriber::EnvFilter::try_new(&log.level).ok())
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    // Caps only: applied when something is at trace level, so they never raise a level.
+    let filter = if filter
+        .max_level_hint()
+        .is_none_or(|l| l >= tracing::Level::TRACE)
+    {
+        tokengate::proxy::LOG_FILTER_CAPS
+            .iter()
+            .filter_map(|d| d.parse().ok())
+            .fold(filter, |f, d| f.add_directive(d))
+    } else {
+        filter
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -37,6 +37,11 @@ use crate::metrics::{Metrics, UpstreamErrorKind};
 use error_response::GatewayError;
 use routes::{Route, RouteTable};
 
+/// Log filter directives that always apply on top of `log.level` / `RUST_LOG`: pingora's
+/// trace level dumps whole request headers and bodies (the client's credentials, `access_token`
+/// query values), so when anything is at `trace` its targets are capped at `debug`.
+pub const LOG_FILTER_CAPS: &[&str] = &["pingora_proxy=debug", "pingora_core=debug"];
+
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -137,6 +142,9 @@ pub struct RequestCtx {
     replay_pending: bool,
     /// A replay found no usable token: answer 503 `token_unavailable`.
     unavailable: Option<std::time::Duration>,
+    /// Length in bytes of the `Authorization` value sent upstream (for the 431 log line; never
+    /// the value itself).
+    authorization_len: usize,
 }
 
 #[async_trait]
@@ -154,6 +162,7 @@ impl ProxyHttp for Gateway {
             replayed: false,
             replay_pending: false,
             unavailable: None,
+            authorization_len: 0,
         }
     }
 
@@ -266,6 +275,7 @@ impl ProxyHttp for Gateway {
             },
         };
 
+        ctx.authorization_len = authorization.len();
         headers::strip_inbound_credentials(upstream, route.forward_cookies, &route.strip_headers);
         headers::restore_field_order(upstream, &session.req_header().headers);
         upstream.insert_header(http::header::AUTHORIZATION, authorization)?;
@@ -454,6 +464,20 @@ impl ProxyHttp for Gateway {
         let route = ctx.route.map(|i| &self.state.routes[i]);
         if let Some(r) = route {
             r.metrics.request(status, elapsed);
+        }
+        if status == 431 && ctx.error.is_none() {
+            // The upstream refused the request head; with a large token that is likely the
+            // token. Its size (never the token) tells the operator.
+            tracing::warn!(
+                route = route.map(|r| r.name.as_str()).unwrap_or("-"),
+                token_bytes = ctx.authorization_len.saturating_sub("Bearer ".len()),
+                request_id = ctx
+                    .request_id
+                    .as_ref()
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-"),
+                "upstream answered 431 Request Header Fields Too Large",
+            );
         }
         tracing::debug!(
             target: "tokengate::access",

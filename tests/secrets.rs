@@ -1,0 +1,215 @@
+//! Large tokens and secrets (issue 4, points 5 and 13), against the real binary so its log output
+//! can be searched: 12 KB and 40 KB access tokens are sent whole, an upstream 431 is passed
+//! through and logged with the token's size only; with an upstream answering 500, no error body,
+//! `/status`, metric or log line holds a client secret, assertion, private key, access token or
+//! `access_token` query value.
+
+mod common;
+mod proxy_support;
+
+use common::{demo_key_path, free_addr};
+use proxy_support::{send, BinaryGateway};
+use tokengate::sandbox::{keys, CannedResponse, RawApi, Sandbox};
+
+/// The demo config for `sandbox` on fresh ports with the upstream pointed at `raw`.
+fn toml_for(
+    sandbox: &Sandbox,
+    raw: &RawApi,
+) -> (String, std::net::SocketAddr, std::net::SocketAddr) {
+    let (listen, admin) = (free_addr(), free_addr());
+    let toml = tokengate::demo::config_toml(sandbox, listen, admin, &demo_key_path()).replace(
+        &format!("upstream = \"{}\"", sandbox.api.base_url()),
+        &format!("upstream = \"{}\"", raw.base_url()),
+    );
+    (toml, listen, admin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_tokens_sent_whole_and_431_logged_with_size_only() {
+    let sandbox = Sandbox::start().await.unwrap();
+    let raw = RawApi::start(sandbox.registry.clone()).await.unwrap();
+    // The canned tokens are not in the registry: accept any single Bearer token.
+    raw.set_check_tokens(false);
+    for size in [12 * 1024, 40 * 1024] {
+        // A token of exactly `size` bytes, distinctive enough to search for.
+        let token: String = format!("LARGE{size}x")
+            .chars()
+            .chain((0..).map(|i: usize| (b'a' + (i % 26) as u8) as char))
+            .take(size)
+            .collect();
+        sandbox
+            .drillster
+            .faults()
+            .respond_with(CannedResponse::json(
+                http::StatusCode::OK,
+                format!(r#"{{"access_token":"{token}","token_type":"bearer","expires_in":3600}}"#),
+            ));
+        let (toml, listen, admin) = toml_for(&sandbox, &raw);
+        let gw = BinaryGateway::start(&toml, listen, admin, "info").await;
+
+        let r = send(
+            listen,
+            b"GET /drillster/big HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.head);
+        let seen = raw.last().unwrap();
+        assert_eq!(
+            seen.header_values("authorization"),
+            [format!("Bearer {token}")],
+            "the {size}-byte token arrived whole"
+        );
+
+        raw.faults().respond_with_next(
+            1,
+            CannedResponse::new(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+                .header("content-type", "text/plain")
+                .body("header too large"),
+        );
+        let r = send(
+            listen,
+            b"GET /drillster/big431 HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(r.status, 431, "{}", r.head);
+        assert_eq!(
+            r.body, b"header too large",
+            "the upstream's answer, unchanged"
+        );
+        assert!(r.header("tokengate-error").is_none());
+
+        // The log line comes from the `logging` phase, after the response: wait for it.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        let log = loop {
+            let log = gw.log();
+            if log.contains("upstream answered 431") || tokio::time::Instant::now() > deadline {
+                break log;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        let line = log
+            .lines()
+            .find(|l| l.contains("upstream answered 431"))
+            .unwrap_or_else(|| panic!("no 431 log line:\n{log}"));
+        assert!(
+            line.contains("token_bytes") && line.contains(&size.to_string()),
+            "{line}"
+        );
+        assert!(!log.contains(&token[..64]), "the token was logged");
+        drop(gw);
+        sandbox.drillster.faults().clear_response();
+    }
+    raw.shutdown().await;
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_leak_with_a_failing_upstream() {
+    let sandbox = Sandbox::start().await.unwrap();
+    let raw = RawApi::start(sandbox.registry.clone()).await.unwrap();
+    raw.faults().respond_with(CannedResponse::json(
+        http::StatusCode::INTERNAL_SERVER_ERROR,
+        r#"{"error":"boom"}"#,
+    ));
+    let (toml, listen, admin) = toml_for(&sandbox, &raw);
+    // Everything pingora and tokengate can say.
+    let gw = BinaryGateway::start(&toml, listen, admin, "trace").await;
+
+    let query_secret = "QUERYSECRET0123456789";
+    let mut bodies = Vec::new();
+    for request in [
+        format!("GET /drillster/fail?access_token={query_secret}&a=1 HTTP/1.1\r\nHost: gw\r\nAuthorization: Basic bGVnYWN5OnBhc3N3b3Jk\r\nConnection: close\r\n\r\n"),
+        format!("POST /driftrock/fail?x=1&access_token={query_secret} HTTP/1.1\r\nHost: gw\r\nCookie: s=1\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"),
+        format!("GET /nowhere?access_token={query_secret} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"),
+        format!("CONNECT x:1 HTTP/1.1\r\nHost: x:1\r\n\r\n"),
+    ] {
+        let r = send(listen, request.as_bytes()).await;
+        assert!(r.status >= 400, "{}", r.head);
+        bodies.push(format!("{}\n{}", r.head, String::from_utf8_lossy(&r.body)));
+    }
+    assert!(raw.request_count() >= 2);
+    // An unreachable upstream: a gateway-made 502 body too.
+    raw.faults().set_close_connection(true);
+    let r = send(listen, format!("GET /drillster/gone?access_token={query_secret} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n").as_bytes()).await;
+    assert_eq!(r.status, 502, "{}", r.head);
+    bodies.push(format!("{}\n{}", r.head, String::from_utf8_lossy(&r.body)));
+
+    let get = |path: &str| {
+        let url = format!("http://{admin}{path}");
+        async move { reqwest::get(url).await.unwrap().text().await.unwrap() }
+    };
+    let status = get("/status").await;
+    let metrics = get("/metrics").await;
+    assert!(status.contains("drillster") && metrics.contains("tokengate_"));
+    drop(gw.child.id());
+    let log = gw.log();
+    assert!(log.len() > 1000, "trace logging produced little:\n{log}");
+
+    let key_json = std::fs::read_to_string(demo_key_path()).unwrap();
+    let private_key = serde_json::from_str::<serde_json::Value>(&key_json).unwrap()["privateKey"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let key_body_line = private_key
+        .lines()
+        .find(|l| l.len() > 40 && !l.starts_with("-----"))
+        .unwrap()
+        .to_owned();
+    let assertion = sandbox
+        .drillster
+        .last_request()
+        .and_then(|r| r.param("assertion").map(str::to_owned))
+        .expect("the gateway sent an assertion");
+    let mut secrets: Vec<(String, String)> = vec![
+        (
+            "drillster client secret".into(),
+            keys::DRILLSTER_CLIENT_SECRET.into(),
+        ),
+        (
+            "driftrock client secret".into(),
+            keys::DRIFTROCK_CLIENT_SECRET.into(),
+        ),
+        ("assertion".into(), assertion.clone()),
+        (
+            "assertion signature".into(),
+            assertion.rsplit('.').next().unwrap().into(),
+        ),
+        ("private key".into(), key_body_line),
+        ("private key header".into(), "PRIVATE KEY".into()),
+        ("access_token query value".into(), query_secret.into()),
+        (
+            "client's Basic credentials".into(),
+            "bGVnYWN5OnBhc3N3b3Jk".into(),
+        ),
+    ];
+    let tokens = sandbox.registry.issued_tokens();
+    assert!(!tokens.is_empty());
+    for t in tokens {
+        secrets.push(("access token".into(), t.clone()));
+        secrets.push((
+            "access token signature".into(),
+            t.rsplit('.').next().unwrap().into(),
+        ));
+    }
+    let places = [
+        ("error bodies", bodies.join("\n")),
+        ("/status", status),
+        ("/metrics", metrics),
+        ("log", log),
+    ];
+    for (what, secret) in &secrets {
+        for (place, text) in &places {
+            assert!(
+                !text.contains(secret.as_str()),
+                "{what} found in {place}:\n{}",
+                text.lines()
+                    .filter(|l| l.contains(secret.as_str()))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+    }
+    drop(gw);
+    raw.shutdown().await;
+    sandbox.shutdown().await.unwrap();
+}
