@@ -1,0 +1,201 @@
+//! Criterion micro-benchmarks of tokengate's own per-request work (STYLE.md "Nothing slow or
+//! chatty on the hot path"): route lookup, credential stripping plus token insertion, the
+//! `access_token` query rewrite, and the lock-free token read. No network and no pingora server:
+//! only the functions the proxy phases call for every request.
+//!
+//! Run: `cargo bench --bench hot_path` (results and their reading: BENCHMARKS.md).
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
+use http::header::AUTHORIZATION;
+use http::{HeaderName, HeaderValue};
+use pingora::http::RequestHeader;
+
+use tokengate::config::Config;
+use tokengate::metrics::TokenMetrics;
+use tokengate::oauth::{AccessToken, FetchError};
+use tokengate::proxy::headers::{strip_access_token, strip_inbound_credentials};
+use tokengate::proxy::routes::RouteTable;
+use tokengate::token::{RenewalPolicy, TokenFetcher, TokenSource};
+
+/// A config with `n` routes on the shared listener: `routes[0]` is the `/` fallback, the others
+/// have deep prefixes `/api/v1/tenant{i}/orders`. Built through the real loader.
+fn config_with_routes(n: usize) -> Config {
+    let mut toml = String::from("[server]\nlisten = \"127.0.0.1:8080\"\n");
+    for i in 0..n {
+        let prefix = if i == 0 {
+            "/".to_string()
+        } else {
+            format!("/api/v1/tenant{i}/orders")
+        };
+        toml.push_str(&format!(
+            r#"
+[[routes]]
+name = "r{i}"
+path_prefix = "{prefix}"
+upstream = "https://api.example.com"
+
+[routes.auth]
+grant = "client_credentials"
+token_endpoint = "https://auth.example.com/oauth2/token"
+client_id = "bench"
+client_secret = "bench-secret"
+"#
+        ));
+    }
+    match Config::from_toml_str(&toml, None, &|_| None) {
+        Ok(c) => c,
+        Err(e) => panic!("generated bench config does not load:\n{e}"),
+    }
+}
+
+fn route_lookup(c: &mut Criterion) {
+    let mut group = c.benchmark_group("route_lookup");
+    let host: &[u8] = b"gateway.internal:8080";
+    for n in [1usize, 100, 1000] {
+        let config = config_with_routes(n);
+        let table = RouteTable::shared(config.routes.iter().enumerate());
+        if n > 1 {
+            // The deepest route, requested with a longer path below it.
+            let deep = format!("/api/v1/tenant{}/orders/12345/items", n - 1);
+            assert_eq!(table.lookup(Some(host), &deep), Some(n - 1));
+            group.bench_with_input(BenchmarkId::new("deep_match", n), &deep, |b, path| {
+                b.iter(|| table.lookup(black_box(Some(host)), black_box(path)))
+            });
+        }
+        let fallback = "/legacy/reports/2024/summary";
+        assert_eq!(table.lookup(Some(host), fallback), Some(0));
+        group.bench_with_input(BenchmarkId::new("fallback", n), &fallback, |b, path| {
+            b.iter(|| table.lookup(black_box(Some(host)), black_box(path)))
+        });
+    }
+    group.finish();
+}
+
+/// What a legacy client typically sends: 12 fields, three of them credentials.
+fn legacy_request() -> RequestHeader {
+    let mut req = match RequestHeader::build("POST", b"/drillster/api/2.1.1/user?x=1", None) {
+        Ok(r) => r,
+        Err(e) => panic!("request header: {e}"),
+    };
+    for (name, value) in [
+        ("Host", "gateway.internal:8080"),
+        ("User-Agent", "LegacyERP/4.2 (Windows NT 6.1)"),
+        ("Accept", "application/json"),
+        ("Accept-Encoding", "gzip, deflate"),
+        ("Accept-Language", "nl-NL,nl;q=0.9,en;q=0.8"),
+        ("Content-Type", "application/json; charset=utf-8"),
+        ("Content-Length", "87"),
+        ("Authorization", "Basic bGVnYWN5OnBhc3N3b3Jk"),
+        ("Cookie", "session=legacy-session; lang=nl"),
+        ("X-Api-Key", "legacy-api-key-0123456789"),
+        ("X-Request-Id", "6f1c2a9e8b7d4c3a2f1e0d9c8b7a6f5e"),
+        ("X-Correlation-Id", "erp-batch-7731"),
+    ] {
+        if let Err(e) = req.append_header(name, value) {
+            panic!("{name}: {e}");
+        }
+    }
+    req
+}
+
+/// A realistic access token header value (~850 bytes, like a JWT access token).
+fn bearer_value() -> HeaderValue {
+    let token = format!(
+        "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.{}.sig",
+        "x".repeat(800)
+    );
+    let mut v = match HeaderValue::try_from(format!("Bearer {token}")) {
+        Ok(v) => v,
+        Err(e) => panic!("header value: {e}"),
+    };
+    v.set_sensitive(true);
+    v
+}
+
+fn header_hygiene(c: &mut Criterion) {
+    let prepared = legacy_request();
+    let authorization = bearer_value();
+    let extra = [HeaderName::from_static("x-api-key")];
+    c.bench_function("strip_credentials_insert_bearer", |b| {
+        b.iter_batched(
+            || prepared.clone(),
+            |mut req| {
+                strip_inbound_credentials(&mut req, false, black_box(&extra));
+                if let Err(e) = req.insert_header(AUTHORIZATION, authorization.clone()) {
+                    panic!("insert: {e}");
+                }
+                req
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+fn query_rewrite(c: &mut Criterion) {
+    let mut group = c.benchmark_group("strip_access_token");
+    let without = "page=2&per_page=50&sort=-created&filter=a%2Fb";
+    let with = "page=2&access_token=leaked-query-token&per_page=50&sort=-created&filter=a%2Fb";
+    assert_eq!(strip_access_token(without), None);
+    assert!(strip_access_token(with).is_some());
+    group.bench_function("absent", |b| {
+        b.iter(|| strip_access_token(black_box(without)))
+    });
+    group.bench_function("present", |b| {
+        b.iter(|| strip_access_token(black_box(with)))
+    });
+    group.finish();
+}
+
+/// Answers every token request at once with a one-hour token.
+struct InstantFetcher;
+
+#[async_trait]
+impl TokenFetcher for InstantFetcher {
+    async fn fetch(&self) -> Result<AccessToken, FetchError> {
+        Ok(AccessToken {
+            value: format!("eyJhbGciOiJSUzI1NiJ9.{}.sig", "t".repeat(800)),
+            lifetime: Duration::from_secs(3600),
+        })
+    }
+}
+
+fn token_lookup(c: &mut Criterion) {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => panic!("runtime: {e}"),
+    };
+    let source: Arc<TokenSource> = TokenSource::new(
+        "bench",
+        Box::new(InstantFetcher),
+        RenewalPolicy::default(),
+        TokenMetrics::detached(),
+    );
+    let refresher = source.spawn_refresher(runtime.handle());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while source.usable_now(Instant::now()).is_none() {
+        assert!(Instant::now() < deadline, "no token within 10 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    c.bench_function("token_usable_now", |b| {
+        b.iter(|| source.usable_now(black_box(Instant::now())))
+    });
+    refresher.abort();
+}
+
+criterion_group!(
+    benches,
+    route_lookup,
+    header_hygiene,
+    query_rewrite,
+    token_lookup
+);
+criterion_main!(benches);
