@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use std::time::SystemTime;
 
 use clap::{Parser, Subcommand};
+use tracing_subscriber::filter::{FilterExt, LevelFilter, Targets};
+use tracing_subscriber::prelude::*;
 
 use tokengate::config::{Config, LogConfig, LogFormat};
 use tokengate::oauth::TokenClient;
@@ -231,23 +233,19 @@ fn init_logging(log: &LogConfig) {
         .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
         .or_else(|| tracing_subscriber::EnvFilter::try_new(&log.level).ok())
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
-    // Caps only: applied when something is at trace level, so they never raise a level.
-    let filter = if filter
-        .max_level_hint()
-        .is_none_or(|l| l >= tracing::Level::TRACE)
-    {
-        tokengate::proxy::LOG_FILTER_CAPS
-            .iter()
-            .filter_map(|d| d.parse().ok())
-            .fold(filter, |f, d| f.add_directive(d))
-    } else {
-        filter
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    // pingora's debug/trace output carries credentials: cap it (a second filter, so the cap
+    // only ever lowers a level).
+    let caps = tokengate::proxy::LOG_TARGETS_CAPPED_AT_INFO.iter().fold(
+        Targets::new().with_default(LevelFilter::TRACE),
+        |t, target| t.with_target(*target, LevelFilter::INFO),
+    );
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let _ = match log.format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(layer.json().with_filter(filter.and(caps)))
+            .try_init(),
+        LogFormat::Text => tracing_subscriber::registry()
+            .with(layer.with_filter(filter.and(caps)))
+            .try_init(),
     };
 }

@@ -37,10 +37,11 @@ use crate::metrics::{Metrics, UpstreamErrorKind};
 use error_response::GatewayError;
 use routes::{Route, RouteTable};
 
-/// Log filter directives that always apply on top of `log.level` / `RUST_LOG`: pingora's
-/// trace level dumps whole request headers and bodies (the client's credentials, `access_token`
-/// query values), so when anything is at `trace` its targets are capped at `debug`.
-pub const LOG_FILTER_CAPS: &[&str] = &["pingora_proxy=debug", "pingora_core=debug"];
+/// Log targets capped at `info` whatever `log.level` / `RUST_LOG` say: at `debug` and `trace`
+/// pingora logs whole request and response headers and bodies (the client's credentials,
+/// `access_token` query values, an echoing upstream's copy of the access token). A cap only
+/// lowers: it never raises a target above the configured level.
+pub const LOG_TARGETS_CAPPED_AT_INFO: &[&str] = &["pingora_proxy", "pingora_core", "pingora"];
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
