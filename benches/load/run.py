@@ -1,0 +1,441 @@
+#!/usr/bin/env python3
+"""tokengate load benchmark: tokengate vs nginx, HAProxy and a bare pingora pass-through.
+
+Every proxy forwards to the same origin (nginx `return 200`) and adds an Authorization header:
+nginx, HAProxy and the pass-through a static one, tokengate a real access token it obtained from
+the sandbox token endpoint (client credentials grant) and keeps renewing.
+
+Pinning (2-core machine): every proxy runs alone on core 0 with one worker thread; the load
+generator (wrk/oha), the origin and the token endpoint share core 1. A run whose load-generator
+core is saturated (>= 95 % busy) is marked client-bound: its numbers say more about wrk than about
+the proxy.
+
+Stages (all on loopback):
+  peak     wrk, 64 connections, each proxy in turn, alternating order, --rounds rounds:
+           median requests/s, proxy-core CPU us per request, non-2xx count, tokengate's ratio
+  latency  oha --latency-correction at 25 % and 50 % of tokengate's peak rate, for tokengate,
+           nginx and the origin directly: p50/p99/p99.9 added over the direct run
+  scaling  requests/s at 1, 64, 256, 1024 connections; resident memory idle and at 1024;
+           tokengate with 1 route vs 1,000 routes; writes scaling.svg
+  token    60 s at 64 connections with 5-second tokens: token requests seen by the token
+           endpoint vs renewals, and non-2xx responses
+
+Installs what is missing: nginx-light, haproxy and wrk from Debian packages, oha from crates.io.
+Results: printed as Markdown, and written to --out (results.json, scaling.svg).
+"""
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ORIGIN = "127.0.0.1:18000"
+PORTS = {"tokengate": 18081, "nginx": 18082, "haproxy": 18083, "pingora": 18084}
+ADMIN = "127.0.0.1:18091"
+PROXY_CORE, CLIENT_CORE = "0", "1"
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, shell=isinstance(cmd, str), check=True, **kw)
+
+
+def ensure_tools():
+    missing = [p for p, b in (("nginx-light", "nginx"), ("haproxy", "haproxy"), ("wrk", "wrk")) if not shutil.which(b)]
+    if missing:
+        print(f"installing {' '.join(missing)} …", file=sys.stderr)
+        sh("apt-get update -qq")
+        sh(["apt-get", "install", "-y", "-qq", *missing], stdout=subprocess.DEVNULL)
+    if not shutil.which("oha") and not (Path.home() / ".cargo/bin/oha").exists():
+        print("installing oha from crates.io …", file=sys.stderr)
+        sh(["cargo", "install", "--locked", "oha"])
+    os.environ["PATH"] = f"{Path.home() / '.cargo/bin'}:{os.environ['PATH']}"
+
+
+def build():
+    sh(["cargo", "build", "--release", "--bin", "tokengate", "--example", "passthrough",
+        "--example", "sandbox_servers"], cwd=ROOT)
+
+
+def pinned(core, args, **kw):
+    return subprocess.Popen(["taskset", "-c", core, *args], **kw)
+
+
+def wait_port(addr, timeout=20.0):
+    import socket
+    host, port = addr.rsplit(":", 1)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection((host, int(port)), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{addr} did not come up")
+
+
+def cpu_seconds(pid):
+    """utime+stime of a process and all its threads, seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid):
+    m = re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
+    return int(m.group(1)) if m else 0
+
+
+def core_busy(core):
+    line = next(l for l in Path("/proc/stat").read_text().splitlines() if l.startswith(f"cpu{core} "))
+    v = [int(x) for x in line.split()[1:]]
+    idle = v[3] + v[4]
+    return sum(v), idle
+
+
+class Fleet:
+    """Origin, token endpoint and the four proxies, started in a scratch directory."""
+
+    def __init__(self, work: Path, token_lifetime=3600, routes=1):
+        self.work, self.procs = work, {}
+        self.token_lifetime, self.routes = token_lifetime, routes
+
+    def start(self):
+        w = self.work
+        (w / "logs").mkdir(exist_ok=True)
+        (w / "origin.conf").write_text(f"""
+user root; worker_processes 1; daemon off; pid {w}/origin.pid; error_log {w}/logs/origin.err warn;
+events {{ worker_connections 4096; }}
+http {{ access_log off; keepalive_requests 1000000;
+  server {{ listen {ORIGIN} reuseport backlog=4096; location / {{ return 200 "ok\\n"; }} }} }}
+""")
+        self.procs["origin"] = pinned(CLIENT_CORE, ["nginx", "-p", str(w), "-c", str(w / "origin.conf")])
+        sandbox = pinned(CLIENT_CORE, [str(ROOT / "target/release/examples/sandbox_servers"), str(self.token_lifetime)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.procs["sandbox"] = sandbox
+        self.endpoints = json.loads(sandbox.stdout.readline())
+        wait_port(ORIGIN)
+
+        (w / "tokengate.toml").write_text(self.tokengate_config())
+        self.procs["tokengate"] = pinned(PROXY_CORE, [str(ROOT / "target/release/tokengate"), "run", "-c",
+                                                      str(w / "tokengate.toml")],
+                                         stderr=open(w / "logs/tokengate.err", "w"))
+        (w / "nginx.conf").write_text(f"""
+user root; worker_processes 1; daemon off; pid {w}/nginx.pid; error_log {w}/logs/nginx.err warn;
+events {{ worker_connections 8192; }}
+http {{ access_log off; keepalive_requests 1000000;
+  upstream origin {{ server {ORIGIN}; keepalive 256; }}
+  server {{ listen 127.0.0.1:{PORTS['nginx']} backlog=4096;
+    location / {{ proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer static-benchmark-token"; }} }} }}
+""")
+        self.procs["nginx"] = pinned(PROXY_CORE, ["nginx", "-p", str(w), "-c", str(w / "nginx.conf")])
+        (w / "haproxy.cfg").write_text(f"""
+global
+  nbthread 1
+  maxconn 8000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:{PORTS['haproxy']}
+  http-request set-header Authorization "Bearer static-benchmark-token"
+  default_backend be
+backend be
+  server origin {ORIGIN}
+""")
+        self.procs["haproxy"] = pinned(PROXY_CORE, ["haproxy", "-db", "-f", str(w / "haproxy.cfg")],
+                                       stderr=open(w / "logs/haproxy.err", "w"))
+        self.procs["pingora"] = pinned(PROXY_CORE, [str(ROOT / "target/release/examples/passthrough"),
+                                                    f"127.0.0.1:{PORTS['pingora']}", ORIGIN, "1"],
+                                       stderr=open(w / "logs/pingora.err", "w"))
+        for name, port in PORTS.items():
+            wait_port(f"127.0.0.1:{port}")
+        wait_ready()
+
+    def tokengate_config(self):
+        ep = self.endpoints["driftrock_token_endpoint"]
+        routes = []
+        for i in range(self.routes - 1):
+            routes.append(f"""
+[[routes]]
+name = "r{i}"
+path_prefix = "/svc{i}/v{i % 7}"
+upstream = "http://{ORIGIN}"
+[routes.auth]
+grant = "client_credentials"
+token_endpoint = "{ep}"
+client_id = "dr/client 7"
+client_secret = "s3cr+t/%41:y=z"
+""")
+        return f"""
+[server]
+listen = "127.0.0.1:{PORTS['tokengate']}"
+admin_listen = "{ADMIN}"
+threads = 1
+[log]
+level = "warn"
+[[routes]]
+name = "api"
+upstream = "http://{ORIGIN}"
+[routes.auth]
+grant = "client_credentials"
+token_endpoint = "{ep}"
+client_id = "dr/client 7"
+client_secret = "s3cr+t/%41:y=z"
+""" + "".join(routes)
+
+    def pid(self, name):
+        p = self.procs[name]
+        if name in ("nginx", "origin"):
+            # the worker process does the work; the master only supervises
+            kids = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+            return int(kids[0]) if kids else p.pid
+        return p.pid
+
+    def stop(self):
+        counts = {}
+        for name, p in self.procs.items():
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT if name == "sandbox" else signal.SIGTERM)
+        for name, p in self.procs.items():
+            try:
+                if name == "sandbox":
+                    _, err = p.communicate(timeout=10)
+                    for line in err.splitlines():
+                        if line.startswith("{"):
+                            counts = json.loads(line)
+                else:
+                    p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        return counts
+
+
+def wait_ready(timeout=20):
+    import urllib.request
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"http://{ADMIN}/readyz", timeout=1).status == 200:
+                return
+        except Exception:
+            time.sleep(0.05)
+    raise RuntimeError("tokengate not ready")
+
+
+def metric(name_prefix):
+    import urllib.request
+    text = urllib.request.urlopen(f"http://{ADMIN}/metrics", timeout=2).read().decode()
+    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(name_prefix))
+
+
+def wrk(url, connections, duration, fleet=None, proxy=None):
+    busy0 = core_busy(CLIENT_CORE)
+    cpu0 = cpu_seconds(fleet.pid(proxy)) if proxy else None
+    rss_peak = 0
+    p = pinned(CLIENT_CORE, ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url],
+               stdout=subprocess.PIPE, text=True)
+    while p.poll() is None:
+        if proxy:
+            rss_peak = max(rss_peak, rss_kib(fleet.pid(proxy)))
+        time.sleep(0.25)
+    out = p.stdout.read()
+    busy1 = core_busy(CLIENT_CORE)
+    cpu = cpu_seconds(fleet.pid(proxy)) - cpu0 if proxy else None
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    non2xx = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
+    errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    client_busy = 1 - (busy1[1] - busy0[1]) / max(1, busy1[0] - busy0[0])
+    return {"rps": rps, "requests": total, "non2xx": non2xx, "socket_errors": errors,
+            "cpu_us_per_req": (cpu * 1e6 / total) if cpu is not None and total else None,
+            "client_core_busy": client_busy, "client_bound": client_busy >= 0.95, "rss_peak_kib": rss_peak}
+
+
+def oha(url, rate, duration):
+    p = pinned(CLIENT_CORE, ["oha", "--no-tui", "-j", "--latency-correction", "-q", str(int(rate)),
+                             "-z", f"{duration}s", "-c", "64", url], stdout=subprocess.PIPE, text=True)
+    out, _ = p.communicate()
+    j = json.loads(out)
+    pct = j["latencyPercentiles"]
+    return {k: pct[k] * 1e3 for k in ("p50", "p99", "p99.9")}  # ms
+
+
+def svg_chart(series, path):
+    """requests/s against connections, one line per proxy (plain SVG, no dependencies)."""
+    W, H, L, B = 640, 400, 70, 50
+    conns = sorted({c for s in series.values() for c in s})
+    top = max(v for s in series.values() for v in s.values()) * 1.1
+    colors = {"tokengate": "#d62728", "nginx": "#2ca02c", "haproxy": "#1f77b4", "pingora": "#9467bd"}
+    x = lambda c: L + (W - L - 20) * conns.index(c) / max(1, len(conns) - 1)
+    y = lambda v: H - B - (H - B - 20) * v / top
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">',
+             f'<rect width="{W}" height="{H}" fill="white"/>',
+             f'<line x1="{L}" y1="{H-B}" x2="{W-20}" y2="{H-B}" stroke="black"/>',
+             f'<line x1="{L}" y1="20" x2="{L}" y2="{H-B}" stroke="black"/>',
+             f'<text x="{W/2}" y="{H-12}" text-anchor="middle">connections</text>',
+             f'<text x="14" y="{H/2}" transform="rotate(-90 14 {H/2})" text-anchor="middle">requests/s</text>']
+    for c in conns:
+        parts.append(f'<text x="{x(c)}" y="{H-B+16}" text-anchor="middle">{c}</text>')
+    for i in range(5):
+        v = top * i / 4
+        parts.append(f'<text x="{L-6}" y="{y(v)+4}" text-anchor="end">{v/1000:.0f}k</text>')
+    for n, (name, s) in enumerate(series.items()):
+        pts = " ".join(f"{x(c)},{y(s[c])}" for c in conns if c in s)
+        col = colors.get(name, "gray")
+        parts.append(f'<polyline fill="none" stroke="{col}" stroke-width="2" points="{pts}"/>')
+        parts.append(f'<text x="{W-150}" y="{30+16*n}" fill="{col}">{name}</text>')
+    parts.append("</svg>")
+    path.write_text("\n".join(parts))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the peak stage (default 3)")
+    ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
+    ap.add_argument("--stages", default="peak,latency,scaling,token", help="comma-separated subset")
+    ap.add_argument("--skip-build", action="store_true", help="use the existing release build")
+    ap.add_argument("--out", default=str(ROOT / "target/load"), help="results directory")
+    args = ap.parse_args()
+    stages = set(args.stages.split(","))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    ensure_tools()
+    if not args.skip_build:
+        build()
+    results = {"machine": {"cpus": os.cpu_count(), "proxy_core": PROXY_CORE, "client_core": CLIENT_CORE}}
+    names = list(PORTS)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fleet = Fleet(Path(tmp))
+        fleet.start()
+        try:
+            for n in names:  # warm-up: connection pools, token, page cache
+                wrk(f"http://127.0.0.1:{PORTS[n]}/", 64, 2)
+            if "peak" in stages:
+                runs = {n: [] for n in names}
+                for r in range(args.rounds):
+                    order = names[r % len(names):] + names[:r % len(names)]
+                    for n in order:
+                        runs[n].append(wrk(f"http://127.0.0.1:{PORTS[n]}/", 64, args.duration, fleet, n))
+                peak = {}
+                for n, rs in runs.items():
+                    peak[n] = {"rps_median": statistics.median(r["rps"] for r in rs),
+                               "cpu_us_per_req_median": statistics.median(r["cpu_us_per_req"] for r in rs),
+                               "non2xx": sum(r["non2xx"] + r["socket_errors"] for r in rs),
+                               "client_bound_runs": sum(r["client_bound"] for r in rs), "runs": rs}
+                for n in names:
+                    peak[n]["tokengate_ratio"] = peak["tokengate"]["rps_median"] / peak[n]["rps_median"]
+                results["peak"] = peak
+            if "latency" in stages:
+                top = results.get("peak", {}).get("tokengate", {}).get("rps_median") or \
+                    wrk(f"http://127.0.0.1:{PORTS['tokengate']}/", 64, args.duration)["rps"]
+                lat = {}
+                for frac in (0.25, 0.5):
+                    rate = top * frac
+                    direct = oha(f"http://{ORIGIN}/", rate, args.duration)
+                    row = {"rate": rate, "direct_ms": direct}
+                    for n in ("tokengate", "nginx"):
+                        m = oha(f"http://127.0.0.1:{PORTS[n]}/", rate, args.duration)
+                        row[n] = {k: m[k] - direct[k] for k in m}
+                    lat[f"{int(frac * 100)}%"] = row
+                results["latency_added_ms"] = lat
+            if "scaling" in stages:
+                scale = {n: {} for n in names}
+                rss = {n: {"idle_kib": rss_kib(fleet.pid(n))} for n in names}
+                for c in (1, 64, 256, 1024):
+                    for n in names:
+                        r = wrk(f"http://127.0.0.1:{PORTS[n]}/", c, max(5, args.duration // 2), fleet, n)
+                        scale[n][c] = r["rps"]
+                        if c == 1024:
+                            rss[n]["at_1024_kib"] = r["rss_peak_kib"]
+                results["scaling_rps"] = scale
+                results["rss"] = rss
+                svg_chart(scale, out / "scaling.svg")
+        finally:
+            fleet.stop()
+
+    if "scaling" in stages:
+        with tempfile.TemporaryDirectory() as tmp:
+            big = Fleet(Path(tmp), routes=1000)
+            big.start()
+            try:
+                wrk(f"http://127.0.0.1:{PORTS['tokengate']}/", 64, 2)
+                r = wrk(f"http://127.0.0.1:{PORTS['tokengate']}/", 64, args.duration, big, "tokengate")
+                results["routes_1000_rps"] = r["rps"]
+                results["routes_1_rps"] = results["scaling_rps"]["tokengate"][64]
+            finally:
+                big.stop()
+
+    if "token" in stages:
+        with tempfile.TemporaryDirectory() as tmp:
+            tf = Fleet(Path(tmp), token_lifetime=5)
+            tf.start()
+            try:
+                before = metric('tokengate_token_requests_total{outcome="success"')
+                r = wrk(f"http://127.0.0.1:{PORTS['tokengate']}/", 64, 60, tf, "tokengate")
+                after = metric('tokengate_token_requests_total{outcome="success"')
+                failed = metric("tokengate_token_requests_total") - after
+            finally:
+                counts = tf.stop()
+            seen = counts.get("driftrock_token_requests")
+            results["token_path"] = {"duration_s": 60, "token_lifetime_s": 5,
+                                     "renewals_during_run": after - before,
+                                     "token_endpoint_requests_total": seen,
+                                     "gateway_token_requests_total": after + failed,
+                                     "failed_token_requests": failed,
+                                     "non2xx": r["non2xx"] + r["socket_errors"], "rps": r["rps"]}
+
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    report(results, out)
+
+
+def report(res, out):
+    print("\n## Load benchmark results\n")
+    print(f"Machine: {res['machine']['cpus']} cores; proxies pinned to core {PROXY_CORE}, load generator, origin "
+          f"and token endpoint on core {CLIENT_CORE}.\n")
+    if "peak" in res:
+        print("| proxy | median req/s | CPU µs/req (proxy core) | tokengate ratio | non-2xx | client-bound runs |")
+        print("|---|---|---|---|---|---|")
+        for n, p in res["peak"].items():
+            print(f"| {n} | {p['rps_median']:.0f} | {p['cpu_us_per_req_median']:.1f} | {p['tokengate_ratio']:.2f} | "
+                  f"{p['non2xx']} | {p['client_bound_runs']}/{len(p['runs'])} |")
+    if "latency_added_ms" in res:
+        print("\n| load | proxy | added p50 ms | added p99 ms | added p99.9 ms |\n|---|---|---|---|---|")
+        for load, row in res["latency_added_ms"].items():
+            for n in ("tokengate", "nginx"):
+                m = row[n]
+                print(f"| {load} ({row['rate']:.0f}/s) | {n} | {m['p50']:.3f} | {m['p99']:.3f} | {m['p99.9']:.3f} |")
+    if "scaling_rps" in res:
+        print("\n| proxy | 1 conn | 64 | 256 | 1024 | RSS idle MiB | RSS @1024 MiB |\n|---|---|---|---|---|---|---|")
+        for n, s in res["scaling_rps"].items():
+            r = res["rss"][n]
+            print(f"| {n} | {s[1]:.0f} | {s[64]:.0f} | {s[256]:.0f} | {s[1024]:.0f} | {r['idle_kib']/1024:.1f} | "
+                  f"{r.get('at_1024_kib', 0)/1024:.1f} |")
+        print(f"\ntokengate with 1 route: {res['routes_1_rps']:.0f} req/s; with 1,000 routes: {res['routes_1000_rps']:.0f} req/s")
+        print(f"Chart: {out / 'scaling.svg'}")
+    if "token_path" in res:
+        t = res["token_path"]
+        print(f"\nToken path, 60 s with 5 s tokens: {t['renewals_during_run']:.0f} renewals during the run, "
+              f"token endpoint saw {t['token_endpoint_requests_total']} requests in all "
+              f"(gateway made {t['gateway_token_requests_total']:.0f}, {t['failed_token_requests']:.0f} failed); "
+              f"non-2xx responses: {t['non2xx']}")
+    print(f"\nRaw data: {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
