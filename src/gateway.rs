@@ -337,12 +337,20 @@ fn compile_route(
     metrics: &Metrics,
 ) -> Result<Route, StartError> {
     let up = &rc.upstream;
-    let mut peer = HttpPeer::new((up.host.as_str(), up.port), up.tls, up.host.clone());
-    if peer._address.as_inet().is_none() {
-        return Err(StartError::Internal(format!(
-            "routes[{index}]: upstream address is not an inet address"
-        )));
-    }
+    // Resolved once at start (pingora peers hold a socket address); pingora's own resolution
+    // would panic on a name that does not resolve.
+    let resolve_error = |reason: String| StartError::Resolve {
+        index,
+        route: rc.name.clone(),
+        host: up.host.clone(),
+        port: up.port,
+        reason,
+    };
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(up.host.as_str(), up.port))
+        .map_err(|e| resolve_error(e.to_string()))?
+        .next()
+        .ok_or_else(|| resolve_error("no address".into()))?;
+    let mut peer = HttpPeer::new(addr, up.tls, up.host.clone());
     peer.options.connection_timeout = Some(rc.connect_timeout);
     peer.options.total_connection_timeout = Some(rc.connect_timeout * 2);
     peer.options.read_timeout = Some(rc.read_timeout);

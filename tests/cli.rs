@@ -249,3 +249,24 @@ async fn token_and_check_fetch_against_the_sandbox() {
     );
     sandbox.shutdown().await.unwrap();
 }
+
+#[test]
+fn run_with_an_upstream_that_does_not_resolve_exits_1_with_a_message() {
+    let dir = TempDir::new("nodns");
+    let config = good_config(&common::demo_key_path())
+        .replace(
+            "https://www.drillster.com\"",
+            "https://no-such-host.invalid\"",
+        )
+        .replace("127.0.0.1:18080", &common::free_addr().to_string())
+        .replace("127.0.0.1:19090", &common::free_addr().to_string());
+    let path = dir.write("nodns.toml", &config);
+    let out = tokengate(&["run", "-c", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr
+            .contains("routes[0] (drillster): upstream no-such-host.invalid:443 does not resolve"),
+        "{stderr}"
+    );
+}
