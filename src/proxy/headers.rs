@@ -30,6 +30,10 @@ pub fn strip_inbound_credentials(
 /// (then the query is forwarded untouched). The other parameters keep their bytes and order;
 /// an empty result means "no query".
 pub fn strip_access_token(query: &str) -> Option<String> {
+    // Fast path: a name spelled `access_token` contains "access" unless percent-encoded.
+    if !query.contains("access") && !query.contains('%') {
+        return None;
+    }
     if !query.split('&').any(is_access_token_param) {
         return None;
     }

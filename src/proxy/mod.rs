@@ -278,7 +278,12 @@ impl ProxyHttp for Gateway {
 
         ctx.authorization_len = authorization.len();
         headers::strip_inbound_credentials(upstream, route.forward_cookies, &route.strip_headers);
-        headers::restore_field_order(upstream, &session.req_header().headers);
+        // Removals (ours and pingora's hop-by-hop policy) can reorder the map; when nothing was
+        // removed — the common case — the order is the client's already.
+        let original = &session.req_header().headers;
+        if upstream.headers.len() != original.len() {
+            headers::restore_field_order(upstream, original);
+        }
         upstream.insert_header(http::header::AUTHORIZATION, authorization)?;
 
         if let Some(host) = upstream.headers.get(HOST).cloned() {
