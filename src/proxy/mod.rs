@@ -152,6 +152,11 @@ pub struct RequestCtx {
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
 
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {
+        // No downstream modules: tokengate never compresses (pingora's default adds a disabled
+        // compression module that still runs on every request).
+    }
+
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             started: Instant::now(),
