@@ -45,8 +45,6 @@ pub const LOG_TARGETS_CAPPED_AT_INFO: &[&str] = &["pingora_proxy", "pingora_core
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// State shared by every listener: compiled routes, client allowlist, metrics.
 pub struct SharedState {
@@ -289,13 +287,15 @@ impl ProxyHttp for Gateway {
         if upstream.headers.len() != original.len() {
             headers::restore_field_order(upstream, original);
         }
-        upstream.insert_header(http::header::AUTHORIZATION, authorization)?;
+        // Names as `&'static str` in their usual spelling: pingora keeps the original case of
+        // every field, and a `HeaderName` would be copied into a new buffer on each insert.
+        upstream.insert_header("Authorization", authorization)?;
 
         if let Some(host) = upstream.headers.get(HOST).cloned() {
-            upstream.insert_header(X_FORWARDED_HOST.clone(), host)?;
+            upstream.insert_header("X-Forwarded-Host", host)?;
         }
-        upstream.insert_header(HOST, route.host_header.clone())?;
-        upstream.insert_header(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"))?;
+        upstream.insert_header("Host", route.host_header.clone())?;
+        upstream.insert_header("X-Forwarded-Proto", HeaderValue::from_static("http"))?;
         if let Some(ip) = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -305,10 +305,10 @@ impl ProxyHttp for Gateway {
                 Some(prev) => format!("{}, {ip}", String::from_utf8_lossy(prev.as_bytes())),
                 None => ip.to_string(),
             };
-            upstream.insert_header(X_FORWARDED_FOR.clone(), xff)?;
+            upstream.insert_header("X-Forwarded-For", xff)?;
         }
         if let Some(id) = &ctx.request_id {
-            upstream.insert_header(X_REQUEST_ID.clone(), id.clone())?;
+            upstream.insert_header("X-Request-Id", id.clone())?;
         }
         rewrite_target(upstream, route)
     }
@@ -404,7 +404,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(id) = &ctx.request_id {
-            response.insert_header(X_REQUEST_ID.clone(), id.clone())?;
+            response.insert_header("X-Request-Id", id.clone())?;
         }
         Ok(())
     }
