@@ -103,8 +103,24 @@ pub struct Demo {
     pub sandbox: Sandbox,
     /// The gateway.
     pub gateway: GatewayHandle,
-    /// Where the generated config and key file were written.
-    pub dir: PathBuf,
+    /// Where the generated config and key file were written; removed on drop.
+    pub dir: DemoDir,
+}
+
+/// The demo's scratch directory (config and a copy of the public sandbox key), removed on drop.
+pub struct DemoDir(PathBuf);
+
+impl DemoDir {
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for DemoDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Demo {
@@ -119,12 +135,13 @@ impl Demo {
         let dir = std::env::temp_dir().join(format!("tokengate-demo-{}", std::process::id()));
         std::fs::create_dir_all(&dir)
             .map_err(|e| DemoError::Io(format!("{}: {e}", dir.display())))?;
-        let key_file = dir.join("drillster-key.json");
+        let dir = DemoDir(dir);
+        let key_file = dir.path().join("drillster-key.json");
         write_private(&key_file, keys::DEMO_KEY_JSON)?;
         let listen = listen.unwrap_or_else(|| free_or_ephemeral("127.0.0.1:8080"));
         let admin = admin.unwrap_or_else(|| free_or_ephemeral("127.0.0.1:9090"));
         let toml = config_toml(&sandbox, listen, admin, &key_file);
-        let config_path = dir.join("tokengate-demo.toml");
+        let config_path = dir.path().join("tokengate-demo.toml");
         write_private(&config_path, &toml)?;
         let config = Config::from_toml_str(&toml, Some(&config_path), &|_| None)?;
         let gateway = GatewayHandle::start(config)?;
@@ -161,7 +178,7 @@ pub fn run(listen: Option<SocketAddr>, admin: Option<SocketAddr>) -> Result<(), 
     println!("  sandbox API    {}", demo.sandbox.api.base_url());
     println!(
         "  config         {}",
-        demo.dir.join("tokengate-demo.toml").display()
+        demo.dir.path().join("tokengate-demo.toml").display()
     );
     println!();
     println!("Try (the API echoes what it received: your Authorization, Cookie and access_token are gone, the gateway's Bearer token is there):");
@@ -179,7 +196,7 @@ pub fn run(listen: Option<SocketAddr>, admin: Option<SocketAddr>) -> Result<(), 
         dir,
     } = demo;
     gateway.shutdown();
-    let _ = std::fs::remove_dir_all(dir);
+    drop(dir);
     runtime.block_on(sandbox.shutdown())?;
     Ok(())
 }

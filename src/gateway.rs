@@ -51,6 +51,16 @@ pub enum StartError {
         /// What went wrong.
         reason: String,
     },
+    /// A listener address cannot be bound (in use, not a local address, no permission).
+    #[error("{key}: cannot listen on {addr}: {reason}")]
+    Bind {
+        /// The config key (`server.listen`, `server.admin_listen`, `routes[i].listen`).
+        key: String,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        reason: String,
+    },
     /// Runtime or HTTP client construction failed.
     #[error("{0}")]
     Internal(String),
@@ -205,8 +215,35 @@ pub fn run_with(built: Built, shutdown: Box<dyn ShutdownSignalWatch>) -> Result<
 
 /// Runs the gateway until SIGTERM or SIGINT (both drain for `server.grace_period`).
 pub fn run(config: Config) -> Result<(), StartError> {
+    check_listeners(&config)?;
     let built = Built::new(config)?;
     run_with(built, Box::new(UnixSignals))
+}
+
+/// Binds (and releases) every listener address before pingora starts: pingora binds in its
+/// service threads, retries a taken port for half a minute and then panics in that thread while
+/// the rest of the process keeps running. Failing here gives a clear error and exit 1.
+pub fn check_listeners(config: &Config) -> Result<(), StartError> {
+    let mut addrs: Vec<(String, SocketAddr)> = config
+        .server
+        .listen
+        .iter()
+        .map(|a| ("server.listen".to_string(), *a))
+        .collect();
+    addrs.push(("server.admin_listen".into(), config.server.admin_listen));
+    for (i, r) in config.routes.iter().enumerate() {
+        if let Some(a) = r.listen {
+            addrs.push((format!("routes[{i}].listen"), a));
+        }
+    }
+    for (key, addr) in addrs {
+        std::net::TcpListener::bind(addr).map_err(|e| StartError::Bind {
+            key,
+            addr,
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(())
 }
 
 /// SIGTERM and SIGINT: graceful terminate (SPEC "Signals"). SIGQUIT: fast.
@@ -259,6 +296,7 @@ impl GatewayHandle {
         let mut listen = config.server.listen.clone();
         listen.extend(config.routes.iter().filter_map(|r| r.listen));
         let admin = config.server.admin_listen;
+        check_listeners(&config)?;
         let built = Built::new(config)?;
         let state = Arc::clone(&built.state);
         let server = built.server()?;

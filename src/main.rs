@@ -182,6 +182,14 @@ fn token(path: &std::path::Path, route_name: &str, subject: Option<String>) -> E
         );
         return ExitCode::from(2);
     };
+    if subject.is_some() && !matches!(route.auth.grant, tokengate::config::Grant::JwtBearer { .. })
+    {
+        eprintln!(
+            "tokengate: --subject: route {route_name:?} uses the {} grant; --subject applies to jwt_bearer routes only",
+            route.auth.grant.name()
+        );
+        return ExitCode::from(2);
+    }
     let Some(rt) = runtime() else {
         return ExitCode::from(1);
     };

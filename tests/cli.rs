@@ -270,3 +270,45 @@ fn run_with_an_upstream_that_does_not_resolve_exits_1_with_a_message() {
         "{stderr}"
     );
 }
+
+#[test]
+fn run_with_a_listener_port_taken_exits_1_naming_the_key() {
+    let dir = TempDir::new("busy");
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_addr = busy.local_addr().unwrap().to_string();
+    let config = good_config(&common::demo_key_path())
+        .replace("127.0.0.1:18080", &busy_addr)
+        .replace("127.0.0.1:19090", &common::free_addr().to_string());
+    let path = dir.write("busy.toml", &config);
+    let out = tokengate(&["run", "-c", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("server.listen: cannot listen on {busy_addr}")),
+        "{stderr}"
+    );
+    drop(busy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subject_on_a_client_credentials_route_is_a_usage_error() {
+    let sandbox = Sandbox::start().await.unwrap();
+    let dir = TempDir::new("subject");
+    let toml = tokengate::demo::config_toml(
+        &sandbox,
+        common::free_addr(),
+        common::free_addr(),
+        &common::demo_key_path(),
+    );
+    let path = dir.write("sandbox.toml", &toml);
+    let p = path.to_str().unwrap().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        tokengate(&["token", "-c", &p, "--route", "driftrock", "--subject", "x"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--subject"));
+    assert_eq!(sandbox.driftrock.requests(), 0);
+    sandbox.shutdown().await.unwrap();
+}

@@ -559,12 +559,7 @@ mod tests {
             n: AtomicU32::new(0),
             hang,
         };
-        TokenSource::new(
-            "test",
-            Box::new(fetcher),
-            policy,
-            TokenMetrics::detached(),
-        )
+        TokenSource::new("test", Box::new(fetcher), policy, TokenMetrics::detached())
     }
 
     #[tokio::test]
