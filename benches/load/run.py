@@ -245,7 +245,7 @@ def wrk(url, connections, duration, fleet=None, proxy=None):
     busy0 = core_busy(CLIENT_CORE)
     cpu0 = cpu_seconds(fleet.pid(proxy)) if proxy else None
     rss_peak = 0
-    p = pinned(CLIENT_CORE, ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url],
+    p = pinned(CLIENT_CORE, ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", url],
                stdout=subprocess.PIPE, text=True)
     while p.poll() is None:
         if proxy:
@@ -265,12 +265,13 @@ def wrk(url, connections, duration, fleet=None, proxy=None):
 
 
 def oha(url, rate, duration):
-    p = pinned(CLIENT_CORE, ["oha", "--no-tui", "-j", "--latency-correction", "-q", str(int(rate)),
+    p = pinned(CLIENT_CORE, ["oha", "--no-tui", "--output-format", "json", "--latency-correction", "-q", str(int(rate)),
                              "-z", f"{duration}s", "-c", "64", url], stdout=subprocess.PIPE, text=True)
     out, _ = p.communicate()
     j = json.loads(out)
-    pct = j["latencyPercentiles"]
-    return {k: pct[k] * 1e3 for k in ("p50", "p99", "p99.9")}  # ms
+    pct = j.get("latencyPercentiles") or j.get("latency_percentiles") or {}
+    # seconds → ms; oha names the keys p50, p99, p99.9 (older versions: p99_9)
+    return {k: pct.get(k, pct.get(k.replace(".", "_"), float("nan"))) * 1e3 for k in ("p50", "p99", "p99.9")}
 
 
 def svg_chart(series, path):
@@ -341,6 +342,7 @@ def main():
                 for n in names:
                     peak[n]["tokengate_ratio"] = peak["tokengate"]["rps_median"] / peak[n]["rps_median"]
                 results["peak"] = peak
+                (out / "results.json").write_text(json.dumps(results, indent=2))
             if "latency" in stages:
                 top = results.get("peak", {}).get("tokengate", {}).get("rps_median") or \
                     wrk(f"http://127.0.0.1:{PORTS['tokengate']}/", 64, args.duration)["rps"]
@@ -354,6 +356,7 @@ def main():
                         row[n] = {k: m[k] - direct[k] for k in m}
                     lat[f"{int(frac * 100)}%"] = row
                 results["latency_added_ms"] = lat
+                (out / "results.json").write_text(json.dumps(results, indent=2))
             if "scaling" in stages:
                 scale = {n: {} for n in names}
                 rss = {n: {"idle_kib": rss_kib(fleet.pid(n))} for n in names}
@@ -366,6 +369,7 @@ def main():
                 results["scaling_rps"] = scale
                 results["rss"] = rss
                 svg_chart(scale, out / "scaling.svg")
+                (out / "results.json").write_text(json.dumps(results, indent=2))
         finally:
             fleet.stop()
 
