@@ -26,6 +26,31 @@ pub fn strip_inbound_credentials(
     }
 }
 
+/// The credential step of the upstream request, in one place for the proxy and its benchmark:
+/// strips inbound credentials ([`strip_inbound_credentials`]), puts the client's field order back
+/// if a removal disturbed it ([`restore_field_order`]; `original` is the downstream request's
+/// map) and inserts exactly one `Authorization` (`Bearer <token>`).
+///
+/// Errors: pingora's, if the value cannot be inserted (it was validated when the token arrived).
+#[inline]
+pub fn apply_credentials(
+    upstream: &mut RequestHeader,
+    original: &http::HeaderMap,
+    authorization: http::HeaderValue,
+    forward_cookies: bool,
+    extra: &[HeaderName],
+) -> pingora::Result<()> {
+    strip_inbound_credentials(upstream, forward_cookies, extra);
+    // Removals (ours and pingora's hop-by-hop policy) can reorder the map; when nothing was
+    // removed — the common case — the order is the client's already.
+    if upstream.headers.len() != original.len() {
+        restore_field_order(upstream, original);
+    }
+    // The name as `&'static str` in its usual spelling: pingora keeps the original case of every
+    // field, and a `HeaderName` would be copied into a new buffer on each insert.
+    upstream.insert_header("Authorization", authorization)
+}
+
 /// The query without any `access_token` parameter (RFC 6750 §2.3), or `None` when it has none
 /// (then the query is forwarded untouched). The other parameters keep their bytes and order;
 /// an empty result means "no query".

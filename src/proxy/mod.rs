@@ -280,16 +280,13 @@ impl ProxyHttp for Gateway {
         };
 
         ctx.authorization_len = authorization.len();
-        headers::strip_inbound_credentials(upstream, route.forward_cookies, &route.strip_headers);
-        // Removals (ours and pingora's hop-by-hop policy) can reorder the map; when nothing was
-        // removed — the common case — the order is the client's already.
-        let original = &session.req_header().headers;
-        if upstream.headers.len() != original.len() {
-            headers::restore_field_order(upstream, original);
-        }
-        // Names as `&'static str` in their usual spelling: pingora keeps the original case of
-        // every field, and a `HeaderName` would be copied into a new buffer on each insert.
-        upstream.insert_header("Authorization", authorization)?;
+        headers::apply_credentials(
+            upstream,
+            &session.req_header().headers,
+            authorization,
+            route.forward_cookies,
+            &route.strip_headers,
+        )?;
 
         if let Some(host) = upstream.headers.get(HOST).cloned() {
             upstream.insert_header("X-Forwarded-Host", host)?;
