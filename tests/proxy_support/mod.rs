@@ -97,36 +97,8 @@ pub fn route_setting(toml: &str, name: &str, line: &str) -> String {
     toml.replacen(&anchor, &format!("{anchor}{line}\n"), 1)
 }
 
-/// A response head and body read from a raw socket.
-#[derive(Debug)]
-pub struct Answer {
-    pub status: u16,
-    pub head: String,
-    pub body: Vec<u8>,
-}
-
-impl Answer {
-    /// First value of a response header (case-insensitive).
-    pub fn header(&self, name: &str) -> Option<String> {
-        self.head.lines().skip(1).find_map(|l| {
-            let (n, v) = l.split_once(':')?;
-            n.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_string())
-        })
-    }
-
-    /// The body as JSON.
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "not JSON ({e}): {}\n{}",
-                self.head,
-                String::from_utf8_lossy(&self.body)
-            )
-        })
-    }
-}
+/// A response head and body read from a raw socket (the shared harness type).
+pub use crate::common::RawResponse as Answer;
 
 /// Reads one response (head, then a `Content-Length` body or up to EOF) from `s`, within 10 s.
 /// 1xx interim responses are returned like final ones (the caller reads again).
