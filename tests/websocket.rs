@@ -47,7 +47,6 @@ async fn echo(ws: &mut WebSocketStream<TcpStream>, message: Message) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "intermittent under CPU load: pingora 0.9 can treat the (empty) body of the upgrade request as finished and half-close the upstream before the 101 arrives, and the upstream then closes the socket; run with --ignored (README, Not yet)"]
 async fn upgrade_with_either_connection_value_and_messages_both_ways() {
     let rig = Rig::start(|t, _, _| t).await;
     for connection in ["Upgrade", "keep-alive, Upgrade"] {
@@ -77,7 +76,6 @@ async fn upgrade_with_either_connection_value_and_messages_both_ways() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "intermittent under CPU load: pingora 0.9 can treat the (empty) body of the upgrade request as finished and half-close the upstream before the 101 arrives, and the upstream then closes the socket; run with --ignored (README, Not yet)"]
 async fn token_renewal_does_not_close_an_open_socket() {
     // Tokens live 3 s: the refresher renews while the socket is open.
     let sandbox = Sandbox::builder()

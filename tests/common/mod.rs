@@ -5,6 +5,7 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokengate::config::Config;
@@ -12,10 +13,21 @@ use tokengate::gateway::GatewayHandle;
 use tokengate::sandbox::{Echo, Sandbox};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A free loopback port (bound, then released for the gateway to take).
+/// A free loopback port (bound, then released for the gateway to take), never one this test
+/// process handed out before: the kernel can give the same ephemeral port to two `bind(0)`s in
+/// a row once the first is released, and a gateway whose proxy and admin listeners (or two
+/// tests' gateways) got the same port fails to start or answers for the other.
 pub fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local_addr")
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let addr = l.local_addr().expect("local_addr");
+        if !handed_out.contains(&addr.port()) {
+            handed_out.push(addr.port());
+            return addr;
+        }
+    }
 }
 
 /// The sandbox demo key file in the repository.
