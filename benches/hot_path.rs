@@ -1,11 +1,13 @@
 //! Criterion micro-benchmarks of tokengate's own per-request work (STYLE.md "Nothing slow or
 //! chatty on the hot path"): route lookup, credential stripping plus token insertion, the
-//! `access_token` query rewrite, and the lock-free token read. No network and no pingora server:
-//! only the functions the proxy phases call for every request.
+//! `access_token` query rewrite, the lock-free token read, and all of them together as one
+//! request's work (`per_request`). No network and no pingora server: only the functions the
+//! proxy phases call for every request.
 //!
 //! Run: `cargo bench --bench hot_path` (results and their reading: BENCHMARKS.md).
 
 use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,16 +17,26 @@ use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 
 use tokengate::config::Config;
-use tokengate::metrics::TokenMetrics;
+use tokengate::metrics::{Metrics, TokenMetrics};
 use tokengate::oauth::{AccessToken, FetchError};
-use tokengate::proxy::headers::{apply_credentials, strip_access_token};
+use tokengate::proxy::headers::{add_forwarding_fields, apply_credentials, strip_access_token};
 use tokengate::proxy::routes::RouteTable;
+use tokengate::proxy::{client_allowed, RequestIds};
 use tokengate::token::{RenewalPolicy, TokenFetcher, TokenSource};
+
+// The allocator the gateway binary runs with (src/main.rs), so allocations inside the measured
+// functions cost what they cost in production.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// A config with `n` routes on the shared listener: `routes[0]` is the `/` fallback, the others
 /// have deep prefixes `/api/v1/tenant{i}/orders`. Built through the real loader.
 fn config_with_routes(n: usize) -> Config {
-    let mut toml = String::from("[server]\nlisten = \"127.0.0.1:8080\"\n");
+    // A trusted network of the three private ranges; clients below come from the last one.
+    let mut toml = String::from(
+        "[server]\nlisten = \"127.0.0.1:8080\"\n\
+         allowed_clients = [\"10.0.0.0/8\", \"172.16.0.0/12\", \"192.168.0.0/16\"]\n",
+    );
     for i in 0..n {
         let prefix = if i == 0 {
             "/".to_string()
@@ -156,6 +168,39 @@ fn header_hygiene(c: &mut Criterion) {
     group.finish();
 }
 
+fn forwarding_fields(c: &mut Criterion) {
+    let prepared = request_with(false);
+    let host_header = HeaderValue::from_static("api.example.com");
+    let client = IpAddr::V4(Ipv4Addr::new(192, 168, 30, 40));
+    let id = RequestIds::new().next();
+    c.bench_function("add_forwarding_fields", |b| {
+        b.iter_batched(
+            || prepared.clone(),
+            |mut req| {
+                if let Err(e) = add_forwarding_fields(
+                    &mut req,
+                    &host_header,
+                    black_box(Some(client)),
+                    Some(&id),
+                ) {
+                    panic!("add_forwarding_fields: {e}");
+                }
+                req
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
+fn request_id_and_metrics(c: &mut Criterion) {
+    let ids = RequestIds::new();
+    c.bench_function("request_id", |b| b.iter(|| ids.next()));
+    let metrics = Metrics::new().route("r");
+    c.bench_function("metrics_request", |b| {
+        b.iter(|| metrics.request(black_box(200), black_box(Duration::from_micros(250))))
+    });
+}
+
 fn query_rewrite(c: &mut Criterion) {
     let mut group = c.benchmark_group("strip_access_token");
     let without = "page=2&per_page=50&sort=-created&filter=a%2Fb";
@@ -184,7 +229,8 @@ impl TokenFetcher for InstantFetcher {
     }
 }
 
-fn token_lookup(c: &mut Criterion) {
+/// A token source holding a token, with the runtime its refresher runs on.
+fn token_source() -> (Arc<TokenSource>, tokio::runtime::Runtime) {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -199,23 +245,95 @@ fn token_lookup(c: &mut Criterion) {
         RenewalPolicy::default(),
         TokenMetrics::detached(),
     );
-    let refresher = source.spawn_refresher(runtime.handle());
+    // The refresher lives as long as the runtime.
+    let _refresher = source.spawn_refresher(runtime.handle());
     let deadline = Instant::now() + Duration::from_secs(10);
     while source.usable_now(Instant::now()).is_none() {
         assert!(Instant::now() < deadline, "no token within 10 s");
         std::thread::sleep(Duration::from_millis(1));
     }
+    (source, runtime)
+}
+
+fn token_lookup(c: &mut Criterion) {
+    let (source, _runtime) = token_source();
     c.bench_function("token_usable_now", |b| {
         b.iter(|| source.usable_now(black_box(Instant::now())))
     });
-    refresher.abort();
+}
+
+/// Everything tokengate's own code does for one proxied request, in the order the proxy phases
+/// do it: request id, client allowlist, route lookup (100 routes), token read, credential
+/// step, forwarding fields, `access_token` query check, and the metrics update at the end.
+/// pingora's parsing, I/O and its own header handling are not included.
+fn per_request(c: &mut Criterion) {
+    let config = config_with_routes(100);
+    let table = RouteTable::shared(config.routes.iter().enumerate());
+    let allowed = config.server.allowed_clients.clone();
+    let client = IpAddr::V4(Ipv4Addr::new(192, 168, 30, 40));
+    assert!(
+        client_allowed(&allowed, client),
+        "the allowlist admits 192.168/16"
+    );
+    let ids = RequestIds::new();
+    let (source, _runtime) = token_source();
+    let metrics = Metrics::new().route("r99");
+    let host_header = HeaderValue::from_static("api.example.com");
+    let host: &[u8] = b"gateway.internal:8080";
+    let path = "/api/v1/tenant99/orders/12345/items";
+    let query = "page=2&per_page=50&sort=-created&filter=a%2Fb";
+    let extra = [HeaderName::from_static("x-api-key")];
+
+    let mut group = c.benchmark_group("per_request");
+    for (name, prepared) in [
+        ("without_inbound_credentials", request_with(false)),
+        ("with_inbound_credentials", request_with(true)),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || prepared.clone(),
+                |mut req| {
+                    let started = Instant::now();
+                    let id = ids.next();
+                    assert!(client_allowed(&allowed, black_box(client)));
+                    let route = table.lookup(black_box(Some(host)), black_box(path));
+                    assert_eq!(route, Some(99));
+                    let Some((authorization, _generation)) = source.usable_now(started) else {
+                        panic!("token expired during the bench");
+                    };
+                    if let Err(e) = apply_credentials(
+                        &mut req,
+                        &prepared.headers,
+                        authorization,
+                        false,
+                        black_box(&extra),
+                    ) {
+                        panic!("apply_credentials: {e}");
+                    }
+                    if let Err(e) =
+                        add_forwarding_fields(&mut req, &host_header, Some(client), Some(&id))
+                    {
+                        panic!("add_forwarding_fields: {e}");
+                    }
+                    assert_eq!(strip_access_token(black_box(query)), None);
+                    metrics.request(200, started.elapsed());
+                    req
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
 }
 
 criterion_group!(
     benches,
     route_lookup,
     header_hygiene,
+    forwarding_fields,
+    request_id_and_metrics,
     query_rewrite,
-    token_lookup
+    token_lookup,
+    per_request
 );
 criterion_main!(benches);

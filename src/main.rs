@@ -1,6 +1,7 @@
 //! `tokengate` command line (SPEC "Command line"). Parses arguments, loads config, starts; maps
 //! errors to exit codes: 0 success, 1 runtime failure, 2 bad usage or bad config.
 
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::SystemTime;
@@ -239,7 +240,8 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
     }
 }
 
-/// Logs go to stderr, as text or JSON lines; `RUST_LOG` overrides `log.level` when set.
+/// Logs go to stderr, as text (coloured only on a terminal) or JSON lines; `RUST_LOG`
+/// overrides `log.level` when set.
 fn init_logging(log: &LogConfig) {
     let filter = std::env::var("RUST_LOG")
         .ok()
@@ -252,7 +254,10 @@ fn init_logging(log: &LogConfig) {
         Targets::new().with_default(LevelFilter::TRACE),
         |t, target| t.with_target(*target, LevelFilter::INFO),
     );
-    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour only for a person at a terminal: log files and collectors get plain text.
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match log.format {
         LogFormat::Json => tracing_subscriber::registry()
             .with(layer.json().with_filter(filter.and(caps)))

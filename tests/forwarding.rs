@@ -363,6 +363,10 @@ async fn malformed_requests_are_refused_and_never_forwarded() {
             b"GET /drillster/m HTTP/1.1\r\nHost: gw\r\nX-E\rvil: a\r\n\r\n".to_vec(),
         ),
         (
+            "HTTP/1.1 without Host",
+            b"GET /drillster/m HTTP/1.1\r\nAccept: */*\r\n\r\n".to_vec(),
+        ),
+        (
             "oversized header block",
             format!("GET /drillster/m HTTP/1.1\r\nHost: gw\r\n{big}\r\n").into_bytes(),
         ),
@@ -376,5 +380,32 @@ async fn malformed_requests_are_refused_and_never_forwarded() {
     // The gateway still works.
     let r = send(rig.gw.addr(), &get("/drillster/ok")).await;
     assert_eq!(r.status, 200);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_codings_other_than_chunked_get_501_and_are_never_forwarded() {
+    let rig = Rig::start(|t, _, _| t).await;
+    for te in [
+        "gzip, chunked",
+        "gzip\r\nTransfer-Encoding: chunked",
+        "chunked, chunked",
+    ] {
+        let req = format!(
+            "POST /drillster/te HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: {te}\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        let before = rig.raw.request_count();
+        let r = send(rig.gw.addr(), req.as_bytes()).await;
+        assert_eq!(r.status, 501, "{te}: {}", r.head);
+        assert_eq!(rig.raw.request_count(), before, "{te} was forwarded");
+    }
+    // Plain chunked (any case) still goes through whole.
+    let r = send(
+        rig.gw.addr(),
+        b"POST /drillster/te HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: Chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(rig.raw.last().unwrap().body_len, 5);
     rig.stop().await;
 }

@@ -143,6 +143,12 @@ async fn secrets_never_leak_with_a_failing_upstream() {
     assert!(status.contains("drillster") && metrics.contains("tokengate_"));
     let log = gw.log();
     assert!(log.len() > 1000, "trace logging produced little:\n{log}");
+    // Written to a file, not a terminal: plain text, no colour escapes.
+    assert!(
+        !log.contains('\u{1b}'),
+        "ANSI escape codes in a log file:\n{}",
+        &log[..log.len().min(400)]
+    );
 
     let key_json = std::fs::read_to_string(demo_key_path()).unwrap();
     let private_key = serde_json::from_str::<serde_json::Value>(&key_json).unwrap()["privateKey"]

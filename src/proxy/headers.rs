@@ -2,9 +2,16 @@
 //! upstream, and how the upstream path is built. No network, no state; benchmarked in
 //! `benches/hot_path.rs`.
 
-use http::header::{AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION};
+use std::io::Write as _;
+use std::net::IpAddr;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, COOKIE, HOST, PROXY_AUTHORIZATION};
 use http::{HeaderName, HeaderValue};
 use pingora::http::{IntoCaseHeaderName, RequestHeader};
+use pingora::OrErr;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Removes every inbound credential: all `Authorization` and `Proxy-Authorization` fields (any
 /// case, any count), `Cookie` unless `forward_cookies`, and each of `extra` (the route's
@@ -49,6 +56,48 @@ pub fn apply_credentials(
     // The name as `&'static str` in its usual spelling: pingora keeps the original case of every
     // field, and a `HeaderName` would be copied into a new buffer on each insert.
     upstream.insert_header("Authorization", authorization)
+}
+
+/// The forwarding fields of the upstream request (SPEC "Proxy behaviour"): the client's `Host`
+/// becomes `X-Forwarded-Host` and `Host` becomes `host_header` (the upstream's authority, which
+/// TLS SNI also uses); `X-Forwarded-Proto: http`; `client_ip` (IPv4-mapped IPv6 shown as IPv4)
+/// is appended to any `X-Forwarded-For` the client sent (RFC 7239 §5.2 order: the nearest hop
+/// last); `request_id` is set as `X-Request-Id`. Call after [`apply_credentials`].
+///
+/// Errors: pingora's, if a value cannot be inserted (all values here are valid by
+/// construction; an inbound `X-Forwarded-For` was a valid field value already).
+#[inline]
+pub fn add_forwarding_fields(
+    upstream: &mut RequestHeader,
+    host_header: &HeaderValue,
+    client_ip: Option<IpAddr>,
+    request_id: Option<&HeaderValue>,
+) -> pingora::Result<()> {
+    if let Some(host) = upstream.headers.get(HOST).cloned() {
+        upstream.insert_header("X-Forwarded-Host", host)?;
+    }
+    upstream.insert_header("Host", host_header.clone())?;
+    upstream.insert_header("X-Forwarded-Proto", HeaderValue::from_static("http"))?;
+    if let Some(ip) = client_ip.map(|ip| ip.to_canonical()) {
+        let prev = upstream.headers.get(&X_FORWARDED_FOR).map(|v| v.as_bytes());
+        // One buffer, written once: the previous hops' bytes as they came, then ours.
+        let mut xff = Vec::with_capacity(prev.map_or(0, |p| p.len() + 2) + 39);
+        if let Some(prev) = prev {
+            xff.extend_from_slice(prev);
+            xff.extend_from_slice(b", ");
+        }
+        // Writing to a Vec cannot fail.
+        let _ = write!(xff, "{ip}");
+        let value = HeaderValue::from_maybe_shared(Bytes::from(xff)).or_err(
+            pingora::ErrorType::InvalidHTTPHeader,
+            "X-Forwarded-For value",
+        )?;
+        upstream.insert_header("X-Forwarded-For", value)?;
+    }
+    if let Some(id) = request_id {
+        upstream.insert_header("X-Request-Id", id.clone())?;
+    }
+    Ok(())
 }
 
 /// The query without any `access_token` parameter (RFC 6750 §2.3), or `None` when it has none

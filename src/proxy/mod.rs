@@ -44,7 +44,6 @@ use routes::{Route, RouteTable};
 pub const LOG_TARGETS_CAPPED_AT_INFO: &[&str] = &["pingora_proxy", "pingora_core", "pingora"];
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// State shared by every listener: compiled routes, client allowlist, metrics.
 pub struct SharedState {
@@ -78,9 +77,18 @@ impl SharedState {
 
     #[inline]
     fn client_allowed(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        self.allowed_clients.iter().any(|net| net.contains(&ip))
+        client_allowed(&self.allowed_clients, ip)
     }
+}
+
+/// Whether a downstream peer at `ip` may use the gateway: `ip` (an IPv4-mapped IPv6 address
+/// counts as its IPv4 address) is inside one of `allowed_clients` (`server.allowed_clients`,
+/// SPEC "Trusted network"; loopback only by default). Linear in the number of CIDRs, which is
+/// a handful in practice.
+#[inline]
+pub fn client_allowed(allowed_clients: &[IpNet], ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    allowed_clients.iter().any(|net| net.contains(&ip))
 }
 
 /// The [`ProxyHttp`] service of one listener.
@@ -190,6 +198,23 @@ impl ProxyHttp for Gateway {
         }
 
         let req = session.req_header();
+        if req.version == http::Version::HTTP_11 && !req.headers.contains_key(HOST) {
+            // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without Host.
+            session.set_keepalive(None);
+            return Error::e_explain(ErrorType::HTTPStatus(400), "HTTP/1.1 request without Host");
+        }
+        if let Some(te) = req.headers.get(TRANSFER_ENCODING) {
+            if !only_chunked(req.headers.get_all(TRANSFER_ENCODING).iter(), te) {
+                // RFC 9112 §6.1: a transfer coding the server does not implement gets 501.
+                // pingora would forward such a body re-framed as plain chunked, silently
+                // dropping the other codings: refuse instead of altering the message.
+                session.set_keepalive(None);
+                return Error::e_explain(
+                    ErrorType::HTTPStatus(501),
+                    "request transfer coding other than chunked",
+                );
+            }
+        }
         if req.headers.contains_key(TRANSFER_ENCODING) && had_content_length(session) {
             // Conflicting framing (RFC 9112 §6.1): refuse rather than guess. Only chunked
             // requests pay for this scan.
@@ -288,25 +313,16 @@ impl ProxyHttp for Gateway {
             &route.strip_headers,
         )?;
 
-        if let Some(host) = upstream.headers.get(HOST).cloned() {
-            upstream.insert_header("X-Forwarded-Host", host)?;
-        }
-        upstream.insert_header("Host", route.host_header.clone())?;
-        upstream.insert_header("X-Forwarded-Proto", HeaderValue::from_static("http"))?;
-        if let Some(ip) = session
+        let client_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_canonical())
-        {
-            let xff = match upstream.headers.get(&X_FORWARDED_FOR) {
-                Some(prev) => format!("{}, {ip}", String::from_utf8_lossy(prev.as_bytes())),
-                None => ip.to_string(),
-            };
-            upstream.insert_header("X-Forwarded-For", xff)?;
-        }
-        if let Some(id) = &ctx.request_id {
-            upstream.insert_header("X-Request-Id", id.clone())?;
-        }
+            .map(|a| a.ip());
+        headers::add_forwarding_fields(
+            upstream,
+            &route.host_header,
+            client_ip,
+            ctx.request_id.as_ref(),
+        )?;
         rewrite_target(upstream, route)
     }
 
@@ -605,6 +621,24 @@ fn classify_upstream_error(etype: &ErrorType) -> (UpstreamErrorKind, GatewayErro
     }
 }
 
+/// Whether the request's `Transfer-Encoding` fields (`first` is one of `all`) name exactly one
+/// coding, `chunked` (any case): the only transfer coding a request can carry through the
+/// gateway unchanged (RFC 9112 §6.1, §7).
+fn only_chunked<'a>(all: impl Iterator<Item = &'a HeaderValue>, first: &HeaderValue) -> bool {
+    // The common case, one field saying exactly "chunked", without splitting.
+    if first.as_bytes().eq_ignore_ascii_case(b"chunked") {
+        return all.count() == 1;
+    }
+    let mut codings = all
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(|c| c.trim_ascii())
+        .filter(|c| !c.is_empty());
+    matches!(
+        (codings.next(), codings.next()),
+        (Some(c), None) if c.eq_ignore_ascii_case(b"chunked")
+    )
+}
+
 /// A client-supplied `X-Request-Id` is kept when it is short visible ASCII.
 #[inline]
 fn valid_request_id(v: &HeaderValue) -> bool {
@@ -612,22 +646,31 @@ fn valid_request_id(v: &HeaderValue) -> bool {
     !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
 }
 
-/// Generates request ids: a random per-process prefix and a counter, as 32 hex digits.
-struct RequestIds {
+/// Generates request ids (`X-Request-Id` when the client sent none or an unusable one): a
+/// random per-process prefix and a counter, as 32 lower-case hex digits. Lock-free.
+pub struct RequestIds {
     prefix: u64,
     counter: AtomicU64,
 }
 
+impl Default for RequestIds {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl RequestIds {
-    fn new() -> Self {
+    /// A generator with a fresh random prefix.
+    pub fn new() -> Self {
         RequestIds {
             prefix: rand::random(),
             counter: AtomicU64::new(0),
         }
     }
 
+    /// The next id: 32 hex digits, unique within this process.
     #[inline]
-    fn next(&self) -> HeaderValue {
+    pub fn next(&self) -> HeaderValue {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let mut buf = [0u8; 32];
@@ -652,6 +695,25 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.len(), 32);
         assert!(a.as_bytes().iter().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn only_chunked_accepts_exactly_one_chunked_coding() {
+        let check = |fields: &[&'static str]| {
+            let values: Vec<HeaderValue> =
+                fields.iter().map(|f| HeaderValue::from_static(f)).collect();
+            only_chunked(values.iter(), &values[0])
+        };
+        assert!(check(&["chunked"]));
+        assert!(check(&["Chunked"]));
+        assert!(check(&[" chunked , "]));
+        assert!(!check(&["gzip, chunked"]));
+        assert!(!check(&["gzip", "chunked"]));
+        assert!(!check(&["chunked", "chunked"]));
+        assert!(!check(&["chunked, chunked"]));
+        assert!(!check(&["xchunked"]));
+        assert!(!check(&["identity"]));
+        assert!(!check(&[""]));
     }
 
     #[test]

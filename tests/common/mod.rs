@@ -13,21 +13,31 @@ use tokengate::gateway::GatewayHandle;
 use tokengate::sandbox::{Echo, Sandbox};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A free loopback port (bound, then released for the gateway to take), never one this test
-/// process handed out before: the kernel can give the same ephemeral port to two `bind(0)`s in
-/// a row once the first is released, and a gateway whose proxy and admin listeners (or two
-/// tests' gateways) got the same port fails to start or answers for the other.
+/// A free loopback port for a gateway listener (bound, then released for the gateway to take),
+/// taken below the kernel's ephemeral port range: servers that bind port 0 (the sandbox, the
+/// raw API) and outgoing connections only get ephemeral ports, so nothing else in the test
+/// process can claim this port between here and the gateway's bind. Never the same port twice
+/// in one process; each process starts at its own offset.
 pub fn free_addr() -> SocketAddr {
-    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
-    loop {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-        let addr = l.local_addr().expect("local_addr");
-        if !handed_out.contains(&addr.port()) {
-            handed_out.push(addr.port());
-            return addr;
+    static NEXT: Mutex<Option<(u16, u16, u16)>> = Mutex::new(None);
+    let mut next = NEXT.lock().unwrap_or_else(|e| e.into_inner());
+    let (low, high, cursor) = next.get_or_insert_with(|| {
+        let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+            .unwrap_or(32768);
+        let (low, high) = (ephemeral_low / 2, ephemeral_low);
+        let start = low + (std::process::id() % u32::from(high - low)) as u16;
+        (low, high, start)
+    });
+    for _ in *low..*high {
+        let port = *cursor;
+        *cursor = if port + 1 >= *high { *low } else { port + 1 };
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            return l.local_addr().expect("local_addr");
         }
     }
+    panic!("no free loopback port in {low}..{high}");
 }
 
 /// The sandbox demo key file in the repository.
