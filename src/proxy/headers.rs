@@ -24,6 +24,16 @@ pub fn strip_inbound_credentials(
 ) {
     // `remove_header` drops every field of that name; header names are case-insensitive.
     req.remove_header(&AUTHORIZATION);
+    strip_credentials_but_authorization(req, forward_cookies, extra);
+}
+
+/// [`strip_inbound_credentials`] without the `Authorization` removal.
+#[inline]
+fn strip_credentials_but_authorization(
+    req: &mut RequestHeader,
+    forward_cookies: bool,
+    extra: &[HeaderName],
+) {
     req.remove_header(&PROXY_AUTHORIZATION);
     if !forward_cookies {
         req.remove_header(&COOKIE);
@@ -34,9 +44,10 @@ pub fn strip_inbound_credentials(
 }
 
 /// The credential step of the upstream request, in one place for the proxy and its benchmark:
-/// strips inbound credentials ([`strip_inbound_credentials`]), puts the client's field order back
-/// if a removal disturbed it ([`restore_field_order`]; `original` is the downstream request's
-/// map) and inserts exactly one `Authorization` (`Bearer <token>`).
+/// strips inbound credentials (as [`strip_inbound_credentials`]), puts the client's field order
+/// back if a removal disturbed it ([`restore_field_order`]; `original` is the downstream
+/// request's map) and leaves exactly one `Authorization` (`Bearer <token>`): in the place of the
+/// client's first one, or last when the client sent none.
 ///
 /// Errors: pingora's, if the value cannot be inserted (it was validated when the token arrived).
 #[inline]
@@ -47,7 +58,11 @@ pub fn apply_credentials(
     forward_cookies: bool,
     extra: &[HeaderName],
 ) -> pingora::Result<()> {
-    strip_inbound_credentials(upstream, forward_cookies, extra);
+    // The client's Authorization fields are not removed but replaced by the insert below:
+    // `insert` keeps the position of the first one and drops all others (every spelling, every
+    // count), while a removal would move the last field into the hole and cost a reordering.
+    // So a client that sends only Authorization — the usual legacy Basic client — needs none.
+    strip_credentials_but_authorization(upstream, forward_cookies, extra);
     // Removals (ours and pingora's hop-by-hop policy) can reorder the map; when nothing was
     // removed — the common case — the order is the client's already.
     if upstream.headers.len() != original.len() {
@@ -260,6 +275,48 @@ mod tests {
         strip_inbound_credentials(&mut r, false, &[HeaderName::from_static("x-api-key")]);
         let names: Vec<_> = r.headers.keys().map(|k| k.as_str().to_string()).collect();
         assert_eq!(names, vec!["accept"]);
+    }
+
+    #[test]
+    fn apply_credentials_replaces_authorization_in_place() {
+        let original = req(&[
+            ("Host", "h"),
+            ("authorization", "Basic a"),
+            ("X-Mid", "1"),
+            ("Authorization", "Bearer b, Bearer c"),
+            ("Cookie", "c"),
+            ("X-Last", "z"),
+        ]);
+        let mut up = original.clone();
+        let bearer = HeaderValue::from_static("Bearer gateway");
+        apply_credentials(&mut up, &original.headers, bearer, false, &[]).unwrap();
+        let fields: Vec<(String, String)> = up
+            .case_header_iter()
+            .map(|(n, v)| {
+                let n = String::from_utf8_lossy(n.as_slice()).into_owned();
+                (n, v.to_str().unwrap().to_owned())
+            })
+            .collect();
+        let want: Vec<(String, String)> = [
+            ("Host", "h"),
+            ("Authorization", "Bearer gateway"),
+            ("X-Mid", "1"),
+            ("X-Last", "z"),
+        ]
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(fields, want);
+        let values: Vec<_> = up.headers.get_all("authorization").iter().collect();
+        assert_eq!(values, vec!["Bearer gateway"]);
+
+        // No inbound Authorization: the gateway's goes last.
+        let original = req(&[("Host", "h"), ("X-A", "1")]);
+        let mut up = original.clone();
+        let bearer = HeaderValue::from_static("Bearer gateway");
+        apply_credentials(&mut up, &original.headers, bearer, false, &[]).unwrap();
+        let names: Vec<_> = up.headers.keys().map(|k| k.as_str().to_owned()).collect();
+        assert_eq!(names, vec!["host", "x-a", "authorization"]);
     }
 
     #[test]
