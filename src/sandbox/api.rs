@@ -1,9 +1,8 @@
 //! The sandbox resource server: an echo API that accepts only tokens from the registry.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 
 use http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
 use http::{HeaderValue, Request, StatusCode};
@@ -14,12 +13,10 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::faults::{self, Faults};
+use super::recent::Recent;
 use super::registry::TokenRegistry;
 use super::server::{self, Bound, Handler, HttpServer, Reply};
 use super::SandboxError;
-
-/// How many recent requests are kept for [`SandboxApi::recent`].
-const RECENT: usize = 64;
 
 /// What the echo API saw of one request. The JSON body of every 200 answer; also recorded (with
 /// the 401 status and `error`) for refused requests.
@@ -101,7 +98,7 @@ struct ApiState {
     requests: AtomicU64,
     accepted: AtomicU64,
     rejected: AtomicU64,
-    recent: Mutex<VecDeque<Echo>>,
+    recent: Recent<Echo>,
 }
 
 impl SandboxApi {
@@ -117,7 +114,7 @@ impl SandboxApi {
             requests: AtomicU64::new(0),
             accepted: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
-            recent: Mutex::new(VecDeque::with_capacity(RECENT)),
+            recent: Recent::new(),
         });
         let server = Bound::new("api").await?.serve(state.clone());
         Ok(Self { server, state })
@@ -166,12 +163,12 @@ impl SandboxApi {
 
     /// The most recent request that reached the token check (accepted or refused).
     pub fn last_echo(&self) -> Option<Echo> {
-        self.state.recent().back().cloned()
+        self.state.recent.last()
     }
 
     /// The most recent requests that reached the token check (up to 64), oldest first.
     pub fn recent(&self) -> Vec<Echo> {
-        self.state.recent().iter().cloned().collect()
+        self.state.recent.all()
     }
 
     /// Handler panics caught so far (each answered with a 500).
@@ -188,11 +185,7 @@ impl SandboxApi {
     }
 }
 
-impl ApiState {
-    fn recent(&self) -> MutexGuard<'_, VecDeque<Echo>> {
-        self.recent.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
+impl ApiState {}
 
 impl Handler for ApiState {
     async fn handle(self: Arc<Self>, request: Request<Incoming>, peer: SocketAddr) -> Reply {
@@ -272,12 +265,7 @@ impl Handler for ApiState {
                 response
             }
         };
-        let mut recent = self.recent();
-        if recent.len() == RECENT {
-            recent.pop_front();
-        }
-        recent.push_back(echo);
-        drop(recent);
+        self.recent.push(echo);
         Reply::Respond(response)
     }
 }

@@ -1,6 +1,6 @@
 //! The Drillster-like (RFC 7523) and Driftrock-like (RFC 6749 §4.4) sandbox authorization servers.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -21,6 +21,7 @@ use super::client_auth::{decode_basic, BasicDecoding};
 use super::faults::{self, Faults};
 use super::jwt_bearer::{self, AssertionRejection, RegisteredKey, TimeRules};
 use super::keys;
+use super::recent::Recent;
 use super::registry::{ceil_secs, unix_now, TokenRegistry, TokenRequest};
 use super::server::{self, Bound, Handler, HttpServer, Reply, Resp};
 use super::SandboxError;
@@ -35,8 +36,6 @@ const OIDC_METADATA_PATH: &str = "/.well-known/openid-configuration";
 
 /// Token request bodies larger than this get a 400 (an assertion is ~1 KiB).
 const MAX_BODY: usize = 1 << 20;
-/// How many recent token requests are kept for [`AuthServer::recent_requests`].
-const RECENT: usize = 64;
 
 /// Which vendor a sandbox authorization server imitates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -353,7 +352,7 @@ impl AuthServerBuilder {
             successes: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             discovery_requests: AtomicU64::new(0),
-            recent: Mutex::new(VecDeque::with_capacity(RECENT)),
+            recent: Recent::new(),
             used_jti: Mutex::new(HashMap::new()),
         });
         let server = bound.serve(state.clone());
@@ -478,12 +477,12 @@ impl AuthServer {
 
     /// The most recent token request.
     pub fn last_request(&self) -> Option<RecordedRequest> {
-        self.state.recent().back().cloned()
+        self.state.recent.last()
     }
 
     /// The most recent token requests (up to 64), oldest first.
     pub fn recent_requests(&self) -> Vec<RecordedRequest> {
-        self.state.recent().iter().cloned().collect()
+        self.state.recent.all()
     }
 
     /// Changes the lifetime of tokens issued from now on.
@@ -610,7 +609,7 @@ struct AuthState {
     successes: AtomicU64,
     failures: AtomicU64,
     discovery_requests: AtomicU64,
-    recent: Mutex<VecDeque<RecordedRequest>>,
+    recent: Recent<RecordedRequest>,
     used_jti: Mutex<HashMap<String, f64>>,
     /// The most recently issued access token and its `exp` (for `reissue_next`).
     last_token: Mutex<Option<(String, u64)>>,
@@ -720,10 +719,6 @@ impl AuthState {
         self.settings.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn recent(&self) -> MutexGuard<'_, VecDeque<RecordedRequest>> {
-        self.recent.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     async fn metadata(&self, method: &Method, path: &str) -> Reply {
         self.discovery_requests.fetch_add(1, Ordering::SeqCst);
         self.discovery_paths
@@ -793,13 +788,7 @@ impl AuthState {
             .map(|collected| collected.to_bytes());
         let recorded = record(&parts, body.as_ref().ok());
         self.requests.fetch_add(1, Ordering::SeqCst);
-        {
-            let mut recent = self.recent();
-            if recent.len() == RECENT {
-                recent.pop_front();
-            }
-            recent.push_back(recorded.clone());
-        }
+        self.recent.push(recorded.clone());
         if let Some(reply) = faults::apply(&self.faults).await {
             if !matches!(reply, Reply::Hang) {
                 self.failures.fetch_add(1, Ordering::SeqCst);

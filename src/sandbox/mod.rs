@@ -33,6 +33,7 @@ mod faults;
 mod jwt_bearer;
 pub mod keys;
 mod raw_api;
+mod recent;
 mod registry;
 mod server;
 

@@ -3,12 +3,11 @@
 //! (header order and spelling, the raw request-target, `Expect: 100-continue` timing) and for
 //! bodies and upgrades the [`SandboxApi`](super::SandboxApi) does not serve.
 
-use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BytesMut};
@@ -25,11 +24,10 @@ use tokio_tungstenite::tungstenite::protocol::{Message, Role};
 use tokio_tungstenite::WebSocketStream;
 
 use super::faults::{FaultAction, Faults};
+use super::recent::Recent;
 use super::registry::TokenRegistry;
 use super::SandboxError;
 
-/// How many recent requests are kept for [`RawApi::requests`].
-const RECENT: usize = 64;
 /// Largest request head accepted (request line + fields), bytes. Above it: 431.
 pub const RAW_API_MAX_HEAD: usize = 256 * 1024;
 /// Download bodies are written in pieces of this many bytes.
@@ -155,20 +153,12 @@ struct RawState {
     requests: AtomicU64,
     connections: AtomicU64,
     ws_messages: AtomicU64,
-    recent: Mutex<VecDeque<RawRequest>>,
+    recent: Recent<RawRequest>,
 }
 
 impl RawState {
-    fn recent(&self) -> MutexGuard<'_, VecDeque<RawRequest>> {
-        self.recent.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     fn record(&self, request: RawRequest) {
-        let mut recent = self.recent();
-        if recent.len() == RECENT {
-            recent.pop_front();
-        }
-        recent.push_back(request);
+        self.recent.push(request);
     }
 }
 
@@ -217,7 +207,7 @@ impl RawApiBuilder {
             requests: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             ws_messages: AtomicU64::new(0),
-            recent: Mutex::new(VecDeque::with_capacity(RECENT)),
+            recent: Recent::new(),
         });
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(accept_loop(listener, acceptor, state.clone(), stopped));
@@ -310,12 +300,12 @@ impl RawApi {
 
     /// The most recent requests (up to 64), oldest first.
     pub fn requests(&self) -> Vec<RawRequest> {
-        self.state.recent().iter().cloned().collect()
+        self.state.recent.all()
     }
 
     /// The most recent request.
     pub fn last(&self) -> Option<RawRequest> {
-        self.state.recent().back().cloned()
+        self.state.recent.last()
     }
 
     /// Stops accepting and closes every open connection.
@@ -661,17 +651,8 @@ async fn read_body<S: AsyncRead + Unpin>(
     match framing {
         Framing::None => {}
         Framing::Length(n) => {
-            let mut left = n;
-            while left > 0 {
-                if buf.is_empty() && io.read_buf(buf).await? == 0 {
-                    return Err(io::ErrorKind::UnexpectedEof.into());
-                }
-                let take = (buf.len() as u64).min(left) as usize;
-                hasher.update(&buf[..take]);
-                buf.advance(take);
-                left -= take as u64;
-                total += take as u64;
-            }
+            hash_exact(io, buf, n, &mut hasher).await?;
+            total += n;
         }
         Framing::Chunked => loop {
             let line = read_line(io, buf).await?;
@@ -684,17 +665,8 @@ async fn read_body<S: AsyncRead + Unpin>(
                 while !read_line(io, buf).await?.is_empty() {}
                 break;
             }
-            let mut left = size;
-            while left > 0 {
-                if buf.is_empty() && io.read_buf(buf).await? == 0 {
-                    return Err(io::ErrorKind::UnexpectedEof.into());
-                }
-                let take = (buf.len() as u64).min(left) as usize;
-                hasher.update(&buf[..take]);
-                buf.advance(take);
-                left -= take as u64;
-                total += take as u64;
-            }
+            hash_exact(io, buf, size, &mut hasher).await?;
+            total += size;
             if !read_line(io, buf).await?.is_empty() {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -704,6 +676,26 @@ async fn read_body<S: AsyncRead + Unpin>(
         },
     }
     Ok((total, hex(&hasher.finalize())))
+}
+
+/// Feeds the next `n` body bytes (from `buf`, then `io`) to `hasher`, consuming them.
+async fn hash_exact<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    n: u64,
+    hasher: &mut Sha256,
+) -> io::Result<()> {
+    let mut left = n;
+    while left > 0 {
+        if buf.is_empty() && io.read_buf(buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let take = (buf.len() as u64).min(left) as usize;
+        hasher.update(&buf[..take]);
+        buf.advance(take);
+        left -= take as u64;
+    }
+    Ok(())
 }
 
 /// One CRLF-terminated line, without the CRLF.
