@@ -193,7 +193,8 @@ impl ProxyHttp for Gateway {
         }
 
         let req = session.req_header();
-        if req.version == http::Version::HTTP_11 && !req.headers.contains_key(HOST) {
+        let host_field = req.headers.get(HOST);
+        if host_field.is_none() && req.version == http::Version::HTTP_11 {
             // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without Host.
             session.set_keepalive(None);
             return Error::e_explain(ErrorType::HTTPStatus(400), "HTTP/1.1 request without Host");
@@ -225,9 +226,7 @@ impl ProxyHttp for Gateway {
                 .refuse(session, ctx, GatewayError::MethodNotAllowed, None)
                 .await;
         }
-        let host = req
-            .headers
-            .get(HOST)
+        let host = host_field
             .map(|h| h.as_bytes())
             .or_else(|| req.uri.authority().map(|a| a.as_str().as_bytes()));
         let Some(index) = self.table.lookup(host, req.uri.path()) else {
