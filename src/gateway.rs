@@ -22,8 +22,9 @@ use crate::admin::AdminApp;
 use crate::config::{Config, RouteConfig};
 use crate::metrics::Metrics;
 use crate::oauth::TokenClient;
+use crate::proxy::fast_path::ListenerApp;
 use crate::proxy::routes::{normalise_prefix, Route, RouteTable};
-use crate::proxy::{Gateway, SharedState};
+use crate::proxy::SharedState;
 use crate::token::{RenewalPolicy, TokenSource};
 
 /// Why the gateway could not start (exit code 1).
@@ -164,12 +165,8 @@ impl Built {
             .collect();
         if !self.config.server.listen.is_empty() && !shared.is_empty() {
             let table = RouteTable::shared(shared);
-            let gateway = Gateway::new(table, Arc::clone(&self.state));
-            let mut svc = pingora::proxy::http_proxy_service_with_name(
-                &server.configuration,
-                gateway,
-                "tokengate proxy",
-            );
+            let app = ListenerApp::new(table, Arc::clone(&self.state), &server.configuration);
+            let mut svc = Service::new("tokengate proxy".to_string(), app);
             for addr in &self.config.server.listen {
                 svc.add_tcp(&addr.to_string());
             }
@@ -177,12 +174,12 @@ impl Built {
         }
         for (index, rc) in self.config.routes.iter().enumerate() {
             if let Some(addr) = rc.listen {
-                let gateway = Gateway::new(RouteTable::own(index), Arc::clone(&self.state));
-                let mut svc = pingora::proxy::http_proxy_service_with_name(
+                let app = ListenerApp::new(
+                    RouteTable::own(index),
+                    Arc::clone(&self.state),
                     &server.configuration,
-                    gateway,
-                    &format!("tokengate proxy ({})", rc.name),
                 );
+                let mut svc = Service::new(format!("tokengate proxy ({})", rc.name), app);
                 svc.add_tcp(&addr.to_string());
                 server.add_service(svc);
             }

@@ -17,6 +17,7 @@
 //! ```
 
 pub mod error_response;
+pub mod fast_path;
 pub mod headers;
 pub mod routes;
 
@@ -55,7 +56,7 @@ pub struct SharedState {
     pub metrics: Arc<Metrics>,
     /// `server.replay_body_limit`, bytes.
     pub replay_body_limit: usize,
-    request_ids: RequestIds,
+    pub(crate) request_ids: RequestIds,
 }
 
 impl SharedState {
@@ -548,33 +549,52 @@ fn had_content_length(session: &Session) -> bool {
 }
 
 /// pingora keeps at most this many request body bytes for a retry.
-const RETRY_BUFFER_LIMIT: usize = 64 * 1024;
+pub(crate) const RETRY_BUFFER_LIMIT: usize = 64 * 1024;
 
 /// Rewrites the request-target to origin-form `base_path + path' + ?query'` where needed:
 /// prefix stripping, a base path, an `access_token` parameter, or an absolute-form target (never
 /// forwarded as such: only the configured upstream is ever reached). Untouched otherwise.
 fn rewrite_target(upstream: &mut RequestHeader, route: &Route) -> Result<()> {
     let raw = upstream.raw_path();
-    let origin_form = raw.first() == Some(&b'/');
-    let strip = route.strip_prefix && route.prefix != "/";
-    let (raw_path, raw_query): (&[u8], Option<&[u8]>) = if origin_form {
-        match raw.iter().position(|&b| b == b'?') {
-            Some(q) => (&raw[..q], Some(&raw[q + 1..])),
-            None => (raw, None),
-        }
+    let target = if raw.first() == Some(&b'/') {
+        origin_form_target(raw, route)
     } else {
         let pq = upstream.uri.path_and_query();
-        (
-            pq.map(|p| p.path().as_bytes()).unwrap_or(b"/"),
-            pq.and_then(|p| p.query()).map(str::as_bytes),
-        )
+        let path = pq.map(|p| p.path().as_bytes()).unwrap_or(b"/");
+        let query = pq.and_then(|p| p.query()).map(str::as_bytes);
+        Some(build_target(path, query, route))
     };
+    match target {
+        Some(t) => upstream.set_raw_path(&t),
+        None => Ok(()),
+    }
+}
+
+/// The upstream request-target for the origin-form target `raw` (path and query as received),
+/// or `None` when it goes upstream unchanged (no prefix to strip, no base path, no
+/// `access_token` parameter): SPEC "Proxy behaviour", byte for byte otherwise.
+pub(crate) fn origin_form_target(raw: &[u8], route: &Route) -> Option<Vec<u8>> {
+    let (path, query) = match raw.iter().position(|&b| b == b'?') {
+        Some(q) => (&raw[..q], Some(&raw[q + 1..])),
+        None => (raw, None),
+    };
+    let strip = route.strip_prefix && route.prefix != "/";
+    let query_has_token = query
+        .and_then(|q| std::str::from_utf8(q).ok())
+        .is_some_and(|q| headers::strip_access_token(q).is_some());
+    if !strip && route.base_path.is_empty() && !query_has_token {
+        return None;
+    }
+    Some(build_target(path, query, route))
+}
+
+/// `base_path + path' + ?query'`: the prefix stripped when the route says so, `access_token`
+/// removed from the query (an empty query is dropped).
+fn build_target(raw_path: &[u8], raw_query: Option<&[u8]>, route: &Route) -> Vec<u8> {
+    let strip = route.strip_prefix && route.prefix != "/";
     let new_query = raw_query
         .and_then(|q| std::str::from_utf8(q).ok())
         .and_then(headers::strip_access_token);
-    if origin_form && !strip && route.base_path.is_empty() && new_query.is_none() {
-        return Ok(());
-    }
     let path = String::from_utf8_lossy(raw_path);
     let mut target = headers::upstream_path(
         &route.base_path,
@@ -594,10 +614,10 @@ fn rewrite_target(upstream: &mut RequestHeader, route: &Route) -> Result<()> {
         }
         (None, None) => {}
     }
-    upstream.set_raw_path(&target)
+    target
 }
 
-fn classify_upstream_error(etype: &ErrorType) -> (UpstreamErrorKind, GatewayError) {
+pub(crate) fn classify_upstream_error(etype: &ErrorType) -> (UpstreamErrorKind, GatewayError) {
     use ErrorType::*;
     match etype {
         ConnectTimedout | TLSHandshakeTimedout => {
@@ -632,7 +652,7 @@ fn only_chunked(fields: http::header::GetAll<'_, HeaderValue>) -> bool {
 
 /// A client-supplied `X-Request-Id` is kept when it is short visible ASCII.
 #[inline]
-fn valid_request_id(v: &HeaderValue) -> bool {
+pub(crate) fn valid_request_id(v: &HeaderValue) -> bool {
     let b = v.as_bytes();
     !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
 }

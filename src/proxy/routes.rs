@@ -68,7 +68,7 @@ pub fn normalise_prefix(prefix: &str) -> String {
 }
 
 /// Prefix → route index for one host (or for any host).
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Clone)]
 struct PrefixMap {
     exact: HashMap<String, usize>,
 }
@@ -96,7 +96,7 @@ impl PrefixMap {
 }
 
 /// The routes one listener serves.
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Clone)]
 pub struct RouteTable {
     /// A route with its own listener matches everything there.
     own: Option<usize>,

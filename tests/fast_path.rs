@@ -1,0 +1,354 @@
+//! The HTTP/1.1 fast path (`src/proxy/fast_path.rs`) against real servers on loopback: it sends
+//! the upstream exactly what pingora-proxy sends for the same request, keeps connections alive
+//! both ways, serves pipelined requests in order, survives an upstream that closed a kept-alive
+//! connection, and forwards interim, chunked and close-delimited responses.
+
+mod common;
+mod proxy_support;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proxy_support::{client_credentials_route, read_answer, send, Rig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The same request sent once plainly (the fast path forwards it) and once with a
+/// `Connection`-nominated field (pingora-proxy forwards it): the upstream must see the same
+/// bytes, since pingora removes the nominated field and `Connection` itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_path_and_pingora_send_the_upstream_identical_requests() {
+    let rig = Rig::start(|t, _, _| t).await;
+    let fields = "host: gw\r\n\
+        accept: application/json\r\n\
+        authorization: Basic dXNlcjpwYXNz\r\n\
+        X-First: one\r\n\
+        Cookie: sid=1\r\n\
+        x-forwarded-for: 10.9.8.7\r\n\
+        Proxy-Authorization: Basic eA==\r\n\
+        x-request-id: trace-7\r\n\
+        X-Repeat: a\r\n\
+        Keep-Alive: timeout=5\r\n\
+        X-Repeat: b\r\n\
+        AUTHORIZATION: Bearer client-token\r\n\
+        Content-Length: 4\r\n";
+    let target = "/drillster/cmp/a%2Fb?access_token=SECRET&x=1";
+    let fast = format!("POST {target} HTTP/1.1\r\n{fields}Connection: close\r\n\r\nbody");
+    let slow = format!(
+        "POST {target} HTTP/1.1\r\n{fields}Connection: close, X-Hop\r\nX-Hop: 1\r\n\r\nbody"
+    );
+
+    let a = send(rig.gw.addr(), fast.as_bytes()).await;
+    assert_eq!(a.status, 200, "{}", a.head);
+    let via_fast = rig.raw.last().expect("fast request reached the upstream");
+    let b = send(rig.gw.addr(), slow.as_bytes()).await;
+    assert_eq!(b.status, 200, "{}", b.head);
+    let via_pingora = rig
+        .raw
+        .last()
+        .expect("pingora request reached the upstream");
+
+    let fast_head = String::from_utf8_lossy(&via_fast.head).into_owned();
+    let pingora_head = String::from_utf8_lossy(&via_pingora.head).into_owned();
+    assert_eq!(fast_head, pingora_head, "upstream heads differ");
+    assert_eq!(via_fast.body_len, 4);
+    assert_eq!(via_fast.body_sha256, via_pingora.body_sha256);
+    // And that head is the right one (the field rules themselves are tested in forwarding.rs).
+    assert!(
+        fast_head.starts_with("POST /cmp/a%2Fb?x=1 HTTP/1.1\r\n"),
+        "{fast_head}"
+    );
+    assert_eq!(via_fast.header_values("authorization").len(), 1);
+    assert!(via_fast
+        .header("authorization")
+        .unwrap()
+        .starts_with("Bearer "));
+    assert_ne!(
+        via_fast.header("authorization").unwrap(),
+        "Bearer client-token"
+    );
+    assert_eq!(via_fast.header("x-request-id").as_deref(), Some("trace-7"));
+    assert_eq!(
+        via_fast.header("x-forwarded-for").as_deref(),
+        Some("10.9.8.7, 127.0.0.1")
+    );
+    for gone in [
+        "cookie",
+        "proxy-authorization",
+        "keep-alive",
+        "connection",
+        "x-hop",
+    ] {
+        assert!(
+            via_fast.header(gone).is_none(),
+            "{gone} forwarded:\n{fast_head}"
+        );
+    }
+    for answer in [&a, &b] {
+        assert_eq!(answer.header("x-request-id").as_deref(), Some("trace-7"));
+        assert_eq!(answer.header("connection").as_deref(), Some("close"));
+    }
+    rig.stop().await;
+}
+
+/// Three requests on one client connection: one upstream connection carries all three, each
+/// with its own token field and request id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_both_ways() {
+    let rig = Rig::start(|t, _, _| t).await;
+    let mut s = TcpStream::connect(rig.gw.addr()).await.unwrap();
+    let mut buf = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let req = format!("GET /drillster/ka/{i} HTTP/1.1\r\nHost: gw\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let a = read_answer(&mut s, &mut buf).await;
+        assert_eq!(a.status, 200, "{}", a.head);
+        assert_eq!(a.header("connection").as_deref(), Some("keep-alive"));
+        ids.push(a.header("x-request-id").expect("request id"));
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "request ids repeat: {ids:?}");
+    let seen = rig.raw.requests();
+    let targets: Vec<&str> = seen.iter().map(|r| r.target.as_str()).collect();
+    assert_eq!(targets, ["/ka/0", "/ka/1", "/ka/2"]);
+    for r in &seen {
+        assert_eq!(r.header_values("authorization").len(), 1);
+    }
+    assert_eq!(
+        rig.raw.connection_count(),
+        1,
+        "upstream connection not reused"
+    );
+    rig.stop().await;
+}
+
+/// Two requests in one write: both answered, in order (RFC 9112 §9.3.2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order() {
+    let rig = Rig::start(|t, _, _| t).await;
+    let mut s = TcpStream::connect(rig.gw.addr()).await.unwrap();
+    s.write_all(
+        b"POST /drillster/p/1 HTTP/1.1\r\nHost: gw\r\nX-Request-Id: first\r\nContent-Length: 3\r\n\r\none\
+          GET /drillster/p/2 HTTP/1.1\r\nHost: gw\r\nX-Request-Id: second\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let first = read_answer(&mut s, &mut buf).await;
+    let second = read_answer(&mut s, &mut buf).await;
+    assert_eq!((first.status, second.status), (200, 200));
+    assert_eq!(first.header("x-request-id").as_deref(), Some("first"));
+    assert_eq!(second.header("x-request-id").as_deref(), Some("second"));
+    let seen = rig.raw.requests();
+    assert_eq!(seen.len(), 2);
+    assert_eq!((seen[0].target.as_str(), seen[0].body_len), ("/p/1", 3));
+    assert_eq!(seen[1].target, "/p/2");
+    rig.stop().await;
+}
+
+/// A loopback HTTP/1.1 server answering every request with the next of `responses` (cycling),
+/// optionally closing each connection `close_after` its first response without saying so.
+struct Scripted {
+    addr: SocketAddr,
+    connections: Arc<AtomicU64>,
+    requests: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Scripted {
+    async fn start(responses: Vec<&'static [u8]>, close_after: Option<Duration>) -> Scripted {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicU64::new(0));
+        let requests = Arc::new(AtomicU64::new(0));
+        let (c, r) = (connections.clone(), requests.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let (r, responses) = (r.clone(), responses.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        // One request: the head, then a Content-Length body.
+                        let end = loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            let mut chunk = [0u8; 4096];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let body: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        while buf.len() < end + body {
+                            let mut chunk = [0u8; 4096];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.drain(..end + body);
+                        let n = r.fetch_add(1, Ordering::SeqCst) as usize;
+                        if s.write_all(responses[n % responses.len()]).await.is_err() {
+                            return;
+                        }
+                        if let Some(d) = close_after {
+                            tokio::time::sleep(d).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Scripted {
+            addr,
+            connections,
+            requests,
+            task,
+        }
+    }
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn rig_with(scripted: &Scripted) -> Rig {
+    let url = format!("http://{}", scripted.addr);
+    Rig::start(move |t, sandbox, _| {
+        let route = client_credentials_route(sandbox, "scripted", "/scripted", &url, "");
+        format!("{t}{route}")
+    })
+    .await
+}
+
+/// The upstream closes each connection shortly after answering, without `Connection: close`.
+/// The next request on the client's connection must not fail: a GET right after the close is
+/// retried on a new connection, a GET after a pause and a POST find the held connection closed
+/// before using it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_close_between_requests_is_not_the_clients_problem() {
+    let up = Scripted::start(
+        vec![b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"],
+        Some(Duration::from_millis(10)),
+    )
+    .await;
+    let rig = rig_with(&up).await;
+    let mut s = TcpStream::connect(rig.gw.addr()).await.unwrap();
+    let mut buf = Vec::new();
+    let steps: [(&str, u64); 5] = [
+        ("GET", 0),
+        ("GET", 60),  // closed, not checked: the failure is retried
+        ("GET", 400), // checked before use
+        ("POST", 60), // a POST always checks
+        ("POST", 400),
+    ];
+    for (i, (method, pause)) in steps.iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(*pause)).await;
+        let req =
+            format!("{method} /scripted/s/{i} HTTP/1.1\r\nHost: gw\r\nContent-Length: 1\r\n\r\nx");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let a = read_answer(&mut s, &mut buf).await;
+        assert_eq!(
+            a.status, 200,
+            "step {i} ({method} after {pause} ms): {}",
+            a.head
+        );
+        assert_eq!(a.body, b"ok");
+    }
+    assert_eq!(
+        up.requests.load(Ordering::SeqCst),
+        5,
+        "a request was sent twice"
+    );
+    assert_eq!(up.connections.load(Ordering::SeqCst), 5);
+    rig.stop().await;
+}
+
+/// 103 Early Hints is passed on before the final response; a response delimited by the close of
+/// the upstream connection arrives whole and the client's connection is closed after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interim_and_close_delimited_responses() {
+    let up = Scripted::start(
+        vec![
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n\
+               HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end",
+        ],
+        Some(Duration::ZERO),
+    )
+    .await;
+    let rig = rig_with(&up).await;
+    let mut s = TcpStream::connect(rig.gw.addr()).await.unwrap();
+    s.write_all(b"GET /scripted/e HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let hints = read_answer(&mut s, &mut buf).await;
+    assert_eq!(hints.status, 103, "{}", hints.head);
+    assert_eq!(
+        hints.header("link").as_deref(),
+        Some("</a.css>; rel=preload")
+    );
+    let last = read_answer(&mut s, &mut buf).await;
+    assert_eq!(last.status, 200, "{}", last.head);
+    assert_eq!(last.body, b"until the end");
+    assert_eq!(last.header("connection").as_deref(), Some("close"));
+    rig.stop().await;
+}
+
+/// A chunked response with a trailer is forwarded as sent, and the connection carries the next
+/// request (the end of the body was found).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_responses_end_where_the_upstream_ends_them() {
+    const BODY: &[u8] = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n";
+    let up = Scripted::start(
+        vec![b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nX-Trailer: t\r\n\r\n"],
+        None,
+    )
+    .await;
+    let rig = rig_with(&up).await;
+    let mut s = TcpStream::connect(rig.gw.addr()).await.unwrap();
+    for i in 0..2 {
+        s.write_all(format!("GET /scripted/c/{i} HTTP/1.1\r\nHost: gw\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let body_start = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let mut chunk = [0u8; 4096];
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+                got.extend_from_slice(&chunk[..n]);
+                if let Some(h) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                    if got.len() >= h + 4 + BODY.len() {
+                        return h + 4;
+                    }
+                }
+            }
+        })
+        .await
+        .expect("a whole response");
+        let head = String::from_utf8_lossy(&got[..body_start]).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(head.contains("transfer-encoding: chunked"), "{head}");
+        assert!(head.contains("connection: keep-alive"), "{head}");
+        assert_eq!(&got[body_start..], BODY, "request {i}");
+    }
+    assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+    rig.stop().await;
+}
