@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use http::{HeaderValue, Method};
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora::services::listening::Service;
@@ -168,7 +169,7 @@ impl Built {
             let app = ListenerApp::new(table, Arc::clone(&self.state), &server.configuration);
             let mut svc = Service::new("tokengate proxy".to_string(), app);
             for addr in &self.config.server.listen {
-                svc.add_tcp(&addr.to_string());
+                svc.add_listener(proxy_listener(*addr));
             }
             server.add_service(svc);
         }
@@ -180,7 +181,7 @@ impl Built {
                     &server.configuration,
                 );
                 let mut svc = Service::new(format!("tokengate proxy ({})", rc.name), app);
-                svc.add_tcp(&addr.to_string());
+                svc.add_listener(proxy_listener(addr));
                 server.add_service(svc);
             }
         }
@@ -198,6 +199,17 @@ impl Built {
     pub fn config(&self) -> &Config {
         &self.config
     }
+}
+
+/// A proxy listener on `addr`. Reads are not buffered by pingora: both the fast path and
+/// pingora-proxy's HTTP/1 session read into buffers of their own, so pingora's 64 KiB
+/// per-connection read buffer would only add a copy and memory. Writes keep pingora's small
+/// buffer (pingora-proxy writes a response head and body separately).
+fn proxy_listener(addr: SocketAddr) -> ListenerConfig {
+    ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings {
+        read: Some(0),
+        write: None,
+    })
 }
 
 /// Runs the gateway until `shutdown` fires; blocks the calling thread.

@@ -352,3 +352,33 @@ async fn chunked_responses_end_where_the_upstream_ends_them() {
     assert_eq!(up.connections.load(Ordering::SeqCst), 1);
     rig.stop().await;
 }
+
+/// A client that goes idle hands its upstream connection back to the pool: the next client's
+/// request reuses it instead of opening another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_clients_upstream_connection_returns_to_the_pool() {
+    let rig = Rig::start(|t, _, _| t).await;
+    let mut first = TcpStream::connect(rig.gw.addr()).await.unwrap();
+    first
+        .write_all(b"GET /drillster/idle/1 HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let a = read_answer(&mut first, &mut Vec::new()).await;
+    assert_eq!(a.status, 200, "{}", a.head);
+    // Past the 2 s hold while idle; `first` stays open.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let b = send(
+        rig.gw.addr(),
+        b"GET /drillster/idle/2 HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(b.status, 200, "{}", b.head);
+    assert_eq!(rig.raw.request_count(), 2);
+    assert_eq!(
+        rig.raw.connection_count(),
+        1,
+        "the pooled connection was not reused"
+    );
+    drop(first);
+    rig.stop().await;
+}

@@ -56,6 +56,8 @@ const DOWNSTREAM_IDLE: Duration = Duration::from_secs(60);
 /// A held upstream connection idle longer than this is checked for a close before an
 /// idempotent request reuses it (a non-idempotent one always checks).
 const CHECK_IDLE_UPSTREAM_AFTER: Duration = Duration::from_millis(200);
+/// A client connection idle this long gives its upstream connection back to the pool.
+const HOLD_WHILE_IDLE: Duration = Duration::from_secs(2);
 /// Read size for response bodies.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -97,15 +99,8 @@ impl ServerApp for ListenerApp {
         }
         let mut conn = Conn::new(&down);
         let outcome = self.serve(&mut down, &mut conn, shutdown).await;
-        if let Some(held) = conn.held.take() {
-            if held.reusable && !*shutdown.borrow() {
-                let peer = &self.state.routes[held.route].peer;
-                self.connector.release_stream(
-                    held.stream,
-                    peer.reuse_hash(),
-                    peer.options.idle_timeout,
-                );
-            }
+        if !*shutdown.borrow() {
+            self.release(conn.held.take());
         }
         match outcome {
             Outcome::Close => None,
@@ -121,6 +116,20 @@ impl ServerApp for ListenerApp {
 
     async fn cleanup(&self) {
         ServerApp::cleanup(&*self.slow).await;
+    }
+}
+
+impl ListenerApp {
+    /// Returns a clean upstream connection to pingora's connection pool.
+    fn release(&self, held: Option<Held>) {
+        if let Some(held) = held.filter(|h| h.reusable) {
+            let peer = &self.state.routes[held.route].peer;
+            self.connector.release_stream(
+                held.stream,
+                peer.reuse_hash(),
+                peer.options.idle_timeout,
+            );
+        }
     }
 }
 
@@ -144,6 +153,7 @@ struct Conn {
     client_ip: Option<std::net::IpAddr>,
     allowed: bool,
     held: Option<Held>,
+    timer: Timer,
 }
 
 /// An upstream connection the downstream connection keeps between requests.
@@ -160,6 +170,10 @@ impl Conn {
         let client_ip = down
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        Self::detached(client_ip)
+    }
+
+    fn detached(client_ip: Option<std::net::IpAddr>) -> Self {
         Conn {
             buf: Vec::with_capacity(8 * 1024),
             out: Vec::with_capacity(4 * 1024),
@@ -168,6 +182,7 @@ impl Conn {
             client_ip,
             allowed: false,
             held: None,
+            timer: Timer::default(),
         }
     }
 }
@@ -474,7 +489,11 @@ fn parse_response(
 ) -> Result<Option<ResponseHead>, &'static str> {
     let mut storage = [httparse::EMPTY_HEADER; MAX_FIELDS];
     let mut resp = httparse::Response::new(&mut storage);
-    let head_len = match resp.parse(ubuf) {
+    // As lenient as pingora's HTTP/1 client: `Name : value` is accepted (and sent on as
+    // `Name: value`).
+    let mut parser = httparse::ParserConfig::default();
+    parser.allow_spaces_after_header_name_in_responses(true);
+    let head_len = match parser.parse_response(&mut resp, ubuf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if ubuf.len() < MAX_HEAD => return Ok(None),
         Ok(httparse::Status::Partial) => return Err("response head too large"),
@@ -525,8 +544,13 @@ fn parse_response(
 
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.to_string().as_bytes());
-    out.push(b' ');
+    // httparse guarantees three digits.
+    out.extend_from_slice(&[
+        b'0' + (status / 100 % 10) as u8,
+        b'0' + (status / 10 % 10) as u8,
+        b'0' + (status % 10) as u8,
+        b' ',
+    ]);
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let informational = (100..200).contains(&status);
@@ -700,22 +724,55 @@ impl UpstreamFailure {
     }
 }
 
-/// `fut` bounded by `limit` (pingora's timer wheel); `None` means no limit. The future is
-/// polled once first: most reads and writes are ready at once and then need no timer.
-async fn bounded<T>(
-    limit: Option<Duration>,
-    fut: impl Future<Output = io::Result<T>>,
-) -> io::Result<T> {
-    let mut fut = std::pin::pin!(fut);
-    if let Poll::Ready(r) = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
-        return r;
-    }
-    match limit {
-        None => fut.await,
-        Some(d) => match pingora::prelude::timeout(d, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")),
-        },
+/// How often a connection's [`Timer`] wakes while one of its reads or writes waits.
+const TIMER_TICK: Duration = Duration::from_secs(1);
+
+/// One timer per connection for all its read and write timeouts, instead of a timer entry
+/// registered and dropped per operation (which cost ~1 µs per request: BENCHMARKS.md). It is
+/// re-armed only when it fires (at most once per [`TIMER_TICK`] while something waits) or when
+/// an operation's deadline is nearer than its next firing, so a timeout fires on time.
+#[derive(Default)]
+struct Timer {
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Timer {
+    /// `fut` bounded by `limit` (`None`: no limit). The future is polled once first: most
+    /// reads and writes are ready at once and then read no clock at all.
+    async fn bounded<T>(
+        &mut self,
+        limit: Option<Duration>,
+        fut: impl Future<Output = io::Result<T>>,
+    ) -> io::Result<T> {
+        let mut fut = std::pin::pin!(fut);
+        if let Poll::Ready(r) = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await
+        {
+            return r;
+        }
+        let Some(limit) = limit else {
+            return fut.await;
+        };
+        let deadline = tokio::time::Instant::now() + limit;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if sleep.deadline() > deadline {
+            sleep.as_mut().reset(deadline);
+        }
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = fut.as_mut().poll(cx) {
+                return Poll::Ready(r);
+            }
+            while sleep.as_mut().poll(cx).is_ready() {
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "timed out")));
+                }
+                sleep.as_mut().reset((now + TIMER_TICK).min(deadline));
+            }
+            Poll::Pending
+        })
+        .await
     }
 }
 
@@ -749,6 +806,116 @@ struct RequestCtx<'a> {
     started: Instant,
 }
 
+/// A request the fast path forwards: its route and the access token it carries.
+struct Admitted {
+    index: usize,
+    authorization: HeaderValue,
+    generation: u64,
+}
+
+/// The admission decisions [`Gateway::request_filter`] makes, for a plain request: the client
+/// is allowed, the body fits the replay limit, a route matches, the method is allowed and a
+/// token is usable now. `None`: pingora-proxy decides (and answers any refusal).
+fn admit(
+    table: &RouteTable,
+    state: &SharedState,
+    c: &Conn,
+    req: &Plain,
+    body_limit: usize,
+    now: Instant,
+) -> Option<Admitted> {
+    if !c.allowed || req.body_len > body_limit {
+        return None;
+    }
+    let target = &c.buf[req.target.clone()];
+    let path = match target.iter().position(|&b| b == b'?') {
+        Some(q) => &target[..q],
+        None => target,
+    };
+    // `parse_request` checked that the target is a valid URI path (ASCII).
+    let path = std::str::from_utf8(path).ok()?;
+    let index = table.lookup(Some(&c.buf[req.host.clone()]), path)?;
+    let route = &state.routes[index];
+    if !route.allows(&req.method) {
+        return None;
+    }
+    let (authorization, generation) = route.token.usable_now(now)?;
+    Some(Admitted {
+        index,
+        authorization,
+        generation,
+    })
+}
+
+/// The request's id: the client's `X-Request-Id` when usable, else a new one.
+fn request_id(buf: &[u8], req: &Plain, state: &SharedState) -> HeaderValue {
+    match &req.request_id {
+        Some(r) => HeaderValue::from_bytes(&buf[r.clone()])
+            .ok()
+            .filter(valid_request_id)
+            .unwrap_or_else(|| state.request_ids.next()),
+        None => state.request_ids.next(),
+    }
+}
+
+/// Scratch buffers for [`own_work`], reused across calls like a connection's.
+pub struct Scratch(Conn);
+
+impl Scratch {
+    /// Buffers for a client at `client_ip`, admitted by `allowed_clients`.
+    pub fn new(client_ip: std::net::IpAddr) -> Self {
+        Scratch(Conn::detached(Some(client_ip)))
+    }
+
+    /// The last upstream request head (after [`own_work`] returned `Some`, the client's
+    /// response head replaced it).
+    pub fn out(&self) -> &[u8] {
+        &self.0.out
+    }
+}
+
+/// Everything the fast path's own code does for one request, without I/O, for
+/// `benches/hot_path.rs` and tests: parse the client's `request` (head and body), admit it
+/// (allowlist, route among `state.routes` through `table`, method, token), pick the request
+/// id, write the upstream request, parse the upstream's `response` head and write the client's
+/// version, count the request. Returns `(upstream request, client response head)` lengths, or
+/// `None` when pingora-proxy would get the request.
+pub fn own_work(
+    table: &RouteTable,
+    state: &SharedState,
+    request: &[u8],
+    response: &[u8],
+    scratch: &mut Scratch,
+) -> Option<(usize, usize)> {
+    let started = Instant::now();
+    let c = &mut scratch.0;
+    c.buf.clear();
+    c.buf.extend_from_slice(request);
+    c.allowed = c
+        .client_ip
+        .is_some_and(|ip| client_allowed(&state.allowed_clients, ip));
+    let Parsed::Plain(req) = parse_request(&c.buf, &mut c.fields) else {
+        return None;
+    };
+    let limit = state.replay_body_limit.min(super::RETRY_BUFFER_LIMIT);
+    let admitted = admit(table, state, c, &req, limit, started)?;
+    let route = &state.routes[admitted.index];
+    let request_id = request_id(&c.buf, &req, state);
+    let ctx = RequestCtx {
+        route,
+        index: admitted.index,
+        req: &req,
+        request_id: &request_id,
+        keepalive: !req.close,
+        started,
+    };
+    write_upstream_request(c, &ctx, &admitted.authorization);
+    let sent = c.out.len();
+    let head = parse_response(response, false, &request_id, ctx.keepalive, &mut c.out).ok()??;
+    route.metrics.request(head.status, started.elapsed());
+    Some((sent, c.out.len()))
+}
+
 impl ListenerApp {
     /// Serves requests on `down` until it closes or a request needs pingora.
     async fn serve(&self, down: &mut Stream, c: &mut Conn, shutdown: &ShutdownWatch) -> Outcome {
@@ -763,48 +930,45 @@ impl ListenerApp {
                     Parsed::Partial => {}
                 }
                 c.buf.reserve(4096);
-                match bounded(Some(DOWNSTREAM_IDLE), down.read_buf(&mut c.buf)).await {
-                    Ok(0) | Err(_) => return Outcome::Close,
+                let wait = match &c.held {
+                    Some(_) => HOLD_WHILE_IDLE,
+                    None => DOWNSTREAM_IDLE,
+                };
+                match c.timer.bounded(Some(wait), down.read_buf(&mut c.buf)).await {
+                    Ok(0) => return Outcome::Close,
                     Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut && c.held.is_some() => {
+                        // An idle client does not keep an upstream connection to itself: it
+                        // goes back to pingora's pool (bounded, watched for closes).
+                        self.release(c.held.take());
+                    }
+                    Err(_) => return Outcome::Close,
                 }
             };
             let started = Instant::now();
-            if !c.allowed || req.body_len > self.body_limit {
-                return Outcome::Delegate;
-            }
-            let target = &c.buf[req.target.clone()];
-            let path = match target.iter().position(|&b| b == b'?') {
-                Some(q) => &target[..q],
-                None => target,
-            };
-            // `parse_request` checked that the target is a valid URI path (ASCII).
-            let path = std::str::from_utf8(path).unwrap_or("/");
-            let Some(index) = self.table.lookup(Some(&c.buf[req.host.clone()]), path) else {
+            let Some(Admitted {
+                index,
+                authorization,
+                generation,
+            }) = admit(&self.table, &self.state, c, &req, self.body_limit, started)
+            else {
                 return Outcome::Delegate;
             };
             let route = &self.state.routes[index];
-            if !route.allows(&req.method) {
-                return Outcome::Delegate;
-            }
-            let Some((authorization, generation)) = route.token.usable_now(started) else {
-                return Outcome::Delegate;
-            };
             // The body (Content-Length only) in full: it may have to be sent twice.
             let total = req.head_len + req.body_len;
             while c.buf.len() < total {
                 c.buf.reserve(total - c.buf.len());
-                match bounded(Some(DOWNSTREAM_IDLE), down.read_buf(&mut c.buf)).await {
+                match c
+                    .timer
+                    .bounded(Some(DOWNSTREAM_IDLE), down.read_buf(&mut c.buf))
+                    .await
+                {
                     Ok(0) | Err(_) => return Outcome::Close,
                     Ok(_) => {}
                 }
             }
-            let request_id = match &req.request_id {
-                Some(r) => HeaderValue::from_bytes(&c.buf[r.clone()])
-                    .ok()
-                    .filter(valid_request_id)
-                    .unwrap_or_else(|| self.state.request_ids.next()),
-                None => self.state.request_ids.next(),
-            };
+            let request_id = request_id(&c.buf, &req, &self.state);
             let ctx = RequestCtx {
                 route,
                 index,
@@ -924,12 +1088,7 @@ impl ListenerApp {
                 return Ok((held.stream, true));
             }
             if alive {
-                let peer = &self.state.routes[held.route].peer;
-                self.connector.release_stream(
-                    held.stream,
-                    peer.reuse_hash(),
-                    peer.options.idle_timeout,
-                );
+                self.release(Some(held));
             }
         }
         self.connector
@@ -951,7 +1110,8 @@ async fn send(
         up.write_all(&c.out).await?;
         up.flush().await
     };
-    bounded(opts.write_timeout, write)
+    c.timer
+        .bounded(opts.write_timeout, write)
         .await
         .map_err(|e| UpstreamFailure::io(e, reused, false, "writing the request"))?;
     c.ubuf.clear();
@@ -988,12 +1148,14 @@ async fn read_response_head(
         }
         c.ubuf.reserve(READ_CHUNK);
         let got_bytes = !c.ubuf.is_empty();
-        let n = bounded(
-            ctx.route.peer.options.read_timeout,
-            up.read_buf(&mut c.ubuf),
-        )
-        .await
-        .map_err(|e| UpstreamFailure::io(e, reused, got_bytes, "reading the response"))?;
+        let n = c
+            .timer
+            .bounded(
+                ctx.route.peer.options.read_timeout,
+                up.read_buf(&mut c.ubuf),
+            )
+            .await
+            .map_err(|e| UpstreamFailure::io(e, reused, got_bytes, "reading the response"))?;
         if n == 0 {
             let e = io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed");
             return Err(UpstreamFailure::io(
@@ -1069,7 +1231,10 @@ async fn forward(
     while !done {
         c.ubuf.clear();
         c.ubuf.reserve(READ_CHUNK);
-        let read = bounded(read_timeout, up.read_buf(&mut c.ubuf)).await;
+        let read = c
+            .timer
+            .bounded(read_timeout, up.read_buf(&mut c.ubuf))
+            .await;
         match read {
             Ok(0) if head.framing == Framing::UntilClose => break,
             Ok(0) | Err(_) => {
@@ -1092,7 +1257,8 @@ async fn forward(
     c.held = Some(Held {
         route: ctx.index,
         stream: up,
-        last_used: Instant::now(),
+        // The request's start stands in for the end of its use: no clock read per request.
+        last_used: ctx.started,
         reusable: clean && !until_close,
     });
     Exchange::Done {

@@ -1,5 +1,7 @@
 //! The proxy: a thin pingora [`ProxyHttp`] implementation over the route table, header hygiene
-//! and the token cache.
+//! and the token cache. Each listener runs [`fast_path::ListenerApp`], which forwards plain
+//! HTTP/1.1 requests itself (the same decisions, one pass over the client's bytes) and hands
+//! every other request to pingora-proxy running [`Gateway`], whose phases are:
 //!
 //! ```text
 //!  downstream request
