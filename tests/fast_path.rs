@@ -382,3 +382,38 @@ async fn an_idle_clients_upstream_connection_returns_to_the_pool() {
     drop(first);
     rig.stop().await;
 }
+
+/// A request pingora-proxy handles (a chunked upload) does not keep the connection off the fast
+/// path: the requests after it are served by the fast path again, which answers pipelined
+/// requests (pingora-proxy answers the first of them and closes the connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_comes_back_to_the_fast_path_after_a_request_for_pingora() {
+    let rig = Rig::start(|t, _, _| t).await;
+    let mut s = TcpStream::connect(rig.gw.addr()).await.unwrap();
+    let mut buf = Vec::new();
+    s.write_all(
+        b"POST /drillster/chunked HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let a = read_answer(&mut s, &mut buf).await;
+    assert_eq!(a.status, 200, "{}", a.head);
+    assert_eq!(rig.raw.last().unwrap().body_len, 3);
+    s.write_all(
+        b"GET /drillster/after/1 HTTP/1.1\r\nHost: gw\r\n\r\n\
+          GET /drillster/after/2 HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let first = read_answer(&mut s, &mut buf).await;
+    let second = read_answer(&mut s, &mut buf).await;
+    assert_eq!((first.status, second.status), (200, 200));
+    let targets: Vec<String> = rig
+        .raw
+        .requests()
+        .iter()
+        .map(|r| r.target.clone())
+        .collect();
+    assert_eq!(targets, ["/chunked", "/after/1", "/after/2"]);
+    rig.stop().await;
+}

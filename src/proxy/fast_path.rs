@@ -31,8 +31,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use http::{HeaderValue, Method};
-use pingora::apps::ServerApp;
+use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::connectors::{ConnectorOptions, TransportConnector};
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use pingora::proxy::HttpProxy;
@@ -98,18 +99,32 @@ impl ServerApp for ListenerApp {
             return ServerApp::process_new(&self.slow, down, shutdown).await;
         }
         let mut conn = Conn::new(&down);
-        let outcome = self.serve(&mut down, &mut conn, shutdown).await;
-        if !*shutdown.borrow() {
+        loop {
+            if let Outcome::Close = self.serve(&mut down, &mut conn, shutdown).await {
+                if !*shutdown.borrow() {
+                    self.release(conn.held.take());
+                }
+                return None;
+            }
+            // One request for pingora-proxy. It may take long (an upgraded connection lasts as
+            // long as the client wants): the held upstream connection goes back to the pool.
             self.release(conn.held.take());
-        }
-        match outcome {
-            Outcome::Close => None,
-            Outcome::Delegate => {
-                let Ok(mut l4) = down.into_any().downcast::<L4Stream>() else {
-                    return None;
-                };
-                l4.rewind(&conn.buf);
-                ServerApp::process_new(&self.slow, l4, shutdown).await
+            let Ok(mut l4) = down.into_any().downcast::<L4Stream>() else {
+                return None;
+            };
+            l4.rewind(&conn.buf);
+            conn.buf.clear();
+            let mut session = ServerSession::new_http1(l4);
+            // What pingora's own HTTP/1 loop sets: 60 s keep-alive, none while shutting down.
+            session.set_keepalive((!*shutdown.borrow()).then_some(60));
+            // The connection comes back after that request when it can carry another, so one
+            // unusual request (or a moment without a usable token) does not keep the client's
+            // connection off the fast path.
+            let reused = HttpServerApp::process_new_http(&self.slow, session, shutdown).await?;
+            let (stream, _pipelining_off) = reused.consume();
+            down = stream;
+            if !down.as_any().is::<L4Stream>() {
+                return ServerApp::process_new(&self.slow, down, shutdown).await;
             }
         }
     }
@@ -137,7 +152,8 @@ impl ListenerApp {
 enum Outcome {
     /// Closed (or to be closed).
     Close,
-    /// Handed to pingora-proxy with `Conn::buf` put back in front of the stream.
+    /// The next request goes to pingora-proxy, with `Conn::buf` put back in front of the
+    /// stream; the connection comes back to the fast path after it if it stays open.
     Delegate,
 }
 
@@ -151,6 +167,8 @@ struct Conn {
     ubuf: Vec<u8>,
     fields: Vec<Field>,
     client_ip: Option<std::net::IpAddr>,
+    /// `client_ip` as `X-Forwarded-For` shows it (IPv4-mapped IPv6 as IPv4), formatted once.
+    client_ip_text: Option<Vec<u8>>,
     allowed: bool,
     held: Option<Held>,
     timer: Timer,
@@ -180,6 +198,7 @@ impl Conn {
             ubuf: Vec::with_capacity(READ_CHUNK),
             fields: Vec::with_capacity(32),
             client_ip,
+            client_ip_text: client_ip.map(|ip| ip.to_canonical().to_string().into_bytes()),
             allowed: false,
             held: None,
             timer: Timer::default(),
@@ -359,10 +378,11 @@ fn write_upstream_request(c: &mut Conn, ctx: &RequestCtx<'_>, authorization: &He
         out,
         buf,
         fields,
-        client_ip,
+        client_ip_text,
         ..
     } = c;
-    let (client_ip, req, route, request_id) = (*client_ip, ctx.req, ctx.route, ctx.request_id);
+    let client_ip = client_ip_text.as_deref();
+    let (req, route, request_id) = (ctx.req, ctx.route, ctx.request_id);
     out.clear();
     out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
@@ -380,8 +400,7 @@ fn write_upstream_request(c: &mut Conn, ctx: &RequestCtx<'_>, authorization: &He
             }
         }
         if let Some(ip) = client_ip {
-            use std::io::Write as _;
-            let _ = write!(out, "{}", ip.to_canonical());
+            out.extend_from_slice(ip);
         }
     };
     let (mut authorization_done, mut xfh_done, mut xfp_done, mut xff_done, mut id_done) =
