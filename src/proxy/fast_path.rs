@@ -12,7 +12,8 @@
 //!
 //! Anything else — and every request the gateway refuses (403/404/405/503), since refusals are
 //! decided there — is handed, with the bytes already read put back in front of the stream, to
-//! pingora-proxy running [`Gateway`] for the rest of the connection. The two paths send the
+//! pingora-proxy running [`Gateway`] for that request; if the connection stays open, the next
+//! request is the fast path's again. The two paths send the
 //! upstream the same request (same header hygiene, same field order; `tests/` runs both) and
 //! count and log requests the same way.
 //!
@@ -1370,4 +1371,143 @@ fn log(
         error = "-",
         request_id = ctx.request_id.to_str().unwrap_or("-"),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `body` in pieces of `step` bytes; the end offset found, if any.
+    fn chunked_end(body: &[u8], step: usize) -> Result<Option<usize>, &'static str> {
+        let mut scanner = ChunkedEnd::default();
+        let mut offset = 0;
+        for piece in body.chunks(step) {
+            if let Some(end) = scanner.feed(piece)? {
+                return Ok(Some(offset + end));
+            }
+            offset += piece.len();
+        }
+        Ok(None)
+    }
+
+    #[test]
+    fn chunked_end_is_found_whatever_the_pieces() {
+        let body = b"5\r\nhello\r\n1A;ext=\"x\"\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nT: 1\r\nU: 2\r\n\r\nNEXT";
+        let end = body.len() - 4;
+        for step in [1, 2, 3, 7, body.len()] {
+            assert_eq!(chunked_end(body, step), Ok(Some(end)), "step {step}");
+        }
+        assert_eq!(chunked_end(b"0\r\n\r\n", 1), Ok(Some(5)));
+        assert_eq!(chunked_end(b"5\r\nhel", 3), Ok(None));
+        assert_eq!(chunked_end(b"0\r\nTrailer: x\r\n", 4), Ok(None));
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_errors() {
+        for bad in [
+            &b"x\r\n"[..],
+            b"\r\n",
+            b"5\nhello\r\n",
+            b"5\r\nhelloXX",
+            b"1234567890abcdef0\r\n",
+            b"0\r\n\n",
+        ] {
+            assert!(
+                chunked_end(bad, 1).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    fn plain(raw: &[u8]) -> Option<(Plain, Vec<Field>)> {
+        let mut fields = Vec::new();
+        match parse_request(raw, &mut fields) {
+            Parsed::Plain(p) => Some((p, fields)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn only_plain_requests_take_the_fast_path() {
+        let (p, fields) = plain(
+            b"POST /a?b=1 HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\nConnection: Keep-Alive, close\r\n\r\nabc",
+        )
+        .expect("plain");
+        assert_eq!((p.body_len, p.close, p.method.as_str()), (3, true, "POST"));
+        assert_eq!(fields.len(), 3);
+        for raw in [
+            &b"GET / HTTP/1.0\r\nHost: gw\r\n\r\n"[..],
+            b"GET http://gw/ HTTP/1.1\r\nHost: gw\r\n\r\n",
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: +3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: gw\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: gw\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: gw\r\nConnection: keep-alive, X-Hop\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: gw\r\nTE: trailers\r\n\r\n",
+            b"CONNECT gw:443 HTTP/1.1\r\nHost: gw:443\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: gw\r\nX: a\rb\r\n\r\n",
+        ] {
+            assert!(plain(raw).is_none(), "{}", String::from_utf8_lossy(raw));
+        }
+        let mut fields = Vec::new();
+        assert!(matches!(
+            parse_request(b"GET / HTTP/1.1\r\nHost: g", &mut fields),
+            Parsed::Partial
+        ));
+    }
+
+    #[test]
+    fn response_heads_are_copied_with_the_gateways_fields() {
+        let id = HeaderValue::from_static("req-1");
+        let mut out = Vec::new();
+        let raw = b"HTTP/1.1 200 Fine\r\nX-Request-Id: theirs\r\nConnection: close\r\nKeep-Alive: timeout=5\r\nContent-Length : 2\r\nDate: Sun, 29 Nov 2026 10:00:00 GMT\r\n\r\nok";
+        let head = parse_response(raw, false, &id, true, &mut out)
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(head.status, 200);
+        assert_eq!(head.framing, Framing::Length(2));
+        assert!(head.upstream_close);
+        assert_eq!(
+            String::from_utf8(out.clone()).unwrap(),
+            "HTTP/1.1 200 Fine\r\nX-Request-Id: req-1\r\nContent-Length: 2\r\n\
+             Date: Sun, 29 Nov 2026 10:00:00 GMT\r\nConnection: keep-alive\r\n\r\n"
+        );
+
+        let raw =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 9\r\n\r\n";
+        let head = parse_response(raw, false, &id, true, &mut out)
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.framing, Framing::Chunked);
+        assert!(!String::from_utf8_lossy(&out).contains("Content-Length"));
+
+        let raw = b"HTTP/1.1 200 OK\r\n\r\nbody until close";
+        let head = parse_response(raw, false, &id, true, &mut out)
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.framing, Framing::UntilClose);
+        assert!(String::from_utf8_lossy(&out).contains("Connection: close\r\n"));
+
+        let raw = b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n";
+        let head = parse_response(raw, false, &id, true, &mut out)
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.framing, Framing::None);
+
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"SMTP 220 hello\r\n\r\n",
+        ] {
+            assert!(parse_response(bad, false, &id, true, &mut out).is_err());
+        }
+        assert!(matches!(
+            parse_response(b"HTTP/1.1 200 OK\r\nDa", false, &id, true, &mut out),
+            Ok(None)
+        ));
+    }
 }
