@@ -1,4 +1,4 @@
-//! The HTTP/1.1 fast path (`src/proxy/fast_path.rs`) against real servers on loopback: it sends
+//! The HTTP/1.1 fast path (`src/proxy/fast_path/`) against real servers on loopback: it sends
 //! the upstream exactly what pingora-proxy sends for the same request, keeps connections alive
 //! both ways, serves pipelined requests in order, survives an upstream that closed a kept-alive
 //! connection, and forwards interim, chunked and close-delimited responses.
@@ -27,6 +27,7 @@ async fn fast_path_and_pingora_send_the_upstream_identical_requests() {
         X-First: one\r\n\
         Cookie: sid=1\r\n\
         x-forwarded-for: 10.9.8.7\r\n\
+        X-Forwarded-For: 10.0.0.2\r\n\
         Proxy-Authorization: Basic eA==\r\n\
         x-request-id: trace-7\r\n\
         X-Repeat: a\r\n\
@@ -61,6 +62,7 @@ async fn fast_path_and_pingora_send_the_upstream_identical_requests() {
         "{fast_head}"
     );
     assert_eq!(via_fast.header_values("authorization").len(), 1);
+    assert_eq!(via_fast.header_values("x-forwarded-for").len(), 1);
     assert!(via_fast
         .header("authorization")
         .unwrap()
@@ -72,7 +74,7 @@ async fn fast_path_and_pingora_send_the_upstream_identical_requests() {
     assert_eq!(via_fast.header("x-request-id").as_deref(), Some("trace-7"));
     assert_eq!(
         via_fast.header("x-forwarded-for").as_deref(),
-        Some("10.9.8.7, 127.0.0.1")
+        Some("10.9.8.7, 10.0.0.2, 127.0.0.1")
     );
     for gone in [
         "cookie",

@@ -94,11 +94,11 @@ pub fn add_forwarding_fields(
     upstream.insert_header("Host", host_header.clone())?;
     upstream.insert_header("X-Forwarded-Proto", HeaderValue::from_static("http"))?;
     if let Some(ip) = client_ip.map(|ip| ip.to_canonical()) {
-        let prev = upstream.headers.get(&X_FORWARDED_FOR).map(|v| v.as_bytes());
-        // One buffer, written once: the previous hops' bytes as they came, then ours.
-        let mut xff = Vec::with_capacity(prev.map_or(0, |p| p.len() + 2) + 39);
-        if let Some(prev) = prev {
-            xff.extend_from_slice(prev);
+        // One buffer, written once: every `X-Forwarded-For` field the client sent, in order, as
+        // one list (RFC 9110 §5.3), the previous hops' bytes as they came, then ours.
+        let mut xff = Vec::with_capacity(64);
+        for prev in upstream.headers.get_all(&X_FORWARDED_FOR) {
+            xff.extend_from_slice(prev.as_bytes());
             xff.extend_from_slice(b", ");
         }
         // Writing to a Vec cannot fail.

@@ -1,0 +1,339 @@
+//! The client's request on the fast path: which requests are plain enough for it
+//! ([`parse_request`]) and the upstream request written from the client's bytes
+//! ([`write_upstream_request`]).
+
+use std::ops::Range;
+
+use http::{HeaderValue, Method};
+
+use super::response::push_field;
+use super::{Conn, RequestCtx, MAX_FIELDS, MAX_HEAD};
+use crate::proxy::origin_form_target;
+use crate::proxy::routes::Route;
+
+/// What a request field is to the gateway.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Kind {
+    Other,
+    Authorization,
+    /// Removed: `Proxy-Authorization`, `Keep-Alive`, `Proxy-Connection`, `Proxy-Authenticate`.
+    Drop,
+    Cookie,
+    Host,
+    XForwardedHost,
+    XForwardedProto,
+    XForwardedFor,
+    XRequestId,
+    Connection,
+    ContentLength,
+    /// A field the fast path does not handle: the request goes to pingora.
+    Unhandled,
+}
+
+/// One request field: byte ranges into `Conn::buf`.
+#[derive(Clone, Debug)]
+pub(super) struct Field {
+    pub(super) name: Range<usize>,
+    pub(super) value: Range<usize>,
+    pub(super) kind: Kind,
+}
+
+pub(super) fn classify(name: &[u8]) -> Kind {
+    let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+    match name.len() {
+        2 if is("te") => Kind::Unhandled,
+        4 if is("host") => Kind::Host,
+        6 if is("cookie") => Kind::Cookie,
+        6 if is("expect") => Kind::Unhandled,
+        7 if is("upgrade") || is("trailer") => Kind::Unhandled,
+        10 if is("connection") => Kind::Connection,
+        10 if is("keep-alive") => Kind::Drop,
+        12 if is("x-request-id") => Kind::XRequestId,
+        13 if is("authorization") => Kind::Authorization,
+        14 if is("content-length") => Kind::ContentLength,
+        14 if is("http2-settings") => Kind::Unhandled,
+        15 if is("x-forwarded-for") => Kind::XForwardedFor,
+        16 if is("x-forwarded-host") => Kind::XForwardedHost,
+        16 if is("proxy-connection") => Kind::Drop,
+        17 if is("x-forwarded-proto") => Kind::XForwardedProto,
+        17 if is("transfer-encoding") => Kind::Unhandled,
+        18 if is("proxy-authenticate") => Kind::Drop,
+        19 if is("proxy-authorization") => Kind::Drop,
+        _ => Kind::Other,
+    }
+}
+
+/// A parsed request the fast path will forward.
+pub(super) struct Plain {
+    pub(super) head_len: usize,
+    pub(super) body_len: usize,
+    pub(super) method: Method,
+    pub(super) target: Range<usize>,
+    pub(super) host: Range<usize>,
+    pub(super) request_id: Option<Range<usize>>,
+    pub(super) close: bool,
+}
+
+/// The result of looking at the buffered request.
+pub(super) enum Parsed {
+    /// Forward it.
+    Plain(Plain),
+    /// The head is not complete yet.
+    Partial,
+    /// Hand the connection to pingora.
+    Delegate,
+}
+
+/// Parses the head at the start of `buf` into `fields`; decides whether it is plain.
+pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
+    let mut storage = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    let mut req = httparse::Request::new(&mut storage);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parsed::Partial,
+        _ => return Parsed::Delegate,
+    };
+    let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+        return Parsed::Delegate;
+    };
+    // Only what pingora itself would accept as a target (it parses into `http::Uri`).
+    // A fragment is never sent (RFC 9112 §3.2); pingora drops it, so it decides.
+    if !target.starts_with('/')
+        || target.contains('#')
+        || http::uri::PathAndQuery::try_from(target).is_err()
+    {
+        return Parsed::Delegate;
+    }
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Parsed::Delegate;
+    };
+    if method == Method::CONNECT {
+        return Parsed::Delegate;
+    }
+    let base = buf.as_ptr() as usize;
+    let offset = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        start..start + s.len()
+    };
+    fields.clear();
+    let mut host = None;
+    let mut request_id = None;
+    let mut body_len: Option<usize> = None;
+    let mut close = false;
+    for h in req.headers.iter() {
+        let kind = classify(h.name.as_bytes());
+        match kind {
+            Kind::Unhandled => return Parsed::Delegate,
+            Kind::Host => {
+                // pingora answers 400 to a `Host` that is no URI authority; an empty one passes.
+                if host.is_some()
+                    || (!h.value.is_empty() && http::uri::Authority::try_from(h.value).is_err())
+                {
+                    return Parsed::Delegate;
+                }
+                host = Some(offset(h.value));
+            }
+            Kind::XRequestId if request_id.is_none() => request_id = Some(offset(h.value)),
+            Kind::ContentLength => {
+                let Some(n) = std::str::from_utf8(h.value)
+                    .ok()
+                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse::<usize>().ok())
+                else {
+                    return Parsed::Delegate;
+                };
+                if body_len.is_some_and(|m| m != n) {
+                    return Parsed::Delegate;
+                }
+                body_len = Some(n);
+            }
+            Kind::Connection => {
+                for token in h.value.split(|b| *b == b',').map(|t| t.trim_ascii()) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                        // It names other fields as hop-by-hop: pingora removes those.
+                        return Parsed::Delegate;
+                    }
+                }
+            }
+            _ => {}
+        }
+        fields.push(Field {
+            name: offset(h.name.as_bytes()),
+            value: offset(h.value),
+            kind,
+        });
+    }
+    let Some(host) = host else {
+        return Parsed::Delegate;
+    };
+    Parsed::Plain(Plain {
+        head_len,
+        body_len: body_len.unwrap_or(0),
+        method,
+        target: offset(target.as_bytes()),
+        host,
+        request_id,
+        close,
+    })
+}
+
+/// Writes the upstream request head for `ctx.req` into `c.out`, then its body:
+/// the same message pingora-proxy sends after [`Gateway`]'s `upstream_request_filter`
+/// (credentials stripped, one `Authorization: Bearer`, `Host`, `X-Forwarded-*`, `X-Request-Id`,
+/// hop-by-hop fields removed, the client's field order kept, the client's spelling of every
+/// field the gateway does not set, the gateway's fields in their usual spelling in the place of
+/// the client's first one of that name or appended in the same order).
+pub(super) fn write_upstream_request(
+    c: &mut Conn,
+    ctx: &RequestCtx<'_>,
+    authorization: &HeaderValue,
+) {
+    let Conn {
+        out,
+        buf,
+        fields,
+        client_ip_text,
+        ..
+    } = c;
+    let client_ip = client_ip_text.as_deref();
+    let (req, route, request_id) = (ctx.req, ctx.route, ctx.request_id);
+    out.clear();
+    out.extend_from_slice(req.method.as_str().as_bytes());
+    out.push(b' ');
+    let target = &buf[req.target.clone()];
+    match origin_form_target(target, route) {
+        Some(t) => out.extend_from_slice(&t),
+        None => out.extend_from_slice(target),
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    // Every `X-Forwarded-For` field the client sent, in order, as one list (RFC 9110 §5.3),
+    // then this client's address: the nearest hop last.
+    let xff = |out: &mut Vec<u8>| {
+        out.extend_from_slice(b"X-Forwarded-For: ");
+        for f in fields.iter().filter(|f| f.kind == Kind::XForwardedFor) {
+            out.extend_from_slice(&buf[f.value.clone()]);
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(client_ip.unwrap_or_default());
+        out.extend_from_slice(b"\r\n");
+    };
+    let (mut authorization_done, mut xfh_done, mut xfp_done, mut xff_done, mut id_done) =
+        (false, false, false, false, false);
+    for f in fields.iter() {
+        let name = &buf[f.name.clone()];
+        match f.kind {
+            Kind::Authorization => {
+                if !authorization_done {
+                    push_field(out, b"Authorization", authorization.as_bytes());
+                    authorization_done = true;
+                }
+            }
+            Kind::Drop | Kind::Connection => {}
+            Kind::Cookie if !route.forward_cookies => {}
+            Kind::Host => push_field(out, b"Host", route.host_header.as_bytes()),
+            Kind::XForwardedHost => {
+                if !xfh_done {
+                    push_field(out, b"X-Forwarded-Host", &buf[req.host.clone()]);
+                    xfh_done = true;
+                }
+            }
+            Kind::XForwardedProto => {
+                if !xfp_done {
+                    push_field(out, b"X-Forwarded-Proto", b"http");
+                    xfp_done = true;
+                }
+            }
+            Kind::XForwardedFor => {
+                if client_ip.is_none() {
+                    push_field(out, name, &buf[f.value.clone()]);
+                } else if !xff_done {
+                    xff(out);
+                    xff_done = true;
+                }
+            }
+            Kind::XRequestId => {
+                if !id_done {
+                    push_field(out, b"X-Request-Id", request_id.as_bytes());
+                    id_done = true;
+                }
+            }
+            Kind::Other if is_stripped(name, route) => {}
+            _ => push_field(out, name, &buf[f.value.clone()]),
+        }
+    }
+    if !authorization_done {
+        push_field(out, b"Authorization", authorization.as_bytes());
+    }
+    if !xfh_done {
+        push_field(out, b"X-Forwarded-Host", &buf[req.host.clone()]);
+    }
+    if !xfp_done {
+        push_field(out, b"X-Forwarded-Proto", b"http");
+    }
+    if !xff_done && client_ip.is_some() {
+        xff(out);
+    }
+    if !id_done {
+        push_field(out, b"X-Request-Id", request_id.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&buf[req.head_len..req.head_len + req.body_len]);
+}
+
+/// Whether `name` is one of the route's `strip_headers`.
+#[inline]
+pub(super) fn is_stripped(name: &[u8], route: &Route) -> bool {
+    route
+        .strip_headers
+        .iter()
+        .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plain(raw: &[u8]) -> Option<(Plain, Vec<Field>)> {
+        let mut fields = Vec::new();
+        match parse_request(raw, &mut fields) {
+            Parsed::Plain(p) => Some((p, fields)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn only_plain_requests_take_the_fast_path() {
+        let (p, fields) = plain(
+            b"POST /a?b=1 HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\nConnection: Keep-Alive, close\r\n\r\nabc",
+        )
+        .expect("plain");
+        assert_eq!((p.body_len, p.close, p.method.as_str()), (3, true, "POST"));
+        assert_eq!(fields.len(), 3);
+        for raw in [
+            &b"GET / HTTP/1.0\r\nHost: gw\r\n\r\n"[..],
+            b"GET http://gw/ HTTP/1.1\r\nHost: gw\r\n\r\n",
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: +3\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: gw\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: gw\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: gw\r\nConnection: keep-alive, X-Hop\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: gw\r\nTE: trailers\r\n\r\n",
+            b"CONNECT gw:443 HTTP/1.1\r\nHost: gw:443\r\n\r\n",
+            b"GET /a?x=1#frag HTTP/1.1\r\nHost: gw\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a b/c@d\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: gw\r\nX: a\rb\r\n\r\n",
+        ] {
+            assert!(plain(raw).is_none(), "{}", String::from_utf8_lossy(raw));
+        }
+        let mut fields = Vec::new();
+        assert!(matches!(
+            parse_request(b"GET / HTTP/1.1\r\nHost: g", &mut fields),
+            Parsed::Partial
+        ));
+    }
+}

@@ -1,0 +1,339 @@
+//! The upstream's response on the fast path: its head parsed and rewritten for the client
+//! ([`parse_response`]), and where a chunked body ends ([`ChunkedEnd`]).
+
+use http::HeaderValue;
+
+use super::{MAX_FIELDS, MAX_HEAD};
+
+/// How the upstream response body is delimited (RFC 9112 §6.3).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// The parts of an upstream response head the fast path acts on.
+pub(super) struct ResponseHead {
+    pub(super) head_len: usize,
+    pub(super) status: u16,
+    pub(super) framing: Framing,
+    pub(super) upstream_close: bool,
+}
+
+/// Parses the response head at the start of `ubuf` and writes the downstream head into `out`:
+/// `Connection` and `Keep-Alive` replaced by the gateway's own `Connection`, `X-Request-Id`
+/// set, `Date` added when missing (what pingora's HTTP/1 server does). `Ok(None)`: incomplete.
+pub(super) fn parse_response(
+    ubuf: &[u8],
+    head_request: bool,
+    request_id: &HeaderValue,
+    keepalive: bool,
+    out: &mut Vec<u8>,
+) -> Result<Option<ResponseHead>, &'static str> {
+    let mut storage = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    let mut resp = httparse::Response::new(&mut storage);
+    // As lenient as pingora's HTTP/1 client: `Name : value` is accepted (and sent on as
+    // `Name: value`).
+    let mut parser = httparse::ParserConfig::default();
+    parser.allow_spaces_after_header_name_in_responses(true);
+    let head_len = match parser.parse_response(&mut resp, ubuf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if ubuf.len() < MAX_HEAD => return Ok(None),
+        Ok(httparse::Status::Partial) => return Err("response head too large"),
+        Err(_) => return Err("malformed response head"),
+    };
+    let status = resp.code.unwrap_or(0);
+    let version = resp.version.unwrap_or(0);
+    let mut length: Option<u64> = None;
+    let mut chunked = None;
+    let mut upstream_close = version == 0;
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or("invalid Content-Length")?;
+            if length.is_some_and(|m| m != n) {
+                return Err("conflicting Content-Length");
+            }
+            length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in h.value.split(|b| *b == b',').map(|t| t.trim_ascii()) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    upstream_close = true;
+                } else if version == 0 && token.eq_ignore_ascii_case(b"keep-alive") {
+                    upstream_close = false;
+                }
+            }
+        }
+    }
+    let framing = if head_request || (100..200).contains(&status) || status == 204 || status == 304
+    {
+        Framing::None
+    } else {
+        match (chunked, length) {
+            (Some(true), _) => Framing::Chunked,
+            (Some(false), _) => Framing::UntilClose,
+            (None, Some(n)) => Framing::Length(n),
+            (None, None) => Framing::UntilClose,
+        }
+    };
+    let keepalive = keepalive && framing != Framing::UntilClose;
+
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    // httparse guarantees three digits.
+    out.extend_from_slice(&[
+        b'0' + (status / 100 % 10) as u8,
+        b'0' + (status / 10 % 10) as u8,
+        b'0' + (status % 10) as u8,
+        b' ',
+    ]);
+    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let informational = (100..200).contains(&status);
+    let (mut id_done, mut date) = (false, false);
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        if !informational {
+            if name.eq_ignore_ascii_case(b"connection") || name.eq_ignore_ascii_case(b"keep-alive")
+            {
+                continue;
+            }
+            if name.eq_ignore_ascii_case(b"content-length") && chunked.is_some() {
+                continue;
+            }
+            if name.eq_ignore_ascii_case(b"x-request-id") {
+                if !id_done {
+                    push_field(out, b"X-Request-Id", request_id.as_bytes());
+                    id_done = true;
+                }
+                continue;
+            }
+            date |= name.eq_ignore_ascii_case(b"date");
+        }
+        push_field(out, name, h.value);
+    }
+    if !informational {
+        if !date {
+            let now = pingora::protocols::http::date::get_cached_date();
+            push_field(out, b"Date", now.as_bytes());
+        }
+        let connection: &[u8] = if keepalive { b"keep-alive" } else { b"close" };
+        push_field(out, b"Connection", connection);
+        if !id_done {
+            push_field(out, b"X-Request-Id", request_id.as_bytes());
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(Some(ResponseHead {
+        head_len,
+        status,
+        framing,
+        upstream_close,
+    }))
+}
+
+#[inline]
+pub(super) fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Finds the end of a chunked body (RFC 9112 §7.1) in bytes fed to it piece by piece.
+#[derive(Debug, Default)]
+pub(super) struct ChunkedEnd {
+    state: ChunkState,
+    size: u64,
+    digits: u8,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ChunkState {
+    #[default]
+    Size,
+    Extension,
+    SizeLf,
+    Data(u64),
+    DataCr,
+    DataLf,
+    TrailerStart,
+    TrailerLine,
+    FinalLf,
+    Done,
+}
+
+impl ChunkedEnd {
+    /// Feeds `bytes`; `Ok(Some(n))` when the body ends after `bytes[..n]`.
+    pub(super) fn feed(&mut self, bytes: &[u8]) -> Result<Option<usize>, &'static str> {
+        use ChunkState::*;
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            self.state = match self.state {
+                Size => match b {
+                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                        self.digits += 1;
+                        if self.digits > 15 {
+                            return Err("chunk size too large");
+                        }
+                        self.size = self.size * 16 + (b as char).to_digit(16).unwrap_or(0) as u64;
+                        Size
+                    }
+                    b';' | b' ' | b'\t' if self.digits > 0 => Extension,
+                    b'\r' if self.digits > 0 => SizeLf,
+                    _ => return Err("malformed chunk size"),
+                },
+                Extension => match b {
+                    b'\r' => SizeLf,
+                    b'\n' => return Err("malformed chunk extension"),
+                    _ => Extension,
+                },
+                SizeLf if b == b'\n' => {
+                    let size = std::mem::take(&mut self.size);
+                    self.digits = 0;
+                    if size == 0 {
+                        TrailerStart
+                    } else {
+                        Data(size)
+                    }
+                }
+                SizeLf => return Err("malformed chunk size line"),
+                Data(rem) => {
+                    let take = rem.min((bytes.len() - i) as u64);
+                    i += take as usize;
+                    let rem = rem - take;
+                    self.state = if rem == 0 { DataCr } else { Data(rem) };
+                    continue;
+                }
+                DataCr if b == b'\r' => DataLf,
+                DataLf if b == b'\n' => Size,
+                DataCr | DataLf => return Err("malformed chunk end"),
+                TrailerStart if b == b'\r' => FinalLf,
+                TrailerStart | TrailerLine if b == b'\n' => {
+                    if self.state == TrailerStart {
+                        return Err("malformed trailer");
+                    }
+                    TrailerStart
+                }
+                TrailerStart | TrailerLine => TrailerLine,
+                FinalLf if b == b'\n' => Done,
+                FinalLf => return Err("malformed last chunk"),
+                Done => Done,
+            };
+            i += 1;
+            if self.state == Done {
+                return Ok(Some(i));
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `body` in pieces of `step` bytes; the end offset found, if any.
+    fn chunked_end(body: &[u8], step: usize) -> Result<Option<usize>, &'static str> {
+        let mut scanner = ChunkedEnd::default();
+        let mut offset = 0;
+        for piece in body.chunks(step) {
+            if let Some(end) = scanner.feed(piece)? {
+                return Ok(Some(offset + end));
+            }
+            offset += piece.len();
+        }
+        Ok(None)
+    }
+
+    #[test]
+    fn chunked_end_is_found_whatever_the_pieces() {
+        let body = b"5\r\nhello\r\n1A;ext=\"x\"\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nT: 1\r\nU: 2\r\n\r\nNEXT";
+        let end = body.len() - 4;
+        for step in [1, 2, 3, 7, body.len()] {
+            assert_eq!(chunked_end(body, step), Ok(Some(end)), "step {step}");
+        }
+        assert_eq!(chunked_end(b"0\r\n\r\n", 1), Ok(Some(5)));
+        assert_eq!(chunked_end(b"5\r\nhel", 3), Ok(None));
+        assert_eq!(chunked_end(b"0\r\nTrailer: x\r\n", 4), Ok(None));
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_errors() {
+        for bad in [
+            &b"x\r\n"[..],
+            b"\r\n",
+            b"5\nhello\r\n",
+            b"5\r\nhelloXX",
+            b"1234567890abcdef0\r\n",
+            b"0\r\n\n",
+        ] {
+            assert!(
+                chunked_end(bad, 1).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn response_heads_are_copied_with_the_gateways_fields() {
+        let id = HeaderValue::from_static("req-1");
+        let mut out = Vec::new();
+        let raw = b"HTTP/1.1 200 Fine\r\nX-Request-Id: theirs\r\nConnection: close\r\nKeep-Alive: timeout=5\r\nContent-Length : 2\r\nDate: Sun, 29 Nov 2026 10:00:00 GMT\r\n\r\nok";
+        let head = parse_response(raw, false, &id, true, &mut out)
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(head.status, 200);
+        assert_eq!(head.framing, Framing::Length(2));
+        assert!(head.upstream_close);
+        assert_eq!(
+            String::from_utf8(out.clone()).unwrap(),
+            "HTTP/1.1 200 Fine\r\nX-Request-Id: req-1\r\nContent-Length: 2\r\n\
+             Date: Sun, 29 Nov 2026 10:00:00 GMT\r\nConnection: keep-alive\r\n\r\n"
+        );
+
+        let raw =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 9\r\n\r\n";
+        let head = parse_response(raw, false, &id, true, &mut out)
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.framing, Framing::Chunked);
+        assert!(!String::from_utf8_lossy(&out).contains("Content-Length"));
+
+        let raw = b"HTTP/1.1 200 OK\r\n\r\nbody until close";
+        let head = parse_response(raw, false, &id, true, &mut out)
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.framing, Framing::UntilClose);
+        assert!(String::from_utf8_lossy(&out).contains("Connection: close\r\n"));
+
+        let raw = b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n";
+        let head = parse_response(raw, false, &id, true, &mut out)
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.framing, Framing::None);
+
+        for bad in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            b"SMTP 220 hello\r\n\r\n",
+        ] {
+            assert!(parse_response(bad, false, &id, true, &mut out).is_err());
+        }
+        assert!(matches!(
+            parse_response(b"HTTP/1.1 200 OK\r\nDa", false, &id, true, &mut out),
+            Ok(None)
+        ));
+    }
+}
