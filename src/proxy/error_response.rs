@@ -96,7 +96,36 @@ impl GatewayError {
     }
 }
 
-/// Writes a gateway error response to the downstream.
+/// The header fields of a gateway error response whose JSON body is `body_len` bytes, in the
+/// order they are sent: `content-type`, `content-length`, `cache-control: no-store`,
+/// `tokengate-error`, `x-request-id` (when known), `retry-after` for `token_unavailable`. One
+/// list for both the pingora-proxy path ([`write`]) and the fast path.
+pub fn fields(
+    err: &GatewayError,
+    body_len: usize,
+    request_id: Option<&HeaderValue>,
+) -> Vec<(HeaderName, HeaderValue)> {
+    use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+    let mut fields = vec![
+        (CONTENT_TYPE, HeaderValue::from_static("application/json")),
+        (CONTENT_LENGTH, HeaderValue::from(body_len)),
+        (CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        (
+            TOKENGATE_ERROR.clone(),
+            HeaderValue::from_static(err.code()),
+        ),
+    ];
+    if let Some(id) = request_id {
+        fields.push((HeaderName::from_static("x-request-id"), id.clone()));
+    }
+    if let GatewayError::TokenUnavailable { retry_after } = err {
+        fields.push((RETRY_AFTER, HeaderValue::from(retry_after.as_secs().max(1))));
+    }
+    fields
+}
+
+/// Writes a gateway error response to the downstream: [`fields`], then `extra` (a 405's
+/// `Allow`), then the JSON body.
 pub async fn write(
     session: &mut Session,
     err: &GatewayError,
@@ -106,14 +135,7 @@ pub async fn write(
 ) -> Result<()> {
     let body = err.body(route);
     let mut resp = ResponseHeader::build(err.status(), Some(6))?;
-    resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-    resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-    resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
-    resp.insert_header(TOKENGATE_ERROR.clone(), err.code())?;
-    if let Some(id) = request_id {
-        resp.insert_header(HeaderName::from_static("x-request-id"), id.clone())?;
-    }
-    if let Some((name, value)) = extra {
+    for (name, value) in fields(err, body.len(), request_id).into_iter().chain(extra) {
         resp.insert_header(name, value)?;
     }
     session.write_response_header(Box::new(resp), false).await?;

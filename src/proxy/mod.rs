@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use http::header::{HOST, RETRY_AFTER, TRANSFER_ENCODING};
+use http::header::{HOST, TRANSFER_ENCODING};
 use http::{HeaderName, HeaderValue, Method};
 use ipnet::IpNet;
 use pingora::prelude::*;
@@ -115,9 +115,6 @@ impl Gateway {
         let extra = match (&err, route) {
             (GatewayError::MethodNotAllowed, Some(r)) => {
                 r.allow_header.clone().map(|v| (http::header::ALLOW, v))
-            }
-            (GatewayError::TokenUnavailable { retry_after }, _) => {
-                Some((RETRY_AFTER, HeaderValue::from(retry_after.as_secs().max(1))))
             }
             _ => None,
         };
@@ -447,18 +444,12 @@ impl ProxyHttp for Gateway {
         match err {
             Some(err) if session.response_written().is_none() => {
                 ctx.error = Some(err.code());
-                let extra = match &err {
-                    GatewayError::TokenUnavailable { retry_after } => {
-                        Some((RETRY_AFTER, HeaderValue::from(retry_after.as_secs().max(1))))
-                    }
-                    _ => None,
-                };
                 if let Err(write_err) = error_response::write(
                     session,
                     &err,
                     route.map(|r| r.name.as_str()),
                     ctx.request_id.as_ref(),
-                    extra,
+                    None,
                 )
                 .await
                 {

@@ -46,7 +46,7 @@ mod request;
 mod response;
 mod timer;
 
-use super::error_response::GatewayError;
+use super::error_response::{self, GatewayError};
 use super::routes::{Route, RouteTable};
 use super::{client_allowed, valid_request_id, Gateway, SharedState};
 use crate::metrics::UpstreamErrorKind;
@@ -68,6 +68,15 @@ const CHECK_IDLE_UPSTREAM_AFTER: Duration = Duration::from_millis(200);
 const HOLD_WHILE_IDLE: Duration = Duration::from_secs(2);
 /// Read size for response bodies.
 const READ_CHUNK: usize = 16 * 1024;
+
+/// A `Content-Length` value: ASCII digits only (no sign, no list, no spaces: httparse has
+/// trimmed the field), `None` for anything else or a number past `u64`.
+fn parse_content_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
 
 /// The service of one proxy listener: the fast path, and pingora-proxy for everything else.
 pub struct ListenerApp {
@@ -761,17 +770,8 @@ async fn fail(
         .unwrap_or("");
     out.extend_from_slice(reason.as_bytes());
     out.extend_from_slice(b"\r\n");
-    push_field(out, b"content-type", b"application/json");
-    push_field(out, b"content-length", body.len().to_string().as_bytes());
-    push_field(out, b"cache-control", b"no-store");
-    push_field(out, b"tokengate-error", err.code().as_bytes());
-    push_field(out, b"x-request-id", ctx.request_id.as_bytes());
-    if let GatewayError::TokenUnavailable { retry_after } = &err {
-        push_field(
-            out,
-            b"retry-after",
-            retry_after.as_secs().max(1).to_string().as_bytes(),
-        );
+    for (name, value) in error_response::fields(&err, body.len(), Some(ctx.request_id)) {
+        push_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     let date = pingora::protocols::http::date::get_cached_date();
     push_field(out, b"Date", date.as_bytes());

@@ -7,7 +7,7 @@ use std::ops::Range;
 use http::{HeaderValue, Method};
 
 use super::response::push_field;
-use super::{Conn, RequestCtx, MAX_FIELDS, MAX_HEAD};
+use super::{parse_content_length, Conn, RequestCtx, MAX_FIELDS, MAX_HEAD};
 use crate::proxy::origin_form_target;
 use crate::proxy::routes::Route;
 
@@ -135,10 +135,7 @@ pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
             }
             Kind::XRequestId if request_id.is_none() => request_id = Some(offset(h.value)),
             Kind::ContentLength => {
-                let Some(n) = std::str::from_utf8(h.value)
-                    .ok()
-                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                    .and_then(|v| v.parse::<usize>().ok())
+                let Some(n) = parse_content_length(h.value).and_then(|n| usize::try_from(n).ok())
                 else {
                     return Parsed::Delegate;
                 };

@@ -3,7 +3,7 @@
 
 use http::HeaderValue;
 
-use super::{MAX_FIELDS, MAX_HEAD};
+use super::{parse_content_length, MAX_FIELDS, MAX_HEAD};
 
 /// How the upstream response body is delimited (RFC 9112 §6.3).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -52,11 +52,7 @@ pub(super) fn parse_response(
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
-            let n = std::str::from_utf8(h.value)
-                .ok()
-                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|v| v.parse::<u64>().ok())
-                .ok_or("invalid Content-Length")?;
+            let n = parse_content_length(h.value).ok_or("invalid Content-Length")?;
             if length.is_some_and(|m| m != n) {
                 return Err("conflicting Content-Length");
             }
