@@ -472,38 +472,71 @@ impl ProxyHttp for Gateway {
             .response_written()
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
-        let elapsed = ctx.started.elapsed();
         let route = ctx.route.map(|i| &self.state.routes[i]);
-        if let Some(r) = route {
-            r.metrics.request(status, elapsed);
-        }
-        if status == 431 && ctx.error.is_none() {
-            // The upstream refused the request head; with a large token that is likely the
-            // token. Its size (never the token) tells the operator.
-            tracing::warn!(
-                route = route.map(|r| r.name.as_str()).unwrap_or("-"),
-                token_bytes = ctx.authorization_len.saturating_sub("Bearer ".len()),
-                request_id = ctx
-                    .request_id
-                    .as_ref()
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("-"),
-                "upstream answered 431 Request Header Fields Too Large",
-            );
-        }
-        tracing::debug!(
-            target: "tokengate::access",
-            route = route.map(|r| r.name.as_str()).unwrap_or("-"),
-            method = %session.req_header().method,
-            path = session.req_header().uri.path(),
+        record_request(&RequestRecord {
+            route,
+            method: &session.req_header().method,
+            path: session.req_header().uri.path(),
             status,
-            duration_us = elapsed.as_micros() as u64,
-            token_generation = ctx.generation,
-            gateway_error = ctx.error.unwrap_or("-"),
-            error = e.map(|e| e.etype().as_str()).unwrap_or("-"),
-            request_id = ctx.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
+            started: ctx.started,
+            generation: ctx.generation,
+            gateway_error: ctx.error,
+            error: e.map(|e| e.etype().as_str()),
+            request_id: ctx.request_id.as_ref(),
+            authorization_len: ctx.authorization_len,
+        });
+    }
+}
+
+/// One finished request, as both paths report it.
+pub(crate) struct RequestRecord<'a> {
+    pub route: Option<&'a Route>,
+    pub method: &'a Method,
+    /// The path without the query (the query may carry `access_token`).
+    pub path: &'a str,
+    /// 0 when no response was written.
+    pub status: u16,
+    pub started: Instant,
+    pub generation: u64,
+    pub gateway_error: Option<&'static str>,
+    pub error: Option<&'static str>,
+    pub request_id: Option<&'a HeaderValue>,
+    /// Length of the `Authorization` value sent upstream (never the value).
+    pub authorization_len: usize,
+}
+
+/// Metrics and the access log for a finished request (SPEC "Metrics"), and the warning for an
+/// upstream 431: the only per-request logging, shared by pingora-proxy's `logging` phase and
+/// the fast path.
+pub(crate) fn record_request(r: &RequestRecord<'_>) {
+    let elapsed = r.started.elapsed();
+    let route_name = r.route.map(|r| r.name.as_str()).unwrap_or("-");
+    if let Some(route) = r.route {
+        route.metrics.request(r.status, elapsed);
+    }
+    let request_id = r.request_id.and_then(|v| v.to_str().ok()).unwrap_or("-");
+    if r.status == 431 && r.gateway_error.is_none() {
+        // The upstream refused the request head; with a large token that is likely the
+        // token. Its size (never the token) tells the operator.
+        tracing::warn!(
+            route = route_name,
+            token_bytes = r.authorization_len.saturating_sub("Bearer ".len()),
+            request_id,
+            "upstream answered 431 Request Header Fields Too Large",
         );
     }
+    tracing::debug!(
+        target: "tokengate::access",
+        route = route_name,
+        method = %r.method,
+        path = r.path,
+        status = r.status,
+        duration_us = elapsed.as_micros() as u64,
+        token_generation = r.generation,
+        gateway_error = r.gateway_error.unwrap_or("-"),
+        error = r.error.unwrap_or("-"),
+        request_id,
+    );
 }
 
 impl Gateway {

@@ -48,7 +48,9 @@ mod timer;
 
 use super::error_response::{self, GatewayError};
 use super::routes::{Route, RouteTable};
-use super::{client_allowed, valid_request_id, Gateway, SharedState};
+use super::{
+    client_allowed, record_request, valid_request_id, Gateway, RequestRecord, SharedState,
+};
 use crate::metrics::UpstreamErrorKind;
 use request::{parse_request, write_upstream_request, Field, Parsed, Plain};
 use response::{parse_response, push_field, ChunkedEnd, Framing, ResponseHead};
@@ -453,6 +455,8 @@ impl ListenerApp {
                 keepalive: !req.close && !*shutdown.borrow(),
                 started,
             };
+            // The size the 431 warning reports (a replayed token is as long, give or take).
+            let authorization_len = authorization.len();
             let (exchange, generation, error) = self
                 .exchange(down, c, &ctx, authorization, generation)
                 .await;
@@ -462,7 +466,18 @@ impl ListenerApp {
             };
             let target = &c.buf[req.target.clone()];
             let path = target.split(|&b| b == b'?').next().unwrap_or(b"");
-            log(&ctx, path, status, generation, error);
+            record_request(&RequestRecord {
+                route: Some(route),
+                method: &req.method,
+                path: std::str::from_utf8(path).unwrap_or("-"),
+                status,
+                started,
+                generation,
+                gateway_error: error,
+                error: None,
+                request_id: Some(&request_id),
+                authorization_len,
+            });
             if !keep {
                 return Outcome::Close;
             }
@@ -780,42 +795,4 @@ async fn fail(
     out.extend_from_slice(&body);
     let _ = write_down(down, &c.out).await;
     (Exchange::Broken { status }, generation, Some(err.code()))
-}
-
-/// Metrics and the access log line, as [`Gateway`]'s `logging` phase writes them.
-fn log(
-    ctx: &RequestCtx<'_>,
-    path: &[u8],
-    status: u16,
-    generation: u64,
-    error: Option<&'static str>,
-) {
-    let elapsed = ctx.started.elapsed();
-    let route = ctx.route;
-    route.metrics.request(status, elapsed);
-    if status == 431 {
-        // The upstream refused the request head; with a large token that is likely the
-        // token. Its size (never the token) tells the operator.
-        let token_bytes = route.token.current().map_or(0, |t| {
-            t.authorization().len().saturating_sub("Bearer ".len())
-        });
-        tracing::warn!(
-            route = %route.name,
-            token_bytes,
-            request_id = ctx.request_id.to_str().unwrap_or("-"),
-            "upstream answered 431 Request Header Fields Too Large",
-        );
-    }
-    tracing::debug!(
-        target: "tokengate::access",
-        route = %route.name,
-        method = %ctx.req.method,
-        path = std::str::from_utf8(path).unwrap_or("-"),
-        status,
-        duration_us = elapsed.as_micros() as u64,
-        token_generation = generation,
-        gateway_error = error.unwrap_or("-"),
-        error = "-",
-        request_id = ctx.request_id.to_str().unwrap_or("-"),
-    );
 }
