@@ -119,29 +119,35 @@ pub fn add_forwarding_fields(
 /// (then the query is forwarded untouched). The other parameters keep their bytes and order;
 /// an empty result means "no query".
 pub fn strip_access_token(query: &str) -> Option<String> {
-    // Fast path: a name spelled `access_token` contains "access" unless percent-encoded.
-    if !query.contains("access") && !query.contains('%') {
-        return None;
-    }
-    if !query.split('&').any(is_access_token_param) {
+    if !has_access_token(query.as_bytes()) {
         return None;
     }
     let kept: Vec<&str> = query
         .split('&')
-        .filter(|p| !is_access_token_param(p))
+        .filter(|p| !is_access_token_param(p.as_bytes()))
         .collect();
     Some(kept.join("&"))
 }
 
+/// Whether `query` (the bytes after `?`) has an `access_token` parameter, plain or with a
+/// percent-encoded name (RFC 6750 §2.3): one pass, no allocation unless a name has a `%`.
 #[inline]
-fn is_access_token_param(pair: &str) -> bool {
-    let name = pair.split('=').next().unwrap_or("");
-    // Compare the decoded name cheaply: the plain spelling is by far the common one.
-    name == "access_token" || (name.contains('%') && percent_decoded_eq(name, "access_token"))
+pub fn has_access_token(query: &[u8]) -> bool {
+    query.split(|&b| b == b'&').any(is_access_token_param)
 }
 
-fn percent_decoded_eq(raw: &str, want: &str) -> bool {
-    let decoded: Vec<u8> = percent_decode(raw.as_bytes());
+#[inline]
+fn is_access_token_param(pair: &[u8]) -> bool {
+    let name = match pair.iter().position(|&b| b == b'=') {
+        Some(i) => &pair[..i],
+        None => pair,
+    };
+    // Compare the decoded name cheaply: the plain spelling is by far the common one.
+    name == b"access_token" || (name.contains(&b'%') && percent_decoded_eq(name, "access_token"))
+}
+
+fn percent_decoded_eq(raw: &[u8], want: &str) -> bool {
+    let decoded: Vec<u8> = percent_decode(raw);
     decoded == want.as_bytes()
 }
 

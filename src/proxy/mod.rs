@@ -605,9 +605,7 @@ pub(crate) fn origin_form_target(raw: &[u8], route: &Route) -> Option<Vec<u8>> {
         None => (raw, None),
     };
     let strip = route.strip_prefix && route.prefix != "/";
-    let query_has_token = query
-        .and_then(|q| std::str::from_utf8(q).ok())
-        .is_some_and(|q| headers::strip_access_token(q).is_some());
+    let query_has_token = query.is_some_and(headers::has_access_token);
     if !strip && route.base_path.is_empty() && !query_has_token {
         return None;
     }

@@ -2,11 +2,12 @@
 //! ([`parse_request`]) and the upstream request written from the client's bytes
 //! ([`write_upstream_request`]).
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use http::{HeaderValue, Method};
 
-use super::response::push_field;
+use super::response::FieldWriter;
 use super::{parse_content_length, Conn, RequestCtx, MAX_FIELDS, MAX_HEAD};
 use crate::proxy::origin_form_target;
 use crate::proxy::routes::Route;
@@ -86,9 +87,10 @@ pub(super) enum Parsed {
 
 /// Parses the head at the start of `buf` into `fields`; decides whether it is plain.
 pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
-    let mut storage = [httparse::EMPTY_HEADER; MAX_FIELDS];
-    let mut req = httparse::Request::new(&mut storage);
-    let head_len = match req.parse(buf) {
+    // Uninitialised: zeroing 128 fields (4 KiB) per request cost more than parsing them.
+    let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
+    let mut req = httparse::Request::new(&mut []);
+    let head_len = match req.parse_with_uninit_headers(buf, &mut storage) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parsed::Partial,
         _ => return Parsed::Delegate,
@@ -96,12 +98,7 @@ pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
         return Parsed::Delegate;
     };
-    // Only what pingora itself would accept as a target (it parses into `http::Uri`).
-    // A fragment is never sent (RFC 9112 §3.2); pingora drops it, so it decides.
-    if !target.starts_with('/')
-        || target.contains('#')
-        || http::uri::PathAndQuery::try_from(target).is_err()
-    {
+    if !origin_target_pingora_accepts(target) {
         return Parsed::Delegate;
     }
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
@@ -126,9 +123,7 @@ pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
             Kind::Unhandled => return Parsed::Delegate,
             Kind::Host => {
                 // pingora answers 400 to a `Host` that is no URI authority; an empty one passes.
-                if host.is_some()
-                    || (!h.value.is_empty() && http::uri::Authority::try_from(h.value).is_err())
-                {
+                if host.is_some() || !host_pingora_accepts(h.value) {
                     return Parsed::Delegate;
                 }
                 host = Some(offset(h.value));
@@ -176,6 +171,78 @@ pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
     })
 }
 
+/// Bytes of an origin-form target every `http::uri::PathAndQuery` accepts unchecked, in the
+/// path and in the query: unreserved, sub-delims, `:`, `@`, `/`, `?` and `%` (RFC 3986 §3.3,
+/// §3.4). Not `#`.
+const PLAIN_TARGET: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'@'
+                    | b'/'
+                    | b'?'
+                    | b'%'
+            );
+        b += 1;
+    }
+    t
+};
+
+/// Bytes of a registered name or IPv4 address: letters, digits, `-`, `.` (RFC 3986 §3.2.2).
+const HOST_NAME_BYTE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric() || c == b'-' || c == b'.';
+        b += 1;
+    }
+    t
+};
+
+/// Whether `target` is an origin-form target pingora accepts (it parses every target into
+/// `http::Uri`) without a fragment. A fragment is never sent (RFC 9112 §3.2); pingora drops
+/// it, so it decides. The common bytes are checked by table, anything else by `http` itself,
+/// which allocates.
+fn origin_target_pingora_accepts(target: &str) -> bool {
+    target.starts_with('/')
+        && (target.bytes().all(|b| PLAIN_TARGET[b as usize])
+            || (!target.contains('#') && http::uri::PathAndQuery::try_from(target).is_ok()))
+}
+
+/// Whether pingora accepts `value` as the `Host` field: empty, or a URI authority
+/// (`http::uri::Authority`, RFC 3986 §3.2). A name or IPv4 address with an optional port is
+/// checked here, anything else by `http` itself, which allocates.
+fn host_pingora_accepts(value: &[u8]) -> bool {
+    let (name, port) = match value.iter().position(|&b| b == b':') {
+        Some(i) => (&value[..i], Some(&value[i + 1..])),
+        None => (value, None),
+    };
+    let plain = !name.is_empty()
+        && name.iter().all(|&b| HOST_NAME_BYTE[b as usize])
+        && port.is_none_or(|p| (1..=5).contains(&p.len()) && p.iter().all(u8::is_ascii_digit));
+    value.is_empty() || plain || http::uri::Authority::try_from(value).is_ok()
+}
+
 /// Writes the upstream request head for `ctx.req` into `c.out`, then its body:
 /// the same message pingora-proxy sends after [`Gateway`]'s `upstream_request_filter`
 /// (credentials stripped, one `Authorization: Bearer`, `Host`, `X-Forwarded-*`, `X-Request-Id`,
@@ -218,63 +285,64 @@ pub(super) fn write_upstream_request(
     };
     let (mut authorization_done, mut xfh_done, mut xfp_done, mut xff_done, mut id_done) =
         (false, false, false, false, false);
+    let mut w = FieldWriter::new(out, buf);
     for f in fields.iter() {
-        let name = &buf[f.name.clone()];
         match f.kind {
             Kind::Authorization => {
                 if !authorization_done {
-                    push_field(out, b"Authorization", authorization.as_bytes());
+                    w.push(b"Authorization", authorization.as_bytes());
                     authorization_done = true;
                 }
             }
             Kind::Drop | Kind::Connection => {}
             Kind::Cookie if !route.forward_cookies => {}
-            Kind::Host => push_field(out, b"Host", route.host_header.as_bytes()),
+            Kind::Host => w.push(b"Host", route.host_header.as_bytes()),
             Kind::XForwardedHost => {
                 if !xfh_done {
-                    push_field(out, b"X-Forwarded-Host", &buf[req.host.clone()]);
+                    w.push(b"X-Forwarded-Host", &buf[req.host.clone()]);
                     xfh_done = true;
                 }
             }
             Kind::XForwardedProto => {
                 if !xfp_done {
-                    push_field(out, b"X-Forwarded-Proto", b"http");
+                    w.push(b"X-Forwarded-Proto", b"http");
                     xfp_done = true;
                 }
             }
             Kind::XForwardedFor => {
                 if client_ip.is_none() {
-                    push_field(out, name, &buf[f.value.clone()]);
+                    w.keep(f.name.clone(), f.value.clone());
                 } else if !xff_done {
-                    xff(out);
+                    xff(w.out());
                     xff_done = true;
                 }
             }
             Kind::XRequestId => {
                 if !id_done {
-                    push_field(out, b"X-Request-Id", request_id.as_bytes());
+                    w.push(b"X-Request-Id", request_id.as_bytes());
                     id_done = true;
                 }
             }
-            Kind::Other if is_stripped(name, route) => {}
-            _ => push_field(out, name, &buf[f.value.clone()]),
+            Kind::Other if is_stripped(&buf[f.name.clone()], route) => {}
+            _ => w.keep(f.name.clone(), f.value.clone()),
         }
     }
     if !authorization_done {
-        push_field(out, b"Authorization", authorization.as_bytes());
+        w.push(b"Authorization", authorization.as_bytes());
     }
     if !xfh_done {
-        push_field(out, b"X-Forwarded-Host", &buf[req.host.clone()]);
+        w.push(b"X-Forwarded-Host", &buf[req.host.clone()]);
     }
     if !xfp_done {
-        push_field(out, b"X-Forwarded-Proto", b"http");
+        w.push(b"X-Forwarded-Proto", b"http");
     }
     if !xff_done && client_ip.is_some() {
-        xff(out);
+        xff(w.out());
     }
     if !id_done {
-        push_field(out, b"X-Request-Id", request_id.as_bytes());
+        w.push(b"X-Request-Id", request_id.as_bytes());
     }
+    let out = w.out();
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(&buf[req.head_len..req.head_len + req.body_len]);
 }
@@ -332,5 +400,56 @@ mod tests {
             parse_request(b"GET / HTTP/1.1\r\nHost: g", &mut fields),
             Parsed::Partial
         ));
+    }
+
+    /// The table-checked shortcuts never accept what `http` (so pingora) would refuse.
+    #[test]
+    fn shortcuts_accept_only_what_http_accepts() {
+        for b in 0..=255u8 {
+            if !PLAIN_TARGET[b as usize] {
+                continue;
+            }
+            let c = b as char;
+            for t in [format!("/{c}"), format!("/a{c}b?c{c}d"), format!("/?{c}")] {
+                assert!(origin_target_pingora_accepts(&t));
+                assert!(
+                    http::uri::PathAndQuery::try_from(t.as_str()).is_ok(),
+                    "{t:?}"
+                );
+            }
+        }
+        for t in ["/a#b", "a/b", "/a b", "/a\"b", "/\u{e9}"] {
+            let http_ok = !t.contains('#') && http::uri::PathAndQuery::try_from(t).is_ok();
+            assert_eq!(
+                origin_target_pingora_accepts(t),
+                t.starts_with('/') && http_ok,
+                "{t:?}"
+            );
+        }
+        for h in [
+            "gw",
+            "GW.example.com",
+            "10.0.0.1",
+            "a-b:8080",
+            "x:1",
+            "h:65535",
+            "h:99999",
+            "",
+        ] {
+            assert!(host_pingora_accepts(h.as_bytes()), "{h:?}");
+            assert!(
+                h.is_empty() || http::uri::Authority::try_from(h).is_ok(),
+                "{h:?}"
+            );
+        }
+        for h in ["a b", "a:1:2", "[::1", "a/b", "a%zz"] {
+            assert!(!host_pingora_accepts(h.as_bytes()), "{h:?}");
+            assert!(http::uri::Authority::try_from(h).is_err(), "{h:?}");
+        }
+        // Outside the shortcut, `http` decides.
+        for h in ["[::1]:8080", "user@gw", "a@b:c@d"] {
+            let http_ok = http::uri::Authority::try_from(h).is_ok();
+            assert_eq!(host_pingora_accepts(h.as_bytes()), http_ok, "{h:?}");
+        }
     }
 }

@@ -1,6 +1,9 @@
 //! The upstream's response on the fast path: its head parsed and rewritten for the client
 //! ([`parse_response`]), and where a chunked body ends ([`ChunkedEnd`]).
 
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
 use http::HeaderValue;
 
 use super::{parse_content_length, MAX_FIELDS, MAX_HEAD};
@@ -32,13 +35,14 @@ pub(super) fn parse_response(
     keepalive: bool,
     out: &mut Vec<u8>,
 ) -> Result<Option<ResponseHead>, &'static str> {
-    let mut storage = [httparse::EMPTY_HEADER; MAX_FIELDS];
-    let mut resp = httparse::Response::new(&mut storage);
+    // Uninitialised: zeroing 128 fields (4 KiB) per response cost more than parsing them.
+    let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
+    let mut resp = httparse::Response::new(&mut []);
     // As lenient as pingora's HTTP/1 client: `Name : value` is accepted (and sent on as
     // `Name: value`).
     let mut parser = httparse::ParserConfig::default();
     parser.allow_spaces_after_header_name_in_responses(true);
-    let head_len = match parser.parse_response(&mut resp, ubuf) {
+    let head_len = match parser.parse_response_with_uninit_headers(&mut resp, ubuf, &mut storage) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if ubuf.len() < MAX_HEAD => return Ok(None),
         Ok(httparse::Status::Partial) => return Err("response head too large"),
@@ -49,25 +53,32 @@ pub(super) fn parse_response(
     let mut length: Option<u64> = None;
     let mut chunked = None;
     let mut upstream_close = version == 0;
-    for h in resp.headers.iter() {
-        let name = h.name.as_bytes();
-        if name.eq_ignore_ascii_case(b"content-length") {
-            let n = parse_content_length(h.value).ok_or("invalid Content-Length")?;
-            if length.is_some_and(|m| m != n) {
-                return Err("conflicting Content-Length");
+    // Each name classified once, for both passes.
+    let mut kinds = [ResponseField::Other; MAX_FIELDS];
+    for (h, kind) in resp.headers.iter().zip(kinds.iter_mut()) {
+        *kind = ResponseField::of(h.name.as_bytes());
+        match *kind {
+            ResponseField::ContentLength => {
+                let n = parse_content_length(h.value).ok_or("invalid Content-Length")?;
+                if length.is_some_and(|m| m != n) {
+                    return Err("conflicting Content-Length");
+                }
+                length = Some(n);
             }
-            length = Some(n);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
-            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            for token in h.value.split(|b| *b == b',').map(|t| t.trim_ascii()) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    upstream_close = true;
-                } else if version == 0 && token.eq_ignore_ascii_case(b"keep-alive") {
-                    upstream_close = false;
+            ResponseField::TransferEncoding => {
+                let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
+                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            }
+            ResponseField::Connection => {
+                for token in h.value.split(|b| *b == b',').map(|t| t.trim_ascii()) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        upstream_close = true;
+                    } else if version == 0 && token.eq_ignore_ascii_case(b"keep-alive") {
+                        upstream_close = false;
+                    }
                 }
             }
+            _ => {}
         }
     }
     let framing = if head_request || (100..200).contains(&status) || status == 204 || status == 304
@@ -96,38 +107,38 @@ pub(super) fn parse_response(
     out.extend_from_slice(b"\r\n");
     let informational = (100..200).contains(&status);
     let (mut id_done, mut date) = (false, false);
-    for h in resp.headers.iter() {
+    let mut w = FieldWriter::new(out, ubuf);
+    for (h, kind) in resp.headers.iter().zip(kinds) {
         let name = h.name.as_bytes();
         if !informational {
-            if name.eq_ignore_ascii_case(b"connection") || name.eq_ignore_ascii_case(b"keep-alive")
-            {
-                continue;
-            }
-            if name.eq_ignore_ascii_case(b"content-length") && chunked.is_some() {
-                continue;
-            }
-            if name.eq_ignore_ascii_case(b"x-request-id") {
-                if !id_done {
-                    push_field(out, b"X-Request-Id", request_id.as_bytes());
-                    id_done = true;
+            match kind {
+                ResponseField::Connection | ResponseField::KeepAlive => continue,
+                ResponseField::ContentLength if chunked.is_some() => continue,
+                ResponseField::XRequestId => {
+                    if !id_done {
+                        w.push(b"X-Request-Id", request_id.as_bytes());
+                        id_done = true;
+                    }
+                    continue;
                 }
-                continue;
+                ResponseField::Date => date = true,
+                _ => {}
             }
-            date |= name.eq_ignore_ascii_case(b"date");
         }
-        push_field(out, name, h.value);
+        w.keep(offset_in(ubuf, name), offset_in(ubuf, h.value));
     }
     if !informational {
         if !date {
             let now = pingora::protocols::http::date::get_cached_date();
-            push_field(out, b"Date", now.as_bytes());
+            w.push(b"Date", now.as_bytes());
         }
         let connection: &[u8] = if keepalive { b"keep-alive" } else { b"close" };
-        push_field(out, b"Connection", connection);
+        w.push(b"Connection", connection);
         if !id_done {
-            push_field(out, b"X-Request-Id", request_id.as_bytes());
+            w.push(b"X-Request-Id", request_id.as_bytes());
         }
     }
+    let out = w.out();
     out.extend_from_slice(b"\r\n");
     Ok(Some(ResponseHead {
         head_len,
@@ -135,6 +146,101 @@ pub(super) fn parse_response(
         framing,
         upstream_close,
     }))
+}
+
+/// What a response field is to the fast path.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum ResponseField {
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    KeepAlive,
+    XRequestId,
+    Date,
+    Other,
+}
+
+impl ResponseField {
+    /// By length first: most names are compared with nothing.
+    #[inline]
+    fn of(name: &[u8]) -> Self {
+        let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+        match name.len() {
+            4 if is("date") => ResponseField::Date,
+            10 if is("connection") => ResponseField::Connection,
+            10 if is("keep-alive") => ResponseField::KeepAlive,
+            12 if is("x-request-id") => ResponseField::XRequestId,
+            14 if is("content-length") => ResponseField::ContentLength,
+            17 if is("transfer-encoding") => ResponseField::TransferEncoding,
+            _ => ResponseField::Other,
+        }
+    }
+}
+
+/// Writes field lines into `out`: a field passed on unchanged and already spelled
+/// `name: value` CRLF in `src` is copied from there, consecutive ones with one copy; every
+/// other field is written as `name: value` CRLF.
+pub(super) struct FieldWriter<'a> {
+    out: &'a mut Vec<u8>,
+    src: &'a [u8],
+    /// Unchanged lines of `src` not yet copied.
+    run: Range<usize>,
+}
+
+impl<'a> FieldWriter<'a> {
+    pub(super) fn new(out: &'a mut Vec<u8>, src: &'a [u8]) -> Self {
+        FieldWriter {
+            out,
+            src,
+            run: 0..0,
+        }
+    }
+
+    /// Passes on the field at `name`/`value` (offsets into `src`) unchanged.
+    #[inline(always)]
+    pub(super) fn keep(&mut self, name: Range<usize>, value: Range<usize>) {
+        let src = self.src;
+        let canonical = value.start == name.end + 2
+            && src[name.end..value.start] == *b": "
+            && src.get(value.end..value.end + 2) == Some(b"\r\n");
+        if !canonical {
+            return self.push(&src[name], &src[value]);
+        }
+        if self.run.end != name.start || self.run.is_empty() {
+            self.flush();
+            self.run.start = name.start;
+        }
+        self.run.end = value.end + 2;
+    }
+
+    /// Writes the field `name: value`.
+    #[inline]
+    pub(super) fn push(&mut self, name: &[u8], value: &[u8]) {
+        push_field(self.out(), name, value);
+    }
+
+    /// The output, everything kept so far copied into it.
+    #[inline]
+    pub(super) fn out(&mut self) -> &mut Vec<u8> {
+        self.flush();
+        self.out
+    }
+
+    #[inline]
+    fn flush(&mut self) {
+        if !self.run.is_empty() {
+            self.out.extend_from_slice(&self.src[self.run.clone()]);
+            self.run = 0..0;
+        }
+    }
+}
+
+/// Where `part` (a slice of `src`) lies in `src`.
+#[inline]
+pub(super) fn offset_in(src: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - src.as_ptr() as usize;
+    start..start + part.len()
 }
 
 #[inline]
