@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Instructions per request of the fast path's own work, counted by callgrind: a figure that
+# does not move with the machine's speed, unlike criterion's time on a shared VM.
+#
+#   benches/instructions.sh [CASE ...]
+#
+# CASE: without_inbound_credentials, with_authorization_only, with_inbound_credentials
+# (default: all three). Runs `benches/hot_path.rs`'s `fast_path/CASE` under
+# `valgrind --tool=callgrind` for 2 s of criterion's profile mode and divides the instructions
+# spent inside `tokengate::proxy::fast_path::own_work` (inclusive: httparse, route lookup,
+# copies, metrics) by the number of calls. Installs valgrind from Debian when missing.
+# Under valgrind httparse takes its SWAR path for field names (and AVX2 for values), so its
+# share is about what it is natively.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v valgrind >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind
+fi
+
+cargo bench --bench hot_path --no-run 2>/dev/null
+bench=$(ls -t target/release/deps/hot_path-* | grep -v '\.d$' | head -1)
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+
+for case in "${@:-without_inbound_credentials with_authorization_only with_inbound_credentials}"; do
+    for c in $case; do
+        valgrind --tool=callgrind --callgrind-out-file="$out/$c" "$bench" \
+            --bench "fast_path/$c" --profile-time 2 >/dev/null 2>&1
+        # The caller line of own_work from criterion's timing loop: "<inclusive Ir> ... (<calls>x)".
+        callgrind_annotate --inclusive=yes --tree=caller "$out/$c" 2>/dev/null |
+            grep -B4 '\* .*fast_path::own_work' | grep '< .*Bencher.*iter' |
+            sed -E 's/^ *([0-9,]+).*\(([0-9,]+)x\).*/\1 \2/' | tr -d , |
+            awk -v c="$c" '{ printf "fast_path/%s: %.0f instructions per request (%d calls)\n", c, $1 / $2, $2 }'
+    done
+done
