@@ -19,7 +19,7 @@ if ! command -v valgrind >/dev/null; then
 fi
 
 cargo bench --bench hot_path --no-run 2>/dev/null
-bench=$(ls -t target/release/deps/hot_path-* | grep -v '\.d$' | head -1)
+bench=$(ls -t "${CARGO_TARGET_DIR:-target}"/release/deps/hot_path-* | grep -v '\.d$' | head -1)
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 

@@ -150,9 +150,11 @@ impl Config {
 }
 
 /// Collects problems and knows where keys are.
-struct Report<'t> {
+struct Report {
     file: String,
-    text: &'t str,
+    /// Byte offset of every `\n` in `text`, ascending: a line lookup is a binary search, not a
+    /// count from the start (which made loading 1,000 routes quadratic).
+    newlines: Vec<usize>,
     /// Key path → 1-based line.
     lines: HashMap<String, usize>,
     /// Keys already reported by an earlier phase; later complaints about them (or anything
@@ -161,24 +163,25 @@ struct Report<'t> {
     errors: Vec<ConfigError>,
 }
 
-impl<'t> Report<'t> {
-    fn new(file: String, text: &'t str) -> Self {
+impl Report {
+    fn new(file: String, text: &str) -> Self {
         Report {
             file,
-            text,
+            newlines: text
+                .bytes()
+                .enumerate()
+                .filter_map(|(i, b)| (b == b'\n').then_some(i))
+                .collect(),
             lines: HashMap::new(),
             reported: HashSet::new(),
             errors: Vec::new(),
         }
     }
 
+    /// The 1-based line of byte `offset` of the text.
     fn line_of(&self, offset: usize) -> usize {
-        let end = offset.min(self.text.len());
-        self.text
-            .as_bytes()
-            .get(..end)
-            .map_or(0, |b| b.iter().filter(|&&c| c == b'\n').count())
-            + 1
+        // Newlines before `offset`, plus one.
+        self.newlines.partition_point(|&n| n < offset) + 1
     }
 
     /// The line of `key`, or of the nearest enclosing table that is in the file.
@@ -193,12 +196,19 @@ impl<'t> Report<'t> {
         }
     }
 
+    /// Whether `key` or a table or array enclosing it was already reported: one set lookup
+    /// per enclosing level (thousands of reported keys made a scan of them all quadratic).
     fn suppressed(&self, key: &str) -> bool {
-        self.reported.iter().any(|r| {
-            key == r
-                || (key.starts_with(r.as_str())
-                    && matches!(key.as_bytes().get(r.len()), Some(b'.') | Some(b'[')))
-        })
+        let mut k = key;
+        loop {
+            if self.reported.contains(k) {
+                return true;
+            }
+            let Some(cut) = k.rfind(['.', '[']) else {
+                return false;
+            };
+            k = &k[..cut];
+        }
     }
 
     /// Records a validation problem for `key`: `message` is "what is wrong; the fix".
@@ -272,7 +282,7 @@ fn expand_table(
     table: &mut DeTable<'_>,
     path: &mut Vec<Seg>,
     env: &dyn Fn(&str) -> Option<String>,
-    r: &mut Report<'_>,
+    r: &mut Report,
 ) {
     for (key, value) in table.iter_mut() {
         path.push(Seg::Key(key.get_ref().to_string()));
@@ -287,7 +297,7 @@ fn expand_value(
     value: &mut Spanned<DeValue<'_>>,
     path: &mut Vec<Seg>,
     env: &dyn Fn(&str) -> Option<String>,
-    r: &mut Report<'_>,
+    r: &mut Report,
 ) {
     let span = value.span();
     match value.get_mut() {
@@ -414,12 +424,11 @@ fn expand_vars(
 
 /// Deserializes the file structs; on an error, reports it, removes the offending key and tries
 /// again. `None` when an error could not be tied to a key (then validation would only add noise).
-fn deserialize_collecting(
-    root: &mut Spanned<DeTable<'_>>,
-    r: &mut Report<'_>,
-) -> Option<FileConfig> {
-    // Each round removes one key, so this terminates; the bound is a belt-and-braces guard.
-    for _ in 0..10_000 {
+fn deserialize_collecting(root: &mut Spanned<DeTable<'_>>, r: &mut Report) -> Option<FileConfig> {
+    // Each round removes one key and deserializes the whole file again, so a file with
+    // thousands of bad keys (one typo repeated in every route) would take minutes: past
+    // `DESERIALIZE_ROUNDS` the rest is left for the next run.
+    for _ in 0..DESERIALIZE_ROUNDS {
         let de = toml::de::Deserializer::from(root.clone());
         let e = match FileConfig::deserialize(de) {
             Ok(config) => return Some(config),
@@ -448,12 +457,23 @@ fn deserialize_collecting(
             return None;
         }
     }
+    r.push_early(
+        "",
+        None,
+        format!(
+            "stopped after {DESERIALIZE_ROUNDS} unknown keys and wrong types; fix these and run \
+             `tokengate check` again for the rest"
+        ),
+    );
     None
 }
 
+/// Most unknown-key and type errors reported in one run (see `deserialize_collecting`).
+const DESERIALIZE_ROUNDS: usize = 100;
+
 /// Tables written as arrays (`[[server]]`) or arrays as tables (`[routes]`) get a clear message
 /// here; serde would otherwise read a struct from an array positionally and blame a field.
-fn check_shapes(root: &mut DeTable<'_>, r: &mut Report<'_>) {
+fn check_shapes(root: &mut DeTable<'_>, r: &mut Report) {
     fn wrong(value: &DeValue<'_>, want_array: bool) -> bool {
         match value {
             DeValue::Array(items) => {
@@ -649,8 +669,8 @@ fn edit_distance(a: &str, b: &str) -> usize {
 // ---------------------------------------------------------------------------------------------
 // Phase 4: validation
 
-struct Validator<'r, 't> {
-    r: &'r mut Report<'t>,
+struct Validator<'r> {
+    r: &'r mut Report,
     base_dir: Option<PathBuf>,
 }
 
@@ -670,7 +690,7 @@ impl GrantKind {
     }
 }
 
-impl Validator<'_, '_> {
+impl Validator<'_> {
     fn config(&mut self, file: FileConfig, source: Option<&Path>) -> Config {
         let server = self.server(file.server.unwrap_or_default());
         let log = self.log(file.log.unwrap_or_default());
@@ -1826,6 +1846,28 @@ key_file = {key_file:?}
             "{e}"
         );
         assert!(e.contains("valid keys here: grant, token_endpoint"), "{e}");
+    }
+
+    /// One typo repeated in every route of a large file: the first `DESERIALIZE_ROUNDS` are
+    /// reported in file order, then one line says the rest comes on the next run.
+    #[test]
+    fn a_flood_of_unknown_keys_is_cut_short() {
+        let text = (0..DESERIALIZE_ROUNDS + 20)
+            .map(|i| format!("[[routes]]\nnme = \"r{i}\"\n"))
+            .collect::<String>();
+        let errs = errors(&text);
+        assert_eq!(errs.len(), DESERIALIZE_ROUNDS + 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("tokengate.toml:2: routes[0].nme: unknown key"),
+            "{}",
+            errs[0]
+        );
+        let last = &errs[DESERIALIZE_ROUNDS - 1];
+        assert!(
+            last.contains(&format!("routes[{}].nme", DESERIALIZE_ROUNDS - 1)),
+            "{last}"
+        );
+        assert!(errs[DESERIALIZE_ROUNDS].contains("stopped after 100 unknown keys"));
     }
 
     #[test]
