@@ -604,6 +604,16 @@ pub(crate) fn origin_form_target(raw: &[u8], route: &Route) -> Option<Vec<u8>> {
         Some(q) => (&raw[..q], Some(&raw[q + 1..])),
         None => (raw, None),
     };
+    split_target_rewritten(path, query, route)
+}
+
+/// [`origin_form_target`] for a target already split at its first `?`: `query` without the
+/// `?`.
+pub(crate) fn split_target_rewritten(
+    path: &[u8],
+    query: Option<&[u8]>,
+    route: &Route,
+) -> Option<Vec<u8>> {
     let strip = route.strip_prefix && route.prefix != "/";
     let query_has_token = query.is_some_and(headers::has_access_token);
     if !strip && route.base_path.is_empty() && !query_has_token {

@@ -305,11 +305,7 @@ fn admit(
     if !c.allowed || req.body_len > body_limit {
         return None;
     }
-    let target = &c.buf[req.target.clone()];
-    let path = match target.iter().position(|&b| b == b'?') {
-        Some(q) => &target[..q],
-        None => target,
-    };
+    let path = &c.buf[req.target.start..req.path_end];
     // `parse_request` checked that the target is a valid URI path (ASCII).
     let path = std::str::from_utf8(path).ok()?;
     let index = table.lookup(Some(&c.buf[req.host.clone()]), path)?;

@@ -9,8 +9,8 @@ use http::{HeaderValue, Method};
 
 use super::response::FieldWriter;
 use super::{parse_content_length, Conn, RequestCtx, MAX_FIELDS, MAX_HEAD};
-use crate::proxy::origin_form_target;
 use crate::proxy::routes::Route;
+use crate::proxy::split_target_rewritten;
 
 /// What a request field is to the gateway.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -40,7 +40,10 @@ pub(super) struct Field {
 }
 
 pub(super) fn classify(name: &[u8]) -> Kind {
-    let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+    // First letters compared before whole names: most names that share a length with one
+    // of these differ in their first byte (`User-Agent`/`Connection`).
+    let first = name.first().map_or(0, |b| b | 0x20);
+    let is = |s: &str| first == s.as_bytes()[0] && name.eq_ignore_ascii_case(s.as_bytes());
     match name.len() {
         2 if is("te") => Kind::Unhandled,
         4 if is("host") => Kind::Host,
@@ -70,6 +73,8 @@ pub(super) struct Plain {
     pub(super) body_len: usize,
     pub(super) method: Method,
     pub(super) target: Range<usize>,
+    /// Where the target's path ends: at its first `?`, or with the target.
+    pub(super) path_end: usize,
     pub(super) host: Range<usize>,
     pub(super) request_id: Option<Range<usize>>,
     pub(super) close: bool,
@@ -98,9 +103,9 @@ pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
     let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
         return Parsed::Delegate;
     };
-    if !origin_target_pingora_accepts(target) {
+    let Some(path_len) = accepted_path_len(target) else {
         return Parsed::Delegate;
-    }
+    };
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
         return Parsed::Delegate;
     };
@@ -165,6 +170,7 @@ pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
         body_len: body_len.unwrap_or(0),
         method,
         target: offset(target.as_bytes()),
+        path_end: offset(target.as_bytes()).start + path_len,
         host,
         request_id,
         close,
@@ -219,14 +225,29 @@ const HOST_NAME_BYTE: [bool; 256] = {
     t
 };
 
-/// Whether `target` is an origin-form target pingora accepts (it parses every target into
+/// When `target` is an origin-form target pingora accepts (it parses every target into
 /// `http::Uri`) without a fragment. A fragment is never sent (RFC 9112 §3.2); pingora drops
 /// it, so it decides. The common bytes are checked by table, anything else by `http` itself,
 /// which allocates.
-fn origin_target_pingora_accepts(target: &str) -> bool {
-    target.starts_with('/')
-        && (target.bytes().all(|b| PLAIN_TARGET[b as usize])
-            || (!target.contains('#') && http::uri::PathAndQuery::try_from(target).is_ok()))
+/// Returns the length of its path (the bytes before the first `?`), in one pass over the
+/// common case.
+fn accepted_path_len(target: &str) -> Option<usize> {
+    let bytes = target.as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return None;
+    }
+    let mut query = None;
+    for (i, &b) in bytes.iter().enumerate() {
+        if !PLAIN_TARGET[b as usize] {
+            let accepted =
+                !target.contains('#') && http::uri::PathAndQuery::try_from(target).is_ok();
+            return accepted.then(|| target.find('?').unwrap_or(target.len()));
+        }
+        if b == b'?' && query.is_none() {
+            query = Some(i);
+        }
+    }
+    Some(query.unwrap_or(bytes.len()))
 }
 
 /// Whether pingora accepts `value` as the `Host` field: empty, or a URI authority
@@ -267,7 +288,8 @@ pub(super) fn write_upstream_request(
     out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
     let target = &buf[req.target.clone()];
-    match origin_form_target(target, route) {
+    let query = (req.path_end < req.target.end).then(|| &buf[req.path_end + 1..req.target.end]);
+    match split_target_rewritten(&buf[req.target.start..req.path_end], query, route) {
         Some(t) => out.extend_from_slice(&t),
         None => out.extend_from_slice(target),
     }
@@ -411,7 +433,7 @@ mod tests {
             }
             let c = b as char;
             for t in [format!("/{c}"), format!("/a{c}b?c{c}d"), format!("/?{c}")] {
-                assert!(origin_target_pingora_accepts(&t));
+                assert_eq!(accepted_path_len(&t), t.find('?').or(Some(t.len())));
                 assert!(
                     http::uri::PathAndQuery::try_from(t.as_str()).is_ok(),
                     "{t:?}"
@@ -421,7 +443,7 @@ mod tests {
         for t in ["/a#b", "a/b", "/a b", "/a\"b", "/\u{e9}"] {
             let http_ok = !t.contains('#') && http::uri::PathAndQuery::try_from(t).is_ok();
             assert_eq!(
-                origin_target_pingora_accepts(t),
+                accepted_path_len(t).is_some(),
                 t.starts_with('/') && http_ok,
                 "{t:?}"
             );

@@ -165,7 +165,9 @@ impl ResponseField {
     /// By length first: most names are compared with nothing.
     #[inline]
     fn of(name: &[u8]) -> Self {
-        let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
+        // First letters before whole names, as in the request's `classify`.
+        let first = name.first().map_or(0, |b| b | 0x20);
+        let is = |s: &str| first == s.as_bytes()[0] && name.eq_ignore_ascii_case(s.as_bytes());
         match name.len() {
             4 if is("date") => ResponseField::Date,
             10 if is("connection") => ResponseField::Connection,
