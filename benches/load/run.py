@@ -445,11 +445,17 @@ def report(res, out):
                   + (f" ({bound} of the {len(tg['runs']) + len(ng['runs'])} runs client-bound: req/s there is the "
                      "load generator's limit, the per-core figure is the proxy's)" if bound else ""))
     if "latency_added_ms" in res:
-        print("\n| load | proxy | added p50 ms | added p99 ms | added p99.9 ms |\n|---|---|---|---|---|")
+        print("\n| load | proxy | added p50 ms | added p99 ms | added p99.9 ms | added p99 per round ms | direct p99 per round ms |"
+              "\n|---|---|---|---|---|---|---|")
         for load, row in res["latency_added_ms"].items():
+            # Every round, not only the median: on a shared VM the tail moves by tens of ms
+            # between rounds, and the direct run's own p99 says how much.
+            direct = ", ".join(f"{d['p99']:.1f}" for d in row.get("direct_ms", []))
             for n in ("tokengate", "nginx"):
                 m = row[n]
-                print(f"| {load} ({row['rate']:.0f}/s) | {n} | {m['p50']:.3f} | {m['p99']:.3f} | {m['p99.9']:.3f} |")
+                each = ", ".join(f"{r['p99']:+.1f}" for r in row.get("rounds", {}).get(n, []))
+                print(f"| {load} ({row['rate']:.0f}/s) | {n} | {m['p50']:.3f} | {m['p99']:.3f} | {m['p99.9']:.3f} "
+                      f"| {each} | {direct} |")
         half = res["latency_added_ms"].get("50%")
         if half:
             tg, ng = half["tokengate"]["p99"], half["nginx"]["p99"]
