@@ -91,6 +91,8 @@ async fn fast_path_and_pingora_send_the_upstream_identical_requests() {
     for answer in [&a, &b] {
         assert_eq!(answer.header("x-request-id").as_deref(), Some("trace-7"));
         assert_eq!(answer.header("connection").as_deref(), Some("close"));
+        // The upstream's `Keep-Alive: timeout=5` is hop-by-hop: neither path passes it on.
+        assert!(answer.header("keep-alive").is_none(), "{}", answer.head);
     }
     rig.stop().await;
 }
@@ -417,5 +419,22 @@ async fn the_connection_comes_back_to_the_fast_path_after_a_request_for_pingora(
         .map(|r| r.target.clone())
         .collect();
     assert_eq!(targets, ["/chunked", "/after/1", "/after/2"]);
+    rig.stop().await;
+}
+
+/// Requests pingora refuses are refused on the fast path too, not forwarded: a `Host` with
+/// userinfo, and a target longer than `http` accepts (65,534 bytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_pingora_refuses_are_not_forwarded() {
+    let rig = Rig::start(|t, _, _| t).await;
+    let long = format!("/drillster/{}", "a".repeat(65_535));
+    for request in [
+        "GET /drillster/x HTTP/1.1\r\nHost: user@gw\r\nConnection: close\r\n\r\n".to_string(),
+        format!("GET {long} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"),
+    ] {
+        let a = send(rig.gw.addr(), request.as_bytes()).await;
+        assert_eq!(a.status, 400, "{}", a.head);
+    }
+    assert!(rig.raw.requests().is_empty(), "forwarded a refused request");
     rig.stop().await;
 }

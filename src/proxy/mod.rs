@@ -413,6 +413,9 @@ impl ProxyHttp for Gateway {
         if let Some(id) = &ctx.request_id {
             response.insert_header("X-Request-Id", id.clone())?;
         }
+        // Hop-by-hop (RFC 9110 §7.6.1): the upstream's connection parameters are not the
+        // client's. pingora writes its own `Connection`; `Keep-Alive` would pass through.
+        response.remove_header("Keep-Alive");
         Ok(())
     }
 

@@ -566,7 +566,12 @@ where
                             let head = format!(
                                 "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}\r\n",
                                 body.len(),
-                                if keep_alive { "" } else { "connection: close\r\n" }
+                                // As nginx does: a proxy must not pass this hop's parameters on.
+                                if keep_alive {
+                                    "keep-alive: timeout=5\r\n"
+                                } else {
+                                    "connection: close\r\n"
+                                }
                             );
                             io.write_all(head.as_bytes()).await?;
                             io.write_all(&body).await?;

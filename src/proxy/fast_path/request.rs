@@ -96,7 +96,7 @@ pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
     let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
     let mut req = httparse::Request::new(&mut []);
     let head_len = match req.parse_with_uninit_headers(buf, &mut storage) {
-        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
         Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parsed::Partial,
         _ => return Parsed::Delegate,
     };
@@ -233,7 +233,8 @@ const HOST_NAME_BYTE: [bool; 256] = {
 /// common case.
 fn accepted_path_len(target: &str) -> Option<usize> {
     let bytes = target.as_bytes();
-    if bytes.first() != Some(&b'/') {
+    // `http` refuses longer targets (`PathAndQuery`'s limit), so pingora answers 400.
+    if bytes.first() != Some(&b'/') || bytes.len() > MAX_TARGET {
         return None;
     }
     let mut query = None;
@@ -250,9 +251,13 @@ fn accepted_path_len(target: &str) -> Option<usize> {
     Some(query.unwrap_or(bytes.len()))
 }
 
+/// Longest request-target `http::uri::PathAndQuery` accepts.
+const MAX_TARGET: usize = u16::MAX as usize - 1;
+
 /// Whether pingora accepts `value` as the `Host` field: empty, or a URI authority
-/// (`http::uri::Authority`, RFC 3986 §3.2). A name or IPv4 address with an optional port is
-/// checked here, anything else by `http` itself, which allocates.
+/// (`http::uri::Authority`, RFC 3986 §3.2) without userinfo (pingora-proxy refuses `@` in
+/// `Host`). A name or IPv4 address with an optional port is checked here, anything else by
+/// `http` itself, which allocates.
 fn host_pingora_accepts(value: &[u8]) -> bool {
     let (name, port) = match value.iter().position(|&b| b == b':') {
         Some(i) => (&value[..i], Some(&value[i + 1..])),
@@ -261,7 +266,9 @@ fn host_pingora_accepts(value: &[u8]) -> bool {
     let plain = !name.is_empty()
         && name.iter().all(|&b| HOST_NAME_BYTE[b as usize])
         && port.is_none_or(|p| (1..=5).contains(&p.len()) && p.iter().all(u8::is_ascii_digit));
-    value.is_empty() || plain || http::uri::Authority::try_from(value).is_ok()
+    value.is_empty()
+        || plain
+        || (!value.contains(&b'@') && http::uri::Authority::try_from(value).is_ok())
 }
 
 /// Writes the upstream request head for `ctx.req` into `c.out`, then its body:
@@ -468,10 +475,17 @@ mod tests {
             assert!(!host_pingora_accepts(h.as_bytes()), "{h:?}");
             assert!(http::uri::Authority::try_from(h).is_err(), "{h:?}");
         }
-        // Outside the shortcut, `http` decides.
-        for h in ["[::1]:8080", "user@gw", "a@b:c@d"] {
-            let http_ok = http::uri::Authority::try_from(h).is_ok();
-            assert_eq!(host_pingora_accepts(h.as_bytes()), http_ok, "{h:?}");
+        // Outside the shortcut, `http` decides; userinfo never passes (pingora refuses it).
+        assert!(host_pingora_accepts(b"[::1]:8080"));
+        for h in ["user@gw", "a@b:c@d"] {
+            assert!(!host_pingora_accepts(h.as_bytes()), "{h:?}");
         }
+        let long = format!("/{}", "a".repeat(MAX_TARGET));
+        assert!(http::uri::PathAndQuery::try_from(long.as_str()).is_err());
+        assert_eq!(accepted_path_len(&long), None);
+        assert_eq!(accepted_path_len(&long[1..]), None);
+        let longest = &long[..MAX_TARGET];
+        assert!(http::uri::PathAndQuery::try_from(longest).is_ok());
+        assert_eq!(accepted_path_len(longest), Some(MAX_TARGET));
     }
 }

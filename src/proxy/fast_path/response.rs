@@ -42,6 +42,8 @@ pub(super) fn parse_response(
     // `Name: value`).
     let mut parser = httparse::ParserConfig::default();
     parser.allow_spaces_after_header_name_in_responses(true);
+    // And like it, obsolete line folding is accepted; the fold is replaced by one space.
+    parser.allow_obsolete_multiline_headers_in_responses(true);
     let head_len = match parser.parse_response_with_uninit_headers(&mut resp, ubuf, &mut storage) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if ubuf.len() < MAX_HEAD => return Ok(None),
@@ -125,7 +127,11 @@ pub(super) fn parse_response(
                 _ => {}
             }
         }
-        w.keep(offset_in(ubuf, name), offset_in(ubuf, h.value));
+        if h.value.contains(&b'\n') {
+            w.push(name, &unfold(h.value));
+        } else {
+            w.keep(offset_in(ubuf, name), offset_in(ubuf, h.value));
+        }
     }
     if !informational {
         if !date {
@@ -146,6 +152,27 @@ pub(super) fn parse_response(
         framing,
         upstream_close,
     }))
+}
+
+/// `value` with every obsolete line fold (CRLF or LF followed by spaces or tabs) replaced by
+/// one space: a proxy must not forward obs-fold (RFC 9112 §5.2).
+fn unfold(value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(value.len());
+    let mut folding = false;
+    for &b in value {
+        match b {
+            b'\r' | b'\n' => folding = true,
+            b' ' | b'\t' if folding => {}
+            _ => {
+                if folding {
+                    out.push(b' ');
+                    folding = false;
+                }
+                out.push(b);
+            }
+        }
+    }
+    out
 }
 
 /// What a response field is to the fast path.
@@ -388,6 +415,23 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    /// Odd spacing and obsolete folding reach the client as plain `Name: value` lines; lines
+    /// already in that form are copied as they are.
+    #[test]
+    fn response_field_lines_are_normalised() {
+        let id = HeaderValue::from_static("req-1");
+        let mut out = Vec::new();
+        let raw = b"HTTP/1.1 200 OK\r\nA:x\r\nB:  y  \r\nC: z\r\nD: one\r\n  two\r\n\tthree\r\nE : w\nF: \r\nDate: d\r\nContent-Length: 0\r\n\r\n";
+        parse_response(raw, false, &id, true, &mut out)
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\nA: x\r\nB: y\r\nC: z\r\nD: one two three\r\nE: w\r\nF: \r\n\
+             Date: d\r\nContent-Length: 0\r\nConnection: keep-alive\r\nX-Request-Id: req-1\r\n\r\n"
+        );
     }
 
     #[test]
