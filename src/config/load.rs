@@ -186,29 +186,13 @@ impl Report {
 
     /// The line of `key`, or of the nearest enclosing table that is in the file.
     fn line_for(&self, key: &str) -> Option<usize> {
-        let mut k = key;
-        loop {
-            if let Some(line) = self.lines.get(k) {
-                return Some(*line);
-            }
-            let cut = k.rfind(['.', '['])?;
-            k = &k[..cut];
-        }
+        key_and_enclosing(key).find_map(|k| self.lines.get(k).copied())
     }
 
     /// Whether `key` or a table or array enclosing it was already reported: one set lookup
     /// per enclosing level (thousands of reported keys made a scan of them all quadratic).
     fn suppressed(&self, key: &str) -> bool {
-        let mut k = key;
-        loop {
-            if self.reported.contains(k) {
-                return true;
-            }
-            let Some(cut) = k.rfind(['.', '[']) else {
-                return false;
-            };
-            k = &k[..cut];
-        }
+        key_and_enclosing(key).any(|k| self.reported.contains(k))
     }
 
     /// Records a validation problem for `key`: `message` is "what is wrong; the fix".
@@ -245,6 +229,12 @@ impl Report {
 
 // ---------------------------------------------------------------------------------------------
 // Key paths
+
+/// `key`, then the keys of the tables and arrays enclosing it, innermost first:
+/// `routes[1].auth.grant`, `routes[1].auth`, `routes[1]`, `routes`.
+fn key_and_enclosing(key: &str) -> impl Iterator<Item = &str> {
+    std::iter::successors(Some(key), |k| k.rfind(['.', '[']).map(|cut| &k[..cut]))
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Seg {

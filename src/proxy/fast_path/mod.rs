@@ -71,6 +71,15 @@ const HOLD_WHILE_IDLE: Duration = Duration::from_secs(2);
 /// Read size for response bodies.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// Whether the field name `name` is `lower` (given in lower case), ignoring ASCII case. The
+/// first letters are compared before the whole names: most names that share a length with
+/// one the fast path looks for differ there (`User-Agent`/`Connection`).
+#[inline]
+fn name_is(name: &[u8], lower: &str) -> bool {
+    name.first().map(|b| b | 0x20) == lower.as_bytes().first().copied()
+        && name.eq_ignore_ascii_case(lower.as_bytes())
+}
+
 /// A `Content-Length` value: ASCII digits only (no sign, no list, no spaces: httparse has
 /// trimmed the field), `None` for anything else or a number past `u64`.
 fn parse_content_length(value: &[u8]) -> Option<u64> {

@@ -7,8 +7,8 @@ use std::ops::Range;
 
 use http::{HeaderValue, Method};
 
-use super::response::FieldWriter;
-use super::{parse_content_length, Conn, RequestCtx, MAX_FIELDS, MAX_HEAD};
+use super::response::{offset_in, FieldWriter};
+use super::{name_is, parse_content_length, Conn, RequestCtx, MAX_FIELDS, MAX_HEAD};
 use crate::proxy::routes::Route;
 use crate::proxy::split_target_rewritten;
 
@@ -40,10 +40,7 @@ pub(super) struct Field {
 }
 
 pub(super) fn classify(name: &[u8]) -> Kind {
-    // First letters compared before whole names: most names that share a length with one
-    // of these differ in their first byte (`User-Agent`/`Connection`).
-    let first = name.first().map_or(0, |b| b | 0x20);
-    let is = |s: &str| first == s.as_bytes()[0] && name.eq_ignore_ascii_case(s.as_bytes());
+    let is = |s: &str| name_is(name, s);
     match name.len() {
         2 if is("te") => Kind::Unhandled,
         4 if is("host") => Kind::Host,
@@ -112,11 +109,7 @@ pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
     if method == Method::CONNECT {
         return Parsed::Delegate;
     }
-    let base = buf.as_ptr() as usize;
-    let offset = |s: &[u8]| {
-        let start = s.as_ptr() as usize - base;
-        start..start + s.len()
-    };
+    let offset = |s: &[u8]| offset_in(buf, s);
     fields.clear();
     let mut host = None;
     let mut request_id = None;
@@ -169,8 +162,8 @@ pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
         head_len,
         body_len: body_len.unwrap_or(0),
         method,
-        target: offset(target.as_bytes()),
         path_end: offset(target.as_bytes()).start + path_len,
+        target: offset(target.as_bytes()),
         host,
         request_id,
         close,

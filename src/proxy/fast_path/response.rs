@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use http::HeaderValue;
 
-use super::{parse_content_length, MAX_FIELDS, MAX_HEAD};
+use super::{name_is, parse_content_length, MAX_FIELDS, MAX_HEAD};
 
 /// How the upstream response body is delimited (RFC 9112 §6.3).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -192,9 +192,7 @@ impl ResponseField {
     /// By length first: most names are compared with nothing.
     #[inline]
     fn of(name: &[u8]) -> Self {
-        // First letters before whole names, as in the request's `classify`.
-        let first = name.first().map_or(0, |b| b | 0x20);
-        let is = |s: &str| first == s.as_bytes()[0] && name.eq_ignore_ascii_case(s.as_bytes());
+        let is = |s: &str| name_is(name, s);
         match name.len() {
             4 if is("date") => ResponseField::Date,
             10 if is("connection") => ResponseField::Connection,
