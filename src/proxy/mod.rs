@@ -485,7 +485,7 @@ impl ProxyHttp for Gateway {
             generation: ctx.generation,
             gateway_error: ctx.error,
             error: e.map(|e| e.etype().as_str()),
-            request_id: ctx.request_id.as_ref(),
+            request_id: ctx.request_id.as_ref().and_then(|v| v.to_str().ok()),
             authorization_len: ctx.authorization_len,
         });
     }
@@ -503,7 +503,8 @@ pub(crate) struct RequestRecord<'a> {
     pub generation: u64,
     pub gateway_error: Option<&'static str>,
     pub error: Option<&'static str>,
-    pub request_id: Option<&'a HeaderValue>,
+    /// The `X-Request-Id` sent upstream (visible ASCII).
+    pub request_id: Option<&'a str>,
     /// Length of the `Authorization` value sent upstream (never the value).
     pub authorization_len: usize,
 }
@@ -517,7 +518,7 @@ pub(crate) fn record_request(r: &RequestRecord<'_>) {
     if let Some(route) = r.route {
         route.metrics.request(r.status, elapsed);
     }
-    let request_id = r.request_id.and_then(|v| v.to_str().ok()).unwrap_or("-");
+    let request_id = r.request_id.unwrap_or("-");
     if r.status == 431 && r.gateway_error.is_none() {
         // The upstream refused the request head; with a large token that is likely the
         // token. Its size (never the token) tells the operator.
@@ -690,8 +691,16 @@ fn only_chunked(fields: http::header::GetAll<'_, HeaderValue>) -> bool {
 /// A client-supplied `X-Request-Id` is kept when it is short visible ASCII.
 #[inline]
 pub(crate) fn valid_request_id(v: &HeaderValue) -> bool {
-    let b = v.as_bytes();
-    !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
+    valid_request_id_bytes(v.as_bytes())
+}
+
+/// Longest client-supplied `X-Request-Id` the gateway keeps, in bytes.
+pub(crate) const MAX_REQUEST_ID: usize = 128;
+
+/// [`valid_request_id`] on the value's bytes: 1 to [`MAX_REQUEST_ID`] visible ASCII bytes.
+#[inline]
+pub(crate) fn valid_request_id_bytes(b: &[u8]) -> bool {
+    !b.is_empty() && b.len() <= MAX_REQUEST_ID && b.iter().all(|c| c.is_ascii_graphic())
 }
 
 /// Generates request ids (`X-Request-Id` when the client sent none or an unusable one): a
@@ -719,6 +728,12 @@ impl RequestIds {
     /// The next id: 32 hex digits, unique within this process.
     #[inline]
     pub fn next(&self) -> HeaderValue {
+        HeaderValue::from_bytes(&self.next_hex()).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    }
+
+    /// The next id as its 32 lower-case hex digits, without allocating (the fast path).
+    #[inline]
+    pub fn next_hex(&self) -> [u8; 32] {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let mut buf = [0u8; 32];
@@ -727,7 +742,7 @@ impl RequestIds {
                 buf[i * 16 + j] = HEX[((word >> (60 - 4 * j)) & 0xf) as usize];
             }
         }
-        HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("-"))
+        buf
     }
 }
 

@@ -10,6 +10,8 @@ use std::sync::Arc;
 /// The route maps' hasher: foldhash, several times faster than the default SipHash on short
 /// paths. Flooding is no concern: the keys come from the config, requests only look up.
 type Map<V> = HashMap<String, V, foldhash::fast::RandomState>;
+/// Path prefixes as bytes: the fast path looks them up in the request's bytes as received.
+type PrefixKeys<V> = HashMap<Vec<u8>, V, foldhash::fast::RandomState>;
 
 use http::{HeaderName, HeaderValue, Method};
 use pingora::upstreams::peer::HttpPeer;
@@ -74,7 +76,7 @@ pub fn normalise_prefix(prefix: &str) -> String {
 /// Prefix → route index for one host (or for any host).
 #[derive(Default, Debug, Clone)]
 struct PrefixMap {
-    exact: Map<usize>,
+    exact: PrefixKeys<usize>,
     /// `has_len[n]`: some key is `n` bytes long. A candidate of another length is not
     /// hashed at all: most of a long path's candidates are skipped this way.
     has_len: Vec<bool>,
@@ -87,18 +89,18 @@ impl PrefixMap {
             self.has_len.resize(len + 1, false);
         }
         self.has_len[len] = true;
-        self.exact.entry(prefix).or_insert(index);
+        self.exact.entry(prefix.into_bytes()).or_insert(index);
     }
 
     /// Longest prefix of `path` on a segment boundary that is a key.
     #[inline]
-    fn lookup(&self, path: &str) -> Option<usize> {
+    fn lookup(&self, path: &[u8]) -> Option<usize> {
         if self.exact.is_empty() {
             return None;
         }
         let mut end = path.len();
         loop {
-            let candidate = if end == 0 { "/" } else { &path[..end] };
+            let candidate: &[u8] = if end == 0 { b"/" } else { &path[..end] };
             if self.has_len.get(candidate.len()) == Some(&true) {
                 if let Some(&i) = self.exact.get(candidate) {
                     return Some(i);
@@ -108,7 +110,7 @@ impl PrefixMap {
                 return None;
             }
             // Next shorter candidate: up to (not including) the previous '/'.
-            end = path[..end].rfind('/').unwrap_or(0);
+            end = path[..end].iter().rposition(|&b| b == b'/').unwrap_or(0);
         }
     }
 }
@@ -147,9 +149,10 @@ impl RouteTable {
     }
 
     /// The route for a request: `host` is the `Host` header (any case, port allowed), `path`
-    /// the request path without query.
+    /// the request path without query (`&str` or the bytes as received).
     #[inline]
-    pub fn lookup(&self, host: Option<&[u8]>, path: &str) -> Option<usize> {
+    pub fn lookup(&self, host: Option<&[u8]>, path: impl AsRef<[u8]>) -> Option<usize> {
+        let path = path.as_ref();
         if let Some(i) = self.own {
             return Some(i);
         }

@@ -49,7 +49,8 @@ mod timer;
 use super::error_response::{self, GatewayError};
 use super::routes::{Route, RouteTable};
 use super::{
-    client_allowed, record_request, valid_request_id, Gateway, RequestRecord, SharedState,
+    client_allowed, record_request, valid_request_id_bytes, Gateway, RequestRecord, SharedState,
+    MAX_REQUEST_ID,
 };
 use crate::metrics::UpstreamErrorKind;
 use request::{parse_request, write_upstream_request, Field, Parsed, Plain};
@@ -83,10 +84,17 @@ fn name_is(name: &[u8], lower: &str) -> bool {
 /// A `Content-Length` value: ASCII digits only (no sign, no list, no spaces: httparse has
 /// trimmed the field), `None` for anything else or a number past `u64`.
 fn parse_content_length(value: &[u8]) -> Option<u64> {
-    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+    if value.is_empty() {
         return None;
     }
-    std::str::from_utf8(value).ok()?.parse().ok()
+    // One pass, no UTF-8 check and no second validation inside `str::parse`.
+    value.iter().try_fold(0u64, |n, &b| {
+        let digit = b.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(digit))
+    })
 }
 
 /// The service of one proxy listener: the fast path, and pingora-proxy for everything else.
@@ -288,7 +296,7 @@ struct RequestCtx<'a> {
     route: &'a Route,
     index: usize,
     req: &'a Plain,
-    request_id: &'a HeaderValue,
+    request_id: &'a RequestId,
     keepalive: bool,
     started: Instant,
 }
@@ -315,8 +323,6 @@ fn admit(
         return None;
     }
     let path = &c.buf[req.target.start..req.path_end];
-    // `parse_request` checked that the target is a valid URI path (ASCII).
-    let path = std::str::from_utf8(path).ok()?;
     let index = table.lookup(Some(&c.buf[req.host.clone()]), path)?;
     let route = &state.routes[index];
     if !route.allows(&req.method) {
@@ -330,14 +336,42 @@ fn admit(
     })
 }
 
-/// The request's id: the client's `X-Request-Id` when usable, else a new one.
-fn request_id(buf: &[u8], req: &Plain, state: &SharedState) -> HeaderValue {
-    match &req.request_id {
-        Some(r) => HeaderValue::from_bytes(&buf[r.clone()])
-            .ok()
-            .filter(valid_request_id)
-            .unwrap_or_else(|| state.request_ids.next()),
-        None => state.request_ids.next(),
+/// A request's `X-Request-Id` value held inline: the client's (1 to [`MAX_REQUEST_ID`] visible
+/// ASCII bytes) or a generated one (32 hex digits). No allocation per request.
+pub(super) struct RequestId {
+    len: usize,
+    bytes: [u8; MAX_REQUEST_ID],
+}
+
+impl RequestId {
+    /// The client's `X-Request-Id` in `buf` when usable, else a new one from `state`.
+    fn of(buf: &[u8], req: &Plain, state: &SharedState) -> Self {
+        let mut id = RequestId {
+            len: 0,
+            bytes: [0; MAX_REQUEST_ID],
+        };
+        let client = req.request_id.as_ref().map(|r| &buf[r.clone()]);
+        let value = match client {
+            Some(v) if valid_request_id_bytes(v) => v,
+            _ => &state.request_ids.next_hex(),
+        };
+        id.bytes[..value.len()].copy_from_slice(value);
+        id.len = value.len();
+        id
+    }
+
+    pub(super) fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    /// Visible ASCII, so always a `str`.
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or("-")
+    }
+
+    /// As a field value, for the gateway's own error responses (not the common path).
+    fn to_header_value(&self) -> HeaderValue {
+        HeaderValue::from_bytes(self.as_bytes()).unwrap_or_else(|_| HeaderValue::from_static("-"))
     }
 }
 
@@ -345,9 +379,12 @@ fn request_id(buf: &[u8], req: &Plain, state: &SharedState) -> HeaderValue {
 pub struct Scratch(Conn);
 
 impl Scratch {
-    /// Buffers for a client at `client_ip`, admitted by `allowed_clients`.
-    pub fn new(client_ip: std::net::IpAddr) -> Self {
-        Scratch(Conn::detached(Some(client_ip)))
+    /// Buffers for a client at `client_ip`, checked against `state.allowed_clients` once, as a
+    /// connection is.
+    pub fn new(state: &SharedState, client_ip: std::net::IpAddr) -> Self {
+        let mut c = Conn::detached(Some(client_ip));
+        c.allowed = client_allowed(&state.allowed_clients, client_ip);
+        Scratch(c)
     }
 
     /// The last upstream request head (after [`own_work`] returned `Some`, the client's
@@ -374,16 +411,13 @@ pub fn own_work(
     let c = &mut scratch.0;
     c.buf.clear();
     c.buf.extend_from_slice(request);
-    c.allowed = c
-        .client_ip
-        .is_some_and(|ip| client_allowed(&state.allowed_clients, ip));
     let Parsed::Plain(req) = parse_request(&c.buf, &mut c.fields) else {
         return None;
     };
     let limit = state.replay_body_limit.min(super::RETRY_BUFFER_LIMIT);
     let admitted = admit(table, state, c, &req, limit, started)?;
     let route = &state.routes[admitted.index];
-    let request_id = request_id(&c.buf, &req, state);
+    let request_id = RequestId::of(&c.buf, &req, state);
     let ctx = RequestCtx {
         route,
         index: admitted.index,
@@ -394,7 +428,14 @@ pub fn own_work(
     };
     write_upstream_request(c, &ctx, &admitted.authorization);
     let sent = c.out.len();
-    let head = parse_response(response, false, &request_id, ctx.keepalive, &mut c.out).ok()??;
+    let head = parse_response(
+        response,
+        false,
+        request_id.as_bytes(),
+        ctx.keepalive,
+        &mut c.out,
+    )
+    .ok()??;
     route.metrics.request(head.status, started.elapsed());
     Some((sent, c.out.len()))
 }
@@ -451,7 +492,7 @@ impl ListenerApp {
                     Ok(_) => {}
                 }
             }
-            let request_id = request_id(&c.buf, &req, &self.state);
+            let request_id = RequestId::of(&c.buf, &req, &self.state);
             let ctx = RequestCtx {
                 route,
                 index,
@@ -480,7 +521,7 @@ impl ListenerApp {
                 generation,
                 gateway_error: error,
                 error: None,
-                request_id: Some(&request_id),
+                request_id: Some(request_id.as_str()),
                 authorization_len,
             });
             if !keep {
@@ -627,7 +668,7 @@ async fn read_response_head(
         match parse_response(
             &c.ubuf,
             head_request,
-            ctx.request_id,
+            ctx.request_id.as_bytes(),
             ctx.keepalive,
             &mut c.out,
         ) {
@@ -790,7 +831,8 @@ async fn fail(
         .unwrap_or("");
     out.extend_from_slice(reason.as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (name, value) in error_response::fields(&err, body.len(), Some(ctx.request_id)) {
+    let request_id = ctx.request_id.to_header_value();
+    for (name, value) in error_response::fields(&err, body.len(), Some(&request_id)) {
         push_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     let date = pingora::protocols::http::date::get_cached_date();
@@ -800,4 +842,32 @@ async fn fail(
     out.extend_from_slice(&body);
     let _ = write_down(down, &c.out).await;
     (Exchange::Broken { status }, generation, Some(err.code()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_content_length;
+
+    #[test]
+    fn content_length_is_digits_only_and_fits_u64() {
+        assert_eq!(parse_content_length(b"0"), Some(0));
+        assert_eq!(parse_content_length(b"87"), Some(87));
+        assert_eq!(parse_content_length(b"0012"), Some(12));
+        assert_eq!(
+            parse_content_length(b"18446744073709551615"),
+            Some(u64::MAX)
+        );
+        for bad in [
+            &b""[..],
+            b"18446744073709551616",
+            b"+5",
+            b"-1",
+            b"5 ",
+            b"1,2",
+            b"0x10",
+            b"\xd9\xa1",
+        ] {
+            assert_eq!(parse_content_length(bad), None, "{bad:?}");
+        }
+    }
 }

@@ -230,18 +230,16 @@ fn accepted_path_len(target: &str) -> Option<usize> {
     if bytes.first() != Some(&b'/') || bytes.len() > MAX_TARGET {
         return None;
     }
-    let mut query = None;
-    for (i, &b) in bytes.iter().enumerate() {
-        if !PLAIN_TARGET[b as usize] {
-            let accepted =
-                !target.contains('#') && http::uri::PathAndQuery::try_from(target).is_ok();
-            return accepted.then(|| target.find('?').unwrap_or(target.len()));
-        }
-        if b == b'?' && query.is_none() {
-            query = Some(i);
-        }
+    let path_len = memchr::memchr(b'?', bytes).unwrap_or(bytes.len());
+    // No early exit: a branch-free pass over a short target is cheaper than one branch a byte.
+    let plain = bytes
+        .iter()
+        .fold(true, |plain, &b| plain & PLAIN_TARGET[b as usize]);
+    if plain {
+        return Some(path_len);
     }
-    Some(query.unwrap_or(bytes.len()))
+    let accepted = !target.contains('#') && http::uri::PathAndQuery::try_from(target).is_ok();
+    accepted.then_some(path_len)
 }
 
 /// Longest request-target `http::uri::PathAndQuery` accepts.
@@ -252,13 +250,18 @@ const MAX_TARGET: usize = u16::MAX as usize - 1;
 /// `Host`). A name or IPv4 address with an optional port is checked here, anything else by
 /// `http` itself, which allocates.
 fn host_pingora_accepts(value: &[u8]) -> bool {
+    // Short: a byte loop beats memchr's vector set-up here.
     let (name, port) = match value.iter().position(|&b| b == b':') {
         Some(i) => (&value[..i], Some(&value[i + 1..])),
         None => (value, None),
     };
     let plain = !name.is_empty()
-        && name.iter().all(|&b| HOST_NAME_BYTE[b as usize])
-        && port.is_none_or(|p| (1..=5).contains(&p.len()) && p.iter().all(u8::is_ascii_digit));
+        && name
+            .iter()
+            .fold(true, |plain, &b| plain & HOST_NAME_BYTE[b as usize])
+        && port.is_none_or(|p| {
+            (1..=5).contains(&p.len()) && p.iter().fold(true, |d, b| d & b.is_ascii_digit())
+        });
     value.is_empty()
         || plain
         || (!value.contains(&b'@') && http::uri::Authority::try_from(value).is_ok())

@@ -4,8 +4,6 @@
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
-use http::HeaderValue;
-
 use super::{name_is, parse_content_length, MAX_FIELDS, MAX_HEAD};
 
 /// How the upstream response body is delimited (RFC 9112 §6.3).
@@ -31,7 +29,7 @@ pub(super) struct ResponseHead {
 pub(super) fn parse_response(
     ubuf: &[u8],
     head_request: bool,
-    request_id: &HeaderValue,
+    request_id: &[u8],
     keepalive: bool,
     out: &mut Vec<u8>,
 ) -> Result<Option<ResponseHead>, &'static str> {
@@ -108,6 +106,11 @@ pub(super) fn parse_response(
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     let informational = (100..200).contains(&status);
+    // A head without obsolete line folding has one LF per field line, one after the status
+    // line and one for the empty line; leading empty lines httparse skipped only add to the
+    // count. One vectorised count instead of a search through every value.
+    let lf = ubuf[..head_len].iter().filter(|&&b| b == b'\n').count();
+    let may_fold = lf != resp.headers.len() + 2;
     let (mut id_done, mut date) = (false, false);
     let mut w = FieldWriter::new(out, ubuf);
     for (h, kind) in resp.headers.iter().zip(kinds) {
@@ -118,7 +121,7 @@ pub(super) fn parse_response(
                 ResponseField::ContentLength if chunked.is_some() => continue,
                 ResponseField::XRequestId => {
                     if !id_done {
-                        w.push(b"X-Request-Id", request_id.as_bytes());
+                        w.push(b"X-Request-Id", request_id);
                         id_done = true;
                     }
                     continue;
@@ -127,7 +130,7 @@ pub(super) fn parse_response(
                 _ => {}
             }
         }
-        if h.value.contains(&b'\n') {
+        if may_fold && h.value.contains(&b'\n') {
             w.push(name, &unfold(h.value));
         } else {
             w.keep(offset_in(ubuf, name), offset_in(ubuf, h.value));
@@ -141,7 +144,7 @@ pub(super) fn parse_response(
         let connection: &[u8] = if keepalive { b"keep-alive" } else { b"close" };
         w.push(b"Connection", connection);
         if !id_done {
-            w.push(b"X-Request-Id", request_id.as_bytes());
+            w.push(b"X-Request-Id", request_id);
         }
     }
     let out = w.out();
@@ -272,6 +275,8 @@ pub(super) fn offset_in(src: &[u8], part: &[u8]) -> Range<usize> {
 
 #[inline]
 pub(super) fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    // One capacity check that can grow, not four.
+    out.reserve(name.len() + value.len() + 4);
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
@@ -419,10 +424,10 @@ mod tests {
     /// already in that form are copied as they are.
     #[test]
     fn response_field_lines_are_normalised() {
-        let id = HeaderValue::from_static("req-1");
+        let id: &[u8] = b"req-1";
         let mut out = Vec::new();
         let raw = b"HTTP/1.1 200 OK\r\nA:x\r\nB:  y  \r\nC: z\r\nD: one\r\n  two\r\n\tthree\r\nE : w\nF: \r\nDate: d\r\nContent-Length: 0\r\n\r\n";
-        parse_response(raw, false, &id, true, &mut out)
+        parse_response(raw, false, id, true, &mut out)
             .expect("valid")
             .expect("complete");
         assert_eq!(
@@ -434,10 +439,10 @@ mod tests {
 
     #[test]
     fn response_heads_are_copied_with_the_gateways_fields() {
-        let id = HeaderValue::from_static("req-1");
+        let id: &[u8] = b"req-1";
         let mut out = Vec::new();
         let raw = b"HTTP/1.1 200 Fine\r\nX-Request-Id: theirs\r\nConnection: close\r\nKeep-Alive: timeout=5\r\nContent-Length : 2\r\nDate: Sun, 29 Nov 2026 10:00:00 GMT\r\n\r\nok";
-        let head = parse_response(raw, false, &id, true, &mut out)
+        let head = parse_response(raw, false, id, true, &mut out)
             .expect("valid")
             .expect("complete");
         assert_eq!(head.status, 200);
@@ -451,21 +456,21 @@ mod tests {
 
         let raw =
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 9\r\n\r\n";
-        let head = parse_response(raw, false, &id, true, &mut out)
+        let head = parse_response(raw, false, id, true, &mut out)
             .unwrap()
             .unwrap();
         assert_eq!(head.framing, Framing::Chunked);
         assert!(!String::from_utf8_lossy(&out).contains("Content-Length"));
 
         let raw = b"HTTP/1.1 200 OK\r\n\r\nbody until close";
-        let head = parse_response(raw, false, &id, true, &mut out)
+        let head = parse_response(raw, false, id, true, &mut out)
             .unwrap()
             .unwrap();
         assert_eq!(head.framing, Framing::UntilClose);
         assert!(String::from_utf8_lossy(&out).contains("Connection: close\r\n"));
 
         let raw = b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n";
-        let head = parse_response(raw, false, &id, true, &mut out)
+        let head = parse_response(raw, false, id, true, &mut out)
             .unwrap()
             .unwrap();
         assert_eq!(head.framing, Framing::None);
@@ -475,10 +480,10 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
             b"SMTP 220 hello\r\n\r\n",
         ] {
-            assert!(parse_response(bad, false, &id, true, &mut out).is_err());
+            assert!(parse_response(bad, false, id, true, &mut out).is_err());
         }
         assert!(matches!(
-            parse_response(b"HTTP/1.1 200 OK\r\nDa", false, &id, true, &mut out),
+            parse_response(b"HTTP/1.1 200 OK\r\nDa", false, id, true, &mut out),
             Ok(None)
         ));
     }
