@@ -428,10 +428,28 @@ async fn the_connection_comes_back_to_the_fast_path_after_a_request_for_pingora(
 async fn requests_pingora_refuses_are_not_forwarded() {
     let rig = Rig::start(|t, _, _| t).await;
     let long = format!("/drillster/{}", "a".repeat(65_535));
-    for request in [
+    let mut requests = vec![
         "GET /drillster/x HTTP/1.1\r\nHost: user@gw\r\nConnection: close\r\n\r\n".to_string(),
         format!("GET {long} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"),
+    ];
+    // Invalid Host values (RFC 9112 §3.2: 400), on the fast path and, with a field that sends
+    // the request to pingora-proxy (`Expect`), on the other path.
+    for host in [
+        "ho st",
+        "host:80:80",
+        "[::1",
+        "http://gw",
+        "a%zz",
+        "host:8a",
+        "h\u{e9}st",
     ] {
+        for extra in ["", "Expect: 100-continue\r\n"] {
+            requests.push(format!(
+                "GET /drillster/x HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n"
+            ));
+        }
+    }
+    for request in requests {
         let a = send(rig.gw.addr(), request.as_bytes()).await;
         assert_eq!(a.status, 400, "{}", a.head);
     }

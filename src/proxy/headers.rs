@@ -256,9 +256,97 @@ pub fn raw_head_has_field(head: &[u8], name: &[u8]) -> bool {
     })
 }
 
+/// Whether `value` is a valid `Host` field value (RFC 9112 §3.2; RFC 3986 §3.2.2, §3.2.3):
+/// empty, or `uri-host [ ":" port ]` where uri-host is an IPv6 literal in brackets or a
+/// registered name / IPv4 address of unreserved, sub-delims and percent-encoded bytes, and port
+/// is digits. No userinfo (`@`), no spaces, no second colon. A server must answer 400 to anything
+/// else; pingora-proxy forwards it, so the gateway checks.
+pub fn valid_host(value: &[u8]) -> bool {
+    let (host, port) = match value.first() {
+        None => return true,
+        Some(b'[') => {
+            let Some(close) = value.iter().position(|&b| b == b']') else {
+                return false;
+            };
+            let literal = std::str::from_utf8(&value[1..close]).ok();
+            if literal
+                .and_then(|s| s.parse::<std::net::Ipv6Addr>().ok())
+                .is_none()
+            {
+                return false;
+            }
+            (&value[..0], &value[close + 1..])
+        }
+        Some(_) => match value.iter().position(|&b| b == b':') {
+            Some(i) => (&value[..i], &value[i..]),
+            None => (value, &value[value.len()..]),
+        },
+    };
+    let mut i = 0;
+    while i < host.len() {
+        match host[i] {
+            b'%' if host
+                .get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) =>
+            {
+                i += 3;
+                continue;
+            }
+            b if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b) => {}
+            _ => return false,
+        }
+        i += 1;
+    }
+    match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_values_are_uri_authorities_without_userinfo() {
+        for ok in [
+            "",
+            "gw",
+            "GW.example.com",
+            "gw:",
+            "gw:0",
+            "gw:8080",
+            "gw:123456",
+            "10.0.0.1:80",
+            "[::1]",
+            "[::1]:80",
+            "a%41b",
+            "host.",
+            "a_b~c!$&'()*+,;=",
+        ] {
+            assert!(valid_host(ok.as_bytes()), "{ok:?}");
+        }
+        for bad in [
+            "ho st",
+            "a\tb",
+            "host:80:80",
+            "[::1",
+            "[nope]",
+            "[::1]x",
+            "h\u{e9}st",
+            "http://gw",
+            "a%zz",
+            "a%4",
+            "host:8a",
+            "user@gw",
+            "gw/x",
+            "gw?",
+            "gw#",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad:?}");
+        }
+    }
 
     fn req(headers: &[(&str, &str)]) -> RequestHeader {
         let mut r = RequestHeader::build("GET", b"/x", None).unwrap();

@@ -199,6 +199,12 @@ impl ProxyHttp for Gateway {
             session.set_keepalive(None);
             return Error::e_explain(ErrorType::HTTPStatus(400), "HTTP/1.1 request without Host");
         }
+        if host_field.is_some_and(|h| !headers::valid_host(h.as_bytes())) {
+            // RFC 9112 §3.2: a server MUST answer 400 to a Host field with an invalid value;
+            // pingora would forward it (and the gateway would copy it to X-Forwarded-Host).
+            session.set_keepalive(None);
+            return Error::e_explain(ErrorType::HTTPStatus(400), "invalid Host");
+        }
         // Only requests with a Transfer-Encoding pay for these checks.
         if req.headers.contains_key(TRANSFER_ENCODING) {
             if !only_chunked(req.headers.get_all(TRANSFER_ENCODING)) {

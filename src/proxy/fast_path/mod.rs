@@ -61,6 +61,11 @@ use timer::Timer;
 const MAX_HEAD: usize = 64 * 1024;
 /// Most fields the fast path parses in one head (pingora accepts up to 256).
 const MAX_FIELDS: usize = 128;
+/// Most fields in an upstream response head: pingora's HTTP/1 client's limit, so a response
+/// pingora would forward is forwarded here too (a request already sent cannot be handed over).
+const MAX_RESPONSE_FIELDS: usize = 256;
+/// Largest upstream response head, bytes: pingora's HTTP/1 client's limit, for the same reason.
+const MAX_RESPONSE_HEAD: usize = 1024 * 1024 - 1;
 /// How long a downstream connection may sit idle between requests, and how long a request
 /// head or body may take to arrive: pingora's keep-alive default.
 const DOWNSTREAM_IDLE: Duration = Duration::from_secs(60);

@@ -245,10 +245,9 @@ fn accepted_path_len(target: &str) -> Option<usize> {
 /// Longest request-target `http::uri::PathAndQuery` accepts.
 const MAX_TARGET: usize = u16::MAX as usize - 1;
 
-/// Whether pingora accepts `value` as the `Host` field: empty, or a URI authority
-/// (`http::uri::Authority`, RFC 3986 §3.2) without userinfo (pingora-proxy refuses `@` in
-/// `Host`). A name or IPv4 address with an optional port is checked here, anything else by
-/// `http` itself, which allocates.
+/// Whether the gateway's pingora path accepts `value` as the `Host` field: a valid `Host`
+/// value ([`valid_host`](crate::proxy::headers::valid_host), RFC 9112 §3.2). The common case, a
+/// name or IPv4 address with an optional 1–5 digit port, is checked by table first.
 fn host_pingora_accepts(value: &[u8]) -> bool {
     // Short: a byte loop beats memchr's vector set-up here.
     let (name, port) = match value.iter().position(|&b| b == b':') {
@@ -262,9 +261,7 @@ fn host_pingora_accepts(value: &[u8]) -> bool {
         && port.is_none_or(|p| {
             (1..=5).contains(&p.len()) && p.iter().fold(true, |d, b| d & b.is_ascii_digit())
         });
-    value.is_empty()
-        || plain
-        || (!value.contains(&b'@') && http::uri::Authority::try_from(value).is_ok())
+    plain || crate::proxy::headers::valid_host(value)
 }
 
 /// Writes the upstream request head for `ctx.req` into `c.out`, then its body:

@@ -4,7 +4,7 @@
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
-use super::{name_is, parse_content_length, MAX_FIELDS, MAX_HEAD};
+use super::{name_is, parse_content_length, MAX_RESPONSE_FIELDS, MAX_RESPONSE_HEAD};
 
 /// How the upstream response body is delimited (RFC 9112 §6.3).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -34,7 +34,8 @@ pub(super) fn parse_response(
     out: &mut Vec<u8>,
 ) -> Result<Option<ResponseHead>, &'static str> {
     // Uninitialised: zeroing 128 fields (4 KiB) per response cost more than parsing them.
-    let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
+    let mut storage =
+        [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_FIELDS];
     let mut resp = httparse::Response::new(&mut []);
     // As lenient as pingora's HTTP/1 client: `Name : value` is accepted (and sent on as
     // `Name: value`).
@@ -44,7 +45,7 @@ pub(super) fn parse_response(
     parser.allow_obsolete_multiline_headers_in_responses(true);
     let head_len = match parser.parse_response_with_uninit_headers(&mut resp, ubuf, &mut storage) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if ubuf.len() < MAX_HEAD => return Ok(None),
+        Ok(httparse::Status::Partial) if ubuf.len() < MAX_RESPONSE_HEAD => return Ok(None),
         Ok(httparse::Status::Partial) => return Err("response head too large"),
         Err(_) => return Err("malformed response head"),
     };
@@ -54,7 +55,7 @@ pub(super) fn parse_response(
     let mut chunked = None;
     let mut upstream_close = version == 0;
     // Each name classified once, for both passes.
-    let mut kinds = [ResponseField::Other; MAX_FIELDS];
+    let mut kinds = [ResponseField::Other; MAX_RESPONSE_FIELDS];
     for (h, kind) in resp.headers.iter().zip(kinds.iter_mut()) {
         *kind = ResponseField::of(h.name.as_bytes());
         match *kind {
@@ -157,14 +158,20 @@ pub(super) fn parse_response(
     }))
 }
 
-/// `value` with every obsolete line fold (CRLF or LF followed by spaces or tabs) replaced by
-/// one space: a proxy must not forward obs-fold (RFC 9112 §5.2).
+/// `value` with every obsolete line fold (CRLF or LF followed by spaces or tabs, with the spaces
+/// or tabs before it) replaced by one space: a proxy must not forward obs-fold (RFC 9112 §5.2).
 fn unfold(value: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(value.len());
     let mut folding = false;
     for &b in value {
         match b {
-            b'\r' | b'\n' => folding = true,
+            b'\r' | b'\n' => {
+                // The whitespace before the fold is part of it too: `a  CRLF  b` is `a b`.
+                while out.last().is_some_and(|&c| c == b' ' || c == b'\t') {
+                    out.pop();
+                }
+                folding = true;
+            }
             b' ' | b'\t' if folding => {}
             _ => {
                 if folding {
@@ -426,7 +433,7 @@ mod tests {
     fn response_field_lines_are_normalised() {
         let id: &[u8] = b"req-1";
         let mut out = Vec::new();
-        let raw = b"HTTP/1.1 200 OK\r\nA:x\r\nB:  y  \r\nC: z\r\nD: one\r\n  two\r\n\tthree\r\nE : w\nF: \r\nDate: d\r\nContent-Length: 0\r\n\r\n";
+        let raw = b"HTTP/1.1 200 OK\r\nA:x\r\nB:  y  \r\nC: z\r\nD: one  \r\n  two\t\r\n\tthree\r\nE : w\nF: \r\nDate: d\r\nContent-Length: 0\r\n\r\n";
         parse_response(raw, false, id, true, &mut out)
             .expect("valid")
             .expect("complete");
@@ -435,6 +442,30 @@ mod tests {
             "HTTP/1.1 200 OK\r\nA: x\r\nB: y\r\nC: z\r\nD: one two three\r\nE: w\r\nF: \r\n\
              Date: d\r\nContent-Length: 0\r\nConnection: keep-alive\r\nX-Request-Id: req-1\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn response_heads_as_large_as_pingora_accepts_are_forwarded() {
+        // pingora's HTTP/1 client takes up to 256 fields and a head under 1 MiB; the fast path
+        // has sent the request by then, so it must take them too.
+        let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..250 {
+            raw.extend_from_slice(format!("X-F{i}: {i}\r\n").as_bytes());
+        }
+        raw.extend_from_slice(format!("X-Big: {}\r\n", "v".repeat(200 * 1024)).as_bytes());
+        raw.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+        let mut out = Vec::new();
+        let head = parse_response(&raw, false, b"id", true, &mut out)
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(head.head_len, raw.len());
+        assert!(out.windows(9).any(|w| w == b"X-F249: 2"));
+        let mut too_many = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..300 {
+            too_many.extend_from_slice(format!("X-F{i}: {i}\r\n").as_bytes());
+        }
+        too_many.extend_from_slice(b"\r\n");
+        assert!(parse_response(&too_many, false, b"id", true, &mut out).is_err());
     }
 
     #[test]
