@@ -259,8 +259,9 @@ pub fn raw_head_has_field(head: &[u8], name: &[u8]) -> bool {
 /// Whether `value` is a valid `Host` field value (RFC 9112 §3.2; RFC 3986 §3.2.2, §3.2.3):
 /// empty, or `uri-host [ ":" port ]` where uri-host is an IPv6 literal in brackets or a
 /// registered name / IPv4 address of unreserved, sub-delims and percent-encoded bytes, and port
-/// is digits. No userinfo (`@`), no spaces, no second colon. A server must answer 400 to anything
-/// else; pingora-proxy forwards it, so the gateway checks.
+/// is digits. No userinfo (`@`), no spaces, no second colon, no empty host before a port
+/// (`:80`). A server must answer 400 to anything else; pingora-proxy forwards it, so the
+/// gateway checks.
 pub fn valid_host(value: &[u8]) -> bool {
     let (host, port) = match value.first() {
         None => return true,
@@ -282,6 +283,10 @@ pub fn valid_host(value: &[u8]) -> bool {
             None => (value, &value[value.len()..]),
         },
     };
+    // `:80` has an empty host: no http URI can be built from it (RFC 9110 §4.2.1).
+    if host.is_empty() && !port.is_empty() && value[0] != b'[' {
+        return false;
+    }
     let mut i = 0;
     while i < host.len() {
         match host[i] {
@@ -343,6 +348,8 @@ mod tests {
             "gw/x",
             "gw?",
             "gw#",
+            ":80",
+            ":",
         ] {
             assert!(!valid_host(bad.as_bytes()), "{bad:?}");
         }

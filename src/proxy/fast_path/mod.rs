@@ -64,7 +64,8 @@ const MAX_FIELDS: usize = 128;
 /// Most fields in an upstream response head: pingora's HTTP/1 client's limit, so a response
 /// pingora would forward is forwarded here too (a request already sent cannot be handed over).
 const MAX_RESPONSE_FIELDS: usize = 256;
-/// Largest upstream response head, bytes: pingora's HTTP/1 client's limit, for the same reason.
+/// Largest incomplete upstream response head the fast path keeps reading, bytes: pingora's
+/// HTTP/1 client's limit (`MAX_HEADER_SIZE`), for the same reason.
 const MAX_RESPONSE_HEAD: usize = 1024 * 1024 - 1;
 /// How long a downstream connection may sit idle between requests, and how long a request
 /// head or body may take to arrive: pingora's keep-alive default.

@@ -45,7 +45,8 @@ pub(super) fn parse_response(
     parser.allow_obsolete_multiline_headers_in_responses(true);
     let head_len = match parser.parse_response_with_uninit_headers(&mut resp, ubuf, &mut storage) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if ubuf.len() < MAX_RESPONSE_HEAD => return Ok(None),
+        // pingora's client gives up only past its limit, so does this.
+        Ok(httparse::Status::Partial) if ubuf.len() <= MAX_RESPONSE_HEAD => return Ok(None),
         Ok(httparse::Status::Partial) => return Err("response head too large"),
         Err(_) => return Err("malformed response head"),
     };
@@ -466,6 +467,15 @@ mod tests {
         }
         too_many.extend_from_slice(b"\r\n");
         assert!(parse_response(&too_many, false, b"id", true, &mut out).is_err());
+        // An incomplete head is read on while it is at most pingora's limit, and not past it.
+        let mut partial = b"HTTP/1.1 200 OK\r\nX-Big: ".to_vec();
+        partial.resize(MAX_RESPONSE_HEAD, b'v');
+        assert!(matches!(
+            parse_response(&partial, false, b"id", true, &mut out),
+            Ok(None)
+        ));
+        partial.push(b'v');
+        assert!(parse_response(&partial, false, b"id", true, &mut out).is_err());
     }
 
     #[test]
