@@ -9,6 +9,7 @@ use http::{HeaderValue, Method};
 
 use super::response::{offset_in, FieldWriter};
 use super::{name_is, parse_content_length, Conn, RequestCtx, MAX_FIELDS, MAX_HEAD};
+use crate::proxy::headers::valid_host;
 use crate::proxy::routes::Route;
 use crate::proxy::split_target_rewritten;
 
@@ -120,8 +121,8 @@ pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
         match kind {
             Kind::Unhandled => return Parsed::Delegate,
             Kind::Host => {
-                // pingora answers 400 to a `Host` that is no URI authority; an empty one passes.
-                if host.is_some() || !host_pingora_accepts(h.value) {
+                // The gateway's pingora path answers 400 to an invalid `Host` (RFC 9112 §3.2).
+                if host.is_some() || !valid_host(h.value) {
                     return Parsed::Delegate;
                 }
                 host = Some(offset(h.value));
@@ -206,18 +207,6 @@ const PLAIN_TARGET: [bool; 256] = {
     t
 };
 
-/// Bytes of a registered name or IPv4 address: letters, digits, `-`, `.` (RFC 3986 §3.2.2).
-const HOST_NAME_BYTE: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut b = 0;
-    while b < 256 {
-        let c = b as u8;
-        t[b] = c.is_ascii_alphanumeric() || c == b'-' || c == b'.';
-        b += 1;
-    }
-    t
-};
-
 /// When `target` is an origin-form target pingora accepts (it parses every target into
 /// `http::Uri`) without a fragment. A fragment is never sent (RFC 9112 §3.2); pingora drops
 /// it, so it decides. The common bytes are checked by table, anything else by `http` itself,
@@ -244,25 +233,6 @@ fn accepted_path_len(target: &str) -> Option<usize> {
 
 /// Longest request-target `http::uri::PathAndQuery` accepts.
 const MAX_TARGET: usize = u16::MAX as usize - 1;
-
-/// Whether the gateway's pingora path accepts `value` as the `Host` field: a valid `Host`
-/// value ([`valid_host`](crate::proxy::headers::valid_host), RFC 9112 §3.2). The common case, a
-/// name or IPv4 address with an optional 1–5 digit port, is checked by table first.
-fn host_pingora_accepts(value: &[u8]) -> bool {
-    // Short: a byte loop beats memchr's vector set-up here.
-    let (name, port) = match value.iter().position(|&b| b == b':') {
-        Some(i) => (&value[..i], Some(&value[i + 1..])),
-        None => (value, None),
-    };
-    let plain = !name.is_empty()
-        && name
-            .iter()
-            .fold(true, |plain, &b| plain & HOST_NAME_BYTE[b as usize])
-        && port.is_none_or(|p| {
-            (1..=5).contains(&p.len()) && p.iter().fold(true, |d, b| d & b.is_ascii_digit())
-        });
-    plain || crate::proxy::headers::valid_host(value)
-}
 
 /// Writes the upstream request head for `ctx.req` into `c.out`, then its body:
 /// the same message pingora-proxy sends after [`Gateway`]'s `upstream_request_filter`
@@ -458,20 +428,20 @@ mod tests {
             "h:99999",
             "",
         ] {
-            assert!(host_pingora_accepts(h.as_bytes()), "{h:?}");
+            assert!(valid_host(h.as_bytes()), "{h:?}");
             assert!(
                 h.is_empty() || http::uri::Authority::try_from(h).is_ok(),
                 "{h:?}"
             );
         }
         for h in ["a b", "a:1:2", "[::1", "a/b", "a%zz"] {
-            assert!(!host_pingora_accepts(h.as_bytes()), "{h:?}");
+            assert!(!valid_host(h.as_bytes()), "{h:?}");
             assert!(http::uri::Authority::try_from(h).is_err(), "{h:?}");
         }
-        // Outside the shortcut, `http` decides; userinfo never passes (pingora refuses it).
-        assert!(host_pingora_accepts(b"[::1]:8080"));
+        // IP literals pass; userinfo never does (pingora refuses it).
+        assert!(valid_host(b"[::1]:8080"));
         for h in ["user@gw", "a@b:c@d"] {
-            assert!(!host_pingora_accepts(h.as_bytes()), "{h:?}");
+            assert!(!valid_host(h.as_bytes()), "{h:?}");
         }
         let long = format!("/{}", "a".repeat(MAX_TARGET));
         assert!(http::uri::PathAndQuery::try_from(long.as_str()).is_err());
