@@ -308,7 +308,7 @@ pub fn valid_host(value: &[u8]) -> bool {
             }
             (&value[..0], &value[close + 1..])
         }
-        Some(_) => match value.iter().position(|&b| b == b':') {
+        Some(_) => match memchr::memchr(b':', value) {
             Some(i) => (&value[..i], &value[i..]),
             None => (value, &value[value.len()..]),
         },

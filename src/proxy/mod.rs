@@ -712,7 +712,8 @@ pub(crate) fn valid_request_id_bytes(b: &[u8]) -> bool {
 /// Generates request ids (`X-Request-Id` when the client sent none or an unusable one): a
 /// random per-process prefix and a counter, as 32 lower-case hex digits. Lock-free.
 pub struct RequestIds {
-    prefix: u64,
+    /// The random prefix's 16 hex digits, formatted once.
+    prefix: [u8; 16],
     counter: AtomicU64,
 }
 
@@ -726,7 +727,7 @@ impl RequestIds {
     /// A generator with a fresh random prefix.
     pub fn new() -> Self {
         RequestIds {
-            prefix: rand::random(),
+            prefix: hex16(rand::random()),
             counter: AtomicU64::new(0),
         }
     }
@@ -740,21 +741,44 @@ impl RequestIds {
     /// The next id as its 32 lower-case hex digits, without allocating (the fast path).
     #[inline]
     pub fn next_hex(&self) -> [u8; 32] {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let mut buf = [0u8; 32];
-        for (i, word) in [self.prefix, n].into_iter().enumerate() {
-            for j in 0..16 {
-                buf[i * 16 + j] = HEX[((word >> (60 - 4 * j)) & 0xf) as usize];
-            }
-        }
+        buf[..16].copy_from_slice(&self.prefix);
+        buf[16..].copy_from_slice(&hex16(n));
         buf
     }
+}
+
+/// `n` as 16 lower-case hex digits, most significant first: one table lookup a byte.
+#[inline]
+fn hex16(n: u64) -> [u8; 16] {
+    const PAIRS: [[u8; 2]; 256] = {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut t = [[0u8; 2]; 256];
+        let mut i = 0;
+        while i < 256 {
+            t[i] = [HEX[i >> 4], HEX[i & 0xf]];
+            i += 1;
+        }
+        t
+    };
+    let mut out = [0u8; 16];
+    for (pair, byte) in out.chunks_exact_mut(2).zip(n.to_be_bytes()) {
+        pair.copy_from_slice(&PAIRS[byte as usize]);
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex16_is_the_number_in_lower_case_hex() {
+        for n in [0, 1, 0xab, 0x0123_4567_89ab_cdef, u64::MAX] {
+            assert_eq!(hex16(n), *format!("{n:016x}").as_bytes());
+        }
+    }
 
     #[test]
     fn request_ids_are_unique_hex() {

@@ -78,13 +78,42 @@ const HOLD_WHILE_IDLE: Duration = Duration::from_secs(2);
 /// Read size for response bodies.
 const READ_CHUNK: usize = 16 * 1024;
 
-/// Whether the field name `name` is `lower` (given in lower case), ignoring ASCII case. The
-/// first letters are compared before the whole names: most names that share a length with
-/// one the fast path looks for differ there (`User-Agent`/`Connection`).
-#[inline]
-fn name_is(name: &[u8], lower: &str) -> bool {
-    name.first().map(|b| b | 0x20) == lower.as_bytes().first().copied()
-        && name.eq_ignore_ascii_case(lower.as_bytes())
+/// Whether the field name `name` is `lower`, ignoring ASCII case. `lower` is spelled in lower
+/// case from `a-z`, `0-9` and `-`; `name` is a token (RFC 9110 §5.6.2: httparse refuses any
+/// other name). For a token byte `b`, `b | 0x20` equals such a byte exactly when `b` equals it
+/// ignoring case (no other token byte maps onto a letter, digit or `-`), so a name is compared
+/// eight bytes at a time instead of byte by byte (`u8::eq_ignore_ascii_case` cost ~35
+/// instructions a name).
+#[inline(always)]
+fn name_is(name: &[u8], lower: &'static str) -> bool {
+    const CASE8: u64 = u64::from_ne_bytes([0x20; 8]);
+    const CASE4: u32 = u32::from_ne_bytes([0x20; 4]);
+    let lower = lower.as_bytes();
+    let n = lower.len();
+    if name.len() != n {
+        return false;
+    }
+    let word8 = |s: &[u8], i: usize| u64::from_ne_bytes(s[i..i + 8].try_into().unwrap_or([0; 8]));
+    let word4 = |s: &[u8], i: usize| u32::from_ne_bytes(s[i..i + 4].try_into().unwrap_or([0; 4]));
+    match n {
+        // Two overlapping words cover 8 to 16 bytes; longer names take a third.
+        8.. => {
+            let mut i = 0;
+            while i + 8 < n - 8 {
+                if word8(name, i) | CASE8 != word8(lower, i) {
+                    return false;
+                }
+                i += 8;
+            }
+            word8(name, i) | CASE8 == word8(lower, i)
+                && word8(name, n - 8) | CASE8 == word8(lower, n - 8)
+        }
+        4.. => {
+            word4(name, 0) | CASE4 == word4(lower, 0)
+                && word4(name, n - 4) | CASE4 == word4(lower, n - 4)
+        }
+        _ => name.iter().zip(lower).all(|(a, b)| a | 0x20 == *b),
+    }
 }
 
 /// A `Content-Length` value: ASCII digits only (no sign, no list, no spaces: httparse has
@@ -852,7 +881,56 @@ async fn fail(
 
 #[cfg(test)]
 mod tests {
-    use super::parse_content_length;
+    use super::{name_is, parse_content_length};
+
+    /// The word-wise comparison agrees with `eq_ignore_ascii_case` for every name the fast path
+    /// looks for, against every token spelling of the same length: each byte position tried
+    /// with every token byte.
+    #[test]
+    fn name_is_matches_ignoring_case_only() {
+        const TCHAR: &[u8] = b"!#$%&'*+-.^_`|~0123456789\
+            abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+        let names = [
+            "te",
+            "date",
+            "host",
+            "cookie",
+            "expect",
+            "upgrade",
+            "trailer",
+            "connection",
+            "keep-alive",
+            "x-request-id",
+            "authorization",
+            "content-length",
+            "http2-settings",
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "proxy-connection",
+            "x-forwarded-proto",
+            "transfer-encoding",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "a-twenty-five-byte-name-x",
+        ];
+        for lower in names {
+            assert!(name_is(lower.as_bytes(), lower));
+            assert!(name_is(lower.to_ascii_uppercase().as_bytes(), lower));
+            assert!(!name_is(&lower.as_bytes()[1..], lower));
+            for i in 0..lower.len() {
+                let mut name = lower.as_bytes().to_vec();
+                for &b in TCHAR {
+                    name[i] = b;
+                    assert_eq!(
+                        name_is(&name, lower),
+                        name.eq_ignore_ascii_case(lower.as_bytes()),
+                        "{:?} vs {lower}",
+                        String::from_utf8_lossy(&name)
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn content_length_is_digits_only_and_fits_u64() {

@@ -41,7 +41,7 @@ pub(super) struct Field {
 }
 
 pub(super) fn classify(name: &[u8]) -> Kind {
-    let is = |s: &str| name_is(name, s);
+    let is = |s: &'static str| name_is(name, s);
     match name.len() {
         2 if is("te") => Kind::Unhandled,
         4 if is("host") => Kind::Host,

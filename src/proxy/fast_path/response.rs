@@ -52,49 +52,7 @@ pub(super) fn parse_response(
     };
     let status = resp.code.unwrap_or(0);
     let version = resp.version.unwrap_or(0);
-    let mut length: Option<u64> = None;
-    let mut chunked = None;
-    let mut upstream_close = version == 0;
-    // Each name classified once, for both passes.
-    let mut kinds = [ResponseField::Other; MAX_RESPONSE_FIELDS];
-    for (h, kind) in resp.headers.iter().zip(kinds.iter_mut()) {
-        *kind = ResponseField::of(h.name.as_bytes());
-        match *kind {
-            ResponseField::ContentLength => {
-                let n = parse_content_length(h.value).ok_or("invalid Content-Length")?;
-                if length.is_some_and(|m| m != n) {
-                    return Err("conflicting Content-Length");
-                }
-                length = Some(n);
-            }
-            ResponseField::TransferEncoding => {
-                let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
-                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            }
-            ResponseField::Connection => {
-                for token in h.value.split(|b| *b == b',').map(|t| t.trim_ascii()) {
-                    if token.eq_ignore_ascii_case(b"close") {
-                        upstream_close = true;
-                    } else if version == 0 && token.eq_ignore_ascii_case(b"keep-alive") {
-                        upstream_close = false;
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    let framing = if head_request || (100..200).contains(&status) || status == 204 || status == 304
-    {
-        Framing::None
-    } else {
-        match (chunked, length) {
-            (Some(true), _) => Framing::Chunked,
-            (Some(false), _) => Framing::UntilClose,
-            (None, Some(n)) => Framing::Length(n),
-            (None, None) => Framing::UntilClose,
-        }
-    };
-    let keepalive = keepalive && framing != Framing::UntilClose;
+    let informational = (100..200).contains(&status);
 
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -107,56 +65,164 @@ pub(super) fn parse_response(
     ]);
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let informational = (100..200).contains(&status);
+    let status_line = out.len();
     // A head without obsolete line folding has one LF per field line, one after the status
     // line and one for the empty line; leading empty lines httparse skipped only add to the
     // count. One vectorised count instead of a search through every value.
-    let lf = ubuf[..head_len].iter().filter(|&&b| b == b'\n').count();
-    let may_fold = lf != resp.headers.len() + 2;
-    let (mut id_done, mut date) = (false, false);
-    let mut w = FieldWriter::new(out, ubuf);
-    for (h, kind) in resp.headers.iter().zip(kinds) {
-        let name = h.name.as_bytes();
-        if !informational {
-            match kind {
-                ResponseField::Connection | ResponseField::KeepAlive => continue,
-                ResponseField::ContentLength if chunked.is_some() => continue,
-                ResponseField::XRequestId => {
-                    if !id_done {
-                        w.push(b"X-Request-Id", request_id);
-                        id_done = true;
-                    }
-                    continue;
-                }
-                ResponseField::Date => date = true,
-                _ => {}
-            }
-        }
-        if may_fold && h.value.contains(&b'\n') {
-            w.push(name, &unfold(h.value));
-        } else {
-            w.keep(offset_in(ubuf, name), offset_in(ubuf, h.value));
-        }
+    let may_fold = count_lf(&ubuf[..head_len]) != resp.headers.len() + 2;
+    // One pass: each field classified, its facts noted and its line written. Only a
+    // `Transfer-Encoding` after a `Content-Length` already written makes a second pass (the
+    // length is then dropped, RFC 9112 §6.1).
+    let mut facts = ResponseFacts::new(version);
+    write_response_fields(out, ubuf, resp.headers, informational, may_fold, request_id, &mut facts)?;
+    if facts.content_length_written && facts.chunked.is_some() {
+        out.truncate(status_line);
+        let mut again = ResponseFacts::new(version);
+        again.chunked = facts.chunked;
+        write_response_fields(out, ubuf, resp.headers, informational, may_fold, request_id, &mut again)?;
+        (facts.date, facts.id_done) = (again.date, again.id_done);
     }
+    let framing = if head_request || informational || status == 204 || status == 304 {
+        Framing::None
+    } else {
+        match (facts.chunked, facts.length) {
+            (Some(true), _) => Framing::Chunked,
+            (Some(false), _) => Framing::UntilClose,
+            (None, Some(n)) => Framing::Length(n),
+            (None, None) => Framing::UntilClose,
+        }
+    };
+    let keepalive = keepalive && framing != Framing::UntilClose;
+    let mut w = FieldWriter::new(out, ubuf);
     if !informational {
-        if !date {
+        if !facts.date {
             let now = pingora::protocols::http::date::get_cached_date();
             w.push(b"Date", now.as_bytes());
         }
         let connection: &[u8] = if keepalive { b"keep-alive" } else { b"close" };
         w.push(b"Connection", connection);
-        if !id_done {
+        if !facts.id_done {
             w.push(b"X-Request-Id", request_id);
         }
     }
     let out = w.out();
     out.extend_from_slice(b"\r\n");
+    let upstream_close = facts.upstream_close;
     Ok(Some(ResponseHead {
         head_len,
         status,
         framing,
         upstream_close,
     }))
+}
+
+/// What the response head's fields say, gathered while they are written.
+struct ResponseFacts {
+    version: u8,
+    length: Option<u64>,
+    /// `Transfer-Encoding` seen: whether its last coding is `chunked`.
+    chunked: Option<bool>,
+    upstream_close: bool,
+    date: bool,
+    id_done: bool,
+    content_length_written: bool,
+}
+
+impl ResponseFacts {
+    fn new(version: u8) -> Self {
+        ResponseFacts {
+            version,
+            length: None,
+            chunked: None,
+            // HTTP/1.0 closes unless it says keep-alive.
+            upstream_close: version == 0,
+            date: false,
+            id_done: false,
+            content_length_written: false,
+        }
+    }
+}
+
+/// Writes the response's field lines for the client into `out` (`src` holds the upstream's
+/// head): `Connection` and `Keep-Alive` dropped, the first `X-Request-Id` replaced by
+/// `request_id` and later ones dropped, `Content-Length` dropped once a `Transfer-Encoding`
+/// is known, obs-folds unfolded; a 1xx head's fields pass unchanged. Notes the framing facts
+/// in `facts`. Errors: an invalid or conflicting `Content-Length` (RFC 9112 §6.3).
+fn write_response_fields(
+    out: &mut Vec<u8>,
+    src: &[u8],
+    headers: &[httparse::Header<'_>],
+    informational: bool,
+    may_fold: bool,
+    request_id: &[u8],
+    facts: &mut ResponseFacts,
+) -> Result<(), &'static str> {
+    let mut w = FieldWriter::new(out, src);
+    for h in headers {
+        let name = h.name.as_bytes();
+        match ResponseField::of(name) {
+            ResponseField::ContentLength => {
+                let n = parse_content_length(h.value).ok_or("invalid Content-Length")?;
+                if facts.length.is_some_and(|m| m != n) {
+                    return Err("conflicting Content-Length");
+                }
+                facts.length = Some(n);
+                if !informational {
+                    if facts.chunked.is_some() {
+                        continue;
+                    }
+                    facts.content_length_written = true;
+                }
+            }
+            ResponseField::TransferEncoding => {
+                let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
+                facts.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            }
+            ResponseField::Connection => {
+                for token in h.value.split(|b| *b == b',').map(|t| t.trim_ascii()) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        facts.upstream_close = true;
+                    } else if facts.version == 0 && token.eq_ignore_ascii_case(b"keep-alive") {
+                        facts.upstream_close = false;
+                    }
+                }
+                if !informational {
+                    continue;
+                }
+            }
+            ResponseField::KeepAlive if !informational => continue,
+            ResponseField::XRequestId if !informational => {
+                if !facts.id_done {
+                    w.push(b"X-Request-Id", request_id);
+                    facts.id_done = true;
+                }
+                continue;
+            }
+            ResponseField::Date => facts.date = true,
+            _ => {}
+        }
+        if may_fold && h.value.contains(&b'\n') {
+            w.push(name, &unfold(h.value));
+        } else {
+            w.keep(offset_in(src, name), offset_in(src, h.value));
+        }
+    }
+    w.out();
+    Ok(())
+}
+
+/// How many LF bytes `bytes` holds: counted in blocks of 255 into a byte-wide counter, which
+/// the compiler vectorises (a `usize` count per byte it does not: ~2 instructions a byte).
+fn count_lf(bytes: &[u8]) -> usize {
+    bytes
+        .chunks(255)
+        .map(|block| {
+            let n = block
+                .iter()
+                .fold(0u8, |n, &b| n.wrapping_add(u8::from(b == b'\n')));
+            usize::from(n)
+        })
+        .sum()
 }
 
 /// `value` with every obsolete line fold (CRLF or LF followed by spaces or tabs, with the spaces
@@ -203,7 +269,7 @@ impl ResponseField {
     /// By length first: most names are compared with nothing.
     #[inline]
     fn of(name: &[u8]) -> Self {
-        let is = |s: &str| name_is(name, s);
+        let is = |s: &'static str| name_is(name, s);
         match name.len() {
             4 if is("date") => ResponseField::Date,
             10 if is("connection") => ResponseField::Connection,
