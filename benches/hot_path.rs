@@ -423,6 +423,37 @@ fn fast_path_request(c: &mut Criterion) {
         group.bench_function(format!("{name}/httparse_only"), |b| {
             b.iter(|| http1_parse(black_box(&request), black_box(RESPONSE_HEAD)))
         });
+        // tokengate's own code alone: the whole work minus httparse's part, timed in pairs of
+        // short alternating batches. This VM's speed drifts by up to 1.7x over minutes, so
+        // two benchmarks run one after the other can land in different phases; a pair 256
+        // requests long cannot.
+        group.bench_function(format!("{name}/own_code"), |b| {
+            b.iter_custom(|iters| {
+                let (mut whole, mut parse) = (Duration::ZERO, Duration::ZERO);
+                let mut left = iters;
+                while left > 0 {
+                    let n = left.min(256);
+                    let t = Instant::now();
+                    for _ in 0..n {
+                        black_box(own_work(
+                            &table,
+                            &state,
+                            black_box(&request),
+                            black_box(RESPONSE_HEAD),
+                            &mut scratch,
+                        ));
+                    }
+                    whole += t.elapsed();
+                    let t = Instant::now();
+                    for _ in 0..n {
+                        black_box(http1_parse(black_box(&request), black_box(RESPONSE_HEAD)));
+                    }
+                    parse += t.elapsed();
+                    left -= n;
+                }
+                whole.saturating_sub(parse)
+            })
+        });
     }
     group.finish();
 }

@@ -456,3 +456,54 @@ async fn requests_pingora_refuses_are_not_forwarded() {
     assert!(rig.raw.requests().is_empty(), "forwarded a refused request");
     rig.stop().await;
 }
+
+/// One kept-alive client connection across a token renewal: the request right after the
+/// renewal carries the new token, while the old one would still be usable (each connection
+/// keeps a copy of the token and must notice the swap, not wait for the old one to expire).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_connection_carries_the_renewed_token_at_once() {
+    // 6-second tokens renewed at 27-30 % of their life, usable until 65 % (a 2.1 s margin).
+    let sandbox = tokengate::sandbox::Sandbox::builder()
+        .token_lifetime(Duration::from_secs(6))
+        .start()
+        .await
+        .expect("sandbox");
+    let raw = tokengate::sandbox::RawApi::start(sandbox.registry.clone())
+        .await
+        .expect("raw api");
+    let rig = Rig::start_with(sandbox, raw, |t, _, _| {
+        t.replace(
+            "grant = \"jwt_bearer\"\n",
+            "grant = \"jwt_bearer\"\nrefresh_ratio = 0.3\n",
+        )
+    })
+    .await;
+    let mut s = TcpStream::connect(rig.gw.addr()).await.unwrap();
+    let mut buf = Vec::new();
+    let ask = |i: u32| {
+        let req = format!("GET /drillster/renewal/{i} HTTP/1.1\r\nHost: gw\r\n\r\n");
+        req.into_bytes()
+    };
+    s.write_all(&ask(0)).await.unwrap();
+    let a = read_answer(&mut s, &mut buf).await;
+    assert_eq!(a.status, 200, "{}", a.head);
+    let first = rig.raw.last().unwrap().header("authorization").unwrap();
+    // Wait for the renewal: the sandbox issues a new token, the gateway publishes it.
+    let issued = rig.sandbox.registry.issued_count();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while rig.sandbox.registry.issued_count() == issued {
+        assert!(tokio::time::Instant::now() < deadline, "no renewal in 5 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.write_all(&ask(1)).await.unwrap();
+    let b = read_answer(&mut s, &mut buf).await;
+    assert_eq!(b.status, 200, "{}", b.head);
+    assert_eq!(b.header("connection").as_deref(), Some("keep-alive"));
+    let second = rig.raw.last().unwrap().header("authorization").unwrap();
+    assert_ne!(first, second, "the renewed token was not used");
+    // And it is the token the gateway holds now.
+    let current = rig.gw.handle.state().routes[0].token.current().unwrap();
+    assert_eq!(current.authorization().to_str().ok(), Some(second.as_str()));
+    rig.stop().await;
+}

@@ -706,7 +706,11 @@ pub(crate) const MAX_REQUEST_ID: usize = 128;
 /// [`valid_request_id`] on the value's bytes: 1 to [`MAX_REQUEST_ID`] visible ASCII bytes.
 #[inline]
 pub(crate) fn valid_request_id_bytes(b: &[u8]) -> bool {
-    !b.is_empty() && b.len() <= MAX_REQUEST_ID && b.iter().all(|c| c.is_ascii_graphic())
+    // A branch-free pass (vectorised): ids are checked on every request that carries one.
+    !b.is_empty()
+        && b.len() <= MAX_REQUEST_ID
+        && b.iter()
+            .fold(true, |ok, &c| ok & (c.wrapping_sub(b'!') <= b'~' - b'!'))
 }
 
 /// Generates request ids (`X-Request-Id` when the client sent none or an unusable one): a

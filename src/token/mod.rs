@@ -106,6 +106,31 @@ impl Token {
     }
 }
 
+/// One connection's copy of the token its requests carry ([`TokenSource::usable_cached`]):
+/// which source it came from and that source's publish count when it was loaded.
+#[derive(Default)]
+pub struct TokenCache {
+    /// The source's address (0: nothing cached yet).
+    source: usize,
+    version: u64,
+    token: Option<Arc<Token>>,
+}
+
+impl TokenCache {
+    /// Takes the cached token out for the length of one request (moving the `Arc`, no
+    /// reference count change); [`TokenCache::put_back`] returns it.
+    pub fn take(&mut self) -> Option<Arc<Token>> {
+        self.token.take()
+    }
+
+    /// Returns a token [`TokenCache::take`] took, unless something was loaded since.
+    pub fn put_back(&mut self, token: Arc<Token>) {
+        if self.token.is_none() {
+            self.token = Some(token);
+        }
+    }
+}
+
 impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Token")
@@ -171,6 +196,9 @@ enum Attempt {
 pub struct TokenSource {
     name: String,
     current: ArcSwapOption<Token>,
+    /// Bumped after every change of `current` (a new token, a dropped one): lets a
+    /// [`TokenCache`] tell with one atomic load that its copy is still the current one.
+    published: AtomicU64,
     fetcher: Box<dyn TokenFetcher>,
     policy: RenewalPolicy,
     metrics: TokenMetrics,
@@ -203,6 +231,7 @@ impl TokenSource {
         Arc::new(TokenSource {
             name: name.into(),
             current: ArcSwapOption::empty(),
+            published: AtomicU64::new(0),
             fetcher,
             policy,
             metrics,
@@ -238,6 +267,27 @@ impl TokenSource {
             Some(t) if t.is_usable(now) => Some((t.authorization.clone(), t.generation)),
             _ => None,
         }
+    }
+
+    /// The current token if it is usable at `now`, through a connection's `cache`: while
+    /// nothing newer was published the cached token is used as it is (one atomic load), else
+    /// the current one is loaded into the cache. The fast path's per-request lookup: no
+    /// arc-swap guard, no reference count taken (BENCHMARKS.md).
+    #[inline]
+    pub fn usable_cached<'c>(
+        &self,
+        cache: &'c mut TokenCache,
+        now: Instant,
+    ) -> Option<&'c Arc<Token>> {
+        // Acquire pairs with the Release bump after a store: a version seen here means the
+        // `current` loaded below is that change or a later one.
+        let version = self.published.load(Ordering::Acquire);
+        let me = self as *const TokenSource as usize;
+        if cache.token.is_none() || cache.source != me || cache.version != version {
+            cache.token = self.current.load_full();
+            (cache.source, cache.version) = (me, version);
+        }
+        cache.token.as_ref().filter(|t| t.is_usable(now))
     }
 
     /// The current token (usable or not), for status and logs.
@@ -293,6 +343,7 @@ impl TokenSource {
         let prev = self.current.compare_and_swap(&cur, None);
         let dropped = matches!((&*prev, &cur), (Some(a), Some(b)) if Arc::ptr_eq(a, b));
         if dropped {
+            self.published.fetch_add(1, Ordering::Release);
             let mut d = lock(&self.dropped);
             d.push(hash_token(tok.authorization.as_bytes()));
             if d.len() > 16 {
@@ -439,6 +490,7 @@ impl TokenSource {
             expires_at_wall,
             len,
         })));
+        self.published.fetch_add(1, Ordering::Release);
         self.next_attempt_ms.store(0, Ordering::Relaxed);
         {
             let mut s = lock(&self.status);
@@ -574,6 +626,47 @@ mod tests {
         // A late 401 for the old generation leaves the new token alone.
         assert!(!s.invalidate(1));
         assert_eq!(s.usable_now(Instant::now()).unwrap().1, 2);
+    }
+
+    /// A connection's cached token follows every change of the current one: a new token, a
+    /// dropped one, another source; and a token taken out for a request comes back.
+    #[tokio::test]
+    async fn cached_token_follows_every_publish() {
+        let s = source(false, RenewalPolicy::default());
+        let _r = s.spawn_refresher(&tokio::runtime::Handle::current());
+        let mut cache = TokenCache::default();
+        assert!(s.usable_cached(&mut cache, Instant::now()).is_none());
+        s.token().await.unwrap();
+        let generation = |cache: &mut TokenCache| {
+            s.usable_cached(cache, Instant::now())
+                .map(|t| (t.authorization().to_str().unwrap().to_owned(), t.generation))
+        };
+        assert_eq!(generation(&mut cache), Some(("Bearer t1".into(), 1)));
+        let taken = cache.take().unwrap();
+        cache.put_back(taken);
+        assert_eq!(generation(&mut cache), Some(("Bearer t1".into(), 1)));
+        // Dropped after a 401: the cache sees it at once, then the renewed token.
+        assert!(s.invalidate(1));
+        assert_eq!(generation(&mut cache), None);
+        s.token().await.unwrap();
+        assert_eq!(generation(&mut cache), Some(("Bearer t2".into(), 2)));
+        // A token taken out and lost (the request ended early) is loaded again.
+        cache.take().unwrap();
+        assert_eq!(generation(&mut cache), Some(("Bearer t2".into(), 2)));
+        // Another source's token replaces this one's.
+        let other = source(false, RenewalPolicy::default());
+        let _r2 = other.spawn_refresher(&tokio::runtime::Handle::current());
+        other.token().await.unwrap();
+        let theirs = other.current().unwrap();
+        let t = other.usable_cached(&mut cache, Instant::now()).unwrap();
+        assert!(Arc::ptr_eq(t, &theirs));
+        let ours = s.current().unwrap();
+        let t = s.usable_cached(&mut cache, Instant::now()).unwrap();
+        assert!(Arc::ptr_eq(t, &ours) && !Arc::ptr_eq(t, &theirs));
+        // Not usable past its expiry margin, even cached.
+        assert!(s
+            .usable_cached(&mut cache, Instant::now() + Duration::from_secs(7200))
+            .is_none());
     }
 
     #[tokio::test]

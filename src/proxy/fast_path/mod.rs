@@ -53,6 +53,7 @@ use super::{
     MAX_REQUEST_ID,
 };
 use crate::metrics::UpstreamErrorKind;
+use crate::token::{Token, TokenCache};
 use request::{parse_request, write_upstream_request, Field, Parsed, Plain};
 use response::{parse_response, push_field, ChunkedEnd, Framing, ResponseHead};
 use timer::Timer;
@@ -242,6 +243,8 @@ struct Conn {
     allowed: bool,
     held: Option<Held>,
     timer: Timer,
+    /// The token this connection's requests carry, reused while it is the current one.
+    tokens: TokenCache,
 }
 
 /// An upstream connection the downstream connection keeps between requests.
@@ -272,6 +275,7 @@ impl Conn {
             allowed: false,
             held: None,
             timer: Timer::default(),
+            tokens: TokenCache::default(),
         }
     }
 }
@@ -336,11 +340,11 @@ struct RequestCtx<'a> {
     started: Instant,
 }
 
-/// A request the fast path forwards: its route and the access token it carries.
+/// A request the fast path forwards: its route and the access token it carries, taken out of
+/// the connection's [`TokenCache`] for the length of the request.
 struct Admitted {
     index: usize,
-    authorization: HeaderValue,
-    generation: u64,
+    token: Arc<Token>,
 }
 
 /// The admission decisions [`Gateway::request_filter`] makes, for a plain request: the client
@@ -349,7 +353,7 @@ struct Admitted {
 fn admit(
     table: &RouteTable,
     state: &SharedState,
-    c: &Conn,
+    c: &mut Conn,
     req: &Plain,
     body_limit: usize,
     now: Instant,
@@ -363,12 +367,9 @@ fn admit(
     if !route.allows(&req.method) {
         return None;
     }
-    let (authorization, generation) = route.token.usable_now(now)?;
-    Some(Admitted {
-        index,
-        authorization,
-        generation,
-    })
+    route.token.usable_cached(&mut c.tokens, now)?;
+    let token = c.tokens.take()?;
+    Some(Admitted { index, token })
 }
 
 /// A request's `X-Request-Id` value held inline: the client's (1 to [`MAX_REQUEST_ID`] visible
@@ -461,7 +462,7 @@ pub fn own_work(
         keepalive: !req.close,
         started,
     };
-    write_upstream_request(c, &ctx, &admitted.authorization);
+    write_upstream_request(c, &ctx, admitted.token.authorization());
     let sent = c.out.len();
     let head = parse_response(
         response,
@@ -472,6 +473,7 @@ pub fn own_work(
     )
     .ok()??;
     route.metrics.request(head.status, started.elapsed());
+    c.tokens.put_back(admitted.token);
     Some((sent, c.out.len()))
 }
 
@@ -505,11 +507,8 @@ impl ListenerApp {
                 }
             };
             let started = Instant::now();
-            let Some(Admitted {
-                index,
-                authorization,
-                generation,
-            }) = admit(&self.table, &self.state, c, &req, self.body_limit, started)
+            let Some(Admitted { index, token }) =
+                admit(&self.table, &self.state, c, &req, self.body_limit, started)
             else {
                 return Outcome::Delegate;
             };
@@ -537,10 +536,11 @@ impl ListenerApp {
                 started,
             };
             // The size the 431 warning reports (a replayed token is as long, give or take).
-            let authorization_len = authorization.len();
+            let authorization_len = token.authorization().len();
             let (exchange, generation, error) = self
-                .exchange(down, c, &ctx, authorization, generation)
+                .exchange(down, c, &ctx, token.authorization(), token.generation)
                 .await;
+            c.tokens.put_back(token);
             let (status, keep) = match exchange {
                 Exchange::Done { status, keepalive } => (status, keepalive),
                 Exchange::Broken { status } => (status, false),
@@ -575,14 +575,16 @@ impl ListenerApp {
         down: &mut Stream,
         c: &mut Conn,
         ctx: &RequestCtx<'_>,
-        mut authorization: HeaderValue,
+        authorization: &HeaderValue,
         mut generation: u64,
     ) -> (Exchange, u64, Option<&'static str>) {
         let route = ctx.route;
         let mut replayed = false;
         let mut attempts = 0;
+        // The token the replay after a 401 carries.
+        let mut renewed: Option<HeaderValue> = None;
         loop {
-            write_upstream_request(c, ctx, &authorization);
+            write_upstream_request(c, ctx, renewed.as_ref().unwrap_or(authorization));
             let sent = loop {
                 attempts += 1;
                 let (mut up, reused) = match self
@@ -621,7 +623,7 @@ impl ListenerApp {
                     attempts = 0;
                     drop(up);
                     match route.token.token().await {
-                        Ok((a, g)) => (authorization, generation) = (a, g),
+                        Ok((a, g)) => (renewed, generation) = (Some(a), g),
                         Err(unavailable) => {
                             let err = GatewayError::TokenUnavailable {
                                 retry_after: unavailable.retry_after,

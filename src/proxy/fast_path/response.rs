@@ -74,12 +74,28 @@ pub(super) fn parse_response(
     // `Transfer-Encoding` after a `Content-Length` already written makes a second pass (the
     // length is then dropped, RFC 9112 §6.1).
     let mut facts = ResponseFacts::new(version);
-    write_response_fields(out, ubuf, resp.headers, informational, may_fold, request_id, &mut facts)?;
+    write_response_fields(
+        out,
+        ubuf,
+        resp.headers,
+        informational,
+        may_fold,
+        request_id,
+        &mut facts,
+    )?;
     if facts.content_length_written && facts.chunked.is_some() {
         out.truncate(status_line);
         let mut again = ResponseFacts::new(version);
         again.chunked = facts.chunked;
-        write_response_fields(out, ubuf, resp.headers, informational, may_fold, request_id, &mut again)?;
+        write_response_fields(
+            out,
+            ubuf,
+            resp.headers,
+            informational,
+            may_fold,
+            request_id,
+            &mut again,
+        )?;
         (facts.date, facts.id_done) = (again.date, again.id_done);
     }
     let framing = if head_request || informational || status == 204 || status == 304 {
