@@ -27,7 +27,7 @@ trap 'rm -rf "$out"' EXIT
 for case in "${@:-without_inbound_credentials with_authorization_only with_inbound_credentials}"; do
     for c in $case; do
         valgrind --tool=callgrind --callgrind-out-file="$out/$c" "$bench" \
-            --bench "fast_path/$c" --profile-time 2 >/dev/null 2>&1
+            --bench "^fast_path/$c\$" --profile-time 2 >/dev/null 2>&1
         # The caller line of own_work from criterion's timing loop: "<inclusive Ir> ... (<calls>x)".
         read -r total calls < <(callgrind_annotate --inclusive=yes --tree=caller "$out/$c" 2>/dev/null |
             grep -B4 '\* .*fast_path::own_work' | grep '< .*Bencher.*iter' |
