@@ -507,3 +507,53 @@ async fn a_kept_alive_connection_carries_the_renewed_token_at_once() {
     assert_eq!(current.authorization().to_str().ok(), Some(second.as_str()));
     rig.stop().await;
 }
+
+/// A request whose body arrives slowly leaves with the token current when it is sent, not the
+/// one current when its head arrived (that one may be replaced or expired by then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_body_leaves_with_the_token_current_when_it_is_sent() {
+    // 4-second tokens renewed at 27-30 % of their life, usable until 65 %.
+    let sandbox = tokengate::sandbox::Sandbox::builder()
+        .token_lifetime(Duration::from_secs(4))
+        .start()
+        .await
+        .expect("sandbox");
+    let raw = tokengate::sandbox::RawApi::start(sandbox.registry.clone())
+        .await
+        .expect("raw api");
+    let rig = Rig::start_with(sandbox, raw, |t, _, _| {
+        t.replace(
+            "grant = \"jwt_bearer\"\n",
+            "grant = \"jwt_bearer\"\nrefresh_ratio = 0.3\n",
+        )
+    })
+    .await;
+    let held = rig.gw.handle.state().routes[0].token.current().unwrap();
+    let mut s = TcpStream::connect(rig.gw.addr()).await.unwrap();
+    s.write_all(b"POST /drillster/slow-body HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\n\r\n")
+        .await
+        .unwrap();
+    // Past the token's usable time: several renewals happen meanwhile.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    s.write_all(b"abc").await.unwrap();
+    let mut buf = Vec::new();
+    let a = read_answer(&mut s, &mut buf).await;
+    assert_eq!(a.status, 200, "{}", a.head);
+    let sent: Vec<_> = rig
+        .raw
+        .requests()
+        .into_iter()
+        .filter(|r| r.target.ends_with("/slow-body"))
+        .collect();
+    assert_eq!(
+        sent.len(),
+        1,
+        "sent upstream more than once (a 401 replay?)"
+    );
+    assert_ne!(
+        sent[0].header("authorization").as_deref(),
+        held.authorization().to_str().ok(),
+        "the token current when the head arrived was sent"
+    );
+    rig.stop().await;
+}

@@ -507,7 +507,7 @@ impl ListenerApp {
                 }
             };
             let started = Instant::now();
-            let Some(Admitted { index, token }) =
+            let Some(Admitted { index, mut token }) =
                 admit(&self.table, &self.state, c, &req, self.body_limit, started)
             else {
                 return Outcome::Delegate;
@@ -515,16 +515,32 @@ impl ListenerApp {
             let route = &self.state.routes[index];
             // The body (Content-Length only) in full: it may have to be sent twice.
             let total = req.head_len + req.body_len;
-            while c.buf.len() < total {
-                c.buf.reserve(total - c.buf.len());
-                match c
-                    .timer
-                    .bounded(Some(DOWNSTREAM_IDLE), down.read_buf(&mut c.buf))
-                    .await
-                {
-                    Ok(0) | Err(_) => return Outcome::Close,
-                    Ok(_) => {}
+            if c.buf.len() < total {
+                while c.buf.len() < total {
+                    c.buf.reserve(total - c.buf.len());
+                    match c
+                        .timer
+                        .bounded(Some(DOWNSTREAM_IDLE), down.read_buf(&mut c.buf))
+                        .await
+                    {
+                        Ok(0) | Err(_) => return Outcome::Close,
+                        Ok(_) => {}
+                    }
                 }
+                // A slow body can outlast the token picked when the head arrived: the one sent
+                // is the one current when the request leaves (pingora waits for a token).
+                c.tokens.put_back(token);
+                if route
+                    .token
+                    .usable_cached(&mut c.tokens, Instant::now())
+                    .is_none()
+                {
+                    return Outcome::Delegate;
+                }
+                let Some(current) = c.tokens.take() else {
+                    return Outcome::Delegate;
+                };
+                token = current;
             }
             let request_id = RequestId::of(&c.buf, &req, &self.state);
             let ctx = RequestCtx {
