@@ -4,6 +4,10 @@
 //! request's work (`per_request`). No network and no pingora server: only the functions the
 //! proxy phases call for every request.
 //!
+//! The `fast_path` group runs the fast path's whole per-request work (`fast_path::own_work`)
+//! and httparse alone on the same heads; `-- --own-code-best` prints tokengate's part of it
+//! as the best of 40 paired rounds.
+//!
 //! Run: `cargo bench --bench hot_path` (results and their reading: BENCHMARKS.md).
 
 use std::hint::black_box;
