@@ -463,21 +463,7 @@ async fn requests_pingora_refuses_are_not_forwarded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_alive_connection_carries_the_renewed_token_at_once() {
     // 6-second tokens renewed at 27-30 % of their life, usable until 65 % (a 2.1 s margin).
-    let sandbox = tokengate::sandbox::Sandbox::builder()
-        .token_lifetime(Duration::from_secs(6))
-        .start()
-        .await
-        .expect("sandbox");
-    let raw = tokengate::sandbox::RawApi::start(sandbox.registry.clone())
-        .await
-        .expect("raw api");
-    let rig = Rig::start_with(sandbox, raw, |t, _, _| {
-        t.replace(
-            "grant = \"jwt_bearer\"\n",
-            "grant = \"jwt_bearer\"\nrefresh_ratio = 0.3\n",
-        )
-    })
-    .await;
+    let rig = rig_with_renewing_tokens(Duration::from_secs(6)).await;
     let mut s = TcpStream::connect(rig.gw.addr()).await.unwrap();
     let mut buf = Vec::new();
     let ask = |i: u32| {
@@ -513,21 +499,7 @@ async fn a_kept_alive_connection_carries_the_renewed_token_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_body_leaves_with_the_token_current_when_it_is_sent() {
     // 4-second tokens renewed at 27-30 % of their life, usable until 65 %.
-    let sandbox = tokengate::sandbox::Sandbox::builder()
-        .token_lifetime(Duration::from_secs(4))
-        .start()
-        .await
-        .expect("sandbox");
-    let raw = tokengate::sandbox::RawApi::start(sandbox.registry.clone())
-        .await
-        .expect("raw api");
-    let rig = Rig::start_with(sandbox, raw, |t, _, _| {
-        t.replace(
-            "grant = \"jwt_bearer\"\n",
-            "grant = \"jwt_bearer\"\nrefresh_ratio = 0.3\n",
-        )
-    })
-    .await;
+    let rig = rig_with_renewing_tokens(Duration::from_secs(4)).await;
     let held = rig.gw.handle.state().routes[0].token.current().unwrap();
     let mut s = TcpStream::connect(rig.gw.addr()).await.unwrap();
     s.write_all(b"POST /drillster/slow-body HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\n\r\n")
@@ -556,4 +528,24 @@ async fn a_slow_body_leaves_with_the_token_current_when_it_is_sent() {
         "the token current when the head arrived was sent"
     );
     rig.stop().await;
+}
+
+/// A rig whose `drillster` route gets tokens of `lifetime` from the sandbox and renews them at
+/// 27-30 % of it (`refresh_ratio = 0.3`), so renewals come while the old token is usable.
+async fn rig_with_renewing_tokens(lifetime: Duration) -> Rig {
+    let sandbox = tokengate::sandbox::Sandbox::builder()
+        .token_lifetime(lifetime)
+        .start()
+        .await
+        .expect("sandbox");
+    let raw = tokengate::sandbox::RawApi::start(sandbox.registry.clone())
+        .await
+        .expect("raw api");
+    Rig::start_with(sandbox, raw, |t, _, _| {
+        t.replace(
+            "grant = \"jwt_bearer\"\n",
+            "grant = \"jwt_bearer\"\nrefresh_ratio = 0.3\n",
+        )
+    })
+    .await
 }

@@ -256,35 +256,32 @@ pub fn raw_head_has_field(head: &[u8], name: &[u8]) -> bool {
     })
 }
 
-/// Bytes of a registered name or IPv4 address besides percent-encoding: unreserved and
-/// sub-delims (RFC 3986 §3.2.2).
-const REG_NAME_BYTE: [bool; 256] = {
+/// A byte table of URI characters (RFC 3986 §2.2, §2.3): unreserved and sub-delims, plus the
+/// bytes in `extra`.
+pub(crate) const fn uri_bytes(extra: &[u8]) -> [bool; 256] {
+    const SUB_DELIMS_AND_MARKS: &[u8] = b"-._~!$&'()*+,;=";
     let mut t = [false; 256];
     let mut b = 0;
     while b < 256 {
-        let c = b as u8;
-        t[b] = c.is_ascii_alphanumeric()
-            || matches!(
-                c,
-                b'-' | b'.'
-                    | b'_'
-                    | b'~'
-                    | b'!'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b'*'
-                    | b'+'
-                    | b','
-                    | b';'
-                    | b'='
-            );
+        t[b] = (b as u8).is_ascii_alphanumeric();
         b += 1;
     }
+    let mut i = 0;
+    while i < SUB_DELIMS_AND_MARKS.len() {
+        t[SUB_DELIMS_AND_MARKS[i] as usize] = true;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < extra.len() {
+        t[extra[i] as usize] = true;
+        i += 1;
+    }
     t
-};
+}
+
+/// Bytes of a registered name or IPv4 address besides percent-encoding: unreserved and
+/// sub-delims (RFC 3986 §3.2.2).
+const REG_NAME_BYTE: [bool; 256] = uri_bytes(b"");
 
 /// Whether `value` is a valid `Host` field value (RFC 9112 §3.2; RFC 3986 §3.2.2, §3.2.3):
 /// empty, or `uri-host [ ":" port ]` where uri-host is an IPv6 literal in brackets or a

@@ -367,9 +367,15 @@ fn admit(
     if !route.allows(&req.method) {
         return None;
     }
-    route.token.usable_cached(&mut c.tokens, now)?;
-    let token = c.tokens.take()?;
+    let token = take_token(route, &mut c.tokens, now)?;
     Some(Admitted { index, token })
+}
+
+/// The route's token usable at `now`, taken out of the connection's cache for one request
+/// (given back with [`TokenCache::put_back`]).
+fn take_token(route: &Route, tokens: &mut TokenCache, now: Instant) -> Option<Arc<Token>> {
+    route.token.usable_cached(tokens, now)?;
+    tokens.take()
 }
 
 /// A request's `X-Request-Id` value held inline: the client's (1 to [`MAX_REQUEST_ID`] visible
@@ -530,14 +536,7 @@ impl ListenerApp {
                 // A slow body can outlast the token picked when the head arrived: the one sent
                 // is the one current when the request leaves (pingora waits for a token).
                 c.tokens.put_back(token);
-                if route
-                    .token
-                    .usable_cached(&mut c.tokens, Instant::now())
-                    .is_none()
-                {
-                    return Outcome::Delegate;
-                }
-                let Some(current) = c.tokens.take() else {
+                let Some(current) = take_token(route, &mut c.tokens, Instant::now()) else {
                     return Outcome::Delegate;
                 };
                 token = current;

@@ -9,7 +9,7 @@ use http::{HeaderValue, Method};
 
 use super::response::{offset_in, FieldWriter};
 use super::{name_is, parse_content_length, Conn, RequestCtx, MAX_FIELDS, MAX_HEAD};
-use crate::proxy::headers::valid_host;
+use crate::proxy::headers::{uri_bytes, valid_host};
 use crate::proxy::routes::Route;
 use crate::proxy::split_target_rewritten;
 
@@ -174,38 +174,7 @@ pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
 /// Bytes of an origin-form target every `http::uri::PathAndQuery` accepts unchecked, in the
 /// path and in the query: unreserved, sub-delims, `:`, `@`, `/`, `?` and `%` (RFC 3986 §3.3,
 /// §3.4). Not `#`.
-const PLAIN_TARGET: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut b = 0;
-    while b < 256 {
-        let c = b as u8;
-        t[b] = c.is_ascii_alphanumeric()
-            || matches!(
-                c,
-                b'-' | b'.'
-                    | b'_'
-                    | b'~'
-                    | b'!'
-                    | b'$'
-                    | b'&'
-                    | b'\''
-                    | b'('
-                    | b')'
-                    | b'*'
-                    | b'+'
-                    | b','
-                    | b';'
-                    | b'='
-                    | b':'
-                    | b'@'
-                    | b'/'
-                    | b'?'
-                    | b'%'
-            );
-        b += 1;
-    }
-    t
-};
+const PLAIN_TARGET: [bool; 256] = uri_bytes(b":@/?%");
 
 /// When `target` is an origin-form target pingora accepts (it parses every target into
 /// `http::Uri`) without a fragment. A fragment is never sent (RFC 9112 §3.2); pingora drops

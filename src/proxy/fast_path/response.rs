@@ -73,30 +73,28 @@ pub(super) fn parse_response(
     // One pass: each field classified, its facts noted and its line written. Only a
     // `Transfer-Encoding` after a `Content-Length` already written makes a second pass (the
     // length is then dropped, RFC 9112 §6.1).
-    let mut facts = ResponseFacts::new(version);
-    write_response_fields(
-        out,
-        ubuf,
-        resp.headers,
-        informational,
-        may_fold,
-        request_id,
-        &mut facts,
-    )?;
-    if facts.content_length_written && facts.chunked.is_some() {
-        out.truncate(status_line);
-        let mut again = ResponseFacts::new(version);
-        again.chunked = facts.chunked;
+    let write = |out: &mut Vec<u8>, facts: &mut ResponseFacts| {
+        let fields: &[httparse::Header<'_>] = resp.headers;
         write_response_fields(
             out,
             ubuf,
-            resp.headers,
+            fields,
             informational,
             may_fold,
             request_id,
-            &mut again,
-        )?;
-        (facts.date, facts.id_done) = (again.date, again.id_done);
+            facts,
+        )
+    };
+    let mut facts = ResponseFacts::new(version);
+    write(out, &mut facts)?;
+    if facts.content_length_written && facts.chunked.is_some() {
+        out.truncate(status_line);
+        // Known from the start this time, so every `Content-Length` is left out.
+        facts = ResponseFacts {
+            chunked: facts.chunked,
+            ..ResponseFacts::new(version)
+        };
+        write(out, &mut facts)?;
     }
     let framing = if head_request || informational || status == 204 || status == 304 {
         Framing::None
