@@ -10,47 +10,51 @@ use pingora::protocols::http::ServerSession;
 use serde_json::json;
 
 use crate::config::{Config, TokenEndpointLocation};
-use crate::proxy::SharedState;
+use crate::proxy::Live;
 
-/// Static per-route facts shown by `/status`.
-struct RouteInfo {
+/// Static per-route facts shown by `/status`, kept with the routes they describe
+/// (`SharedState::route_info`) so a reload replaces both at once.
+pub(crate) struct RouteInfo {
     upstream: String,
     grant: &'static str,
     token_endpoint: String,
 }
 
+/// What `/status` shows of each of `config`'s routes besides its token.
+pub(crate) fn route_info(config: &Config) -> Vec<RouteInfo> {
+    config
+        .routes
+        .iter()
+        .map(|r| RouteInfo {
+            upstream: format!(
+                "{}://{}{}",
+                if r.upstream.tls { "https" } else { "http" },
+                r.upstream.authority,
+                r.upstream.base_path
+            ),
+            grant: r.auth.grant.name(),
+            token_endpoint: match &r.auth.endpoint {
+                TokenEndpointLocation::Url(u) => u.to_string(),
+                TokenEndpointLocation::Issuer(u) => format!("discovered from issuer {u}"),
+            },
+        })
+        .collect()
+}
+
 /// The admin HTTP application.
 pub struct AdminApp {
-    state: Arc<SharedState>,
-    routes: Vec<RouteInfo>,
+    live: Arc<Live>,
 }
 
 impl AdminApp {
-    /// An admin app over the gateway's shared state.
-    pub fn new(state: Arc<SharedState>, config: &Config) -> Self {
-        let routes = config
-            .routes
-            .iter()
-            .map(|r| RouteInfo {
-                upstream: format!(
-                    "{}://{}{}",
-                    if r.upstream.tls { "https" } else { "http" },
-                    r.upstream.authority,
-                    r.upstream.base_path
-                ),
-                grant: r.auth.grant.name(),
-                token_endpoint: match &r.auth.endpoint {
-                    TokenEndpointLocation::Url(u) => u.to_string(),
-                    TokenEndpointLocation::Issuer(u) => format!("discovered from issuer {u}"),
-                },
-            })
-            .collect();
-        AdminApp { state, routes }
+    /// An admin app over the gateway's current state (it follows reloads).
+    pub fn new(live: Arc<Live>) -> Self {
+        AdminApp { live }
     }
 
     fn readyz(&self) -> (StatusCode, Vec<u8>) {
-        let not_ready: Vec<&str> = self
-            .state
+        let state = self.live.load();
+        let not_ready: Vec<&str> = state
             .routes
             .iter()
             .filter(|r| r.token.usable_now(std::time::Instant::now()).is_none())
@@ -72,11 +76,11 @@ impl AdminApp {
     }
 
     fn status(&self) -> Vec<u8> {
-        let routes: Vec<_> = self
-            .state
+        let state = self.live.load();
+        let routes: Vec<_> = state
             .routes
             .iter()
-            .zip(&self.routes)
+            .zip(&state.route_info)
             .map(|(r, info)| {
                 let s = r.token.status();
                 json!({
@@ -131,7 +135,7 @@ impl ServeHttp for AdminApp {
         }
         match req.uri.path() {
             "/metrics" => {
-                let (body, ct) = self.state.metrics.encode();
+                let (body, ct) = self.live.load().metrics.encode();
                 respond(StatusCode::OK, &ct, body)
             }
             "/healthz" => respond(

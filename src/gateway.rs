@@ -5,7 +5,7 @@
 //! same thing on a thread and stops it on drop (`demo` and the tests).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -20,12 +20,12 @@ use pingora::utils::tls::{parse_x509, WrappedX509};
 use tokio::sync::mpsc;
 
 use crate::admin::AdminApp;
-use crate::config::{Config, RouteConfig};
+use crate::config::{AuthConfig, Config, ConfigErrors, RouteConfig};
 use crate::metrics::Metrics;
 use crate::oauth::TokenClient;
 use crate::proxy::fast_path::ListenerApp;
 use crate::proxy::routes::{normalise_prefix, Route, RouteTable};
-use crate::proxy::SharedState;
+use crate::proxy::{Live, SharedState};
 use crate::token::{RenewalPolicy, TokenSource};
 
 /// Why the gateway could not start (exit code 1).
@@ -70,11 +70,12 @@ pub enum StartError {
 
 /// Everything built from a config before pingora starts.
 pub struct Built {
-    /// Shared request-path state.
-    pub state: Arc<SharedState>,
+    /// The state requests are served with; a reload replaces it.
+    pub live: Arc<Live>,
+    /// Applies a new config to the running gateway (SIGHUP).
+    pub reloader: Arc<Reloader>,
     /// The token refresher runtime (one thread). Dropping it stops every refresher.
     pub token_runtime: tokio::runtime::Runtime,
-    config: Config,
 }
 
 impl Built {
@@ -88,68 +89,28 @@ impl Built {
             .enable_all()
             .build()
             .map_err(|e| StartError::Internal(format!("token runtime: {e}")))?;
-        let mut routes = Vec::with_capacity(config.routes.len());
-        for (index, rc) in config.routes.iter().enumerate() {
-            let ca_pem = match &rc.ca_file {
-                Some(path) => Some(std::fs::read(path).map_err(|e| StartError::CaFile {
-                    index,
-                    reason: format!("{}: {e}", path.display()),
-                })?),
-                None => None,
-            };
-            let client = TokenClient::new(
-                rc.auth.clone(),
-                ca_pem.as_deref(),
-                rc.connect_timeout,
-                rc.auth.token_timeout,
-            )
-            .map_err(|e| StartError::CaFile {
-                index,
-                reason: e.to_string(),
-            })?;
-            let policy = RenewalPolicy {
-                refresh_ratio: rc.auth.refresh_ratio,
-                min_time_left: rc.auth.min_time_left,
-                // A waiting request gives up shortly after the fetch it waits for must have
-                // ended (token_timeout bounds the whole fetch, discovery included).
-                max_wait: rc.auth.token_timeout + Duration::from_secs(1),
-                ..RenewalPolicy::default()
-            };
-            let source = TokenSource::new(
-                rc.name.clone(),
-                Box::new(client),
-                policy,
-                metrics.token(&rc.name),
-            );
-            routes.push(compile_route(
-                index,
-                rc,
-                source,
-                ca_pem.as_deref(),
-                &metrics,
-            )?);
-        }
-        for route in &routes {
-            route.token.spawn_refresher(token_runtime.handle());
-        }
-        let state = Arc::new(SharedState::new(
-            routes,
-            config.server.allowed_clients.clone(),
-            config.server.replay_body_limit,
+        let (state, sources) = build_state(&config, &metrics, &[])?;
+        let sources = start_refreshers(sources, token_runtime.handle());
+        let live = Arc::new(Live::new(state));
+        let reloader = Arc::new(Reloader {
+            live: Arc::clone(&live),
             metrics,
-        ));
+            runtime: token_runtime.handle().clone(),
+            running: Mutex::new(Running { config, sources }),
+        });
         Ok(Built {
-            state,
+            live,
+            reloader,
             token_runtime,
-            config,
         })
     }
 
     /// The pingora server with one proxy service per listener and the admin service.
     fn server(&self) -> Result<Server, StartError> {
+        let config = self.reloader.config();
         let mut conf = ServerConf {
-            threads: self.config.server.threads.max(1),
-            grace_period_seconds: Some(self.config.server.grace_period.as_secs()),
+            threads: config.server.threads.max(1),
+            grace_period_seconds: Some(config.server.grace_period.as_secs()),
             graceful_shutdown_timeout_seconds: Some(1),
             ..ServerConf::default()
         };
@@ -157,48 +118,338 @@ impl Built {
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
 
-        let shared: Vec<(usize, &RouteConfig)> = self
-            .config
-            .routes
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.listen.is_none())
-            .collect();
-        if !self.config.server.listen.is_empty() && !shared.is_empty() {
-            let table = RouteTable::shared(shared);
-            let app = ListenerApp::new(table, Arc::clone(&self.state), &server.configuration);
-            let mut svc = Service::new("tokengate proxy".to_string(), app);
-            for addr in &self.config.server.listen {
-                svc.add_listener(proxy_listener(*addr));
+        for (slot, listener) in listeners(&config).into_iter().enumerate() {
+            let app = ListenerApp::new(Arc::clone(&self.live), slot, &server.configuration);
+            let mut svc = Service::new(listener.name, app);
+            for addr in listener.addrs {
+                svc.add_listener(proxy_listener(addr));
             }
             server.add_service(svc);
         }
-        for (index, rc) in self.config.routes.iter().enumerate() {
-            if let Some(addr) = rc.listen {
-                let app = ListenerApp::new(
-                    RouteTable::own(index),
-                    Arc::clone(&self.state),
-                    &server.configuration,
-                );
-                let mut svc = Service::new(format!("tokengate proxy ({})", rc.name), app);
-                svc.add_listener(proxy_listener(addr));
-                server.add_service(svc);
-            }
-        }
-        let admin = AdminApp::new(Arc::clone(&self.state), &self.config);
+        let admin = AdminApp::new(Arc::clone(&self.live));
         let mut admin_svc = Service::new(
             "tokengate admin".to_string(),
             pingora::apps::http_app::HttpServer::new_app(admin),
         );
-        admin_svc.add_tcp(&self.config.server.admin_listen.to_string());
+        admin_svc.add_tcp(&config.server.admin_listen.to_string());
         server.add_service(admin_svc);
         Ok(server)
     }
 
-    /// The config this was built from.
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The config the gateway serves now (the last one a reload applied).
+    pub fn config(&self) -> Config {
+        self.reloader.config()
     }
+}
+
+/// One proxy listener service: its addresses and the routes it serves.
+struct Listener {
+    name: String,
+    addrs: Vec<SocketAddr>,
+    table: RouteTable,
+}
+
+/// The proxy listeners `config` asks for, in slot order: the shared listeners (when any route
+/// uses them), then each route's own listener in route order. A reload keeps the listeners,
+/// so the slots of the old and the new config line up.
+fn listeners(config: &Config) -> Vec<Listener> {
+    let mut out = Vec::new();
+    let shared: Vec<(usize, &RouteConfig)> = config
+        .routes
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.listen.is_none())
+        .collect();
+    if !config.server.listen.is_empty() && !shared.is_empty() {
+        out.push(Listener {
+            name: "tokengate proxy".to_string(),
+            addrs: config.server.listen.clone(),
+            table: RouteTable::shared(shared),
+        });
+    }
+    for (index, rc) in config.routes.iter().enumerate() {
+        if let Some(addr) = rc.listen {
+            out.push(Listener {
+                name: format!("tokengate proxy ({})", rc.name),
+                addrs: vec![addr],
+                table: RouteTable::own(index),
+            });
+        }
+    }
+    out
+}
+
+/// A route's token source as running: what it was built from (a reload keeps the source, and
+/// its token, when the new config builds the same one) and its refresher task.
+struct RunningSource {
+    route: String,
+    auth: AuthConfig,
+    ca_pem: Option<Vec<u8>>,
+    connect_timeout: Duration,
+    source: Arc<TokenSource>,
+    /// `None` until [`start_refreshers`] ran (a source built for a reload that failed never
+    /// starts).
+    refresher: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningSource {
+    fn builds_same(&self, rc: &RouteConfig, ca_pem: &Option<Vec<u8>>) -> bool {
+        self.route == rc.name
+            && self.auth == rc.auth
+            && &self.ca_pem == ca_pem
+            && self.connect_timeout == rc.connect_timeout
+    }
+}
+
+/// Compiles `config` into a [`SharedState`]: routes, route tables, token sources. A source in
+/// `running` that `config` builds the same (route name, `[routes.auth]` with secrets and key,
+/// `ca_file` contents, `connect_timeout`) is reused with its token; other sources are new and
+/// not started. Reads `ca_file`s and resolves upstream hosts.
+fn build_state(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    running: &[RunningSource],
+) -> Result<(SharedState, Vec<RunningSource>), StartError> {
+    let mut routes = Vec::with_capacity(config.routes.len());
+    let mut sources = Vec::with_capacity(config.routes.len());
+    for (index, rc) in config.routes.iter().enumerate() {
+        let ca_pem = match &rc.ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|e| StartError::CaFile {
+                index,
+                reason: format!("{}: {e}", path.display()),
+            })?),
+            None => None,
+        };
+        let source = match running.iter().find(|r| r.builds_same(rc, &ca_pem)) {
+            Some(kept) => Arc::clone(&kept.source),
+            None => new_source(index, rc, ca_pem.as_deref(), metrics)?,
+        };
+        routes.push(compile_route(
+            index,
+            rc,
+            Arc::clone(&source),
+            ca_pem.as_deref(),
+            metrics,
+        )?);
+        sources.push(RunningSource {
+            route: rc.name.clone(),
+            auth: rc.auth.clone(),
+            ca_pem,
+            connect_timeout: rc.connect_timeout,
+            source,
+            refresher: None,
+        });
+    }
+    let mut state = SharedState::new(
+        routes,
+        config.server.allowed_clients.clone(),
+        config.server.replay_body_limit,
+        Arc::clone(metrics),
+    );
+    state.tables = listeners(config).into_iter().map(|l| l.table).collect();
+    state.route_info = crate::admin::route_info(config);
+    Ok((state, sources))
+}
+
+/// A new token source for route `index` (not started).
+fn new_source(
+    index: usize,
+    rc: &RouteConfig,
+    ca_pem: Option<&[u8]>,
+    metrics: &Metrics,
+) -> Result<Arc<TokenSource>, StartError> {
+    let client = TokenClient::new(
+        rc.auth.clone(),
+        ca_pem,
+        rc.connect_timeout,
+        rc.auth.token_timeout,
+    )
+    .map_err(|e| StartError::CaFile {
+        index,
+        reason: e.to_string(),
+    })?;
+    let policy = RenewalPolicy {
+        refresh_ratio: rc.auth.refresh_ratio,
+        min_time_left: rc.auth.min_time_left,
+        // A waiting request gives up shortly after the fetch it waits for must have
+        // ended (token_timeout bounds the whole fetch, discovery included).
+        max_wait: rc.auth.token_timeout + Duration::from_secs(1),
+        ..RenewalPolicy::default()
+    };
+    Ok(TokenSource::new(
+        rc.name.clone(),
+        Box::new(client),
+        policy,
+        metrics.token(&rc.name),
+    ))
+}
+
+/// Starts the refresher of every source in `sources` that has none yet (each fetches its
+/// first token at once).
+fn start_refreshers(
+    mut sources: Vec<RunningSource>,
+    runtime: &tokio::runtime::Handle,
+) -> Vec<RunningSource> {
+    for s in &mut sources {
+        if s.refresher.is_none() {
+            s.refresher = Some(s.source.spawn_refresher(runtime));
+        }
+    }
+    sources
+}
+
+/// Why a reload was rejected; the running config keeps serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The gateway was not started from a file (`demo`, tests without one).
+    #[error("no config file to reload from")]
+    NoFile,
+    /// The new file does not validate (every problem, one per line, as at start).
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    /// A key that only a restart can change was changed.
+    #[error("{key}: changed, but takes effect only on restart (listeners, threads, grace period and logging are fixed at start); restart to apply it")]
+    NeedsRestart {
+        /// The config key.
+        key: &'static str,
+    },
+    /// The new config cannot be built (an upstream that does not resolve, a bad `ca_file`).
+    #[error("{0}")]
+    Build(#[from] StartError),
+}
+
+/// What a successful reload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReloadSummary {
+    /// Routes in the new config.
+    pub routes: usize,
+    /// Token sources kept with their token (same credentials and token endpoint).
+    pub sources_kept: usize,
+    /// Token sources started anew (new routes, changed credentials, key or endpoint).
+    pub sources_new: usize,
+}
+
+/// Applies a new config to the running gateway (SIGHUP, SPEC "CLI"): re-reads the file, its
+/// secrets and key files, validates it like a start, and swaps the routes, token sources,
+/// allowlist and replay limit in at once. Requests already admitted finish with the config
+/// they were admitted with. A config that fails validation, cannot be built, or changes a key
+/// fixed at start ([`ReloadError::NeedsRestart`]) is rejected and the running one keeps
+/// serving. Counted in `tokengate_config_reloads_total{outcome}`.
+pub struct Reloader {
+    live: Arc<Live>,
+    metrics: Arc<Metrics>,
+    runtime: tokio::runtime::Handle,
+    /// Serialises reloads.
+    running: Mutex<Running>,
+}
+
+struct Running {
+    config: Config,
+    sources: Vec<RunningSource>,
+}
+
+impl Reloader {
+    /// The config served now.
+    pub fn config(&self) -> Config {
+        lock(&self.running).config.clone()
+    }
+
+    /// Reloads from the file the running config came from, and logs the outcome (never a
+    /// secret: config errors name keys, not values). Blocking: reads files and resolves
+    /// upstream hosts.
+    ///
+    /// # Errors
+    /// [`ReloadError`]; the running config keeps serving.
+    pub fn reload_from_file(&self) -> Result<ReloadSummary, ReloadError> {
+        let path = lock(&self.running).config.source.clone();
+        let result = match path {
+            Some(path) => Config::load(&path)
+                .map_err(ReloadError::from)
+                .and_then(|config| self.apply(config)),
+            None => Err(ReloadError::NoFile),
+        };
+        self.metrics.config_reload(result.is_ok());
+        match &result {
+            Ok(s) => tracing::info!(
+                routes = s.routes,
+                token_sources_kept = s.sources_kept,
+                token_sources_new = s.sources_new,
+                "config reloaded"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "config reload rejected; the running config keeps serving"
+            ),
+        }
+        result
+    }
+
+    /// Applies `config` (already validated) in place of the running one.
+    ///
+    /// # Errors
+    /// [`ReloadError::NeedsRestart`] or [`ReloadError::Build`]; nothing changes then.
+    pub fn apply(&self, config: Config) -> Result<ReloadSummary, ReloadError> {
+        let mut running = lock(&self.running);
+        if let Some(key) = needs_restart(&running.config, &config) {
+            return Err(ReloadError::NeedsRestart { key });
+        }
+        let (state, sources) = build_state(&config, &self.metrics, &running.sources)?;
+        let sources = start_refreshers(sources, &self.runtime);
+        let kept = |s: &RunningSource| sources.iter().any(|n| Arc::ptr_eq(&n.source, &s.source));
+        let summary = ReloadSummary {
+            routes: config.routes.len(),
+            sources_kept: running.sources.iter().filter(|s| kept(s)).count(),
+            sources_new: sources.len() - running.sources.iter().filter(|s| kept(s)).count(),
+        };
+        self.live.replace(state);
+        let old = std::mem::replace(&mut running.sources, sources);
+        running.config = config;
+        for s in old {
+            if running
+                .sources
+                .iter()
+                .any(|n| Arc::ptr_eq(&n.source, &s.source))
+            {
+                continue;
+            }
+            // A replaced source keeps renewing for as long as a request admitted before the
+            // swap may still wait for its token, then stops.
+            if let Some(refresher) = s.refresher {
+                let linger = s.auth.token_timeout + Duration::from_secs(2);
+                self.runtime.spawn(async move {
+                    tokio::time::sleep(linger).await;
+                    refresher.abort();
+                });
+            }
+        }
+        Ok(summary)
+    }
+}
+
+/// The first key fixed at start that `new` changes, if any.
+fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
+    let layout = |c: &Config| -> Vec<Vec<SocketAddr>> {
+        listeners(c).into_iter().map(|l| l.addrs).collect()
+    };
+    if old.server.listen != new.server.listen {
+        Some("server.listen")
+    } else if old.server.admin_listen != new.server.admin_listen {
+        Some("server.admin_listen")
+    } else if old.server.threads != new.server.threads {
+        Some("server.threads")
+    } else if old.server.grace_period != new.server.grace_period {
+        Some("server.grace_period")
+    } else if old.log.level != new.log.level || old.log.format != new.log.format {
+        Some("log")
+    } else if layout(old) != layout(new) {
+        Some("routes[].listen")
+    } else {
+        None
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A proxy listener on `addr`. Reads are not buffered by pingora: both the fast path and
@@ -222,11 +473,32 @@ pub fn run_with(built: Built, shutdown: Box<dyn ShutdownSignalWatch>) -> Result<
     Ok(())
 }
 
-/// Runs the gateway until SIGTERM or SIGINT (both drain for `server.grace_period`).
+/// Runs the gateway until SIGTERM or SIGINT (both drain for `server.grace_period`); SIGHUP
+/// reloads the config file ([`Reloader`]).
 pub fn run(config: Config) -> Result<(), StartError> {
     check_listeners(&config)?;
     let built = Built::new(config)?;
+    reload_on_sighup(&built)?;
     run_with(built, Box::new(UnixSignals))
+}
+
+/// Reloads on every SIGHUP, one reload at a time, on the token runtime (the handler is in
+/// place before any listener opens: SIGHUP's default action would end the process).
+fn reload_on_sighup(built: &Built) -> Result<(), StartError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = {
+        let _guard = built.token_runtime.enter();
+        signal(SignalKind::hangup()).map_err(|e| StartError::Internal(format!("SIGHUP: {e}")))?
+    };
+    let reloader = Arc::clone(&built.reloader);
+    built.token_runtime.spawn(async move {
+        while hangups.recv().await.is_some() {
+            let reloader = Arc::clone(&reloader);
+            // Reading files and resolving hosts block: off the runtime's worker.
+            let _ = tokio::task::spawn_blocking(move || reloader.reload_from_file()).await;
+        }
+    });
+    Ok(())
 }
 
 /// Binds (and releases) every listener address before pingora starts: pingora binds in its
@@ -292,7 +564,8 @@ impl ShutdownSignalWatch for ChannelSignal {
 pub struct GatewayHandle {
     stop: Option<mpsc::Sender<()>>,
     thread: Option<JoinHandle<()>>,
-    state: Arc<SharedState>,
+    live: Arc<Live>,
+    reloader: Arc<Reloader>,
     /// Proxy listener addresses (shared ones first, then routes' own).
     pub listen: Vec<SocketAddr>,
     /// Admin listener address.
@@ -307,7 +580,7 @@ impl GatewayHandle {
         let admin = config.server.admin_listen;
         check_listeners(&config)?;
         let built = Built::new(config)?;
-        let state = Arc::clone(&built.state);
+        let (live, reloader) = (Arc::clone(&built.live), Arc::clone(&built.reloader));
         let server = built.server()?;
         let (tx, rx) = mpsc::channel(1);
         let thread = std::thread::Builder::new()
@@ -322,7 +595,8 @@ impl GatewayHandle {
         let handle = GatewayHandle {
             stop: Some(tx),
             thread: Some(thread),
-            state,
+            live,
+            reloader,
             listen,
             admin,
         };
@@ -332,9 +606,17 @@ impl GatewayHandle {
         Ok(handle)
     }
 
-    /// Shared state (routes, token sources, metrics), for assertions in tests.
-    pub fn state(&self) -> &Arc<SharedState> {
-        &self.state
+    /// The current shared state (routes, token sources, metrics), for assertions in tests.
+    pub fn state(&self) -> Arc<SharedState> {
+        self.live.load()
+    }
+
+    /// Reloads the config file, as SIGHUP does for `tokengate run`.
+    ///
+    /// # Errors
+    /// [`ReloadError`]; the running config keeps serving.
+    pub fn reload(&self) -> Result<ReloadSummary, ReloadError> {
+        self.reloader.reload_from_file()
     }
 
     /// Stops the gateway and waits for its thread.

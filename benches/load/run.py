@@ -24,7 +24,8 @@ Stages (all on loopback):
   token    60 s at 64 connections with 5-second tokens: token requests seen by the token
            endpoint vs renewals, and non-2xx responses
 
-Installs what is missing: nginx-light, haproxy and wrk from Debian packages, oha from crates.io.
+Installs what is missing: cmake (for the release build), nginx-light, haproxy and wrk from Debian
+packages, oha from crates.io.
 Results: printed as Markdown, and written to --out (results.json, scaling.svg).
 """
 
@@ -54,7 +55,10 @@ def sh(cmd, **kw):
 
 
 def ensure_tools():
-    missing = [p for p, b in (("nginx-light", "nginx"), ("haproxy", "haproxy"), ("wrk", "wrk")) if not shutil.which(b)]
+    # cmake: the release build needs it (pingora's zlib-ng, aws-lc); the rest are the targets
+    # and the load generator.
+    missing = [p for p, b in (("cmake", "cmake"), ("nginx-light", "nginx"), ("haproxy", "haproxy"), ("wrk", "wrk"))
+               if not shutil.which(b)]
     if missing:
         print(f"installing {' '.join(missing)} …", file=sys.stderr)
         sh("apt-get update -qq")

@@ -148,8 +148,9 @@ pub struct Upstream {
     pub base_path: String,
 }
 
-/// `[routes.auth]`: how this route obtains its access token.
-#[derive(Debug, Clone)]
+/// `[routes.auth]`: how this route obtains its access token. Equal values (secrets and the
+/// key by digest included) mean a config reload keeps the route's token source and its token.
+#[derive(Debug, Clone, PartialEq)]
 pub struct AuthConfig {
     /// The grant and its grant-specific settings.
     pub grant: Grant,
@@ -188,7 +189,7 @@ pub enum TokenEndpointLocation {
 }
 
 /// Grant-specific settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Grant {
     /// RFC 7523 §2.1 JWT bearer grant (Drillster service accounts, seed 004).
     JwtBearer {

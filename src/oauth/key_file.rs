@@ -41,6 +41,18 @@ pub struct ServiceAccountKey {
     /// (RFC 7523 §3, seed 004).
     pub service_account_id: String,
     encoding_key: EncodingKey,
+    /// SHA-256 of the private key PEM as given: lets a config reload tell a rotated key from
+    /// the same one without keeping or comparing key material.
+    key_digest: [u8; 32],
+}
+
+/// Same key id, service account and private key (by digest): a reload keeps the token source.
+impl PartialEq for ServiceAccountKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.key_id == other.key_id
+            && self.service_account_id == other.service_account_id
+            && self.key_digest == other.key_digest
+    }
 }
 
 impl fmt::Debug for ServiceAccountKey {
@@ -210,11 +222,13 @@ impl ServiceAccountKey {
         key_id: impl Into<String>,
         service_account_id: impl Into<String>,
     ) -> Result<Self, KeyFileError> {
+        use sha2::Digest;
         let encoding_key = rsa_encoding_key(private_key_pem)?;
         Ok(ServiceAccountKey {
             key_id: key_id.into(),
             service_account_id: service_account_id.into(),
             encoding_key,
+            key_digest: sha2::Sha256::digest(private_key_pem.as_bytes()).into(),
         })
     }
 

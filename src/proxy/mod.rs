@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use http::header::{HOST, TRANSFER_ENCODING};
 use http::{HeaderName, HeaderValue, Method};
@@ -48,10 +49,14 @@ pub const LOG_TARGETS_CAPPED_AT_INFO: &[&str] = &["pingora_proxy", "pingora_core
 
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// State shared by every listener: compiled routes, client allowlist, metrics.
+/// State shared by every listener: compiled routes, client allowlist, metrics. One config's
+/// worth: a reload (SIGHUP) builds a new one and swaps it in through [`Live`].
 pub struct SharedState {
     /// Compiled routes, indexed like `Config::routes`.
     pub routes: Vec<Route>,
+    /// Each proxy listener's route table, by listener slot (the shared listeners first when
+    /// there are any, then each route's own listener in route order). Empty in benches.
+    pub tables: Vec<RouteTable>,
     /// `server.allowed_clients`.
     pub allowed_clients: Vec<IpNet>,
     /// Metric handles.
@@ -59,6 +64,8 @@ pub struct SharedState {
     /// `server.replay_body_limit`, bytes.
     pub replay_body_limit: usize,
     pub(crate) request_ids: RequestIds,
+    /// What `/status` shows of each route besides its token, indexed like `routes`.
+    pub(crate) route_info: Vec<crate::admin::RouteInfo>,
 }
 
 impl SharedState {
@@ -71,11 +78,50 @@ impl SharedState {
     ) -> Self {
         SharedState {
             routes,
+            tables: Vec::new(),
             allowed_clients,
             replay_body_limit,
             metrics,
             request_ids: RequestIds::new(),
+            route_info: Vec::new(),
         }
+    }
+}
+
+/// The [`SharedState`] requests are served with, replaced whole by a config reload. Readers
+/// on the fast path compare [`Live::generation`] once per request (one atomic load) and load
+/// the state only when it moved; pingora-proxy loads it once per request.
+pub struct Live {
+    current: ArcSwap<SharedState>,
+    generation: AtomicU64,
+}
+
+impl Live {
+    /// Serves `state` until the first [`Live::replace`].
+    pub fn new(state: SharedState) -> Self {
+        Live {
+            current: ArcSwap::from_pointee(state),
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// The current state.
+    pub fn load(&self) -> Arc<SharedState> {
+        self.current.load_full()
+    }
+
+    /// Bumped after each replacement. Read it before [`Live::load`]: a reader that sees a new
+    /// generation then loads the state it announces (or a newer one).
+    #[inline]
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Serves `state` from now on. Requests already admitted finish with the state they were
+    /// admitted with.
+    pub fn replace(&self, state: SharedState) {
+        self.current.store(Arc::new(state));
+        self.generation.fetch_add(1, Ordering::Release);
     }
 }
 
@@ -91,14 +137,21 @@ pub fn client_allowed(allowed_clients: &[IpNet], ip: IpAddr) -> bool {
 
 /// The [`ProxyHttp`] service of one listener.
 pub struct Gateway {
-    table: RouteTable,
-    state: Arc<SharedState>,
+    live: Arc<Live>,
+    /// This listener's index in [`SharedState::tables`].
+    slot: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl Gateway {
-    /// A proxy for one listener with its route table.
-    pub fn new(table: RouteTable, state: Arc<SharedState>) -> Self {
-        Gateway { table, state }
+    /// A proxy for the listener whose route table is `live`'s `tables[slot]`.
+    pub fn new(live: Arc<Live>, slot: usize) -> Self {
+        let metrics = Arc::clone(&live.load().metrics);
+        Gateway {
+            live,
+            slot,
+            metrics,
+        }
     }
 
     async fn refuse(
@@ -110,7 +163,7 @@ impl Gateway {
     ) -> Result<bool> {
         ctx.error = Some(err.code());
         if let Some(reason) = err.deny_reason() {
-            self.state.metrics.denied(reason);
+            self.metrics.denied(reason);
         }
         let extra = match (&err, route) {
             (GatewayError::MethodNotAllowed, Some(r)) => {
@@ -132,6 +185,8 @@ impl Gateway {
 
 /// Per-request context: small and plain.
 pub struct RequestCtx {
+    /// The state current when the request arrived; a reload does not change it mid-request.
+    state: Arc<SharedState>,
     started: Instant,
     route: Option<usize>,
     authorization: Option<HeaderValue>,
@@ -160,6 +215,7 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
+            state: self.live.load(),
             started: Instant::now(),
             route: None,
             authorization: None,
@@ -174,17 +230,18 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let state = Arc::clone(&ctx.state);
         let req = session.req_header();
         ctx.request_id = Some(match req.headers.get(&X_REQUEST_ID) {
             Some(v) if valid_request_id(v) => v.clone(),
-            _ => self.state.request_ids.next(),
+            _ => state.request_ids.next(),
         });
 
         let client_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        if !client_ip.is_some_and(|ip| client_allowed(&self.state.allowed_clients, ip)) {
+        if !client_ip.is_some_and(|ip| client_allowed(&state.allowed_clients, ip)) {
             // An early answer with a request body still unread: don't reuse the connection.
             session.set_keepalive(None);
             return self
@@ -235,11 +292,11 @@ impl ProxyHttp for Gateway {
         let host = host_field
             .map(|h| h.as_bytes())
             .or_else(|| req.uri.authority().map(|a| a.as_str().as_bytes()));
-        let Some(index) = self.table.lookup(host, req.uri.path()) else {
+        let Some(index) = state.tables[self.slot].lookup(host, req.uri.path()) else {
             session.set_keepalive(None);
             return self.refuse(session, ctx, GatewayError::NoRoute, None).await;
         };
-        let route = &self.state.routes[index];
+        let route = &state.routes[index];
         ctx.route = Some(index);
         if !route.allows(&req.method) {
             session.set_keepalive(None);
@@ -269,8 +326,9 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
+        let state = &ctx.state;
         match ctx.route {
-            Some(i) => Ok(Box::new(self.state.routes[i].peer.clone())),
+            Some(i) => Ok(Box::new(state.routes[i].peer.clone())),
             None => Error::e_explain(ErrorType::InternalError, "no route in upstream_peer"),
         }
     }
@@ -281,10 +339,11 @@ impl ProxyHttp for Gateway {
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let state = Arc::clone(&ctx.state);
         let Some(i) = ctx.route else {
             return Error::e_explain(ErrorType::InternalError, "no route for upstream request");
         };
-        let route = &self.state.routes[i];
+        let route = &state.routes[i];
         let authorization = match ctx.authorization.take() {
             Some(a) => a,
             // A replay after an upstream 401: the refreshed token (one refresh is shared by every
@@ -332,10 +391,11 @@ impl ProxyHttp for Gateway {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let state = Arc::clone(&ctx.state);
         if response.status != http::StatusCode::UNAUTHORIZED {
             return Ok(());
         }
-        let Some(route) = ctx.route.map(|i| &self.state.routes[i]) else {
+        let Some(route) = ctx.route.map(|i| &state.routes[i]) else {
             return Ok(());
         };
         if ctx.replayed {
@@ -345,7 +405,7 @@ impl ProxyHttp for Gateway {
         }
         // Drop exactly the token this request carried; a newer one is left alone.
         route.token.invalidate(ctx.generation);
-        if !self.replayable(session) {
+        if !self.replayable(session, &state) {
             route.metrics.unauthorized(false);
             return Ok(());
         }
@@ -384,9 +444,10 @@ impl ProxyHttp for Gateway {
     }
 
     fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
+        let state = &ctx.state;
         // pingora puts this in its error logs. Never the query: it may carry `access_token`.
         let req = session.req_header();
-        let route = ctx.route.map(|i| self.state.routes[i].name.as_str());
+        let route = ctx.route.map(|i| state.routes[i].name.as_str());
         format!(
             "{} {}, route: {}, request id: {}",
             req.method,
@@ -431,7 +492,8 @@ impl ProxyHttp for Gateway {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let route = ctx.route.map(|i| &self.state.routes[i]);
+        let state = Arc::clone(&ctx.state);
+        let route = ctx.route.map(|i| &state.routes[i]);
         let (code, err) = match (e.esource(), e.etype()) {
             _ if ctx.unavailable.is_some() => {
                 let retry_after = ctx.unavailable.unwrap_or_default();
@@ -477,11 +539,12 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let state = Arc::clone(&ctx.state);
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
-        let route = ctx.route.map(|i| &self.state.routes[i]);
+        let route = ctx.route.map(|i| &state.routes[i]);
         record_request(&RequestRecord {
             route,
             method: &session.req_header().method,
@@ -553,7 +616,7 @@ impl Gateway {
     /// Whether the request can be sent again: no body, or a body kept whole within
     /// `replay_body_limit` (pingora's retry buffer holds at most 64 KiB). Never an empty-body
     /// retry of a request that had a body.
-    fn replayable(&self, session: &mut Session) -> bool {
+    fn replayable(&self, session: &mut Session, state: &SharedState) -> bool {
         let req = session.req_header();
         let content_length = req
             .headers
@@ -564,7 +627,7 @@ impl Gateway {
         if !chunked && content_length.unwrap_or(0) == 0 {
             return true;
         }
-        let limit = self.state.replay_body_limit.min(RETRY_BUFFER_LIMIT) as u64;
+        let limit = state.replay_body_limit.min(RETRY_BUFFER_LIMIT) as u64;
         let within = content_length.is_none_or(|n| n <= limit);
         within
             && session.as_mut().is_body_done()

@@ -49,8 +49,8 @@ mod timer;
 use super::error_response::{self, GatewayError};
 use super::routes::{Route, RouteTable};
 use super::{
-    client_allowed, record_request, valid_request_id_bytes, Gateway, RequestRecord, SharedState,
-    MAX_REQUEST_ID,
+    client_allowed, record_request, valid_request_id_bytes, Gateway, Live, RequestRecord,
+    SharedState, MAX_REQUEST_ID,
 };
 use crate::metrics::UpstreamErrorKind;
 use crate::token::{Token, TokenCache};
@@ -135,25 +135,40 @@ fn parse_content_length(value: &[u8]) -> Option<u64> {
 
 /// The service of one proxy listener: the fast path, and pingora-proxy for everything else.
 pub struct ListenerApp {
-    table: RouteTable,
-    state: Arc<SharedState>,
+    live: Arc<Live>,
+    /// This listener's index in [`SharedState::tables`].
+    slot: usize,
     connector: TransportConnector,
     slow: Arc<HttpProxy<Gateway>>,
-    /// Largest request body the fast path takes: it must be replayable after an upstream 401.
-    body_limit: usize,
 }
 
 impl ListenerApp {
-    /// The service for a listener serving `table`.
-    pub fn new(table: RouteTable, state: Arc<SharedState>, conf: &Arc<ServerConf>) -> Self {
-        let slow = pingora::proxy::http_proxy(conf, Gateway::new(table.clone(), state.clone()));
-        let body_limit = state.replay_body_limit.min(super::RETRY_BUFFER_LIMIT);
+    /// The service for the listener whose route table is `live`'s `tables[slot]`.
+    pub fn new(live: Arc<Live>, slot: usize, conf: &Arc<ServerConf>) -> Self {
+        let slow = pingora::proxy::http_proxy(conf, Gateway::new(Arc::clone(&live), slot));
         ListenerApp {
-            table,
-            state,
+            live,
+            slot,
             connector: TransportConnector::new(Some(ConnectorOptions::from_server_conf(conf))),
             slow: Arc::new(slow),
-            body_limit,
+        }
+    }
+}
+
+/// The state a connection serves its requests with, and the [`Live`] generation it was
+/// loaded at.
+struct Current {
+    generation: u64,
+    state: Arc<SharedState>,
+}
+
+impl Current {
+    fn load(live: &Live) -> Self {
+        // Generation first: the state loaded after it is that generation's or newer.
+        let generation = live.generation();
+        Current {
+            generation,
+            state: live.load(),
         }
     }
 }
@@ -170,16 +185,20 @@ impl ServerApp for ListenerApp {
             return ServerApp::process_new(&self.slow, down, shutdown).await;
         }
         let mut conn = Conn::new(&down);
+        let mut current = Current::load(&self.live);
         loop {
-            if let Outcome::Close = self.serve(&mut down, &mut conn, shutdown).await {
+            let outcome = self
+                .serve(&mut down, &mut conn, &mut current, shutdown)
+                .await;
+            if let Outcome::Close = outcome {
                 if !*shutdown.borrow() {
-                    self.release(conn.held.take());
+                    self.release(conn.held.take(), &current.state);
                 }
                 return None;
             }
             // One request for pingora-proxy. It may take long (an upgraded connection lasts as
             // long as the client wants): the held upstream connection goes back to the pool.
-            self.release(conn.held.take());
+            self.release(conn.held.take(), &current.state);
             let Ok(mut l4) = down.into_any().downcast::<L4Stream>() else {
                 return None;
             };
@@ -207,9 +226,9 @@ impl ServerApp for ListenerApp {
 
 impl ListenerApp {
     /// Returns a clean upstream connection to pingora's connection pool.
-    fn release(&self, held: Option<Held>) {
+    fn release(&self, held: Option<Held>, state: &SharedState) {
         if let Some(held) = held.filter(|h| h.reusable) {
-            let peer = &self.state.routes[held.route].peer;
+            let peer = &state.routes[held.route].peer;
             self.connector.release_stream(
                 held.stream,
                 peer.reuse_hash(),
@@ -332,6 +351,8 @@ enum Exchange {
 
 /// Per-request facts the exchange and the log line need.
 struct RequestCtx<'a> {
+    /// The state the request was admitted with (its route is one of `state.routes`).
+    state: &'a SharedState,
     route: &'a Route,
     index: usize,
     req: &'a Plain,
@@ -461,6 +482,7 @@ pub fn own_work(
     let route = &state.routes[admitted.index];
     let request_id = RequestId::of(&c.buf, &req, state);
     let ctx = RequestCtx {
+        state,
         route,
         index: admitted.index,
         req: &req,
@@ -485,10 +507,16 @@ pub fn own_work(
 
 impl ListenerApp {
     /// Serves requests on `down` until it closes or a request needs pingora.
-    async fn serve(&self, down: &mut Stream, c: &mut Conn, shutdown: &ShutdownWatch) -> Outcome {
+    async fn serve(
+        &self,
+        down: &mut Stream,
+        c: &mut Conn,
+        current: &mut Current,
+        shutdown: &ShutdownWatch,
+    ) -> Outcome {
         c.allowed = c
             .client_ip
-            .is_some_and(|ip| client_allowed(&self.state.allowed_clients, ip));
+            .is_some_and(|ip| client_allowed(&current.state.allowed_clients, ip));
         loop {
             let req = loop {
                 match parse_request(&c.buf, &mut c.fields) {
@@ -507,18 +535,35 @@ impl ListenerApp {
                     Err(e) if e.kind() == io::ErrorKind::TimedOut && c.held.is_some() => {
                         // An idle client does not keep an upstream connection to itself: it
                         // goes back to pingora's pool (bounded, watched for closes).
-                        self.release(c.held.take());
+                        self.release(c.held.take(), &current.state);
                     }
                     Err(_) => return Outcome::Close,
                 }
             };
+            if self.live.generation() != current.generation {
+                // A config reload: from this request on, the new routes, tokens and allowlist.
+                // The held upstream connection and the cached token belong to the old ones.
+                self.release(c.held.take(), &current.state);
+                *current = Current::load(&self.live);
+                c.tokens = TokenCache::default();
+                c.allowed = c
+                    .client_ip
+                    .is_some_and(|ip| client_allowed(&current.state.allowed_clients, ip));
+            }
+            let state = &*current.state;
             let started = Instant::now();
-            let Some(Admitted { index, mut token }) =
-                admit(&self.table, &self.state, c, &req, self.body_limit, started)
-            else {
+            let body_limit = state.replay_body_limit.min(super::RETRY_BUFFER_LIMIT);
+            let Some(Admitted { index, mut token }) = admit(
+                &state.tables[self.slot],
+                state,
+                c,
+                &req,
+                body_limit,
+                started,
+            ) else {
                 return Outcome::Delegate;
             };
-            let route = &self.state.routes[index];
+            let route = &state.routes[index];
             // The body (Content-Length only) in full: it may have to be sent twice.
             let total = req.head_len + req.body_len;
             if c.buf.len() < total {
@@ -541,8 +586,9 @@ impl ListenerApp {
                 };
                 token = current;
             }
-            let request_id = RequestId::of(&c.buf, &req, &self.state);
+            let request_id = RequestId::of(&c.buf, &req, state);
             let ctx = RequestCtx {
+                state,
                 route,
                 index,
                 req: &req,
@@ -602,10 +648,7 @@ impl ListenerApp {
             write_upstream_request(c, ctx, renewed.as_ref().unwrap_or(authorization));
             let sent = loop {
                 attempts += 1;
-                let (mut up, reused) = match self
-                    .upstream(c, ctx.index, ctx.req.method.is_idempotent())
-                    .await
-                {
+                let (mut up, reused) = match self.upstream(c, ctx).await {
                     Ok(s) => s,
                     Err(e) => {
                         let (kind, err) = super::classify_upstream_error(e.etype());
@@ -658,31 +701,29 @@ impl ListenerApp {
         }
     }
 
-    /// An upstream connection for route `index`: the one this downstream connection holds if
-    /// it is still good, else one from pingora's connector (its pool, or new). The flag says
-    /// whether the connection was used before.
+    /// An upstream connection for the request's route: the one this downstream connection
+    /// holds if it is still good, else one from pingora's connector (its pool, or new). The
+    /// flag says whether the connection was used before.
     async fn upstream(
         &self,
         c: &mut Conn,
-        index: usize,
-        idempotent: bool,
+        ctx: &RequestCtx<'_>,
     ) -> pingora::Result<(Stream, bool)> {
+        let idempotent = ctx.req.method.is_idempotent();
         if let Some(mut held) = c.held.take() {
             // A request that cannot be retried checks every time; others only after the held
             // connection sat idle a while (a failure on a just-used one is retried).
             let alive = held.reusable
                 && ((idempotent && held.last_used.elapsed() < CHECK_IDLE_UPSTREAM_AFTER)
                     || !closed_while_idle(&mut held.stream));
-            if alive && held.route == index {
+            if alive && held.route == ctx.index {
                 return Ok((held.stream, true));
             }
             if alive {
-                self.release(Some(held));
+                self.release(Some(held), ctx.state);
             }
         }
-        self.connector
-            .get_stream(&self.state.routes[index].peer)
-            .await
+        self.connector.get_stream(&ctx.route.peer).await
     }
 }
 
