@@ -441,6 +441,21 @@ mod tests {
     }
 
     #[test]
+    fn keys_compare_by_ids_and_private_key_without_exposing_it() {
+        let other_pem = include_str!("../sandbox/keys/other-private.pem");
+        let demo = |pem: &str, kid: &str| ServiceAccountKey::from_pem(pem, kid, "sa").unwrap();
+        assert_eq!(demo(DEMO_PKCS8, "k"), demo(DEMO_PKCS8, "k"));
+        // A rotated key (same ids): a reload must start a new token source.
+        assert_ne!(demo(DEMO_PKCS8, "k"), demo(other_pem, "k"));
+        assert_ne!(demo(DEMO_PKCS8, "k"), demo(DEMO_PKCS8, "k2"));
+        let shown = format!("{:?}", demo(DEMO_PKCS8, "k"));
+        assert!(
+            !shown.contains("MII") && !shown.contains("digest"),
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn pkcs8_and_pkcs1_accepted() {
         ServiceAccountKey::from_json(&key_json(DEMO_PKCS8)).expect("pkcs8");
         ServiceAccountKey::from_json(&key_json(DEMO_PKCS1)).expect("pkcs1");
