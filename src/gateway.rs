@@ -412,8 +412,13 @@ impl Reloader {
             {
                 continue;
             }
-            // A replaced source keeps renewing for as long as a request admitted before the
-            // swap may still wait for its token, then stops.
+            // A replaced source stops renewing at once, but still fetches for a request
+            // admitted before the swap that waits for its token, until the grace period ends.
+            s.source.retire();
+            if !running.sources.iter().any(|n| n.route == s.route) {
+                // A removed route: its token gauges would go stale (and trip expiry alerts).
+                self.metrics.forget_route(&s.route);
+            }
             if let Some(refresher) = s.refresher {
                 let linger = s.auth.token_timeout + Duration::from_secs(2);
                 self.runtime.spawn(async move {
@@ -480,6 +485,22 @@ pub fn run(config: Config) -> Result<(), StartError> {
     let built = Built::new(config)?;
     reload_on_sighup(&built)?;
     run_with(built, Box::new(UnixSignals))
+}
+
+/// Keeps SIGHUP from ending the process while it starts: SIGHUP's default action is to
+/// terminate, and [`run`] listens for it only once the gateway is built (after the config,
+/// secrets and key files are read and upstream hosts resolved). Call it first thing; a SIGHUP
+/// before the gateway runs is then ignored (the file is being read at start anyway). The
+/// handler stays installed for the life of the process.
+///
+/// # Errors
+/// The signal handler could not be installed.
+pub fn catch_sighup_while_starting() -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    let _guard = runtime.enter();
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map(drop)
 }
 
 /// Reloads on every SIGHUP, one reload at a time, on the token runtime (the handler is in

@@ -74,6 +74,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config } => {
+            if let Err(e) = tokengate::gateway::catch_sighup_while_starting() {
+                eprintln!("tokengate: SIGHUP handler: {e}");
+                return ExitCode::from(1);
+            }
             let config = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,

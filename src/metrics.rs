@@ -222,6 +222,14 @@ impl Metrics {
             .inc();
     }
 
+    /// Drops the token gauges (`tokengate_token_expiry_timestamp_seconds`,
+    /// `tokengate_token_consecutive_failures`) of a route a config reload removed: a frozen
+    /// expiry would trip the expiry alert forever. Counters stay (they only ever grow).
+    pub fn forget_route(&self, route: &str) {
+        let _ = self.token_expiry.remove_label_values(&[route]);
+        let _ = self.token_failures.remove_label_values(&[route]);
+    }
+
     /// Per-route handles for the request path.
     pub fn route(&self, route: &str) -> RouteMetrics {
         let l = [route];

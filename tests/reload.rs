@@ -240,7 +240,32 @@ async fn a_changed_secret_gets_a_new_token_source_and_a_removed_route_is_gone() 
         200
     );
 
-    // The route removed: 404, the others still served.
+    // The right secret back: a new source again. The one with the wrong secret stops retrying
+    // and no longer sets the route's gauges, so they follow the new source and stay at 0.
+    let failures = "tokengate_token_consecutive_failures{route=\"echo\"}";
+    assert!(metric(&gw.metrics().await, failures) >= 1.0);
+    std::fs::write(dir.config(), config_text(&sandbox, listen, admin, &good)).unwrap();
+    let summary = tokio::task::block_in_place(|| reload(&gw)).expect("reload applies");
+    assert_eq!((summary.sources_kept, summary.sources_new), (2, 1));
+    let echo_ok = || async {
+        raw_request(
+            listen,
+            b"GET /echo/a HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .status
+    };
+    eventually(echo_ok, 200).await;
+    let refused = sandbox.driftrock.failures();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(metric(&gw.metrics().await, failures), 0.0);
+    assert_eq!(
+        sandbox.driftrock.failures(),
+        refused,
+        "the replaced source kept retrying"
+    );
+
+    // The route removed: 404, the others still served, its token gauges gone.
     std::fs::write(dir.config(), config_text(&sandbox, listen, admin, "")).unwrap();
     let summary = tokio::task::block_in_place(|| reload(&gw)).expect("reload applies");
     assert_eq!(
@@ -261,6 +286,16 @@ async fn a_changed_secret_gets_a_new_token_source_and_a_removed_route_is_gone() 
         .await
         .status,
         200
+    );
+    let m = gw.metrics().await;
+    let expiry = "tokengate_token_expiry_timestamp_seconds{route=\"echo\"}";
+    assert!(
+        !m.lines().any(|l| l.starts_with(expiry)),
+        "gauges of a removed route stay"
+    );
+    assert!(
+        !m.lines().any(|l| l.starts_with(failures)),
+        "gauges of a removed route stay"
     );
     gw.stop().await;
 }
@@ -465,4 +500,99 @@ where
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// A SIGHUP while the binary is still reading its config (here: 100 routes, each with a key
+/// file to parse and trial-sign) does not end the process (SIGHUP's default action): the
+/// handler is in place long before the gateway is up, and the gateway comes up.
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_while_starting_is_ignored() {
+    let dir = Dir::new("early");
+    let (listen, admin) = (free_addr(), free_addr());
+    let mut text = format!(
+        "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin}\"\ngrace_period = \"0s\"\n"
+    );
+    for i in 0..100 {
+        text += &format!(
+            r#"
+[[routes]]
+name = "r{i}"
+path_prefix = "/r{i}"
+upstream = "http://127.0.0.1:9"
+[routes.auth]
+grant = "jwt_bearer"
+token_endpoint = "http://127.0.0.1:9/token"
+client_id = "c"
+client_secret = "s"
+key_file = "{key}"
+"#,
+            key = demo_key_path().display()
+        );
+    }
+    std::fs::write(dir.config(), text).unwrap();
+    let stderr = dir.0.join("stderr.log");
+    let mut child = Gateway(
+        Command::new(env!("CARGO_BIN_EXE_tokengate"))
+            .args(["run", "-c"])
+            .arg(dir.config())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // As soon as the process catches SIGHUP (bit 0 of SigCgt), before its listeners are up.
+    let pid = child.0.id();
+    let caught = || {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                let mask = s
+                    .lines()
+                    .find_map(|l| l.strip_prefix("SigCgt:"))?
+                    .trim()
+                    .to_string();
+                u64::from_str_radix(&mask, 16).ok()
+            })
+            .is_some_and(|m| m & 1 == 1)
+    };
+    let spawned = std::time::Instant::now();
+    let deadline = spawned + Duration::from_secs(30);
+    while !caught() {
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "exited while starting"
+        );
+        assert!(std::time::Instant::now() < deadline, "SIGHUP never caught");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let caught_after = spawned.elapsed();
+    assert!(
+        std::net::TcpStream::connect(admin).is_err(),
+        "the probe came too late: the gateway is already up"
+    );
+    child.hangup();
+    let client = reqwest::Client::new();
+    let healthz = || {
+        let client = client.clone();
+        async move {
+            let r = client.get(format!("http://{admin}/healthz")).send().await;
+            r.map(|r| r.status().as_u16()).unwrap_or(0)
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while healthz().await != 200 {
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "exited while starting"
+        );
+        assert!(tokio::time::Instant::now() < deadline, "not up in 60 s");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let up_after = spawned.elapsed();
+    // Caught while the config was still being read, not only once the gateway was built.
+    assert!(
+        caught_after * 4 < up_after,
+        "SIGHUP caught after {caught_after:?}, gateway up after {up_after:?}"
+    );
+    assert!(child.0.try_wait().unwrap().is_none(), "still running");
 }

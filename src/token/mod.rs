@@ -11,7 +11,7 @@
 //!
 //! No HTTP details live here: fetching is behind [`TokenFetcher`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -217,6 +217,8 @@ pub struct TokenSource {
     status: Mutex<SourceStatus>,
     /// Requests that found no usable token and had to wait (should stay 0 in steady state).
     waited: AtomicU64,
+    /// Replaced by a config reload ([`TokenSource::retire`]).
+    retired: AtomicBool,
 }
 
 impl TokenSource {
@@ -244,6 +246,7 @@ impl TokenSource {
             drops: AtomicU64::new(0),
             status: Mutex::new(SourceStatus::default()),
             waited: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
         })
     }
 
@@ -356,6 +359,19 @@ impl TokenSource {
         dropped
     }
 
+    /// Marks the source as replaced by a config reload: its refresher no longer renews or
+    /// retries, and fetches only for a request that waits (one admitted before the reload may);
+    /// it no longer sets the route's token gauges, which belong to the source that replaced it.
+    /// Counters still count its token requests. Abort the refresher after a grace period.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::SeqCst)
+    }
+
     /// How many requests found no usable token and had to wait for the refresher (cold start,
     /// after a 401 drop, or during an outage). In steady state this does not grow.
     pub fn waited_requests(&self) -> u64 {
@@ -387,6 +403,12 @@ impl TokenSource {
         let mut backoff = self.new_backoff();
         let mut attempt_no = 0u64;
         loop {
+            if self.is_retired() && self.waiters.available_permits() == self.policy.max_waiters {
+                // Replaced: no renewals, no retries; a fetch only for a request that waits
+                // (it wakes this loop after taking its permit). Aborted after a grace period.
+                self.wake.notified().await;
+                continue;
+            }
             let now = Instant::now();
             let due = match self.current.load().as_deref() {
                 Some(t) if now < t.refresh_at => t.refresh_at,
@@ -500,8 +522,10 @@ impl TokenSource {
             s.consecutive_failures = 0;
         }
         self.metrics.fetched(FetchOutcome::Success, took);
-        self.metrics.set_consecutive_failures(0);
-        self.metrics.set_expiry(expires_at_wall);
+        if !self.is_retired() {
+            self.metrics.set_consecutive_failures(0);
+            self.metrics.set_expiry(expires_at_wall);
+        }
         tracing::info!(
             route = %self.name,
             generation,
@@ -525,7 +549,9 @@ impl TokenSource {
             s.consecutive_failures
         };
         self.metrics.fetched(e.outcome, took);
-        self.metrics.set_consecutive_failures(failures);
+        if !self.is_retired() {
+            self.metrics.set_consecutive_failures(failures);
+        }
         let still_valid = self.usable_now(Instant::now()).is_some();
         tracing::warn!(
             route = %self.name,
