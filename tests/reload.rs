@@ -109,6 +109,25 @@ async fn on_connection(conn: &mut tokio::net::TcpStream, path: &str) -> (u16, Ve
     }
 }
 
+/// The status of `GET path` on a fresh connection to `listen`.
+async fn status_of(listen: SocketAddr, path: &str) -> u16 {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n");
+    raw_request(listen, req.as_bytes()).await.status
+}
+
+/// `tokengate run -c` the directory's config, its stderr to `stderr.log` there.
+fn spawn_binary(dir: &Dir) -> (Gateway, PathBuf) {
+    let stderr = dir.0.join("stderr.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .args(["run", "-c"])
+        .arg(dir.config())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    (Gateway(child), stderr)
+}
+
 fn metric(text: &str, line_start: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(line_start))
@@ -131,12 +150,7 @@ async fn a_reload_adds_a_route_keeps_unchanged_tokens_and_reaches_open_connectio
     assert_eq!(echo.path, "/v2/x");
     let token_before = echo.header("authorization").unwrap().to_string();
     // (A 404 closes its connection: asked on another one.)
-    let r = raw_request(
-        listen,
-        b"GET /echo/a HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(r.status, 404);
+    assert_eq!(status_of(listen, "/echo/a").await, 404);
     let token_requests = (sandbox.drillster.requests(), sandbox.driftrock.requests());
 
     // New: route `echo`, and `driftrock` no longer strips its prefix (the fast path handles
@@ -209,36 +223,15 @@ async fn a_changed_secret_gets_a_new_token_source_and_a_removed_route_is_gone() 
     let good = echo_route(&sandbox, tokengate::sandbox::keys::DRIFTROCK_CLIENT_SECRET);
     std::fs::write(dir.config(), config_text(&sandbox, listen, admin, &good)).unwrap();
     let gw = start_from_file(&dir.config()).await;
-    assert_eq!(
-        raw_request(
-            listen,
-            b"GET /echo/a HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
-        )
-        .await
-        .status,
-        200
-    );
+    assert_eq!(status_of(listen, "/echo/a").await, 200);
 
     // A wrong secret for `echo`: a new source, whose token request the server refuses.
     let wrong = echo_route(&sandbox, "not-the-secret");
     std::fs::write(dir.config(), config_text(&sandbox, listen, admin, &wrong)).unwrap();
     let summary = tokio::task::block_in_place(|| reload(&gw)).expect("reload applies");
     assert_eq!((summary.sources_kept, summary.sources_new), (2, 1));
-    let r = raw_request(
-        listen,
-        b"GET /echo/a HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(r.status, 503, "{}", r.head);
-    assert_eq!(
-        raw_request(
-            listen,
-            b"GET /driftrock/a HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
-        )
-        .await
-        .status,
-        200
-    );
+    assert_eq!(status_of(listen, "/echo/a").await, 503);
+    assert_eq!(status_of(listen, "/driftrock/a").await, 200);
 
     // The right secret back: a new source again. The one with the wrong secret stops retrying
     // and no longer sets the route's gauges, so they follow the new source and stay at 0.
@@ -247,15 +240,7 @@ async fn a_changed_secret_gets_a_new_token_source_and_a_removed_route_is_gone() 
     std::fs::write(dir.config(), config_text(&sandbox, listen, admin, &good)).unwrap();
     let summary = tokio::task::block_in_place(|| reload(&gw)).expect("reload applies");
     assert_eq!((summary.sources_kept, summary.sources_new), (2, 1));
-    let echo_ok = || async {
-        raw_request(
-            listen,
-            b"GET /echo/a HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
-        )
-        .await
-        .status
-    };
-    eventually(echo_ok, 200).await;
+    eventually(|| status_of(listen, "/echo/a"), 200).await;
     let refused = sandbox.driftrock.failures();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(metric(&gw.metrics().await, failures), 0.0);
@@ -272,31 +257,13 @@ async fn a_changed_secret_gets_a_new_token_source_and_a_removed_route_is_gone() 
         (summary.routes, summary.sources_kept, summary.sources_new),
         (2, 2, 0)
     );
-    let r = raw_request(
-        listen,
-        b"GET /echo/a HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(r.status, 404);
-    assert_eq!(
-        raw_request(
-            listen,
-            b"GET /drillster/a HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
-        )
-        .await
-        .status,
-        200
-    );
+    assert_eq!(status_of(listen, "/echo/a").await, 404);
+    assert_eq!(status_of(listen, "/drillster/a").await, 200);
     let m = gw.metrics().await;
     let expiry = "tokengate_token_expiry_timestamp_seconds{route=\"echo\"}";
-    assert!(
-        !m.lines().any(|l| l.starts_with(expiry)),
-        "gauges of a removed route stay"
-    );
-    assert!(
-        !m.lines().any(|l| l.starts_with(failures)),
-        "gauges of a removed route stay"
-    );
+    for gauge in [expiry, failures] {
+        assert!(!m.lines().any(|l| l.starts_with(gauge)), "{gauge} stays");
+    }
     gw.stop().await;
 }
 
@@ -363,12 +330,7 @@ async fn a_bad_or_restart_only_change_is_rejected_and_the_running_config_keeps_s
     assert!(matches!(err, ReloadError::Build(_)), "{err}");
 
     for path in ["/drillster/a", "/driftrock/b"] {
-        let req = format!("GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n");
-        assert_eq!(
-            raw_request(listen, req.as_bytes()).await.status,
-            200,
-            "{path}"
-        );
+        assert_eq!(status_of(listen, path).await, 200, "{path}");
     }
     let m = gw.metrics().await;
     assert_eq!(
@@ -391,16 +353,7 @@ async fn sighup_reloads_the_running_binary() {
     let (listen, admin) = (free_addr(), free_addr());
     let text = config_text(&sandbox, listen, admin, "");
     std::fs::write(dir.config(), &text).unwrap();
-    let stderr = dir.0.join("stderr.log");
-    let mut child = Gateway(
-        Command::new(env!("CARGO_BIN_EXE_tokengate"))
-            .args(["run", "-c"])
-            .arg(dir.config())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let (mut child, stderr) = spawn_binary(&dir);
     let client = reqwest::Client::new();
     let get = |url: String| {
         let client = client.clone();
@@ -530,16 +483,7 @@ key_file = "{key}"
         );
     }
     std::fs::write(dir.config(), text).unwrap();
-    let stderr = dir.0.join("stderr.log");
-    let mut child = Gateway(
-        Command::new(env!("CARGO_BIN_EXE_tokengate"))
-            .args(["run", "-c"])
-            .arg(dir.config())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let (mut child, _stderr) = spawn_binary(&dir);
     // As soon as the process catches SIGHUP (bit 0 of SigCgt), before its listeners are up.
     let pid = child.0.id();
     let caught = || {
