@@ -26,7 +26,7 @@ use crate::oauth::TokenClient;
 use crate::proxy::fast_path::ListenerApp;
 use crate::proxy::routes::{normalise_prefix, Route, RouteTable};
 use crate::proxy::{Live, SharedState};
-use crate::token::{RenewalPolicy, TokenSource};
+use crate::token::{lock, RenewalPolicy, TokenSource};
 
 /// Why the gateway could not start (exit code 1).
 #[derive(Debug, thiserror::Error)]
@@ -135,11 +135,6 @@ impl Built {
         server.add_service(admin_svc);
         Ok(server)
     }
-
-    /// The config the gateway serves now (the last one a reload applied).
-    pub fn config(&self) -> Config {
-        self.reloader.config()
-    }
 }
 
 /// One proxy listener service: its addresses and the routes it serves.
@@ -182,19 +177,18 @@ fn listeners(config: &Config) -> Vec<Listener> {
 /// A route's token source as running: what it was built from (a reload keeps the source, and
 /// its token, when the new config builds the same one) and its refresher task.
 struct RunningSource {
-    route: String,
     auth: AuthConfig,
     ca_pem: Option<Vec<u8>>,
     connect_timeout: Duration,
     source: Arc<TokenSource>,
-    /// `None` until [`start_refreshers`] ran (a source built for a reload that failed never
-    /// starts).
+    /// `None` until [`start_refreshers`] ran, or a kept source's handle moved over from the
+    /// running entry (a source built for a reload that failed never starts).
     refresher: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningSource {
     fn builds_same(&self, rc: &RouteConfig, ca_pem: &Option<Vec<u8>>) -> bool {
-        self.route == rc.name
+        self.source.name() == rc.name
             && self.auth == rc.auth
             && &self.ca_pem == ca_pem
             && self.connect_timeout == rc.connect_timeout
@@ -232,7 +226,6 @@ fn build_state(
             metrics,
         )?);
         sources.push(RunningSource {
-            route: rc.name.clone(),
             auth: rc.auth.clone(),
             ca_pem,
             connect_timeout: rc.connect_timeout,
@@ -393,31 +386,40 @@ impl Reloader {
         if let Some(key) = needs_restart(&running.config, &config) {
             return Err(ReloadError::NeedsRestart { key });
         }
-        let (state, sources) = build_state(&config, &self.metrics, &running.sources)?;
+        let (state, mut sources) = build_state(&config, &self.metrics, &running.sources)?;
+        // A kept source keeps its refresher (a second one would double its token requests).
+        for new in &mut sources {
+            let mut old = running.sources.iter_mut();
+            if let Some(old) = old.find(|o| Arc::ptr_eq(&o.source, &new.source)) {
+                new.refresher = old.refresher.take();
+            }
+        }
         let sources = start_refreshers(sources, &self.runtime);
-        let kept = |s: &RunningSource| sources.iter().any(|n| Arc::ptr_eq(&n.source, &s.source));
-        let summary = ReloadSummary {
-            routes: config.routes.len(),
-            sources_kept: running.sources.iter().filter(|s| kept(s)).count(),
-            sources_new: sources.len() - running.sources.iter().filter(|s| kept(s)).count(),
-        };
         self.live.replace(state);
         let old = std::mem::replace(&mut running.sources, sources);
-        running.config = config;
-        for s in old {
-            if running
+        let (kept, replaced): (Vec<_>, Vec<_>) = old.into_iter().partition(|s| {
+            running
                 .sources
                 .iter()
                 .any(|n| Arc::ptr_eq(&n.source, &s.source))
-            {
-                continue;
-            }
+        });
+        let summary = ReloadSummary {
+            routes: config.routes.len(),
+            sources_kept: kept.len(),
+            sources_new: running.sources.len() - kept.len(),
+        };
+        running.config = config;
+        for s in replaced {
             // A replaced source stops renewing at once, but still fetches for a request
             // admitted before the swap that waits for its token, until the grace period ends.
             s.source.retire();
-            if !running.sources.iter().any(|n| n.route == s.route) {
+            if !running
+                .sources
+                .iter()
+                .any(|n| n.source.name() == s.source.name())
+            {
                 // A removed route: its token gauges would go stale (and trip expiry alerts).
-                self.metrics.forget_route(&s.route);
+                self.metrics.forget_route(s.source.name());
             }
             if let Some(refresher) = s.refresher {
                 let linger = s.auth.token_timeout + Duration::from_secs(2);
@@ -451,10 +453,6 @@ fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
     } else {
         None
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A proxy listener on `addr`. Reads are not buffered by pingora: both the fast path and

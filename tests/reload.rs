@@ -540,3 +540,32 @@ key_file = "{key}"
     );
     assert!(child.0.try_wait().unwrap().is_none(), "still running");
 }
+
+/// A reload that keeps a token source keeps its one refresher: with 2-second tokens the
+/// token endpoint sees one request per renewal, not one per reload on top.
+#[tokio::test(flavor = "multi_thread")]
+async fn kept_token_sources_keep_a_single_refresher() {
+    let sandbox = Sandbox::builder()
+        .token_lifetime(Duration::from_secs(2))
+        .start()
+        .await
+        .unwrap();
+    let dir = Dir::new("refreshers");
+    let (listen, admin) = (free_addr(), free_addr());
+    std::fs::write(dir.config(), config_text(&sandbox, listen, admin, "")).unwrap();
+    let gw = start_from_file(&dir.config()).await;
+    for _ in 0..3 {
+        let summary = tokio::task::block_in_place(|| reload(&gw)).expect("reload applies");
+        assert_eq!((summary.sources_kept, summary.sources_new), (2, 0));
+    }
+    let before = sandbox.driftrock.requests();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Renewal at 80 % of 2 s: about 3 in 5 s. Four refreshers would make about 12.
+    let renewals = sandbox.driftrock.requests() - before;
+    assert!(
+        (2..=5).contains(&renewals),
+        "{renewals} token requests in 5 s"
+    );
+    assert_eq!(status_of(listen, "/driftrock/a").await, 200);
+    gw.stop().await;
+}

@@ -391,10 +391,10 @@ impl ProxyHttp for Gateway {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let state = Arc::clone(&ctx.state);
         if response.status != http::StatusCode::UNAUTHORIZED {
             return Ok(());
         }
+        let state = Arc::clone(&ctx.state);
         let Some(route) = ctx.route.map(|i| &state.routes[i]) else {
             return Ok(());
         };
@@ -539,7 +539,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        let state = Arc::clone(&ctx.state);
+        let state = &ctx.state;
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())

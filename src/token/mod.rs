@@ -602,8 +602,8 @@ fn hash_token(bytes: &[u8]) -> u64 {
     h.finish()
 }
 
-/// Locks a status mutex; a poisoned lock (a panic elsewhere) still yields the data.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks a mutex; a poisoned lock (a panic elsewhere) still yields the data.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 

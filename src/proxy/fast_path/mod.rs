@@ -276,6 +276,14 @@ struct Held {
 }
 
 impl Conn {
+    /// Checks the client against `state.allowed_clients`: once per connection, and again
+    /// after a reload.
+    fn check_client(&mut self, state: &SharedState) {
+        self.allowed = self
+            .client_ip
+            .is_some_and(|ip| client_allowed(&state.allowed_clients, ip));
+    }
+
     fn new(down: &Stream) -> Self {
         let client_ip = down
             .get_socket_digest()
@@ -446,7 +454,7 @@ impl Scratch {
     /// connection is.
     pub fn new(state: &SharedState, client_ip: std::net::IpAddr) -> Self {
         let mut c = Conn::detached(Some(client_ip));
-        c.allowed = client_allowed(&state.allowed_clients, client_ip);
+        c.check_client(state);
         Scratch(c)
     }
 
@@ -514,9 +522,7 @@ impl ListenerApp {
         current: &mut Current,
         shutdown: &ShutdownWatch,
     ) -> Outcome {
-        c.allowed = c
-            .client_ip
-            .is_some_and(|ip| client_allowed(&current.state.allowed_clients, ip));
+        c.check_client(&current.state);
         loop {
             let req = loop {
                 match parse_request(&c.buf, &mut c.fields) {
@@ -546,9 +552,7 @@ impl ListenerApp {
                 self.release(c.held.take(), &current.state);
                 *current = Current::load(&self.live);
                 c.tokens = TokenCache::default();
-                c.allowed = c
-                    .client_ip
-                    .is_some_and(|ip| client_allowed(&current.state.allowed_clients, ip));
+                c.check_client(&current.state);
             }
             let state = &*current.state;
             let started = Instant::now();
