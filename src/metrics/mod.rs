@@ -14,11 +14,17 @@ use pingora_prometheus::prometheus::{
 
 use crate::oauth::FetchOutcome;
 
+mod thread_histogram;
+
+pub use thread_histogram::ThreadHistogram;
+use thread_histogram::ThreadHistogramVec;
+
 /// The gateway's metric families.
 pub struct Metrics {
     registry: Registry,
     requests_total: IntCounterVec,
-    request_duration: HistogramVec,
+    /// Kept per thread: observed on every request (see [`ThreadHistogramVec`]).
+    request_duration: Arc<ThreadHistogramVec>,
     upstream_errors: IntCounterVec,
     token_requests: IntCounterVec,
     token_request_duration: HistogramVec,
@@ -71,27 +77,24 @@ impl UpstreamErrorKind {
     const LABELS: [&'static str; 4] = ["connect", "timeout", "tls", "reset"];
 }
 
-fn register<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+fn register<C: prometheus::core::Collector + 'static>(r: &Registry, c: C) {
     // Names are static and unique, so registration cannot fail; if it ever did, the metric
     // would still count, only not be exported.
-    if let Err(e) = r.register(Box::new(c.clone())) {
+    if let Err(e) = r.register(Box::new(c)) {
         tracing::error!(error = %e, "metric registration failed");
     }
-    c
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    register(
-        r,
-        IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition"),
-    )
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    register(r, c.clone());
+    c
 }
 
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    register(
-        r,
-        IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition"),
-    )
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    register(r, g.clone());
+    g
 }
 
 fn histogram_vec(
@@ -101,11 +104,10 @@ fn histogram_vec(
     labels: &[&str],
     buckets: Vec<f64>,
 ) -> HistogramVec {
-    register(
-        r,
-        HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
-            .expect("static metric definition"),
-    )
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("static metric definition");
+    register(r, h.clone());
+    h
 }
 
 impl Metrics {
@@ -119,16 +121,22 @@ impl Metrics {
                 "Proxied requests by route and response status code.",
                 &["route", "code"],
             ),
-            request_duration: histogram_vec(
-                &r,
-                "tokengate_request_duration_seconds",
-                "Time from request received to response finished, seconds.",
-                &["route"],
-                vec![
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                    5.0, 10.0, 30.0,
-                ],
-            ),
+            request_duration: {
+                let h = Arc::new(
+                    ThreadHistogramVec::new(
+                        "tokengate_request_duration_seconds",
+                        "Time from request received to response finished, seconds.",
+                        "route",
+                        vec![
+                            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                            2.5, 5.0, 10.0, 30.0,
+                        ],
+                    )
+                    .expect("static metric definition"),
+                );
+                register(&r, thread_histogram::Shared(Arc::clone(&h)));
+                h
+            },
             upstream_errors: counter_vec(
                 &r,
                 "tokengate_upstream_errors_total",
@@ -232,12 +240,11 @@ impl Metrics {
 
     /// Per-route handles for the request path.
     pub fn route(&self, route: &str) -> RouteMetrics {
-        let l = [route];
         RouteMetrics {
             route: route.to_string(),
             requests_total: self.requests_total.clone(),
             by_status: (100..600).map(|_| OnceLock::new()).collect(),
-            duration: self.request_duration.with_label_values(&l),
+            duration: self.request_duration.with_label_value(route),
             upstream_errors: UpstreamErrorKind::LABELS
                 .map(|k| self.upstream_errors.with_label_values(&[route, k])),
             replayed: self
@@ -267,7 +274,7 @@ pub struct RouteMetrics {
     requests_total: IntCounterVec,
     /// Status code 100..=599 → counter, resolved on first use, then lock-free.
     by_status: Box<[OnceLock<IntCounter>]>,
-    duration: Histogram,
+    duration: ThreadHistogram,
     upstream_errors: [IntCounter; 4],
     replayed: IntCounter,
     passed_through: IntCounter,
@@ -284,7 +291,7 @@ impl RouteMetrics {
                 self.requests_total.with_label_values(&[&self.route, &code])
             })
             .inc();
-        self.duration.observe(elapsed.as_secs_f64());
+        self.duration.observe(elapsed);
     }
 
     /// Counts an upstream failure.
@@ -339,5 +346,74 @@ impl TokenMetrics {
     /// Handles registered nowhere, for tools (`tokengate token`) and tests that need no export.
     pub fn detached() -> Self {
         Metrics::new().token("detached")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, prefix: &str) -> &'a str {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no line {prefix} in\n{text}"))
+    }
+
+    /// Durations observed on several threads, and through handles created twice for one route
+    /// (as a reload does), add up in one series; buckets are cumulative and `le` inclusive.
+    #[test]
+    fn request_durations_from_every_thread_add_up() {
+        let m = Metrics::new();
+        let first = m.route("a");
+        let again = m.route("a");
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..1000 {
+                        first.request(200, Duration::from_micros(500));
+                        again.request(200, Duration::from_millis(3));
+                    }
+                });
+            }
+        });
+        m.route("b").request(502, Duration::from_secs(60));
+        let text = String::from_utf8(m.encode().0).unwrap();
+        let bucket = |route: &str, le: &str| {
+            line(
+                &text,
+                &format!(
+                    "tokengate_request_duration_seconds_bucket{{route=\"{route}\",le=\"{le}\"}} "
+                ),
+            )
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .to_string()
+        };
+        assert_eq!(bucket("a", "0.0005"), "4000");
+        assert_eq!(bucket("a", "0.0025"), "4000");
+        assert_eq!(bucket("a", "0.005"), "8000");
+        assert_eq!(bucket("a", "+Inf"), "8000");
+        assert_eq!(bucket("b", "30"), "0");
+        assert_eq!(bucket("b", "+Inf"), "1");
+        assert_eq!(
+            line(
+                &text,
+                "tokengate_request_duration_seconds_count{route=\"a\"}"
+            ),
+            "tokengate_request_duration_seconds_count{route=\"a\"} 8000"
+        );
+        assert_eq!(
+            line(&text, "tokengate_request_duration_seconds_sum{route=\"a\"}"),
+            "tokengate_request_duration_seconds_sum{route=\"a\"} 14"
+        );
+        assert_eq!(
+            line(&text, "# TYPE tokengate_request_duration_seconds"),
+            "# TYPE tokengate_request_duration_seconds histogram"
+        );
+        assert_eq!(
+            line(&text, "tokengate_requests_total{code=\"200\",route=\"a\"}"),
+            "tokengate_requests_total{code=\"200\",route=\"a\"} 8000"
+        );
     }
 }
