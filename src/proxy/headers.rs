@@ -133,6 +133,13 @@ pub fn strip_access_token(query: &str) -> Option<String> {
 /// percent-encoded name (RFC 6750 §2.3): one pass, no allocation unless a name has a `%`.
 #[inline]
 pub fn has_access_token(query: &[u8]) -> bool {
+    // Every spelling of the name has `access_token` in it or a `%`: most queries have
+    // neither, which two vectorised scans show faster than splitting the query.
+    static NAME: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"access_token"));
+    if memchr::memchr(b'%', query).is_none() && NAME.find(query).is_none() {
+        return false;
+    }
     query.split(|&b| b == b'&').any(is_access_token_param)
 }
 
@@ -481,6 +488,9 @@ mod tests {
         );
         assert_eq!(strip_access_token("my_access_token=1"), None);
         assert_eq!(strip_access_token("access_token").as_deref(), Some(""));
+        // Past the prefilter (the name in a value), and stopped by it (neither name nor `%`).
+        assert_eq!(strip_access_token("q=access_token&a=1"), None);
+        assert_eq!(strip_access_token("page=2&per_page=50"), None);
     }
 
     #[test]
