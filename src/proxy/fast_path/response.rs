@@ -333,7 +333,7 @@ impl<'a> FieldWriter<'a> {
     }
 
     /// Writes the field `name: value`.
-    #[inline]
+    #[inline(always)]
     pub(super) fn push(&mut self, name: &[u8], value: &[u8]) {
         push_field(self.out(), name, value);
     }
@@ -361,7 +361,9 @@ pub(super) fn offset_in(src: &[u8], part: &[u8]) -> Range<usize> {
     start..start + part.len()
 }
 
-#[inline]
+// Inlined everywhere: the names are constants at nearly every call, so their copies become a
+// few moves instead of a call to `memcpy` each (~14 calls per request before).
+#[inline(always)]
 pub(super) fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     // One capacity check that can grow, not four.
     out.reserve(name.len() + value.len() + 4);
