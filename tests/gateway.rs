@@ -467,3 +467,39 @@ async fn unreachable_upstream_is_502_upstream_unreachable() {
     gw.stop().await;
     sandbox.shutdown().await.unwrap();
 }
+
+/// A request whose client leaves before the response is counted with `code="0"` (no response),
+/// on the fast path and on pingora-proxy's path (a chunked body), never as a real status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_client_left_is_counted_as_code_0() {
+    use tokio::io::AsyncWriteExt;
+    let sandbox = Sandbox::start().await.unwrap();
+    let gw = TestGateway::start(config_for(&sandbox, |t| t)).await;
+    gw.ready().await;
+    sandbox.api.faults().set_latency(Duration::from_millis(400));
+    for request in [
+        &b"GET /drillster/leave HTTP/1.1\r\nHost: g\r\n\r\n"[..],
+        b"POST /drillster/leave HTTP/1.1\r\nHost: g\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n",
+    ] {
+        let mut s = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+        s.write_all(request).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Gone before the upstream answers, with a reset, as a client that gives up does.
+        s.set_zero_linger().unwrap();
+        drop(s);
+    }
+    let want = "tokengate_requests_total{code=\"0\",route=\"drillster\"} 2";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let metrics = loop {
+        let m = gw.metrics().await;
+        if m.contains(want) || Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(metrics.contains(want), "{metrics}");
+    assert!(!metrics.contains("code=\"100\""), "{metrics}");
+    assert!(metrics.contains("tokengate_request_duration_seconds_count{route=\"drillster\"} 2"));
+    gw.stop().await;
+    sandbox.shutdown().await.unwrap();
+}

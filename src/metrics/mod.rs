@@ -243,7 +243,7 @@ impl Metrics {
         RouteMetrics {
             route: route.to_string(),
             requests_total: self.requests_total.clone(),
-            by_status: (100..600).map(|_| OnceLock::new()).collect(),
+            by_status: (99..600).map(|_| OnceLock::new()).collect(),
             duration: self.request_duration.with_label_value(route),
             upstream_errors: UpstreamErrorKind::LABELS
                 .map(|k| self.upstream_errors.with_label_values(&[route, k])),
@@ -272,7 +272,8 @@ impl Metrics {
 pub struct RouteMetrics {
     route: String,
     requests_total: IntCounterVec,
-    /// Status code 100..=599 → counter, resolved on first use, then lock-free.
+    /// `[0]`: no response (`code="0"`); `[n]`: status code `n + 99` (100..=599). Resolved on
+    /// first use, then lock-free.
     by_status: Box<[OnceLock<IntCounter>]>,
     duration: ThreadHistogram,
     upstream_errors: [IntCounter; 4],
@@ -281,13 +282,19 @@ pub struct RouteMetrics {
 }
 
 impl RouteMetrics {
-    /// Counts one finished request and observes its duration.
+    /// Counts one finished request and observes its duration. `status` is the response's
+    /// code, or 0 when the request got no response (the client left first): counted as
+    /// `code="0"`, as Envoy reports it, not as a real status. Codes over 599 count as 599.
     #[inline]
     pub fn request(&self, status: u16, elapsed: Duration) {
-        let idx = status.clamp(100, 599) as usize - 100;
+        let idx = if status < 100 {
+            0
+        } else {
+            usize::from(status.min(599)) - 99
+        };
         self.by_status[idx]
             .get_or_init(|| {
-                let code = (idx + 100).to_string();
+                let code = if idx == 0 { 0 } else { idx + 99 }.to_string();
                 self.requests_total.with_label_values(&[&self.route, &code])
             })
             .inc();
@@ -362,7 +369,7 @@ mod tests {
     /// Durations observed on several threads, and through handles created twice for one route
     /// (as a reload does), add up in one series; buckets are cumulative and `le` inclusive.
     #[test]
-    fn request_durations_from_every_thread_add_up() {
+    fn request_metrics_from_every_thread_add_up() {
         let m = Metrics::new();
         let first = m.route("a");
         let again = m.route("a");
@@ -377,6 +384,8 @@ mod tests {
             }
         });
         m.route("b").request(502, Duration::from_secs(60));
+        // No response at all: its own code, not a real status.
+        m.route("b").request(0, Duration::from_millis(1));
         let text = String::from_utf8(m.encode().0).unwrap();
         let bucket = |route: &str, le: &str| {
             line(
@@ -394,8 +403,13 @@ mod tests {
         assert_eq!(bucket("a", "0.0025"), "4000");
         assert_eq!(bucket("a", "0.005"), "8000");
         assert_eq!(bucket("a", "+Inf"), "8000");
-        assert_eq!(bucket("b", "30"), "0");
-        assert_eq!(bucket("b", "+Inf"), "1");
+        assert_eq!(bucket("b", "30"), "1");
+        assert_eq!(bucket("b", "+Inf"), "2");
+        for (code, n) in [("0", 1), ("502", 1)] {
+            let l = format!("tokengate_requests_total{{code=\"{code}\",route=\"b\"}}");
+            assert_eq!(line(&text, &l), format!("{l} {n}"));
+        }
+        assert!(!text.contains("code=\"100\""), "{text}");
         assert_eq!(
             line(
                 &text,

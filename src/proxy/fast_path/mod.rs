@@ -860,7 +860,8 @@ async fn forward(
     c.out
         .extend_from_slice(&c.ubuf[head.head_len..head.head_len + n]);
     if write_down(down, &c.out).await.is_err() {
-        return Exchange::Broken { status };
+        // The client never got the head (it left): no response, as pingora-proxy counts it.
+        return Exchange::Broken { status: 0 };
     }
     while !done {
         c.ubuf.clear();
