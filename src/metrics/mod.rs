@@ -16,15 +16,14 @@ use crate::oauth::FetchOutcome;
 
 mod thread_histogram;
 
-pub use thread_histogram::ThreadHistogram;
-use thread_histogram::ThreadHistogramVec;
+use thread_histogram::{ThreadHistogram, ThreadHistogramVec};
 
 /// The gateway's metric families.
 pub struct Metrics {
     registry: Registry,
     requests_total: IntCounterVec,
     /// Kept per thread: observed on every request (see [`ThreadHistogramVec`]).
-    request_duration: Arc<ThreadHistogramVec>,
+    request_duration: ThreadHistogramVec,
     upstream_errors: IntCounterVec,
     token_requests: IntCounterVec,
     token_request_duration: HistogramVec,
@@ -110,6 +109,19 @@ fn histogram_vec(
     h
 }
 
+/// A histogram family observed on every request: kept per thread ([`ThreadHistogramVec`]).
+fn thread_histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+    buckets: Vec<f64>,
+) -> ThreadHistogramVec {
+    let h = ThreadHistogramVec::new(name, help, label, buckets).expect("static metric definition");
+    register(r, h.clone());
+    h
+}
+
 impl Metrics {
     /// Creates and registers every metric family; sets `tokengate_build_info`.
     pub fn new() -> Arc<Self> {
@@ -121,22 +133,16 @@ impl Metrics {
                 "Proxied requests by route and response status code.",
                 &["route", "code"],
             ),
-            request_duration: {
-                let h = Arc::new(
-                    ThreadHistogramVec::new(
-                        "tokengate_request_duration_seconds",
-                        "Time from request received to response finished, seconds.",
-                        "route",
-                        vec![
-                            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                            2.5, 5.0, 10.0, 30.0,
-                        ],
-                    )
-                    .expect("static metric definition"),
-                );
-                register(&r, thread_histogram::Shared(Arc::clone(&h)));
-                h
-            },
+            request_duration: thread_histogram_vec(
+                &r,
+                "tokengate_request_duration_seconds",
+                "Time from request received to response finished, seconds.",
+                "route",
+                vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    5.0, 10.0, 30.0,
+                ],
+            ),
             upstream_errors: counter_vec(
                 &r,
                 "tokengate_upstream_errors_total",
