@@ -232,7 +232,9 @@ pub struct BinaryGateway {
 
 impl BinaryGateway {
     /// Writes `toml` (which must listen on `listen` and `admin`) to a file and starts the binary
-    /// with `RUST_LOG=rust_log`; returns once `/readyz` answers 200.
+    /// with `RUST_LOG=rust_log`; returns once `/readyz` answers 200 and `listen` accepts
+    /// connections (pingora starts the admin and the proxy services on their own threads, so
+    /// the first can answer before the second has bound: README "Not yet").
     pub async fn start(
         toml: &str,
         listen: SocketAddr,
@@ -264,7 +266,7 @@ impl BinaryGateway {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(r) = client.get(format!("http://{admin}/readyz")).send().await {
-                if r.status() == 200 {
+                if r.status() == 200 && TcpStream::connect(listen).await.is_ok() {
                     break;
                 }
             }
