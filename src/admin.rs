@@ -1,7 +1,10 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/status` (SPEC "Admin endpoints").
 //! Nothing here ever shows a secret or a token.
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
@@ -41,38 +44,111 @@ pub(crate) fn route_info(config: &Config) -> Vec<RouteInfo> {
         .collect()
 }
 
+/// How long `/readyz` waits for one proxy listener to accept its probe connection.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// Whether the proxy listeners accept connections yet.
+///
+/// pingora binds each service's listeners on that service's own threads, in no order with the
+/// admin listener, so `/readyz` can be asked before a proxy port is bound. Until every listener
+/// has accepted one probe connection (a TCP connect, closed at once: the gateway sees a client
+/// that sent nothing), `/readyz` names the ones that did not. Once all have, the answer is kept:
+/// listeners are bound once, at start, and stay bound until shutdown.
+pub struct ListenerProbe {
+    /// Proxy listener addresses; an unspecified IP (`0.0.0.0`, `::`) is probed on loopback.
+    /// Port 0 (a port the kernel picks) cannot be probed and counts as accepting.
+    addrs: Vec<SocketAddr>,
+    all_accepting: AtomicBool,
+}
+
+impl ListenerProbe {
+    /// A probe of the proxy listeners at `addrs` (`server.listen` and routes' own `listen`).
+    pub fn new(addrs: Vec<SocketAddr>) -> Self {
+        let addrs = addrs
+            .into_iter()
+            .filter(|a| a.port() != 0)
+            .map(|mut a| {
+                if a.ip().is_unspecified() {
+                    a.set_ip(match a {
+                        SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                        SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                    });
+                }
+                a
+            })
+            .collect();
+        ListenerProbe {
+            addrs,
+            all_accepting: AtomicBool::new(false),
+        }
+    }
+
+    /// The listeners that did not accept a connection within [`PROBE_TIMEOUT`] each; empty once
+    /// all have (then without connecting again).
+    pub async fn not_accepting(&self) -> Vec<SocketAddr> {
+        if self.all_accepting.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        let mut not_accepting = Vec::new();
+        for &addr in &self.addrs {
+            let connect = tokio::net::TcpStream::connect(addr);
+            if !matches!(
+                tokio::time::timeout(PROBE_TIMEOUT, connect).await,
+                Ok(Ok(_))
+            ) {
+                not_accepting.push(addr);
+            }
+        }
+        if not_accepting.is_empty() {
+            self.all_accepting.store(true, Ordering::Release);
+        }
+        not_accepting
+    }
+}
+
 /// The admin HTTP application.
 pub struct AdminApp {
     live: Arc<Live>,
+    listeners: ListenerProbe,
 }
 
 impl AdminApp {
-    /// An admin app over the gateway's current state (it follows reloads).
-    pub fn new(live: Arc<Live>) -> Self {
-        AdminApp { live }
+    /// An admin app over the gateway's current state (it follows reloads); `listeners` are the
+    /// proxy listener addresses `/readyz` waits for.
+    pub fn new(live: Arc<Live>, listeners: Vec<SocketAddr>) -> Self {
+        AdminApp {
+            live,
+            listeners: ListenerProbe::new(listeners),
+        }
     }
 
-    fn readyz(&self) -> (StatusCode, Vec<u8>) {
+    /// 200 `{"ready":true}` when every route holds a usable access token (SPEC "Admin
+    /// endpoints") and every proxy listener accepts connections; else 503 with
+    /// `routes_without_token` (route names) and `listeners_not_accepting` (addresses).
+    async fn readyz(&self) -> (StatusCode, Vec<u8>) {
         let state = self.live.load();
-        let not_ready: Vec<&str> = state
+        let without_token: Vec<&str> = state
             .routes
             .iter()
             .filter(|r| r.token.usable_now(std::time::Instant::now()).is_none())
             .map(|r| r.name.as_str())
             .collect();
-        if not_ready.is_empty() {
-            (
+        let not_accepting = self.listeners.not_accepting().await;
+        if without_token.is_empty() && not_accepting.is_empty() {
+            return (
                 StatusCode::OK,
                 json!({"ready": true}).to_string().into_bytes(),
-            )
-        } else {
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                json!({"ready": false, "routes_without_token": not_ready})
-                    .to_string()
-                    .into_bytes(),
-            )
+            );
         }
+        let mut body = json!({"ready": false, "routes_without_token": without_token});
+        if !not_accepting.is_empty() {
+            let addrs: Vec<String> = not_accepting.iter().map(|a| a.to_string()).collect();
+            body["listeners_not_accepting"] = json!(addrs);
+        }
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            body.to_string().into_bytes(),
+        )
     }
 
     fn status(&self) -> Vec<u8> {
@@ -144,7 +220,7 @@ impl ServeHttp for AdminApp {
                 br#"{"ok":true}"#.to_vec(),
             ),
             "/readyz" => {
-                let (status, body) = self.readyz();
+                let (status, body) = self.readyz().await;
                 respond(status, "application/json", body)
             }
             "/status" => respond(StatusCode::OK, "application/json", self.status()),
@@ -155,5 +231,52 @@ impl ServeHttp for AdminApp {
                     .to_vec(),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An address nothing listens on: a port the kernel just handed out, released again.
+    fn free_addr() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    }
+
+    #[tokio::test]
+    async fn names_a_listener_until_it_accepts_then_keeps_the_answer() {
+        let bound = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let bound_addr = bound.local_addr().unwrap();
+        let later = free_addr();
+        let probe = ListenerProbe::new(vec![bound_addr, later]);
+
+        assert_eq!(probe.not_accepting().await, vec![later]);
+        assert_eq!(probe.not_accepting().await, vec![later]);
+
+        let now_bound = tokio::net::TcpListener::bind(later).await.unwrap();
+        assert_eq!(probe.not_accepting().await, Vec::<SocketAddr>::new());
+        // Bound once, bound until shutdown: no more probe connections after that.
+        drop((bound, now_bound));
+        assert_eq!(probe.not_accepting().await, Vec::<SocketAddr>::new());
+    }
+
+    #[tokio::test]
+    async fn probes_an_unspecified_address_on_loopback_and_skips_port_0() {
+        let l = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let probe = ListenerProbe::new(vec![
+            SocketAddr::from(([0, 0, 0, 0], port)),
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+        ]);
+        assert_eq!(probe.addrs, vec![SocketAddr::from(([127, 0, 0, 1], port))]);
+        assert!(probe.not_accepting().await.is_empty());
+
+        drop(l);
+        let gone = ListenerProbe::new(vec![SocketAddr::from(([0, 0, 0, 0], port))]);
+        assert_eq!(
+            gone.not_accepting().await,
+            vec![SocketAddr::from(([127, 0, 0, 1], port))]
+        );
     }
 }

@@ -118,7 +118,13 @@ impl Built {
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
 
-        for (slot, listener) in listeners(&config).into_iter().enumerate() {
+        let listeners = listeners(&config);
+        // `/readyz` waits until each of these accepts (pingora binds them on other threads).
+        let proxy_addrs = listeners
+            .iter()
+            .flat_map(|l| l.addrs.iter().copied())
+            .collect();
+        for (slot, listener) in listeners.into_iter().enumerate() {
             let app = ListenerApp::new(Arc::clone(&self.live), slot, &server.configuration);
             let mut svc = Service::new(listener.name, app);
             for addr in listener.addrs {
@@ -126,7 +132,7 @@ impl Built {
             }
             server.add_service(svc);
         }
-        let admin = AdminApp::new(Arc::clone(&self.live));
+        let admin = AdminApp::new(Arc::clone(&self.live), proxy_addrs);
         let mut admin_svc = Service::new(
             "tokengate admin".to_string(),
             pingora::apps::http_app::HttpServer::new_app(admin),

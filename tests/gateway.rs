@@ -338,6 +338,8 @@ async fn no_usable_token_means_503_with_retry_after_never_an_unauthenticated_req
     assert_eq!(ready.status(), 503);
     let v: serde_json::Value = ready.json().await.unwrap();
     assert_eq!(v["routes_without_token"], serde_json::json!(["drillster"]));
+    // The listener just served a request: only the token is missing.
+    assert_eq!(v.get("listeners_not_accepting"), None, "{v}");
     let metrics = gw.metrics().await;
     assert!(metrics
         .contains("tokengate_token_requests_total{outcome=\"http_error\",route=\"drillster\"}"));

@@ -232,9 +232,8 @@ pub struct BinaryGateway {
 
 impl BinaryGateway {
     /// Writes `toml` (which must listen on `listen` and `admin`) to a file and starts the binary
-    /// with `RUST_LOG=rust_log`; returns once `/readyz` answers 200 and `listen` accepts
-    /// connections (pingora starts the admin and the proxy services on their own threads, so
-    /// the first can answer before the second has bound: README "Not yet").
+    /// with `RUST_LOG=rust_log`; returns once `/readyz` answers 200, and panics if `listen`
+    /// then refuses a connection (`/readyz` promises the proxy listeners accept).
     pub async fn start(
         toml: &str,
         listen: SocketAddr,
@@ -266,7 +265,10 @@ impl BinaryGateway {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(r) = client.get(format!("http://{admin}/readyz")).send().await {
-                if r.status() == 200 && TcpStream::connect(listen).await.is_ok() {
+                if r.status() == 200 {
+                    if let Err(e) = TcpStream::connect(listen).await {
+                        panic!("/readyz answered 200 but the proxy listener {listen} refused: {e}");
+                    }
                     break;
                 }
             }
