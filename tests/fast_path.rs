@@ -549,3 +549,84 @@ async fn rig_with_renewing_tokens(lifetime: Duration) -> Rig {
     })
     .await
 }
+
+/// `Content-Length` as a list of one number (`4, 4`) or as repeated fields, in requests and in
+/// responses, on both paths: one `Content-Length` leaves the gateway each way (RFC 9110 §8.6),
+/// the body is framed by it, and numbers that differ are refused, never forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_length_lists_and_repeats_leave_as_one_field() {
+    // Requests. The list goes to pingora-proxy (the fast path takes only digits); the repeated
+    // field stays on the fast path, and with a `Connection`-nominated field goes to pingora.
+    let rig = Rig::start(|t, _, _| t).await;
+    let hop = "Connection: close, X-Hop\r\nX-Hop: 1\r\n";
+    for (lengths, extra) in [
+        ("Content-Length: 4, 4\r\n", "Connection: close\r\n"),
+        (
+            "Content-Length: 4\r\ncontent-length: 4\r\n",
+            "Connection: close\r\n",
+        ),
+        ("Content-Length: 4\r\ncontent-length: 4\r\n", hop),
+    ] {
+        let request =
+            format!("POST /drillster/cl HTTP/1.1\r\nHost: gw\r\n{lengths}{extra}\r\nbody");
+        let a = send(rig.gw.addr(), request.as_bytes()).await;
+        assert_eq!(a.status, 200, "{lengths:?}: {}", a.head);
+        let seen = rig.raw.last().expect("forwarded");
+        assert_eq!(seen.header_values("content-length"), ["4"], "{lengths:?}");
+        assert_eq!(seen.body_len, 4);
+    }
+    let forwarded = rig.raw.requests().len();
+    for lengths in [
+        "Content-Length: 4, 5\r\n",
+        "Content-Length: 4\r\nContent-Length: 5\r\n",
+        "Content-Length: 4\r\nContent-Length: 4, 5\r\n",
+    ] {
+        let request = format!(
+            "POST /drillster/cl HTTP/1.1\r\nHost: gw\r\n{lengths}Connection: close\r\n\r\nbody!"
+        );
+        let a = send(rig.gw.addr(), request.as_bytes()).await;
+        assert_eq!(a.status, 400, "{lengths:?}: {}", a.head);
+    }
+    assert_eq!(
+        rig.raw.requests().len(),
+        forwarded,
+        "a conflicting length was forwarded"
+    );
+    rig.stop().await;
+
+    // Responses, each followed by a second request on the same connection: the body ended
+    // where the one length said.
+    let up = Scripted::start(
+        vec![
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: a\r\ncontent-length: 2\r\n\r\nok",
+        ],
+        None,
+    )
+    .await;
+    let rig = rig_with(&up).await;
+    for extra in ["", "Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\n"] {
+        let mut s = TcpStream::connect(rig.gw.addr()).await.unwrap();
+        let mut buf = Vec::new();
+        for i in 0..4 {
+            let request = format!("GET /scripted/cl/{i} HTTP/1.1\r\nHost: gw\r\n{extra}\r\n");
+            s.write_all(request.as_bytes()).await.unwrap();
+            let a = read_answer(&mut s, &mut buf).await;
+            assert_eq!(a.status, 200, "{extra:?} #{i}: {}", a.head);
+            assert_eq!(a.body, b"ok");
+            let lengths = a
+                .head
+                .to_ascii_lowercase()
+                .matches("content-length:")
+                .count();
+            assert_eq!(lengths, 1, "{extra:?} #{i}: {}", a.head);
+            assert_eq!(
+                a.header("content-length").as_deref(),
+                Some("2"),
+                "{}",
+                a.head
+            );
+        }
+    }
+    rig.stop().await;
+}

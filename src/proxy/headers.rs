@@ -347,9 +347,120 @@ pub fn valid_host(value: &[u8]) -> bool {
     }
 }
 
+/// A `Content-Length` value: ASCII digits only (no sign, no list, no spaces: httparse has
+/// trimmed the field), `None` for anything else or a number past `u64`.
+pub(crate) fn parse_content_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() {
+        return None;
+    }
+    // One pass, no UTF-8 check and no second validation inside `str::parse`.
+    value.iter().try_fold(0u64, |n, &b| {
+        let digit = b.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(digit))
+    })
+}
+
+/// A `Content-Length` value that is a list of one number repeated (`5, 5`; RFC 9110 §8.6: a
+/// recipient may take it as that one number): the number, or `None` for anything else (an
+/// empty element, elements that differ or are not digits, a number past `u64`). A single
+/// number is a list of one.
+pub(crate) fn content_length_list(value: &[u8]) -> Option<u64> {
+    let mut elements = value.split(|b| *b == b',').map(|e| e.trim_ascii());
+    let n = parse_content_length(elements.next()?)?;
+    elements
+        .all(|e| parse_content_length(e) == Some(n))
+        .then_some(n)
+}
+
+/// The one number a message's `Content-Length` fields stand for when they must be collapsed into
+/// one field before the message is forwarded: the fields are a list (`5, 5`) or repeated (two
+/// `5` fields), all of one number (RFC 9110 §8.6). `None` for no field, one plain number, or
+/// numbers that disagree or do not parse: pingora refuses a message framed by those before the
+/// gateway's filters see it (a response with `Transfer-Encoding` aside: its length is ignored).
+pub fn content_length_to_collapse(headers: &http::HeaderMap) -> Option<u64> {
+    let mut fields = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let first = fields.next()?;
+    let n = content_length_list(first.as_bytes())?;
+    let mut collapse = first.as_bytes().contains(&b',');
+    for v in fields {
+        if content_length_list(v.as_bytes()) != Some(n) {
+            return None;
+        }
+        collapse = true;
+    }
+    collapse.then_some(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_length_is_digits_only_and_fits_u64() {
+        assert_eq!(parse_content_length(b"0"), Some(0));
+        assert_eq!(parse_content_length(b"87"), Some(87));
+        assert_eq!(parse_content_length(b"0012"), Some(12));
+        assert_eq!(
+            parse_content_length(b"18446744073709551615"),
+            Some(u64::MAX)
+        );
+        for bad in [
+            &b""[..],
+            b"18446744073709551616",
+            b"+5",
+            b"-1",
+            b"5 ",
+            b"1,2",
+            b"0x10",
+            b"\xd9\xa1",
+        ] {
+            assert_eq!(parse_content_length(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_content_length_list_of_one_number_is_that_number() {
+        for (value, want) in [
+            (&b"5"[..], Some(5)),
+            (b"5, 5", Some(5)),
+            (b"5,5 ,\t5", Some(5)),
+            (b"05, 5", Some(5)),
+            (b"5, 6", None),
+            (b"5,", None),
+            (b", 5", None),
+            (b"5,,5", None),
+            (b"5, x", None),
+            (b"", None),
+        ] {
+            assert_eq!(
+                content_length_list(value),
+                want,
+                "{}",
+                String::from_utf8_lossy(value)
+            );
+        }
+    }
+
+    #[test]
+    fn content_length_is_collapsed_only_when_listed_or_repeated() {
+        let map = |values: &[&str]| {
+            let mut m = http::HeaderMap::new();
+            for v in values {
+                m.append(http::header::CONTENT_LENGTH, v.parse().unwrap());
+            }
+            m
+        };
+        assert_eq!(content_length_to_collapse(&map(&[])), None);
+        assert_eq!(content_length_to_collapse(&map(&["5"])), None);
+        assert_eq!(content_length_to_collapse(&map(&["5, 5"])), Some(5));
+        assert_eq!(content_length_to_collapse(&map(&["5", "5"])), Some(5));
+        assert_eq!(content_length_to_collapse(&map(&["5", "5, 5"])), Some(5));
+        assert_eq!(content_length_to_collapse(&map(&["5", "6"])), None);
+        assert_eq!(content_length_to_collapse(&map(&["5, 6"])), None);
+    }
 
     #[test]
     fn host_values_are_uri_authorities_without_userinfo() {

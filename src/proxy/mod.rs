@@ -382,6 +382,10 @@ impl ProxyHttp for Gateway {
             client_ip,
             ctx.request_id.as_ref(),
         )?;
+        if let Some(n) = headers::content_length_to_collapse(&upstream.headers) {
+            // pingora frames the body by `5, 5` but would forward the list as it came.
+            upstream.insert_header(http::header::CONTENT_LENGTH, n)?;
+        }
         rewrite_target(upstream, route)
     }
 
@@ -483,6 +487,12 @@ impl ProxyHttp for Gateway {
         // Hop-by-hop (RFC 9110 §7.6.1): the upstream's connection parameters are not the
         // client's. pingora writes its own `Connection`; `Keep-Alive` would pass through.
         response.remove_header("Keep-Alive");
+        if !response.headers.contains_key(TRANSFER_ENCODING) {
+            if let Some(n) = headers::content_length_to_collapse(&response.headers) {
+                // One length for the client, as for the upstream request (RFC 9110 §8.6).
+                response.insert_header(http::header::CONTENT_LENGTH, n)?;
+            }
+        }
         Ok(())
     }
 

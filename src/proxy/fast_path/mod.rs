@@ -47,6 +47,7 @@ mod response;
 mod timer;
 
 use super::error_response::{self, GatewayError};
+use super::headers::{content_length_list, parse_content_length};
 use super::routes::{Route, RouteTable};
 use super::{
     client_allowed, record_request, valid_request_id_bytes, Gateway, Live, RequestRecord,
@@ -115,22 +116,6 @@ fn name_is(name: &[u8], lower: &'static str) -> bool {
         }
         _ => name.iter().zip(lower).all(|(a, b)| a | 0x20 == *b),
     }
-}
-
-/// A `Content-Length` value: ASCII digits only (no sign, no list, no spaces: httparse has
-/// trimmed the field), `None` for anything else or a number past `u64`.
-fn parse_content_length(value: &[u8]) -> Option<u64> {
-    if value.is_empty() {
-        return None;
-    }
-    // One pass, no UTF-8 check and no second validation inside `str::parse`.
-    value.iter().try_fold(0u64, |n, &b| {
-        let digit = b.wrapping_sub(b'0');
-        if digit > 9 {
-            return None;
-        }
-        n.checked_mul(10)?.checked_add(u64::from(digit))
-    })
 }
 
 /// The service of one proxy listener: the fast path, and pingora-proxy for everything else.
@@ -944,7 +929,7 @@ async fn fail(
 
 #[cfg(test)]
 mod tests {
-    use super::{name_is, parse_content_length};
+    use super::name_is;
 
     /// The word-wise comparison agrees with `eq_ignore_ascii_case` for every name the fast path
     /// looks for, against every token spelling of the same length: each byte position tried
@@ -992,29 +977,6 @@ mod tests {
                     );
                 }
             }
-        }
-    }
-
-    #[test]
-    fn content_length_is_digits_only_and_fits_u64() {
-        assert_eq!(parse_content_length(b"0"), Some(0));
-        assert_eq!(parse_content_length(b"87"), Some(87));
-        assert_eq!(parse_content_length(b"0012"), Some(12));
-        assert_eq!(
-            parse_content_length(b"18446744073709551615"),
-            Some(u64::MAX)
-        );
-        for bad in [
-            &b""[..],
-            b"18446744073709551616",
-            b"+5",
-            b"-1",
-            b"5 ",
-            b"1,2",
-            b"0x10",
-            b"\xd9\xa1",
-        ] {
-            assert_eq!(parse_content_length(bad), None, "{bad:?}");
         }
     }
 }

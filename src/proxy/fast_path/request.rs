@@ -246,6 +246,7 @@ pub(super) fn write_upstream_request(
     };
     let (mut authorization_done, mut xfh_done, mut xfp_done, mut xff_done, mut id_done) =
         (false, false, false, false, false);
+    let mut length_done = false;
     let mut w = FieldWriter::new(out, buf);
     for f in fields.iter() {
         match f.kind {
@@ -282,6 +283,14 @@ pub(super) fn write_upstream_request(
                 if !id_done {
                     w.push(b"X-Request-Id", request_id.as_bytes());
                     id_done = true;
+                }
+            }
+            // Repeated `Content-Length` fields agree (`parse_request`): one is sent (RFC 9110
+            // §8.6), as pingora-proxy's path does.
+            Kind::ContentLength => {
+                if !length_done {
+                    w.keep(f.name.clone(), f.value.clone());
+                    length_done = true;
                 }
             }
             Kind::Other if is_stripped(&buf[f.name.clone()], route) => {}

@@ -4,7 +4,9 @@
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
-use super::{name_is, parse_content_length, MAX_RESPONSE_FIELDS, MAX_RESPONSE_HEAD};
+use super::{
+    content_length_list, name_is, parse_content_length, MAX_RESPONSE_FIELDS, MAX_RESPONSE_HEAD,
+};
 
 /// How the upstream response body is delimited (RFC 9112 §6.3).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -176,16 +178,26 @@ fn write_response_fields(
         let name = h.name.as_bytes();
         match ResponseField::of(name) {
             ResponseField::ContentLength => {
-                let n = parse_content_length(h.value).ok_or("invalid Content-Length")?;
+                // A list of one number (`5, 5`) or a repeated field is that number, sent once
+                // (RFC 9110 §8.6); numbers that differ are an error (RFC 9112 §6.3).
+                let plain = parse_content_length(h.value);
+                let n = plain
+                    .or_else(|| content_length_list(h.value))
+                    .ok_or("invalid Content-Length")?;
                 if facts.length.is_some_and(|m| m != n) {
                     return Err("conflicting Content-Length");
                 }
+                let repeated = facts.length.is_some();
                 facts.length = Some(n);
                 if !informational {
-                    if facts.chunked.is_some() {
+                    if facts.chunked.is_some() || repeated {
                         continue;
                     }
                     facts.content_length_written = true;
+                    if plain.is_none() {
+                        w.push(name, n.to_string().as_bytes());
+                        continue;
+                    }
                 }
             }
             ResponseField::TransferEncoding => {
@@ -598,8 +610,28 @@ mod tests {
             .unwrap();
         assert_eq!(head.framing, Framing::None);
 
+        // A list of one number, or the field repeated: one `Content-Length` goes to the client.
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\nX-A: a\r\n\r\nok"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: a\r\ncontent-length: 2,2\r\n\r\nok",
+        ] {
+            let head = parse_response(raw, false, id, true, &mut out)
+                .unwrap()
+                .unwrap();
+            assert_eq!(head.framing, Framing::Length(2));
+            let text = String::from_utf8_lossy(&out);
+            assert!(text.contains("Content-Length: 2\r\nX-A: a\r\n"), "{text}");
+            assert_eq!(
+                text.to_ascii_lowercase().matches("content-length").count(),
+                1
+            );
+        }
+
         for bad in [
             &b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2, 3\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2,\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
             b"SMTP 220 hello\r\n\r\n",
         ] {
