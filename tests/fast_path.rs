@@ -630,3 +630,87 @@ async fn content_length_lists_and_repeats_leave_as_one_field() {
     }
     rig.stop().await;
 }
+
+/// Requests pipelined behind one that pingora-proxy serves, in the same write, are answered in
+/// order (RFC 9112 §9.3.2): pingora-proxy gets only its request's bytes, the fast path keeps the
+/// rest. Requests for pingora here: a `Connection`-nominated field, a `Content-Length` list, a
+/// body over the 64 KiB the fast path buffers for a 401 replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_pipelined_behind_one_for_pingora_are_all_answered() {
+    let rig = Rig::start(|t, _, _| t).await;
+    let big = vec![b'x'; 100 * 1024];
+    let mut write = Vec::new();
+    write.extend_from_slice(
+        b"POST /drillster/p/1 HTTP/1.1\r\nHost: gw\r\nX-Request-Id: r1\r\n\
+          Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nContent-Length: 3\r\n\r\none\
+          GET /drillster/p/2 HTTP/1.1\r\nHost: gw\r\nX-Request-Id: r2\r\n\r\n\
+          POST /drillster/p/3 HTTP/1.1\r\nHost: gw\r\nX-Request-Id: r3\r\nContent-Length: 4, 4\r\n\r\nfour",
+    );
+    write.extend_from_slice(
+        format!(
+            "POST /drillster/p/4 HTTP/1.1\r\nHost: gw\r\nX-Request-Id: r4\r\nContent-Length: {}\r\n\r\n",
+            big.len()
+        )
+        .as_bytes(),
+    );
+    write.extend_from_slice(&big);
+    write.extend_from_slice(
+        b"GET /drillster/p/5 HTTP/1.1\r\nHost: gw\r\nX-Request-Id: r5\r\nConnection: close\r\n\r\n",
+    );
+    let mut s = TcpStream::connect(rig.gw.addr()).await.unwrap();
+    s.write_all(&write).await.unwrap();
+    let mut buf = Vec::new();
+    for i in 1..=5 {
+        let a = read_answer(&mut s, &mut buf).await;
+        assert_eq!(a.status, 200, "#{i}: {}", a.head);
+        let id = format!("r{i}");
+        assert_eq!(a.header("x-request-id"), Some(id), "{}", a.head);
+    }
+    let seen: Vec<(String, u64)> = rig
+        .raw
+        .requests()
+        .iter()
+        .map(|r| (r.target.clone(), r.body_len))
+        .collect();
+    let want: Vec<(String, u64)> = [3, 0, 4, big.len() as u64, 0]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (format!("/p/{}", i + 1), *n))
+        .collect();
+    assert_eq!(seen, want);
+
+    // A chunked upload with a request behind it in the same write, and one more arriving while
+    // pingora-proxy waits for a slow upstream (pingora's default answered that with 400).
+    rig.raw.faults().set_latency(Duration::from_millis(300));
+    let mut s = TcpStream::connect(rig.gw.addr()).await.unwrap();
+    s.write_all(
+        b"POST /drillster/q/1 HTTP/1.1\r\nHost: gw\r\nX-Request-Id: q1\r\n\
+          Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+          GET /drillster/q/2 HTTP/1.1\r\nHost: gw\r\nX-Request-Id: q2\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(
+        b"GET /drillster/q/3 HTTP/1.1\r\nHost: gw\r\nX-Request-Id: q3\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    for i in 1..=3 {
+        let a = read_answer(&mut s, &mut buf).await;
+        assert_eq!(a.status, 200, "q{i}: {}", a.head);
+        assert_eq!(
+            a.header("x-request-id"),
+            Some(format!("q{i}")),
+            "{}",
+            a.head
+        );
+    }
+    let targets: Vec<String> = rig.raw.requests()[5..]
+        .iter()
+        .map(|r| r.target.clone())
+        .collect();
+    assert_eq!(targets, ["/q/1", "/q/2", "/q/3"]);
+    rig.stop().await;
+}

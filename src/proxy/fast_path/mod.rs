@@ -192,6 +192,11 @@ impl ServerApp for ListenerApp {
             let mut session = ServerSession::new_http1(l4);
             // What pingora's own HTTP/1 loop sets: 60 s keep-alive, none while shutting down.
             session.set_keepalive((!*shutdown.borrow()).then_some(60));
+            // Requests pipelined behind this one, read with it or while it is proxied, are kept
+            // (pingora's default closes the connection after the first answer, or answers 400
+            // when more arrives while it is proxied) and come back in front of the stream
+            // (vendor/pingora-proxy, TOKENGATE-PATCH.md) for the fast path: RFC 9112 §9.3.2.
+            session.set_pipelining_enabled(true);
             // The connection comes back after that request when it can carry another, so one
             // unusual request (or a moment without a usable token) does not keep the client's
             // connection off the fast path.

@@ -549,7 +549,7 @@ where
                 .await
                 .ok()
                 .flatten()
-                .map(|s| ReusedHttpStream::from_reusable_stream(s, persistent_settings))
+                .and_then(|s| reused_stream(s, persistent_settings))
         } else {
             None
         }
@@ -1202,7 +1202,7 @@ where
                         .await
                         .ok()
                         .flatten()
-                        .map(|s| ReusedHttpStream::from_reusable_stream(s, persistent_settings));
+                        .and_then(|s| reused_stream(s, persistent_settings));
                 }
                 /* else continue */
             }
@@ -1400,7 +1400,7 @@ where
                 .await
                 .ok()
                 .flatten()
-                .map(|s| ReusedHttpStream::from_reusable_stream(s, persistent_settings))
+                .and_then(|s| reused_stream(s, persistent_settings))
         } else {
             None
         }
@@ -1624,6 +1624,28 @@ where
     }
 
     // TODO implement h2_options
+}
+
+/// tokengate patch (TOKENGATE-PATCH.md, change 2): bytes read past the end of a request (the
+/// start of a pipelined next request) go back in front of a plain TCP stream, so that whoever
+/// reads the connection next sees them. pingora carries them in the persistent settings, from
+/// which only a pingora session can take them; other streams still get them that way.
+fn reused_stream(
+    reusable: pingora_core::protocols::http::server::ReusableHttpStream,
+    mut settings: HttpPersistentSettings,
+) -> Option<ReusedHttpStream> {
+    use pingora_core::protocols::l4::stream::Stream as L4Stream;
+    let (stream, prefix) = reusable.into_parts();
+    let Some(prefix) = prefix.filter(|p| !p.is_empty()) else {
+        return Some(ReusedHttpStream::new(stream, Some(settings)));
+    };
+    if !stream.as_any().is::<L4Stream>() {
+        settings.set_pipelined_prefix(prefix);
+        return Some(ReusedHttpStream::new(stream, Some(settings)));
+    }
+    let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+    l4.rewind(&prefix);
+    Some(ReusedHttpStream::new(l4, Some(settings)))
 }
 
 use pingora_core::services::listening::{RuntimeOptsOverride, Service};
