@@ -714,3 +714,32 @@ async fn requests_pipelined_behind_one_for_pingora_are_all_answered() {
     assert_eq!(targets, ["/q/1", "/q/2", "/q/3"]);
     rig.stop().await;
 }
+
+/// A chunked response with an invalid or conflicting `Content-Length` beside its
+/// `Transfer-Encoding`: `Transfer-Encoding` decides and the length is dropped, on both paths
+/// (RFC 9112 §6.3), where the fast path used to answer 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfer_encoding_overrides_any_content_length_on_both_paths() {
+    let up = Scripted::start(
+        vec![
+            b"HTTP/1.1 200 OK\r\nContent-Length: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        ],
+        None,
+    )
+    .await;
+    let rig = rig_with(&up).await;
+    for connection in ["close", "close, X-Hop\r\nX-Hop: 1"] {
+        for i in 0..2 {
+            // The reader takes a response without a length to the connection's close.
+            let request = format!(
+                "GET /scripted/te/{i} HTTP/1.1\r\nHost: gw\r\nConnection: {connection}\r\n\r\n"
+            );
+            let a = send(rig.gw.addr(), request.as_bytes()).await;
+            assert_eq!(a.status, 200, "{connection:?} #{i}: {}", a.head);
+            assert_eq!(a.body, b"ok", "{connection:?} #{i}");
+            assert!(a.header("content-length").is_none(), "{}", a.head);
+        }
+    }
+    rig.stop().await;
+}

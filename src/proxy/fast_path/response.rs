@@ -98,6 +98,9 @@ pub(super) fn parse_response(
         };
         write(out, &mut facts)?;
     }
+    if let (None, Some(error)) = (facts.chunked, facts.length_error) {
+        return Err(error);
+    }
     let framing = if head_request || informational || status == 204 || status == 304 {
         Framing::None
     } else {
@@ -142,6 +145,8 @@ struct ResponseFacts {
     date: bool,
     id_done: bool,
     content_length_written: bool,
+    /// An invalid or conflicting `Content-Length`: an error unless the response is chunked.
+    length_error: Option<&'static str>,
 }
 
 impl ResponseFacts {
@@ -155,6 +160,7 @@ impl ResponseFacts {
             date: false,
             id_done: false,
             content_length_written: false,
+            length_error: None,
         }
     }
 }
@@ -178,19 +184,26 @@ fn write_response_fields(
         let name = h.name.as_bytes();
         match ResponseField::of(name) {
             ResponseField::ContentLength => {
+                if !informational && facts.chunked.is_some() {
+                    // `Transfer-Encoding` overrides it, whatever it says: dropped (RFC 9112 §6.3).
+                    continue;
+                }
                 // A list of one number (`5, 5`) or a repeated field is that number, sent once
-                // (RFC 9110 §8.6); numbers that differ are an error (RFC 9112 §6.3).
+                // (RFC 9110 §8.6); numbers that differ are an error (RFC 9112 §6.3) unless a
+                // `Transfer-Encoding` turns up, as pingora-proxy's path decides too.
                 let plain = parse_content_length(h.value);
-                let n = plain
-                    .or_else(|| content_length_list(h.value))
-                    .ok_or("invalid Content-Length")?;
+                let Some(n) = plain.or_else(|| content_length_list(h.value)) else {
+                    facts.length_error = Some("invalid Content-Length");
+                    continue;
+                };
                 if facts.length.is_some_and(|m| m != n) {
-                    return Err("conflicting Content-Length");
+                    facts.length_error = Some("conflicting Content-Length");
+                    continue;
                 }
                 let repeated = facts.length.is_some();
                 facts.length = Some(n);
                 if !informational {
-                    if facts.chunked.is_some() || repeated {
+                    if repeated {
                         continue;
                     }
                     facts.content_length_written = true;
@@ -625,6 +638,20 @@ mod tests {
                 text.to_ascii_lowercase().matches("content-length").count(),
                 1
             );
+        }
+
+        // With `Transfer-Encoding`, any `Content-Length` is dropped, even an invalid one.
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\nContent-Length: x\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2, 3\r\n\r\n",
+        ] {
+            let head = parse_response(raw, false, id, true, &mut out)
+                .unwrap()
+                .unwrap();
+            assert_eq!(head.framing, Framing::Chunked);
+            let text = String::from_utf8_lossy(&out);
+            assert!(!text.to_ascii_lowercase().contains("content-length"), "{text}");
         }
 
         for bad in [
