@@ -743,3 +743,50 @@ async fn transfer_encoding_overrides_any_content_length_on_both_paths() {
     }
     rig.stop().await;
 }
+
+/// An interim response gets the same treatment on both paths: the upstream's `Keep-Alive` is
+/// dropped (hop-by-hop) and `X-Request-Id` is the request's, replacing the upstream's or added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interim_responses_carry_the_request_id_and_no_keep_alive_on_both_paths() {
+    let up = Scripted::start(
+        vec![
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nKeep-Alive: timeout=5\r\n\
+              X-Request-Id: theirs\r\nX-Request-Id: again\r\n\r\n\
+              HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            b"HTTP/1.1 103 Early Hints\r\nLink: </b.css>; rel=preload\r\n\r\n\
+              HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        ],
+        None,
+    )
+    .await;
+    let rig = rig_with(&up).await;
+    for extra in ["", "Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\n"] {
+        let mut s = TcpStream::connect(rig.gw.addr()).await.unwrap();
+        let mut buf = Vec::new();
+        for link in ["</a.css>; rel=preload", "</b.css>; rel=preload"] {
+            let request = format!(
+                "GET /scripted/h HTTP/1.1\r\nHost: gw\r\nX-Request-Id: mine\r\n{extra}\r\n"
+            );
+            s.write_all(request.as_bytes()).await.unwrap();
+            let hints = read_answer(&mut s, &mut buf).await;
+            assert_eq!(hints.status, 103, "{extra:?}: {}", hints.head);
+            assert_eq!(hints.header("link").as_deref(), Some(link));
+            assert!(
+                hints.header("keep-alive").is_none(),
+                "{extra:?}: {}",
+                hints.head
+            );
+            let ids = hints
+                .head
+                .to_ascii_lowercase()
+                .matches("x-request-id:")
+                .count();
+            assert_eq!(ids, 1, "{extra:?}: {}", hints.head);
+            assert_eq!(hints.header("x-request-id").as_deref(), Some("mine"));
+            let last = read_answer(&mut s, &mut buf).await;
+            assert_eq!((last.status, last.body.as_slice()), (200, &b"ok"[..]));
+            assert_eq!(last.header("x-request-id").as_deref(), Some("mine"));
+        }
+    }
+    rig.stop().await;
+}

@@ -88,7 +88,7 @@ pub(super) fn parse_response(
         )
     };
     let mut facts = ResponseFacts::new(version);
-    write(out, &mut facts)?;
+    write(out, &mut facts);
     if facts.content_length_written && facts.chunked.is_some() {
         out.truncate(status_line);
         // Known from the start this time, so every `Content-Length` is left out.
@@ -96,7 +96,7 @@ pub(super) fn parse_response(
             chunked: facts.chunked,
             ..ResponseFacts::new(version)
         };
-        write(out, &mut facts)?;
+        write(out, &mut facts);
     }
     if let (None, Some(error)) = (facts.chunked, facts.length_error) {
         return Err(error);
@@ -120,9 +120,9 @@ pub(super) fn parse_response(
         }
         let connection: &[u8] = if keepalive { b"keep-alive" } else { b"close" };
         w.push(b"Connection", connection);
-        if !facts.id_done {
-            w.push(b"X-Request-Id", request_id);
-        }
+    }
+    if !facts.id_done {
+        w.push(b"X-Request-Id", request_id);
     }
     let out = w.out();
     out.extend_from_slice(b"\r\n");
@@ -166,10 +166,12 @@ impl ResponseFacts {
 }
 
 /// Writes the response's field lines for the client into `out` (`src` holds the upstream's
-/// head): `Connection` and `Keep-Alive` dropped, the first `X-Request-Id` replaced by
-/// `request_id` and later ones dropped, `Content-Length` dropped once a `Transfer-Encoding`
-/// is known, obs-folds unfolded; a 1xx head's fields pass unchanged. Notes the framing facts
-/// in `facts`. Errors: an invalid or conflicting `Content-Length` (RFC 9112 §6.3).
+/// head): `Keep-Alive` dropped, the first `X-Request-Id` replaced by `request_id` and later
+/// ones dropped, obs-folds unfolded; in a final head also `Connection` dropped, and
+/// `Content-Length` dropped once a `Transfer-Encoding` is known or repeated (a 1xx head keeps
+/// its `Connection` and `Content-Length`, as pingora-proxy's path does). Notes the framing facts
+/// in `facts`; an invalid or conflicting `Content-Length` is noted in `facts.length_error`
+/// (RFC 9112 §6.3).
 fn write_response_fields(
     out: &mut Vec<u8>,
     src: &[u8],
@@ -178,7 +180,7 @@ fn write_response_fields(
     may_fold: bool,
     request_id: &[u8],
     facts: &mut ResponseFacts,
-) -> Result<(), &'static str> {
+) {
     let mut w = FieldWriter::new(out, src);
     for h in headers {
         let name = h.name.as_bytes();
@@ -229,8 +231,9 @@ fn write_response_fields(
                     continue;
                 }
             }
-            ResponseField::KeepAlive if !informational => continue,
-            ResponseField::XRequestId if !informational => {
+            // Interim heads too, as pingora-proxy's `response_filter` runs for them.
+            ResponseField::KeepAlive => continue,
+            ResponseField::XRequestId => {
                 if !facts.id_done {
                     w.push(b"X-Request-Id", request_id);
                     facts.id_done = true;
@@ -247,7 +250,6 @@ fn write_response_fields(
         }
     }
     w.out();
-    Ok(())
 }
 
 /// How many LF bytes `bytes` holds: counted in blocks of 255 into a byte-wide counter, which
