@@ -790,3 +790,33 @@ async fn interim_responses_carry_the_request_id_and_no_keep_alive_on_both_paths(
     }
     rig.stop().await;
 }
+
+/// An HTTP/1.0 upstream's response goes to the client as the gateway's HTTP/1.1 (RFC 9110
+/// §6.2: an intermediary sends its own version) on both paths, with a length or without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_1_0_upstream_is_answered_for_in_http_1_1_on_both_paths() {
+    let up = Scripted::start(
+        vec![
+            b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            b"HTTP/1.0 200 OK\r\n\r\nok",
+        ],
+        Some(Duration::ZERO),
+    )
+    .await;
+    let rig = rig_with(&up).await;
+    for connection in ["close", "close, X-Hop\r\nX-Hop: 1"] {
+        for i in 0..2 {
+            let request = format!(
+                "GET /scripted/v/{i} HTTP/1.1\r\nHost: gw\r\nConnection: {connection}\r\n\r\n"
+            );
+            let a = send(rig.gw.addr(), request.as_bytes()).await;
+            assert!(
+                a.head.starts_with("HTTP/1.1 200 "),
+                "{connection:?} #{i}: {}",
+                a.head
+            );
+            assert_eq!(a.body, b"ok", "{connection:?} #{i}");
+        }
+    }
+    rig.stop().await;
+}

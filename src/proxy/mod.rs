@@ -487,6 +487,11 @@ impl ProxyHttp for Gateway {
         // Hop-by-hop (RFC 9110 §7.6.1): the upstream's connection parameters are not the
         // client's. pingora writes its own `Connection`; `Keep-Alive` would pass through.
         response.remove_header("Keep-Alive");
+        // An intermediary sends its own HTTP version (RFC 9110 §6.2), as the fast path does;
+        // pingora passes an HTTP/1.0 upstream's on when the body has a length.
+        if response.version != http::Version::HTTP_11 {
+            response.set_version(http::Version::HTTP_11);
+        }
         if !response.headers.contains_key(TRANSFER_ENCODING) {
             if let Some(n) = headers::content_length_to_collapse(&response.headers) {
                 // One length for the client, as for the upstream request (RFC 9110 §8.6).
