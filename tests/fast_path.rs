@@ -820,3 +820,31 @@ async fn an_http_1_0_upstream_is_answered_for_in_http_1_1_on_both_paths() {
     }
     rig.stop().await;
 }
+
+/// A gateway error answering HEAD on the fast path (here a 502 for conflicting lengths) has no
+/// body (RFC 9110 §9.3.2): the next bytes on the connection would be read as a response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_error_to_head_has_no_body() {
+    let up = Scripted::start(
+        vec![b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello"],
+        None,
+    )
+    .await;
+    let rig = rig_with(&up).await;
+    let mut s = TcpStream::connect(rig.gw.addr()).await.unwrap();
+    s.write_all(b"HEAD /scripted/broken HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+        .await
+        .expect("closed within 10 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 502 "), "{text}");
+    assert!(
+        text.ends_with("\r\n\r\n"),
+        "a body followed the head: {text}"
+    );
+    rig.stop().await;
+}

@@ -927,7 +927,10 @@ async fn fail(
     push_field(out, b"Date", date.as_bytes());
     push_field(out, b"Connection", b"close");
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(&body);
+    // A response to HEAD has no content (RFC 9110 §9.3.2): the fields describe the GET's.
+    if ctx.req.method != Method::HEAD {
+        out.extend_from_slice(&body);
+    }
     let _ = write_down(down, &c.out).await;
     (Exchange::Broken { status }, generation, Some(err.code()))
 }

@@ -169,7 +169,8 @@ impl ResponseFacts {
 /// head): `Keep-Alive` dropped, the first `X-Request-Id` replaced by `request_id` and later
 /// ones dropped, obs-folds unfolded; in a final head also `Connection` dropped, and
 /// `Content-Length` dropped once a `Transfer-Encoding` is known or repeated (a 1xx head keeps
-/// its `Connection` and `Content-Length`, as pingora-proxy's path does). Notes the framing facts
+/// its `Connection` and its `Content-Length` fields as sent; pingora-proxy's path keeps
+/// `Connection` and collapses a length list: README "Not yet"). Notes the framing facts
 /// in `facts`; an invalid or conflicting `Content-Length` is noted in `facts.length_error`
 /// (RFC 9112 §6.3).
 fn write_response_fields(
