@@ -15,6 +15,23 @@ use proxy_support::{client_credentials_route, read_answer, send, Rig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// `Connection` field lines that send a request down each path: the fast path, then
+/// pingora-proxy (a field nominated by `Connection` is one only pingora-proxy removes).
+const KEEP_ALIVE_ON_EACH_PATH: [&str; 2] = [
+    "Connection: keep-alive\r\n",
+    "Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\n",
+];
+/// As [`KEEP_ALIVE_ON_EACH_PATH`], closing after the answer.
+const CLOSE_ON_EACH_PATH: [&str; 2] = [
+    "Connection: close\r\n",
+    "Connection: close, X-Hop\r\nX-Hop: 1\r\n",
+];
+
+/// The targets the raw upstream received, in order.
+fn targets(requests: &[tokengate::sandbox::RawRequest]) -> Vec<String> {
+    requests.iter().map(|r| r.target.clone()).collect()
+}
+
 /// The same request sent once plainly (the fast path forwards it) and once with a
 /// `Connection`-nominated field (pingora-proxy forwards it): the upstream must see the same
 /// bytes, since pingora removes the nominated field and `Connection` itself.
@@ -412,13 +429,10 @@ async fn the_connection_comes_back_to_the_fast_path_after_a_request_for_pingora(
     let first = read_answer(&mut s, &mut buf).await;
     let second = read_answer(&mut s, &mut buf).await;
     assert_eq!((first.status, second.status), (200, 200));
-    let targets: Vec<String> = rig
-        .raw
-        .requests()
-        .iter()
-        .map(|r| r.target.clone())
-        .collect();
-    assert_eq!(targets, ["/chunked", "/after/1", "/after/2"]);
+    assert_eq!(
+        targets(&rig.raw.requests()),
+        ["/chunked", "/after/1", "/after/2"]
+    );
     rig.stop().await;
 }
 
@@ -558,14 +572,11 @@ async fn content_length_lists_and_repeats_leave_as_one_field() {
     // Requests. The list goes to pingora-proxy (the fast path takes only digits); the repeated
     // field stays on the fast path, and with a `Connection`-nominated field goes to pingora.
     let rig = Rig::start(|t, _, _| t).await;
-    let hop = "Connection: close, X-Hop\r\nX-Hop: 1\r\n";
+    let [fast, via_pingora] = CLOSE_ON_EACH_PATH;
     for (lengths, extra) in [
-        ("Content-Length: 4, 4\r\n", "Connection: close\r\n"),
-        (
-            "Content-Length: 4\r\ncontent-length: 4\r\n",
-            "Connection: close\r\n",
-        ),
-        ("Content-Length: 4\r\ncontent-length: 4\r\n", hop),
+        ("Content-Length: 4, 4\r\n", fast),
+        ("Content-Length: 4\r\ncontent-length: 4\r\n", fast),
+        ("Content-Length: 4\r\ncontent-length: 4\r\n", via_pingora),
     ] {
         let request =
             format!("POST /drillster/cl HTTP/1.1\r\nHost: gw\r\n{lengths}{extra}\r\nbody");
@@ -605,7 +616,7 @@ async fn content_length_lists_and_repeats_leave_as_one_field() {
     )
     .await;
     let rig = rig_with(&up).await;
-    for extra in ["", "Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\n"] {
+    for extra in KEEP_ALIVE_ON_EACH_PATH {
         let mut s = TcpStream::connect(rig.gw.addr()).await.unwrap();
         let mut buf = Vec::new();
         for i in 0..4 {
@@ -707,11 +718,7 @@ async fn requests_pipelined_behind_one_for_pingora_are_all_answered() {
             a.head
         );
     }
-    let targets: Vec<String> = rig.raw.requests()[5..]
-        .iter()
-        .map(|r| r.target.clone())
-        .collect();
-    assert_eq!(targets, ["/q/1", "/q/2", "/q/3"]);
+    assert_eq!(targets(&rig.raw.requests()[5..]), ["/q/1", "/q/2", "/q/3"]);
     rig.stop().await;
 }
 
@@ -729,12 +736,10 @@ async fn transfer_encoding_overrides_any_content_length_on_both_paths() {
     )
     .await;
     let rig = rig_with(&up).await;
-    for connection in ["close", "close, X-Hop\r\nX-Hop: 1"] {
+    for connection in CLOSE_ON_EACH_PATH {
         for i in 0..2 {
             // The reader takes a response without a length to the connection's close.
-            let request = format!(
-                "GET /scripted/te/{i} HTTP/1.1\r\nHost: gw\r\nConnection: {connection}\r\n\r\n"
-            );
+            let request = format!("GET /scripted/te/{i} HTTP/1.1\r\nHost: gw\r\n{connection}\r\n");
             let a = send(rig.gw.addr(), request.as_bytes()).await;
             assert_eq!(a.status, 200, "{connection:?} #{i}: {}", a.head);
             assert_eq!(a.body, b"ok", "{connection:?} #{i}");
@@ -760,7 +765,7 @@ async fn interim_responses_carry_the_request_id_and_no_keep_alive_on_both_paths(
     )
     .await;
     let rig = rig_with(&up).await;
-    for extra in ["", "Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\n"] {
+    for extra in KEEP_ALIVE_ON_EACH_PATH {
         let mut s = TcpStream::connect(rig.gw.addr()).await.unwrap();
         let mut buf = Vec::new();
         for link in ["</a.css>; rel=preload", "</b.css>; rel=preload"] {
@@ -804,11 +809,9 @@ async fn an_http_1_0_upstream_is_answered_for_in_http_1_1_on_both_paths() {
     )
     .await;
     let rig = rig_with(&up).await;
-    for connection in ["close", "close, X-Hop\r\nX-Hop: 1"] {
+    for connection in CLOSE_ON_EACH_PATH {
         for i in 0..2 {
-            let request = format!(
-                "GET /scripted/v/{i} HTTP/1.1\r\nHost: gw\r\nConnection: {connection}\r\n\r\n"
-            );
+            let request = format!("GET /scripted/v/{i} HTTP/1.1\r\nHost: gw\r\n{connection}\r\n");
             let a = send(rig.gw.addr(), request.as_bytes()).await;
             assert!(
                 a.head.starts_with("HTTP/1.1 200 "),
