@@ -18,7 +18,8 @@ Stages (all on loopback):
            median requests/s, proxy-core CPU us per request, non-2xx count, tokengate's ratio
   latency  oha --latency-correction at 25 % and 50 % of tokengate's peak rate, for tokengate,
            nginx and the origin directly, --rounds rounds: median p50/p99/p99.9 added over the
-           direct run of the same round
+           direct run of the same round; with --latency-breakdown also where it went: the wait
+           before oha could send (a free connection of 64, its core) and the time on the wire
   scaling  requests/s at 1, 64, 256, 1024 connections; resident memory idle and at 1024;
            tokengate with 1 route vs 1,000 routes; writes scaling.svg
   token    60 s at 64 connections with 5-second tokens: token requests seen by the token
@@ -305,14 +306,40 @@ def wrk(url, connections, duration, fleet=None, proxy=None):
             "client_core_busy": client_busy, "client_bound": client_busy >= 0.95, "rss_peak_kib": rss_peak}
 
 
-def oha(url, rate, duration):
+def oha(url, rate, duration, breakdown=False):
+    db = Path(tempfile.mkdtemp()) / "requests.db" if breakdown else None
     p = pinned(CLIENT_CORE, ["oha", "--no-tui", "--output-format", "json", "--latency-correction", "-q", str(int(rate)),
-                             "-z", f"{duration}s", "-c", "64", url], stdout=subprocess.PIPE, text=True)
+                             "-z", f"{duration}s", "-c", "64", *(["--db-url", str(db)] if db else []), url],
+               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     out, _ = p.communicate()
     j = json.loads(out)
     pct = j.get("latencyPercentiles") or j.get("latency_percentiles") or {}
     # seconds → ms; oha names the keys p50, p99, p99.9 (older versions: p99_9)
-    return {k: pct.get(k, pct.get(k.replace(".", "_"), float("nan"))) * 1e3 for k in ("p50", "p99", "p99.9")}
+    res = {k: pct.get(k, pct.get(k.replace(".", "_"), float("nan"))) * 1e3 for k in ("p50", "p99", "p99.9")}
+    if db:
+        res["breakdown"] = latency_breakdown(db)
+        shutil.rmtree(db.parent, ignore_errors=True)
+    return res
+
+
+def latency_breakdown(db):
+    """Splits each request's corrected latency (end - scheduled start) into the wait before oha
+    could send it (scheduled start -> sent: no free connection among the 64, or the load
+    generator's core busy) and the time on the wire (sent -> response: proxy, origin, and oha
+    reading the response). ms; `queued_over_10ms` is the share of requests that waited > 10 ms
+    to be sent, the mark of an episode where the offered rate outran 64 connections."""
+    import sqlite3
+    con = sqlite3.connect(db)
+    rows = con.execute("select start_latency_correction, start, end from oha").fetchall()
+    con.close()
+    if not rows:
+        return {}
+    wait = sorted(st - s for s, st, _ in rows)
+    wire = sorted(e - st for _, st, e in rows)
+    at = lambda a, q: a[min(len(a) - 1, int(q * len(a)))] * 1e3
+    return {"send_wait_p50": at(wait, .5), "send_wait_p99": at(wait, .99),
+            "on_wire_p50": at(wire, .5), "on_wire_p90": at(wire, .9), "on_wire_p99": at(wire, .99),
+            "queued_over_10ms": sum(w > 0.010 for w in wait) / len(wait)}
 
 
 def svg_chart(series, path):
@@ -349,6 +376,9 @@ def main():
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
     ap.add_argument("--stages", default="peak,latency,scaling,token", help="comma-separated subset")
     ap.add_argument("--skip-build", action="store_true", help="use the existing release build")
+    ap.add_argument("--latency-breakdown", action="store_true",
+                    help="latency stage: keep oha's per-request records and report, per run, the wait before "
+                         "sending and the time on the wire (medians of the rounds)")
     ap.add_argument("--out", default=str(ROOT / "target/load"), help="results directory")
     args = ap.parse_args()
     stages = set(args.stages.split(","))
@@ -400,15 +430,21 @@ def main():
                     # rounds of (direct, tokengate, nginx), each proxy's added latency taken against
                     # the direct run of its round, medians reported.
                     added = {"tokengate": [], "nginx": []}
-                    directs = []
+                    directs, breakdown = [], {}
                     for r in range(args.rounds):
-                        direct = oha(f"http://{ORIGIN}/", rate, args.duration)
+                        direct = oha(f"http://{ORIGIN}/", rate, args.duration, args.latency_breakdown)
                         directs.append(direct)
+                        if "breakdown" in direct:
+                            breakdown.setdefault("direct", []).append(direct.pop("breakdown"))
                         order = ("tokengate", "nginx") if r % 2 == 0 else ("nginx", "tokengate")
                         for n in order:
-                            m = oha(f"http://127.0.0.1:{PORTS[n]}/", rate, args.duration)
+                            m = oha(f"http://127.0.0.1:{PORTS[n]}/", rate, args.duration, args.latency_breakdown)
+                            if "breakdown" in m:
+                                breakdown.setdefault(n, []).append(m.pop("breakdown"))
                             added[n].append({k: m[k] - direct[k] for k in m})
                     row = {"rate": rate, "direct_ms": directs, "rounds": added}
+                    if breakdown:
+                        row["breakdown_ms"] = breakdown
                     for n, runs in added.items():
                         row[n] = {k: statistics.median(a[k] for a in runs) for k in runs[0]}
                     # Paired: tokengate's p99 minus nginx's in the same round, back to back, so a
@@ -512,6 +548,15 @@ def report(res, out):
                 print(f"Paired by round, tokengate p99 minus nginx p99: median {statistics.median(paired):+.3f} ms; "
                       f"tokengate at or below nginx in {better} of {len(paired)} rounds "
                       f"({', '.join(f'{d:+.1f}' for d in paired)})")
+        for load, row in res["latency_added_ms"].items():
+            if "breakdown_ms" not in row:
+                continue
+            print(f"\nWhere the latency went at {load} (medians of the rounds, ms):\n\n| run | wait to send p50 / p99 "
+                  "| on the wire p50 / p90 / p99 | requests that waited > 10 ms |\n|---|---|---|---|")
+            for n, runs in row["breakdown_ms"].items():
+                med = lambda k: statistics.median(b[k] for b in runs if b)
+                print(f"| {n} | {med('send_wait_p50'):.2f} / {med('send_wait_p99'):.2f} | {med('on_wire_p50'):.2f} / "
+                      f"{med('on_wire_p90'):.2f} / {med('on_wire_p99'):.2f} | {med('queued_over_10ms'):.1%} |")
     if "scaling_rps" in res:
         print("\n| proxy | 1 conn | 64 | 256 | 1024 | RSS idle MiB | RSS @1024 MiB |\n|---|---|---|---|---|---|---|")
         for n, s in res["scaling_rps"].items():
