@@ -38,6 +38,7 @@ use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
 
 use crate::metrics::{Metrics, UpstreamErrorKind};
+use crate::token::Rejection;
 use error_response::GatewayError;
 use routes::{Route, RouteTable};
 
@@ -403,13 +404,16 @@ impl ProxyHttp for Gateway {
             return Ok(());
         };
         if ctx.replayed {
-            // The refreshed token was refused too: no loop, the 401 goes to the client.
+            // The refreshed token was refused too: no loop, the 401 goes to the client, and the
+            // token is held through 401s for a while (the API refuses the request, not it).
+            route.token.refused_on_replay(ctx.generation);
             route.metrics.unauthorized(false);
             return Ok(());
         }
-        // Drop exactly the token this request carried; a newer one is left alone.
-        route.token.invalidate(ctx.generation);
-        if !self.replayable(session, &state) {
+        // Drop exactly the token this request carried; a newer one is left alone, and so is
+        // one refused on a replay moments ago (a new token would be refused too).
+        let kept = route.token.invalidate(ctx.generation) == Rejection::Kept;
+        if kept || !self.replayable(session, &state) {
             route.metrics.unauthorized(false);
             return Ok(());
         }

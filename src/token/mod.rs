@@ -219,6 +219,33 @@ pub struct TokenSource {
     waited: AtomicU64,
     /// Replaced by a config reload ([`TokenSource::retire`]).
     retired: AtomicBool,
+    /// A token the upstream refused on a replay, so for the request and not for its age: an
+    /// upstream 401 does not drop it until the hold ends ([`TokenSource::refused_on_replay`]).
+    held: Mutex<Option<Hold>>,
+}
+
+/// A token kept through upstream 401s: its generation and until when.
+#[derive(Clone, Copy, Debug)]
+struct Hold {
+    generation: u64,
+    until: Instant,
+}
+
+/// How long a token refused on a replay is kept through further 401s. Bounds the token
+/// requests one always-refused request can cause to one per this period, and a token revoked
+/// in the meantime to this long of 401s passed to clients.
+pub const REFUSED_TOKEN_HOLD: Duration = Duration::from_secs(10);
+
+/// What an upstream 401 did to the token it was sent with ([`TokenSource::invalidate`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Rejection {
+    /// It was the current token and is dropped: replay with the next one.
+    Dropped,
+    /// A newer token has replaced it (or a drop is already renewing it): replay with that one.
+    Superseded,
+    /// It is the current token but was refused on a replay moments ago
+    /// ([`TokenSource::refused_on_replay`]): it stays, and the 401 goes to the client.
+    Kept,
 }
 
 impl TokenSource {
@@ -247,6 +274,7 @@ impl TokenSource {
             status: Mutex::new(SourceStatus::default()),
             waited: AtomicU64::new(0),
             retired: AtomicBool::new(false),
+            held: Mutex::new(None),
         })
     }
 
@@ -336,13 +364,24 @@ impl TokenSource {
     }
 
     /// Drops the token of `generation` after the upstream rejected it (RFC 6750 §3.1
-    /// `invalid_token`) and wakes the refresher. A newer token is left alone.
-    /// Returns whether the token was dropped by this call.
-    pub fn invalidate(&self, generation: u64) -> bool {
+    /// `invalid_token`) and wakes the refresher (SPEC "Proxy behaviour": only that
+    /// generation, one refresh however many requests saw the 401). A newer token is left
+    /// alone, and so is a token held after it was refused on a replay
+    /// ([`TokenSource::refused_on_replay`]).
+    pub fn invalidate(&self, generation: u64) -> Rejection {
+        self.invalidate_at(generation, Instant::now())
+    }
+
+    fn invalidate_at(&self, generation: u64, now: Instant) -> Rejection {
         let cur = self.current.load_full();
         let Some(tok) = cur.as_ref().filter(|t| t.generation == generation) else {
-            return false;
+            return Rejection::Superseded;
         };
+        if let Some(h) = *lock(&self.held) {
+            if h.generation == generation && now < h.until {
+                return Rejection::Kept;
+            }
+        }
         let prev = self.current.compare_and_swap(&cur, None);
         let dropped = matches!((&*prev, &cur), (Some(a), Some(b)) if Arc::ptr_eq(a, b));
         if dropped {
@@ -355,8 +394,28 @@ impl TokenSource {
             drop(d);
             self.drops.fetch_add(1, Ordering::SeqCst);
             self.wake.notify_one();
+            return Rejection::Dropped;
         }
-        dropped
+        Rejection::Superseded
+    }
+
+    /// The upstream answered 401 to a replay carrying the token of `generation`, fetched
+    /// because the first attempt's token was refused: the API refuses the request, not the
+    /// token. That token is kept through upstream 401s for [`REFUSED_TOKEN_HOLD`], so a request
+    /// the API always refuses (a path the account may not use) cannot make every request of
+    /// the route wait for the token endpoint, nor flood it. A renewal ends the hold early.
+    pub fn refused_on_replay(&self, generation: u64) {
+        self.refused_on_replay_at(generation, Instant::now());
+    }
+
+    fn refused_on_replay_at(&self, generation: u64, now: Instant) {
+        let current = self.current.load();
+        if current.as_ref().is_some_and(|t| t.generation == generation) {
+            *lock(&self.held) = Some(Hold {
+                generation,
+                until: now + REFUSED_TOKEN_HOLD,
+            });
+        }
     }
 
     /// Marks the source as replaced by a config reload: its refresher no longer renews or
@@ -646,12 +705,38 @@ mod tests {
         let _r = s.spawn_refresher(&tokio::runtime::Handle::current());
         let (auth, generation) = s.token().await.unwrap();
         assert_eq!((auth.to_str().unwrap(), generation), ("Bearer t1", 1));
-        assert!(s.invalidate(1));
+        assert_eq!(s.invalidate(1), Rejection::Dropped);
         let (auth, generation) = s.token().await.unwrap();
         assert_eq!((auth.to_str().unwrap(), generation), ("Bearer t2", 2));
         // A late 401 for the old generation leaves the new token alone.
-        assert!(!s.invalidate(1));
+        assert_eq!(s.invalidate(1), Rejection::Superseded);
         assert_eq!(s.usable_now(Instant::now()).unwrap().1, 2);
+    }
+
+    /// A token refused on a replay is kept through 401s for the hold, then dropped again; the
+    /// hold is for that generation only, and a late report for an old one sets none.
+    #[tokio::test]
+    async fn a_token_refused_on_a_replay_is_held_through_401s() {
+        let s = source(false, RenewalPolicy::default());
+        let _r = s.spawn_refresher(&tokio::runtime::Handle::current());
+        s.token().await.unwrap();
+        assert_eq!(s.invalidate(1), Rejection::Dropped);
+        assert_eq!(s.token().await.unwrap().1, 2);
+        let now = Instant::now();
+        s.refused_on_replay_at(2, now);
+        let later = now + REFUSED_TOKEN_HOLD - Duration::from_millis(1);
+        assert_eq!(s.invalidate_at(2, later), Rejection::Kept);
+        assert_eq!(s.usable_now(Instant::now()).unwrap().1, 2, "kept");
+        assert_eq!(
+            s.invalidate_at(2, now + REFUSED_TOKEN_HOLD),
+            Rejection::Dropped
+        );
+        assert_eq!(s.token().await.unwrap().1, 3);
+        // The hold named generation 2: generation 3 is dropped at once.
+        assert_eq!(s.invalidate_at(3, now), Rejection::Dropped);
+        assert_eq!(s.token().await.unwrap().1, 4);
+        s.refused_on_replay_at(3, now);
+        assert_eq!(s.invalidate_at(4, now), Rejection::Dropped);
     }
 
     /// A connection's cached token follows every change of the current one: a new token, a
@@ -672,7 +757,7 @@ mod tests {
         cache.put_back(taken);
         assert_eq!(generation(&mut cache), Some(("Bearer t1".into(), 1)));
         // Dropped after a 401: the cache sees it at once, then the renewed token.
-        assert!(s.invalidate(1));
+        assert_eq!(s.invalidate(1), Rejection::Dropped);
         assert_eq!(generation(&mut cache), None);
         s.token().await.unwrap();
         assert_eq!(generation(&mut cache), Some(("Bearer t2".into(), 2)));

@@ -54,7 +54,7 @@ use super::{
     SharedState, MAX_REQUEST_ID,
 };
 use crate::metrics::UpstreamErrorKind;
-use crate::token::{Token, TokenCache};
+use crate::token::{Rejection, Token, TokenCache};
 use request::{parse_request, write_upstream_request, Field, Parsed, Plain};
 use response::{parse_response, push_field, ChunkedEnd, Framing, ResponseHead};
 use timer::Timer;
@@ -664,12 +664,16 @@ impl ListenerApp {
             let (up, head) = sent;
             if head.status == 401 {
                 if replayed {
-                    // The new token was refused too: no loop, the 401 goes to the client.
+                    // The new token was refused too: no loop, the 401 goes to the client, and
+                    // the token is held through 401s for a while (the API refuses the request).
+                    route.token.refused_on_replay(generation);
+                    route.metrics.unauthorized(false);
+                } else if route.token.invalidate(generation) == Rejection::Kept {
+                    // Refused on a replay moments ago: a new token would be refused too.
                     route.metrics.unauthorized(false);
                 } else {
-                    // Drop exactly the token this request carried; one replay with a new one
-                    // (one renewal is shared by every request that saw the 401).
-                    route.token.invalidate(generation);
+                    // The token this request carried is dropped (exactly that one); one replay
+                    // with a new one (one renewal is shared by every request that saw the 401).
                     route.metrics.unauthorized(true);
                     replayed = true;
                     attempts = 0;
