@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::admin::AdminApp;
 use crate::config::{AuthConfig, Config, ConfigErrors, RouteConfig};
+use crate::files;
 use crate::metrics::Metrics;
 use crate::oauth::TokenClient;
 use crate::proxy::fast_path::ListenerApp;
@@ -214,9 +215,11 @@ fn build_state(
     let mut sources = Vec::with_capacity(config.routes.len());
     for (index, rc) in config.routes.iter().enumerate() {
         let ca_pem = match &rc.ca_file {
-            Some(path) => Some(std::fs::read(path).map_err(|e| StartError::CaFile {
-                index,
-                reason: format!("{}: {e}", path.display()),
+            Some(path) => Some(files::read_capped(path, files::CA_FILE_LIMIT).map_err(|e| {
+                StartError::CaFile {
+                    index,
+                    reason: format!("{}: {e}", path.display()),
+                }
             })?),
             None => None,
         };

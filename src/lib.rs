@@ -24,6 +24,7 @@
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod files;
 pub mod gateway;
 pub mod metrics;
 pub mod oauth;

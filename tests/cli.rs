@@ -135,6 +135,32 @@ fn check_rejects_bad_configs_naming_the_key() {
         "routes[0].auth.key_file",
         "privateKey",
     );
+    // A path pointed at an endless device is refused at its cap, not read into memory.
+    let zero = Path::new("/dev/zero");
+    assert_rejected(
+        &dir,
+        "endless-key-file.toml",
+        &good_config(zero),
+        "routes[0].auth.key_file",
+        "larger than 64 KiB",
+    );
+    assert_rejected(
+        &dir,
+        "endless-secret-file.toml",
+        &good.replace(
+            "client_secret = \"not-a-real-secret\"",
+            "client_secret_file = \"/dev/zero\"",
+        ),
+        "routes[0].auth.client_secret_file",
+        "larger than 64 KiB",
+    );
+    assert_rejected(
+        &dir,
+        "endless-ca-file.toml",
+        &good.replace("[routes.auth]", "ca_file = \"/dev/zero\"\n\n[routes.auth]"),
+        "routes[0].ca_file",
+        "larger than 16 MiB",
+    );
 }
 
 #[test]

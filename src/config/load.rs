@@ -31,6 +31,7 @@ use super::{
     AuthConfig, BasicEncoding, ClientAuth, Config, Grant, LogConfig, LogFormat, RouteConfig,
     Secret, ServerConfig, TokenEndpointLocation, Upstream,
 };
+use crate::files;
 use crate::oauth::key_file::{KeyFileError, ServiceAccountKey};
 
 /// Default `server.listen`.
@@ -74,7 +75,7 @@ impl Config {
     /// # Errors
     /// [`ConfigErrors`]: every problem found, one line each (`{file}[:{line}]: {key}: …`).
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = match std::fs::read_to_string(path) {
+        let text = match files::read_to_string_capped(path, files::CONFIG_FILE_LIMIT) {
             Ok(text) => text,
             Err(e) => {
                 return Err(ConfigErrors::new(vec![ConfigError {
@@ -1191,7 +1192,7 @@ impl Validator<'_> {
     fn ca_file(&mut self, key: &str, path: &str) -> Option<PathBuf> {
         let resolved = self.resolve(path);
         let shown = resolved.display();
-        let text = match std::fs::read(&resolved) {
+        let text = match files::read_capped(&resolved, files::CA_FILE_LIMIT) {
             Ok(t) => t,
             Err(e) => {
                 self.r.push(
@@ -1512,7 +1513,7 @@ impl Validator<'_> {
             (Some(v), None) => (v, key.clone(), String::new()),
             (None, Some(path)) => {
                 let resolved = self.resolve(&path);
-                match std::fs::read_to_string(&resolved) {
+                match files::read_to_string_capped(&resolved, files::SECRET_FILE_LIMIT) {
                     Ok(text) => (
                         text.trim_end_matches(['\n', '\r']).to_string(),
                         file_key.clone(),
