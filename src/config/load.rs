@@ -44,6 +44,9 @@ pub const DEFAULT_ALLOWED_CLIENTS: &[&str] = &["127.0.0.0/8", "::1/128"];
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(10);
 /// Default `server.replay_body_limit` (64 KiB).
 pub const DEFAULT_REPLAY_BODY_LIMIT: usize = 64 * 1024;
+/// Largest `server.replay_body_limit`, bytes: pingora-proxy keeps at most this much of a
+/// request body for a retry, so a larger limit could not take effect.
+pub const MAX_REPLAY_BODY_LIMIT: usize = crate::proxy::RETRY_BUFFER_LIMIT;
 /// Default `routes.connect_timeout`.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default `routes.read_timeout`.
@@ -786,16 +789,18 @@ impl Validator<'_> {
         let grace_period = s.grace_period.map_or(DEFAULT_GRACE_PERIOD, |d| d.0);
         let replay_body_limit = match s.replay_body_limit {
             None => DEFAULT_REPLAY_BODY_LIMIT,
-            Some(b) => usize::try_from(b.0).unwrap_or_else(|_| {
+            Some(b) if b.0 <= MAX_REPLAY_BODY_LIMIT as u64 => b.0 as usize,
+            Some(b) => {
                 self.r.push(
                     "server.replay_body_limit",
                     format!(
-                        "{} bytes is too large for this platform; use e.g. \"64KiB\"",
+                        "{} bytes is more than a replay can keep: at most \"64KiB\" (pingora-proxy \
+                         keeps at most 64 KiB of a request body for a retry)",
                         b.0
                     ),
                 );
                 DEFAULT_REPLAY_BODY_LIMIT
-            }),
+            }
         };
 
         ServerConfig {
@@ -2378,7 +2383,7 @@ refresh_ratio = 1.5
     #[test]
     fn methods_headers_cidrs() {
         let text = format!(
-            "[server]\nallowed_clients = [\"10.1.2.3\", \"fd00::1\", \"192.168.1.7/24\"]\nreplay_body_limit = \"1MiB\"\n{}",
+            "[server]\nallowed_clients = [\"10.1.2.3\", \"fd00::1\", \"192.168.1.7/24\"]\nreplay_body_limit = \"16KiB\"\n{}",
             cc_route("").replace(
                 "upstream =",
                 "allow_methods = [\"get\", \"POST\", \"GET\"]\nstrip_headers = [\"X-Api-Key\"]\nupstream ="
@@ -2392,7 +2397,7 @@ refresh_ratio = 1.5
             .map(ToString::to_string)
             .collect();
         assert_eq!(nets, ["10.1.2.3/32", "fd00::1/128", "192.168.1.0/24"]);
-        assert_eq!(c.server.replay_body_limit, 1 << 20);
+        assert_eq!(c.server.replay_body_limit, 16 << 10);
         let r = &c.routes[0];
         assert_eq!(
             r.allow_methods.as_deref(),
@@ -2409,6 +2414,24 @@ refresh_ratio = 1.5
         assert!(log_level_problem("verbose").is_some());
         assert!(log_level_problem("").is_some());
         assert!(log_level_problem("info,tokengate=loud").is_some());
+    }
+
+    #[test]
+    fn replay_body_limit_is_at_most_what_pingora_keeps() {
+        let text = |v: &str| format!("[server]\nreplay_body_limit = \"{v}\"\n{}", cc_route(""));
+        assert_eq!(
+            load(&text("64KiB")).unwrap().server.replay_body_limit,
+            65536
+        );
+        assert_eq!(load(&text("0B")).unwrap().server.replay_body_limit, 0);
+        let errs = errors(&text("1MiB"));
+        assert!(
+            has(
+                &errs,
+                "server.replay_body_limit: 1048576 bytes is more than a replay can keep"
+            ),
+            "{errs:?}"
+        );
     }
 
     #[test]
