@@ -16,8 +16,8 @@ pub struct AccessToken {
     pub value: String,
     /// How long the token is valid from the moment the response arrived. Already the earliest
     /// of `expires_in`, the token's own JWT `exp` and, when neither exists, the default lifetime;
-    /// clamped to `[0, MAX_TOKEN_LIFETIME]` (the cache treats less than
-    /// [`crate::token::MIN_LIFETIME`] as that).
+    /// more than zero (a response saying less is refused) and at most `MAX_TOKEN_LIFETIME` (the
+    /// cache treats less than [`crate::token::MIN_LIFETIME`] as that).
     pub lifetime: Duration,
 }
 
@@ -60,6 +60,11 @@ pub enum TokenResponseError {
     /// The access token cannot be sent in an HTTP header (control characters etc.).
     #[error("access_token contains characters not allowed in an HTTP header")]
     InvalidTokenCharacters,
+    /// The response says the token has already expired: a negative `expires_in`, or a JWT
+    /// access token whose `exp` is not after the time the response arrived (often this
+    /// machine's clock or the server's is wrong). Sending it would only earn 401s.
+    #[error("the access token has already expired: {0}")]
+    AlreadyExpired(String),
 }
 
 fn describe(d: &Option<String>) -> String {
@@ -114,7 +119,13 @@ pub fn parse_token_response(
             )))
         }
     }
-    let expires_in = obj.get("expires_in").and_then(expires_in_seconds);
+    // 0 is read as "not given", as golang.org/x/oauth2 does: servers that send it mean no
+    // expiry more often than an already-expired token (the token's JWT `exp`, the default
+    // lifetime and an upstream 401 still bound it).
+    let expires_in = obj
+        .get("expires_in")
+        .and_then(expires_in_seconds)
+        .filter(|&e| e != 0.0);
     let jwt_left = jwt_exp(&token).map(|exp| {
         let now_secs = now
             .duration_since(UNIX_EPOCH)
@@ -122,6 +133,17 @@ pub fn parse_token_response(
             .unwrap_or(0.0);
         exp - now_secs
     });
+    if let Some(e) = expires_in.filter(|&e| e < 0.0) {
+        return Err(TokenResponseError::AlreadyExpired(format!(
+            "expires_in is {e}"
+        )));
+    }
+    if let Some(left) = jwt_left.filter(|&l| l <= 0.0) {
+        return Err(TokenResponseError::AlreadyExpired(format!(
+            "its JWT exp is {:.0} s before this machine's clock; check both clocks",
+            -left
+        )));
+    }
     let seconds = match (expires_in, jwt_left) {
         (Some(a), Some(b)) => a.min(b),
         (Some(a), None) | (None, Some(a)) => a,
@@ -308,8 +330,7 @@ mod tests {
     #[test]
     fn absurd_expires_in_is_clamped_never_panics() {
         let cases = [
-            ("0", Duration::ZERO),
-            ("-1", Duration::ZERO),
+            ("0.001", Duration::from_millis(1)),
             ("9223372036854775807", MAX_TOKEN_LIFETIME),
             ("1e308", MAX_TOKEN_LIFETIME),
             ("1.5", Duration::from_millis(1500)),
@@ -339,9 +360,44 @@ mod tests {
     }
 
     #[test]
+    fn a_token_already_expired_is_refused() {
+        for raw in ["-1", r#""-3600""#, "-1e308", "-0.5"] {
+            let body = format!(r#"{{"access_token":"x","expires_in":{raw}}}"#);
+            assert!(
+                matches!(parse(&body).unwrap_err(), TokenResponseError::AlreadyExpired(ref m) if m.starts_with("expires_in is")),
+                "expires_in {raw}"
+            );
+        }
+        let now_s = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let now = UNIX_EPOCH + Duration::from_secs(now_s);
+        let body = format!(
+            r#"{{"access_token":"{}","expires_in":3600}}"#,
+            jwt_with_exp(now_s - 90)
+        );
+        let e = parse_token_response(body.as_bytes(), now, Duration::from_secs(300)).unwrap_err();
+        assert!(e.to_string().contains("JWT exp is 90 s before"), "{e}");
+        assert!(
+            !e.to_string().contains("eyJ"),
+            "the token is never shown: {e}"
+        );
+    }
+
+    #[test]
     fn opaque_token_without_expiry_uses_default() {
         let t = parse(r#"{"access_token":"opaque"}"#).unwrap();
         assert_eq!(t.lifetime, Duration::from_secs(300));
+        // expires_in 0 means "not given".
+        for raw in ["0", "-0", r#""0""#, "0.0"] {
+            let body = format!(r#"{{"access_token":"opaque","expires_in":{raw}}}"#);
+            assert_eq!(
+                parse(&body).unwrap().lifetime,
+                Duration::from_secs(300),
+                "{raw}"
+            );
+        }
     }
 
     #[test]

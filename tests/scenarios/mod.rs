@@ -501,23 +501,55 @@ impl tokengate::token::TokenFetcher for Recording {
     }
 }
 
-/// 6: absurd `expires_in` values never panic and are clamped (1 s … 24 h); tiny lifetimes do not
-/// make the refresher loop; after sitting idle longer than a lifetime, the first request gets a
-/// fresh token.
+/// 6: absurd `expires_in` values never panic and are clamped (1 s … 24 h); 0 means "not given"
+/// (the default lifetime); a negative one is an already-expired token, refused and retried with
+/// backoff, never sent; tiny lifetimes do not make the refresher loop; after sitting idle longer
+/// than a lifetime, the first request gets a fresh token.
 pub async fn absurd_expires_in_is_clamped_and_idle_gateway_sends_fresh_token() -> Seen {
     let sandbox = Sandbox::start().await.unwrap();
     sandbox.driftrock.set_opaque_tokens(true);
     let gw = TestGateway::start(config_for(&sandbox, |t| t)).await;
     gw.ready().await;
+
+    // Negative: refused as already expired, counted, backed off; requests get 503, not it.
+    sandbox.driftrock.set_expires_in(JsonField::raw("-1"));
+    sandbox.registry.revoke_all();
+    let n = sandbox.driftrock.requests();
+    let (status, headers, _) = get(&gw, "/driftrock/x").await;
+    assert_eq!(status, 503, "an expired token is not sent");
+    assert_eq!(headers["tokengate-error"], "token_unavailable");
+    let last_error = token_status(&gw, "driftrock").await["last_error"].clone();
+    assert!(
+        last_error
+            .as_str()
+            .is_some_and(|e| e.contains("already expired: expires_in is -1")),
+        "{last_error}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let fetched = sandbox.driftrock.requests() - n;
+    assert!((1..=4).contains(&fetched), "{fetched} fetches in 3 s");
+    let m = gw.metrics().await;
+    assert!(
+        metric(&m, &outcome_series("driftrock", "invalid_response")) >= 1.0,
+        "{m}"
+    );
+
     let cases: [(&str, f64, f64); 5] = [
         ("9223372036854775807", 86_390.0, 86_401.0),
         ("1e308", 86_390.0, 86_401.0),
-        ("0", -1.0, 1.01),
-        ("-1", -1.0, 1.01),
+        ("0", 290.0, 300.01),
+        ("0.001", -1.0, 1.01),
         ("1.5", -1.0, 1.51),
     ];
-    for (raw, low, high) in cases {
+    for (i, (raw, low, high)) in cases.into_iter().enumerate() {
         sandbox.driftrock.set_expires_in(JsonField::raw(raw));
+        if i == 0 {
+            // Out of the backoff the negative case left.
+            eventually(Duration::from_secs(40), "recovery", || async {
+                readyz(&gw).await.0 == 200
+            })
+            .await;
+        }
         let before = upstream_auth(&gw, "/driftrock/x").await;
         sandbox.registry.revoke_all();
         let after = upstream_auth(&gw, "/driftrock/x").await;
@@ -527,7 +559,7 @@ pub async fn absurd_expires_in_is_clamped_and_idle_gateway_sends_fresh_token() -
             (low..=high).contains(&left),
             "expires_in {raw}: {left} s left, want {low}..{high}"
         );
-        if raw == "0" {
+        if raw == "0.001" {
             // A 1 s floor: about one fetch per 0.8 s, not a tight loop.
             let n = sandbox.driftrock.requests();
             tokio::time::sleep(Duration::from_secs(3)).await;
