@@ -218,3 +218,60 @@ async fn secrets_never_leak_with_a_failing_upstream() {
     raw.shutdown().await;
     sandbox.shutdown().await.unwrap();
 }
+
+/// A token endpoint whose `error_description` echoes what it was sent (the client secret, raw
+/// and form-encoded, and the Basic credentials): `/status` and the log show `[redacted]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_description_echoing_the_secret_is_redacted() {
+    let sandbox = Sandbox::start().await.unwrap();
+    let raw = RawApi::start(sandbox.registry.clone()).await.unwrap();
+    let (toml, listen, admin) = toml_for(&sandbox, &raw);
+    let gw = BinaryGateway::start(&toml, listen, admin, "debug").await;
+
+    let secret = keys::DRIFTROCK_CLIENT_SECRET;
+    let encoded: String = form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+    let basic = sandbox
+        .driftrock
+        .last_request()
+        .and_then(|r| r.header("authorization").map(str::to_owned))
+        .expect("the gateway authenticated with Basic");
+    let basic_b64 = basic.strip_prefix("Basic ").expect("Basic").to_owned();
+    sandbox
+        .driftrock
+        .faults()
+        .respond_with(CannedResponse::oauth_error(
+            http::StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            &format!("secret {secret} ({encoded}) is wrong; you sent Authorization: {basic}"),
+        ));
+    sandbox.registry.revoke_all();
+    let r = send(
+        listen,
+        b"GET /driftrock/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.head);
+
+    let status = reqwest::get(format!("http://{admin}/status"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        status.contains(
+            "secret [redacted] ([redacted]) is wrong; you sent Authorization: [redacted]"
+        ),
+        "{status}"
+    );
+    let log = gw.log();
+    assert!(log.contains("[redacted]"), "the failure is logged:\n{log}");
+    for (place, text) in [("/status", &status), ("log", &log)] {
+        for s in [secret, encoded.as_str(), basic_b64.as_str()] {
+            assert!(!text.contains(s), "{s:?} in {place}:\n{text}");
+        }
+    }
+    drop(gw);
+    raw.shutdown().await;
+    sandbox.shutdown().await.unwrap();
+}

@@ -205,8 +205,8 @@ impl TokenClient {
                 "application/x-www-form-urlencoded",
             )
             .body(body);
-        if let Some(basic) = basic {
-            req = req.header(AUTHORIZATION, basic);
+        if let Some(basic) = &basic {
+            req = req.header(AUTHORIZATION, basic.as_str());
         }
         let resp = req.send().await.map_err(network_error)?;
         let status = resp.status();
@@ -214,7 +214,29 @@ impl TokenClient {
             .then(|| parse_retry_after(resp.headers()))
             .flatten();
         let bytes = read_limited(resp).await?;
-        match parse_token_response(&bytes, SystemTime::now(), self.auth.default_token_lifetime) {
+        // An error_description may echo what was sent: never show it, raw or as encoded.
+        let encoded_secret: Option<String> = self
+            .auth
+            .client_secret
+            .as_ref()
+            .map(|s| form_urlencoded::byte_serialize(s.expose().as_bytes()).collect());
+        let mut secrets: Vec<&str> = form
+            .iter()
+            .filter(|(k, _)| matches!(*k, "client_secret" | "assertion"))
+            .map(|(_, v)| v.as_str())
+            .chain(self.auth.client_secret.as_ref().map(|s| s.expose()))
+            .chain(encoded_secret.as_deref())
+            .collect();
+        if let Some(basic) = &basic {
+            secrets.extend([basic.as_str(), basic.trim_start_matches("Basic ")]);
+        }
+        let parsed = parse_token_response(
+            &bytes,
+            SystemTime::now(),
+            self.auth.default_token_lifetime,
+            &secrets,
+        );
+        match parsed {
             Ok(token) if status.is_success() => Ok(token),
             Ok(_) => Err(FetchError {
                 outcome: FetchOutcome::HttpError,

@@ -80,6 +80,9 @@ fn describe(d: &Option<String>) -> String {
 ///   when the body is not an RFC 6749 §5.2 error object).
 /// * `now`: the wall-clock time the response arrived, used to read a JWT access token's `exp`.
 /// * `default_lifetime`: used when neither `expires_in` nor a JWT `exp` is present.
+/// * `secrets`: what the request carried that must never be shown (client secret, assertion,
+///   Basic credentials): an `error` or `error_description` that echoes one shows
+///   `[redacted]` in its place (before truncation, so no prefix survives either).
 ///
 /// Errors: [`TokenResponseError`]; an `{"error": …}` object is always an error, even with
 /// HTTP 200.
@@ -87,6 +90,7 @@ pub fn parse_token_response(
     body: &[u8],
     now: SystemTime,
     default_lifetime: Duration,
+    secrets: &[&str],
 ) -> Result<AccessToken, TokenResponseError> {
     let value: Value = serde_json::from_slice(body).map_err(|_| {
         TokenResponseError::NotJson(format!("{} bytes{}", body.len(), body_hint(body)))
@@ -95,11 +99,10 @@ pub fn parse_token_response(
         return Err(TokenResponseError::NotJson("not an object".into()));
     };
     if let Some(err) = obj.get("error") {
+        let shown = |v: &Value, max| truncate(&redact(json_to_text(v), secrets), max);
         return Err(TokenResponseError::OAuth {
-            error: truncate(&json_to_text(err), 64),
-            description: obj
-                .get("error_description")
-                .map(|d| truncate(&json_to_text(d), 200)),
+            error: shown(err, 64),
+            description: obj.get("error_description").map(|d| shown(d, 200)),
         });
     }
     let token = match obj.get("access_token") {
@@ -202,6 +205,16 @@ fn json_to_text(v: &Value) -> String {
     }
 }
 
+/// `text` with every occurrence of a non-empty secret replaced by `[redacted]`.
+fn redact(mut text: String, secrets: &[&str]) -> String {
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        if text.contains(secret) {
+            text = text.replace(secret, "[redacted]");
+        }
+    }
+    text
+}
+
 fn truncate(s: &str, max: usize) -> String {
     let cleaned: String = s
         .chars()
@@ -232,7 +245,12 @@ mod tests {
     use super::*;
 
     fn parse(body: &str) -> Result<AccessToken, TokenResponseError> {
-        parse_token_response(body.as_bytes(), SystemTime::now(), Duration::from_secs(300))
+        parse_token_response(
+            body.as_bytes(),
+            SystemTime::now(),
+            Duration::from_secs(300),
+            &[],
+        )
     }
 
     fn jwt_with_exp(exp: u64) -> String {
@@ -298,6 +316,29 @@ mod tests {
     }
 
     #[test]
+    fn an_echoed_secret_is_redacted_before_truncation() {
+        let secret = "S".repeat(64);
+        // The secret straddles the 200-character cut: no prefix of it may survive.
+        let description = format!("{}{secret}", "x".repeat(180));
+        let body =
+            serde_json::json!({"error": format!("bad {secret}"), "error_description": description});
+        let e = parse_token_response(
+            body.to_string().as_bytes(),
+            SystemTime::now(),
+            Duration::from_secs(300),
+            &["", &secret],
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            TokenResponseError::OAuth {
+                error: "bad [redacted]".into(),
+                description: Some(format!("{}[redacted]", "x".repeat(180))),
+            }
+        );
+    }
+
+    #[test]
     fn empty_access_token_refused() {
         assert_eq!(
             parse(r#"{"access_token":"","expires_in":0}"#).unwrap_err(),
@@ -349,13 +390,13 @@ mod tests {
         let now_s = now.duration_since(UNIX_EPOCH).unwrap().as_secs();
         let tok = jwt_with_exp(now_s + 120);
         let body = format!(r#"{{"access_token":"{tok}"}}"#);
-        let t = parse_token_response(body.as_bytes(), now, Duration::from_secs(300)).unwrap();
+        let t = parse_token_response(body.as_bytes(), now, Duration::from_secs(300), &[]).unwrap();
         assert!(t.lifetime <= Duration::from_secs(120) && t.lifetime > Duration::from_secs(118));
         let body = format!(r#"{{"access_token":"{tok}","expires_in":3600}}"#);
-        let t = parse_token_response(body.as_bytes(), now, Duration::from_secs(300)).unwrap();
+        let t = parse_token_response(body.as_bytes(), now, Duration::from_secs(300), &[]).unwrap();
         assert!(t.lifetime <= Duration::from_secs(120));
         let body = format!(r#"{{"access_token":"{tok}","expires_in":30}}"#);
-        let t = parse_token_response(body.as_bytes(), now, Duration::from_secs(300)).unwrap();
+        let t = parse_token_response(body.as_bytes(), now, Duration::from_secs(300), &[]).unwrap();
         assert_eq!(t.lifetime, Duration::from_secs(30));
     }
 
@@ -377,7 +418,8 @@ mod tests {
             r#"{{"access_token":"{}","expires_in":3600}}"#,
             jwt_with_exp(now_s - 90)
         );
-        let e = parse_token_response(body.as_bytes(), now, Duration::from_secs(300)).unwrap_err();
+        let e =
+            parse_token_response(body.as_bytes(), now, Duration::from_secs(300), &[]).unwrap_err();
         assert!(e.to_string().contains("JWT exp is 90 s before"), "{e}");
         assert!(
             !e.to_string().contains("eyJ"),
