@@ -851,3 +851,49 @@ async fn a_gateway_error_to_head_has_no_body() {
     );
     rig.stop().await;
 }
+
+/// An HTTP/1.0 client (always pingora-proxy's path) gets no 1xx and no chunked framing (RFC
+/// 9110 §15.2, RFC 9112 §6.1): an upstream's 103 is dropped and a body of unknown length is
+/// sent as it comes, ended by the close, even when the client asked to keep the connection.
+/// An HTTP/1.1 client of the same upstream still gets both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_1_0_client_gets_no_1xx_and_no_chunked_body() {
+    let up = Scripted::start(
+        vec![b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n3\r\n!!!\r\n0\r\n\r\n"],
+        None,
+    )
+    .await;
+    let rig = rig_with(&up).await;
+    for connection in ["", "Connection: keep-alive\r\n"] {
+        let mut s = TcpStream::connect(rig.gw.addr()).await.unwrap();
+        let request = format!("GET /scripted/old HTTP/1.0\r\nHost: gw\r\n{connection}\r\n");
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+            .await
+            .expect("the gateway closes the connection to end the body")
+            .unwrap();
+        let text = String::from_utf8_lossy(&raw).to_string();
+        assert!(text.starts_with("HTTP/1.1 200 "), "{connection:?}: {text}");
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let head = head.to_ascii_lowercase();
+        assert!(
+            !head.contains("transfer-encoding"),
+            "{connection:?}: {text}"
+        );
+        assert!(head.contains("connection: close"), "{connection:?}: {text}");
+        assert_eq!(body, "ok!!!", "{connection:?}");
+    }
+    let mut s = TcpStream::connect(rig.gw.addr()).await.unwrap();
+    s.write_all(b"GET /scripted/new HTTP/1.1\r\nHost: gw\r\nConnection: x-legacy, close\r\nX-Legacy: 1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let hints = read_answer(&mut s, &mut buf).await;
+    assert_eq!(hints.status, 103);
+    let last = read_answer(&mut s, &mut buf).await;
+    assert_eq!(last.status, 200);
+    assert_eq!(last.header("transfer-encoding").as_deref(), Some("chunked"));
+    assert_eq!(last.body, b"ok!!!");
+    rig.stop().await;
+}

@@ -232,6 +232,11 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let state = Arc::clone(&ctx.state);
+        if session.req_header().version < http::Version::HTTP_11 {
+            // RFC 9110 §15.2: no 1xx to an HTTP/1.0 client (pingora would pass an upstream's
+            // 100 or 103 on; a 101 cannot happen, a 1.0 request is no upgrade).
+            session.as_mut().set_ignore_info_resp(true);
+        }
         let req = session.req_header();
         ctx.request_id = Some(match req.headers.get(&X_REQUEST_ID) {
             Some(v) if valid_request_id(v) => v.clone(),
@@ -481,12 +486,22 @@ impl ProxyHttp for Gateway {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(id) = &ctx.request_id {
             response.insert_header("X-Request-Id", id.clone())?;
+        }
+        if session.req_header().version < http::Version::HTTP_11
+            && only_chunked(response.headers.get_all(TRANSFER_ENCODING))
+        {
+            // RFC 9112 §6.1: no Transfer-Encoding to an HTTP/1.0 client. pingora-proxy frames a
+            // body of unknown length chunked (or keeps the upstream's chunked); without it
+            // pingora writes the body as it comes and the close ends it (RFC 9112 §6.3).
+            response.remove_header(&TRANSFER_ENCODING);
+            response.remove_header(&http::header::CONTENT_LENGTH);
+            session.set_keepalive(None);
         }
         // Hop-by-hop (RFC 9110 §7.6.1): the upstream's connection parameters are not the
         // client's. pingora writes its own `Connection`; `Keep-Alive` would pass through.
