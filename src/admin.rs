@@ -201,6 +201,11 @@ fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Ve
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        if !keeps_alive(session.req_header()) {
+            // pingora's HTTP app keeps a connection open for 60 s unless `close` is asked for;
+            // an HTTP/1.0 request without `keep-alive` ends it (RFC 9112 §9.3).
+            session.set_keepalive(None);
+        }
         let req = session.req_header();
         if req.method != Method::GET && req.method != Method::HEAD {
             return respond(
@@ -231,6 +236,23 @@ impl ServeHttp for AdminApp {
                     .to_vec(),
             ),
         }
+    }
+}
+
+/// Whether the client wants its connection kept after `req` (RFC 9112 §9.3): HTTP/1.1 unless
+/// `Connection` names `close`, HTTP/1.0 only when it names `keep-alive`.
+fn keeps_alive(req: &pingora::http::RequestHeader) -> bool {
+    let named = |option: &str| {
+        req.headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .any(|o| o.trim_ascii().eq_ignore_ascii_case(option.as_bytes()))
+    };
+    if req.version >= http::Version::HTTP_11 {
+        !named("close")
+    } else {
+        named("keep-alive")
     }
 }
 

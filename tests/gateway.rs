@@ -403,6 +403,49 @@ async fn admin_endpoints_report_without_secrets() {
     sandbox.shutdown().await.unwrap();
 }
 
+/// The admin listener ends an HTTP/1.0 connection after its answer unless asked to keep it
+/// (RFC 9112 §9.3), and keeps an HTTP/1.1 one for the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_listener_follows_the_clients_connection_wishes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sandbox = Sandbox::start().await.unwrap();
+    let gw = TestGateway::start(config_for(&sandbox, |t| t)).await;
+    let addr = gw.admin.trim_start_matches("http://").to_string();
+    let exchange = |request: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(request.as_bytes()).await.unwrap();
+            let mut raw = Vec::new();
+            let closed =
+                tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut raw)).await;
+            (closed.is_ok(), String::from_utf8_lossy(&raw).to_string())
+        }
+    };
+    for request in [
+        "GET /healthz HTTP/1.0\r\n\r\n",
+        "GET /healthz HTTP/1.0\r\nConnection: Close\r\n\r\n",
+        "GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    ] {
+        let (closed, text) = exchange(request).await;
+        assert!(closed, "{request:?}: left open; got {text}");
+        assert!(text.contains(r#"{"ok":true}"#), "{request:?}: {text}");
+        assert!(
+            text.to_ascii_lowercase().contains("connection: close"),
+            "{text}"
+        );
+    }
+    for request in [
+        "GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        "GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n",
+    ] {
+        let (closed, text) = exchange(request).await;
+        assert!(!closed, "{request:?}: closed; got {text}");
+    }
+    gw.stop().await;
+    sandbox.shutdown().await.unwrap();
+}
+
 #[test]
 fn demo_first_curl_line_answers_200() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
