@@ -1,6 +1,6 @@
 //! `tokengate demo`: the embedded default. Starts the sandbox (a Drillster-like and a
 //! Driftrock-like authorization server and an echo API, all on loopback) and a gateway in front
-//! of them, prints `curl` lines to try, and runs until Ctrl-C. Nothing leaves the machine.
+//! of them, prints `curl` lines to try, and runs until Ctrl-C or SIGTERM. Nothing leaves the machine.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -153,13 +153,21 @@ impl Demo {
     }
 }
 
-/// Runs the demo until Ctrl-C.
+/// Runs the demo until Ctrl-C (SIGINT) or SIGTERM, then stops everything and removes its
+/// scratch directory.
 pub fn run(listen: Option<SocketAddr>, admin: Option<SocketAddr>) -> Result<(), DemoError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| DemoError::Io(format!("runtime: {e}")))?;
+    // SIGTERM (`kill`, a container stop) ends the demo like Ctrl-C, so the scratch directory
+    // is removed either way; listened for from the start, so it is never missed.
+    let mut term = {
+        let _entered = runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| DemoError::Io(format!("signal: {e}")))?
+    };
     let demo = Demo::start(&runtime, listen, admin)?;
     let listen = demo.gateway.listen[0];
     let admin = demo.gateway.admin;
@@ -188,7 +196,12 @@ pub fn run(listen: Option<SocketAddr>, admin: Option<SocketAddr>) -> Result<(), 
     println!();
     println!("Ctrl-C to stop.");
     runtime
-        .block_on(tokio::signal::ctrl_c())
+        .block_on(async {
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r,
+                _ = term.recv() => Ok(()),
+            }
+        })
         .map_err(|e| DemoError::Io(format!("signal: {e}")))?;
     let Demo {
         sandbox,

@@ -338,3 +338,34 @@ async fn subject_on_a_client_credentials_route_is_a_usage_error() {
     assert_eq!(sandbox.driftrock.requests(), 0);
     sandbox.shutdown().await.unwrap();
 }
+
+/// `tokengate demo` stops cleanly on SIGTERM (a `kill`, a container stop) as on Ctrl-C: exit 0
+/// and its scratch directory (config and key copy) removed.
+#[test]
+fn demo_stops_on_sigterm_and_removes_its_directory() {
+    let (listen, admin) = (common::free_addr(), common::free_addr());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .args(["demo", "--listen", &listen.to_string()])
+        .args(["--admin-listen", &admin.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run tokengate demo");
+    let dir = std::env::temp_dir().join(format!("tokengate-demo-{}", child.id()));
+    // Up once it prints its last line.
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let printed: Vec<String> = std::io::BufRead::lines(stdout)
+        .map_while(Result::ok)
+        .take_while(|l| l != "Ctrl-C to stop.")
+        .collect();
+    assert!(dir.exists(), "printed {printed:?}");
+    assert!(std::net::TcpStream::connect(admin).is_ok());
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}
