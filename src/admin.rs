@@ -172,6 +172,7 @@ impl AdminApp {
                         "consecutive_failures": s.consecutive_failures,
                         "next_attempt_at": s.next_attempt_at.map(unix),
                         "last_error": s.last_error,
+                        "last_error_at": s.last_error_at.map(unix),
                     }
                 })
             })

@@ -92,8 +92,13 @@ pub fn parse_token_response(
     default_lifetime: Duration,
     secrets: &[&str],
 ) -> Result<AccessToken, TokenResponseError> {
-    let value: Value = serde_json::from_slice(body).map_err(|_| {
-        TokenResponseError::NotJson(format!("{} bytes{}", body.len(), body_hint(body)))
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        let hint = match body_hint(body) {
+            // serde_json's message names the problem and where, never the text.
+            "" => format!(", {e}"),
+            hint => hint.to_string(),
+        };
+        TokenResponseError::NotJson(format!("{} bytes{hint}", body.len()))
     })?;
     let Value::Object(obj) = value else {
         return Err(TokenResponseError::NotJson("not an object".into()));
@@ -347,6 +352,15 @@ mod tests {
         assert_eq!(
             parse(r#"{"token_type":"Bearer"}"#).unwrap_err(),
             TokenResponseError::MissingAccessToken
+        );
+    }
+
+    #[test]
+    fn json_serde_cannot_read_says_why() {
+        let e = parse(r#"{"access_token":"x","expires_in":1e400}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "token response is not a JSON object (39 bytes, number out of range at line 1 column 38)"
         );
     }
 

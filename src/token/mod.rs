@@ -164,7 +164,11 @@ pub struct SourceStatus {
     #[serde(with = "opt_unix")]
     pub next_attempt_at: Option<SystemTime>,
     /// The last failure's message (status, OAuth `error`/`error_description`; never a secret).
+    /// Kept after a success, so the last trouble stays visible; `last_error_at` dates it.
     pub last_error: Option<String>,
+    /// When the last failure happened.
+    #[serde(with = "opt_unix")]
+    pub last_error_at: Option<SystemTime>,
     /// Generation of the current token (0: none yet).
     pub generation: u64,
     /// Whether a usable token is held right now.
@@ -605,6 +609,7 @@ impl TokenSource {
             let mut s = lock(&self.status);
             s.consecutive_failures = s.consecutive_failures.saturating_add(1);
             s.last_error = Some(e.message.clone());
+            s.last_error_at = Some(SystemTime::now());
             s.consecutive_failures
         };
         self.metrics.fetched(e.outcome, took);

@@ -518,12 +518,18 @@ pub async fn absurd_expires_in_is_clamped_and_idle_gateway_sends_fresh_token() -
     let (status, headers, _) = get(&gw, "/driftrock/x").await;
     assert_eq!(status, 503, "an expired token is not sent");
     assert_eq!(headers["tokengate-error"], "token_unavailable");
-    let last_error = token_status(&gw, "driftrock").await["last_error"].clone();
+    let status = token_status(&gw, "driftrock").await;
     assert!(
-        last_error
+        status["last_error"]
             .as_str()
             .is_some_and(|e| e.contains("already expired: expires_in is -1")),
-        "{last_error}"
+        "{status}"
+    );
+    assert!(
+        status["last_error_at"]
+            .as_f64()
+            .is_some_and(|t| (unix_now() - t).abs() < 10.0),
+        "{status}"
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
     let fetched = sandbox.driftrock.requests() - n;
