@@ -1179,10 +1179,37 @@ impl Validator<'_> {
         out
     }
 
+    /// `strip_headers`: header names to remove besides the credential fields. Framing and
+    /// connection fields are refused: removing them would break the request's framing (a body
+    /// without its `Content-Length`) or the gateway's own handling of them.
     fn header_names(&mut self, key: &str, names: &[String]) -> Vec<http::HeaderName> {
+        use http::header::{
+            CONNECTION, CONTENT_LENGTH, EXPECT, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+        };
         let mut out: Vec<http::HeaderName> = Vec::new();
         for (i, n) in names.iter().enumerate() {
             match http::HeaderName::from_bytes(n.trim().to_ascii_lowercase().as_bytes()) {
+                Ok(h)
+                    if [
+                        CONTENT_LENGTH,
+                        TRANSFER_ENCODING,
+                        HOST,
+                        CONNECTION,
+                        UPGRADE,
+                        TE,
+                        TRAILER,
+                        EXPECT,
+                    ]
+                    .contains(&h) =>
+                {
+                    self.r.push(
+                        &format!("{key}[{i}]"),
+                        format!(
+                            "{n:?} frames or routes the request and is the gateway's to handle; \
+                             strip_headers is for credential headers such as \"X-Api-Key\""
+                        ),
+                    )
+                }
                 Ok(h) if !out.contains(&h) => out.push(h),
                 Ok(_) => {}
                 Err(_) => self.r.push(
@@ -2414,6 +2441,31 @@ refresh_ratio = 1.5
         assert!(log_level_problem("verbose").is_some());
         assert!(log_level_problem("").is_some());
         assert!(log_level_problem("info,tokengate=loud").is_some());
+    }
+
+    #[test]
+    fn strip_headers_refuses_framing_and_connection_fields() {
+        let text = |names: &str| {
+            cc_route("").replace(
+                "upstream =",
+                &format!("strip_headers = [{names}]\nupstream ="),
+            )
+        };
+        let c = load(&text(r#""X-Api-Key", "x-legacy-auth""#)).unwrap();
+        assert_eq!(c.routes[0].strip_headers.len(), 2);
+        let errs = errors(&text(r#""X-Api-Key", "Content-Length", "host""#));
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(
+            has(
+                &errs,
+                "routes[0].strip_headers[1]: \"Content-Length\" frames or routes"
+            ),
+            "{errs:?}"
+        );
+        assert!(
+            has(&errs, "routes[0].strip_headers[2]: \"host\""),
+            "{errs:?}"
+        );
     }
 
     #[test]
