@@ -275,3 +275,35 @@ async fn an_error_description_echoing_the_secret_is_redacted() {
     raw.shutdown().await;
     sandbox.shutdown().await.unwrap();
 }
+
+/// Requests refused for the client's own doing (a `Connection` field naming a field the gateway
+/// sets, an HTTP/1.1 request without `Host`) get their 400 and an access-log line (debug), not
+/// an ERROR line each: a client cannot flood the log with errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_errors_are_not_logged_as_errors() {
+    let sandbox = Sandbox::start().await.unwrap();
+    let raw = RawApi::start(sandbox.registry.clone()).await.unwrap();
+    let (toml, listen, admin) = toml_for(&sandbox, &raw);
+    let gw = BinaryGateway::start(&toml, listen, admin, "info,tokengate::access=debug").await;
+    for request in [
+        &b"GET /drillster/x HTTP/1.1\r\nHost: gw\r\nConnection: x-forwarded-for\r\n\r\n"[..],
+        b"GET /drillster/x HTTP/1.1\r\n\r\n",
+    ] {
+        let r = send(listen, request).await;
+        assert_eq!(r.status, 400, "{}", r.head);
+    }
+    // The access log line is written after the answer: wait for both.
+    let refused = |log: &str| log.lines().filter(|l| l.contains("status=400")).count();
+    let started = std::time::Instant::now();
+    while refused(&gw.log()) < 2 && started.elapsed() < std::time::Duration::from_secs(10) {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let log = gw.log();
+    assert_eq!(refused(&log), 2, "both in the access log:\n{log}");
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+    assert_eq!(raw.request_count(), 0);
+    drop(gw);
+    raw.shutdown().await;
+    sandbox.shutdown().await.unwrap();
+}

@@ -473,6 +473,17 @@ impl ProxyHttp for Gateway {
         )
     }
 
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
+        // A request refused for the client's own doing (a malformed head, a `Connection` field
+        // naming a protected field, no `Host`) is in the access log with its 4xx: an ERROR
+        // line each would let any client flood the log. Upstream and gateway errors stay.
+        match error.etype() {
+            ErrorType::InvalidHTTPHeader => error.esource() == &ErrorSource::Downstream,
+            ErrorType::HTTPStatus(code) => (400..500).contains(code),
+            _ => false,
+        }
+    }
+
     fn suppress_proxy_warn_log(
         &self,
         _session: &Session,
