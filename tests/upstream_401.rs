@@ -153,6 +153,48 @@ async fn an_always_refused_request_does_not_refetch_the_token_each_time() {
     sandbox.shutdown().await.unwrap();
 }
 
+/// The same for requests that cannot be replayed (a body over `replay_body_limit`): no replay
+/// can tell, so a token that replaced a refused one and is refused at once is held. Twenty
+/// such requests cost one token request, not twenty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn always_refused_unreplayable_requests_do_not_refetch_the_token_each_time() {
+    let sandbox = Sandbox::start().await.unwrap();
+    let gw = TestGateway::start(config_for(&sandbox, |t| t)).await;
+    gw.ready().await;
+    sandbox.api.faults().respond_with(CannedResponse::json(
+        StatusCode::UNAUTHORIZED,
+        r#"{"error":"invalid_token"}"#,
+    ));
+    let client = reqwest::Client::new();
+    let body = vec![b'x'; 70_000];
+    for _ in 0..20 {
+        let r = client
+            .post(gw.url("/drillster/upload"))
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        assert!(r.headers().get("tokengate-error").is_none());
+    }
+    assert_eq!(
+        sandbox.drillster.successes(),
+        2,
+        "the first fetch and one refresh"
+    );
+    assert_eq!(sandbox.api.requests(), 20, "never replayed");
+    let m = gw.metrics().await;
+    assert_eq!(metric(&m, REPLAYED), 0);
+    assert_eq!(metric(&m, PASSED), 20);
+    // The held token is the current one: what the API accepts is served with it.
+    sandbox.api.faults().clear_response();
+    let r = client.get(gw.url("/drillster/ok")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(sandbox.drillster.successes(), 2);
+    gw.stop().await;
+    sandbox.shutdown().await.unwrap();
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -416,9 +416,15 @@ impl ProxyHttp for Gateway {
             return Ok(());
         }
         // Drop exactly the token this request carried; a newer one is left alone, and so is
-        // one refused on a replay moments ago (a new token would be refused too).
-        let kept = route.token.invalidate(ctx.generation) == Rejection::Kept;
-        if kept || !self.replayable(session, &state) {
+        // one held because the API refuses the request, not it (refused on a replay, or, for
+        // a request that cannot be replayed, refused right after it replaced a refused one).
+        let replayable = self.replayable(session, &state);
+        let rejection = if replayable {
+            route.token.invalidate(ctx.generation)
+        } else {
+            route.token.invalidate_unreplayable(ctx.generation)
+        };
+        if rejection == Rejection::Kept || !replayable {
             route.metrics.unauthorized(false);
             return Ok(());
         }

@@ -223,21 +223,23 @@ pub struct TokenSource {
     waited: AtomicU64,
     /// Replaced by a config reload ([`TokenSource::retire`]).
     retired: AtomicBool,
-    /// A token the upstream refused on a replay, so for the request and not for its age: an
-    /// upstream 401 does not drop it until the hold ends ([`TokenSource::refused_on_replay`]).
-    held: Mutex<Option<Hold>>,
+    /// Upstream 401s seen: the last drop, and a token held through further 401s because the
+    /// API refuses requests, not it ([`TokenSource::invalidate`]).
+    refusals: Mutex<Refusals>,
 }
 
-/// A token kept through upstream 401s: its generation and until when.
-#[derive(Clone, Copy, Debug)]
-struct Hold {
-    generation: u64,
-    until: Instant,
+/// What upstream 401s have done lately ([`TokenSource::invalidate`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct Refusals {
+    /// The generation a 401 last dropped.
+    last_dropped: Option<u64>,
+    /// A token kept through upstream 401s: its generation and until when.
+    hold: Option<(u64, Instant)>,
 }
 
-/// How long a token refused on a replay is kept through further 401s. Bounds the token
-/// requests one always-refused request can cause to one per this period, and a token revoked
-/// in the meantime to this long of 401s passed to clients.
+/// How long a token refused right after it replaced a refused one is kept through further
+/// 401s. Bounds the token requests that always-refused requests can cause to about one per
+/// this period, and a token revoked in the meantime to this long of 401s passed to clients.
 pub const REFUSED_TOKEN_HOLD: Duration = Duration::from_secs(10);
 
 /// What an upstream 401 did to the token it was sent with ([`TokenSource::invalidate`]).
@@ -247,8 +249,9 @@ pub enum Rejection {
     Dropped,
     /// A newer token has replaced it (or a drop is already renewing it): replay with that one.
     Superseded,
-    /// It is the current token but was refused on a replay moments ago
-    /// ([`TokenSource::refused_on_replay`]): it stays, and the 401 goes to the client.
+    /// It is the current token, but it replaced a refused one moments ago and was refused
+    /// too (or was refused on a replay, [`TokenSource::refused_on_replay`]): the API refuses
+    /// the request, not the token. It stays, and the 401 goes to the client.
     Kept,
 }
 
@@ -278,7 +281,7 @@ impl TokenSource {
             status: Mutex::new(SourceStatus::default()),
             waited: AtomicU64::new(0),
             retired: AtomicBool::new(false),
-            held: Mutex::new(None),
+            refusals: Mutex::new(Refusals::default()),
         })
     }
 
@@ -369,22 +372,50 @@ impl TokenSource {
 
     /// Drops the token of `generation` after the upstream rejected it (RFC 6750 §3.1
     /// `invalid_token`) and wakes the refresher (SPEC "Proxy behaviour": only that
-    /// generation, one refresh however many requests saw the 401). A newer token is left
-    /// alone, and so is a token held after it was refused on a replay
-    /// ([`TokenSource::refused_on_replay`]).
+    /// generation, one refresh however many requests saw the 401), for a request that is
+    /// replayed with the next token. A newer token is left alone, and so is one held
+    /// ([`Rejection::Kept`]): refused on a replay ([`TokenSource::refused_on_replay`]) or as
+    /// in [`TokenSource::invalidate_unreplayable`].
     pub fn invalidate(&self, generation: u64) -> Rejection {
-        self.invalidate_at(generation, Instant::now())
+        self.invalidate_at(generation, Instant::now(), false)
     }
 
-    fn invalidate_at(&self, generation: u64, now: Instant) -> Rejection {
+    /// [`TokenSource::invalidate`] for a request that cannot be replayed, so no replay can
+    /// tell whether the API refuses the token or the request. A token obtained after a drop
+    /// and refused within [`REFUSED_TOKEN_HOLD`] of arriving is taken as the latter: it is not
+    /// dropped but held through 401s for [`REFUSED_TOKEN_HOLD`]. So requests the API always
+    /// refuses cost at most about one token request per that period instead of one each.
+    pub fn invalidate_unreplayable(&self, generation: u64) -> Rejection {
+        self.invalidate_at(generation, Instant::now(), true)
+    }
+
+    fn invalidate_at(&self, generation: u64, now: Instant, unreplayable: bool) -> Rejection {
         let cur = self.current.load_full();
         let Some(tok) = cur.as_ref().filter(|t| t.generation == generation) else {
             return Rejection::Superseded;
         };
-        if let Some(h) = *lock(&self.held) {
-            if h.generation == generation && now < h.until {
-                return Rejection::Kept;
+        {
+            let mut r = lock(&self.refusals);
+            match r.hold {
+                Some((held, until)) if held == generation => {
+                    if now < until {
+                        return Rejection::Kept;
+                    }
+                }
+                _ if unreplayable => {
+                    // Generations count publications: the next one replaced the dropped one.
+                    let replaced_a_refused_one =
+                        r.last_dropped.is_some_and(|d| d + 1 == generation);
+                    if replaced_a_refused_one
+                        && now.saturating_duration_since(tok.obtained_at) < REFUSED_TOKEN_HOLD
+                    {
+                        r.hold = Some((generation, now + REFUSED_TOKEN_HOLD));
+                        return Rejection::Kept;
+                    }
+                }
+                _ => {}
             }
+            r.last_dropped = Some(generation);
         }
         let prev = self.current.compare_and_swap(&cur, None);
         let dropped = matches!((&*prev, &cur), (Some(a), Some(b)) if Arc::ptr_eq(a, b));
@@ -415,10 +446,7 @@ impl TokenSource {
     fn refused_on_replay_at(&self, generation: u64, now: Instant) {
         let current = self.current.load();
         if current.as_ref().is_some_and(|t| t.generation == generation) {
-            *lock(&self.held) = Some(Hold {
-                generation,
-                until: now + REFUSED_TOKEN_HOLD,
-            });
+            lock(&self.refusals).hold = Some((generation, now + REFUSED_TOKEN_HOLD));
         }
     }
 
@@ -718,30 +746,53 @@ mod tests {
         assert_eq!(s.usable_now(Instant::now()).unwrap().1, 2);
     }
 
-    /// A token refused on a replay is kept through 401s for the hold, then dropped again; the
-    /// hold is for that generation only, and a late report for an old one sets none.
+    /// A token refused on a replay is kept through 401s for the hold; so is a token that
+    /// replaced a refused one and is refused at once by a request that cannot be replayed.
+    /// After the hold, when a replay can tell, or when refused long after it arrived (a real
+    /// revocation), a token is dropped.
     #[tokio::test]
-    async fn a_token_refused_on_a_replay_is_held_through_401s() {
+    async fn a_token_refused_for_the_request_is_held_through_401s() {
         let s = source(false, RenewalPolicy::default());
         let _r = s.spawn_refresher(&tokio::runtime::Handle::current());
         s.token().await.unwrap();
-        assert_eq!(s.invalidate(1), Rejection::Dropped);
-        assert_eq!(s.token().await.unwrap().1, 2);
         let now = Instant::now();
-        s.refused_on_replay_at(2, now);
-        let later = now + REFUSED_TOKEN_HOLD - Duration::from_millis(1);
-        assert_eq!(s.invalidate_at(2, later), Rejection::Kept);
-        assert_eq!(s.usable_now(Instant::now()).unwrap().1, 2, "kept");
+        // Refused on a replay: held, that generation only.
+        s.refused_on_replay_at(1, now);
+        assert_eq!(s.invalidate_at(1, now, false), Rejection::Kept);
+        assert_eq!(s.usable_now(Instant::now()).unwrap().1, 1, "kept");
+        let after_hold = now + REFUSED_TOKEN_HOLD;
+        assert_eq!(s.invalidate_at(1, after_hold, false), Rejection::Dropped);
+        // Generation 2 replaced it; refused at once for a replayable request: dropped (the
+        // replay tells).
+        assert_eq!(s.token().await.unwrap().1, 2);
         assert_eq!(
-            s.invalidate_at(2, now + REFUSED_TOKEN_HOLD),
+            s.invalidate_at(2, Instant::now(), false),
             Rejection::Dropped
         );
+        // Generation 3 replaced it and is refused at once for an unreplayable request: held
+        // through the hold, then dropped.
         assert_eq!(s.token().await.unwrap().1, 3);
-        // The hold named generation 2: generation 3 is dropped at once.
-        assert_eq!(s.invalidate_at(3, now), Rejection::Dropped);
+        let now = Instant::now();
+        assert_eq!(s.invalidate_at(3, now, true), Rejection::Kept);
+        let later = now + REFUSED_TOKEN_HOLD - Duration::from_millis(1);
+        assert_eq!(s.invalidate_at(3, later, true), Rejection::Kept);
+        assert_eq!(s.invalidate_at(3, later, false), Rejection::Kept);
+        assert_eq!(s.usable_now(Instant::now()).unwrap().1, 3, "kept");
+        assert_eq!(
+            s.invalidate_at(3, now + REFUSED_TOKEN_HOLD, true),
+            Rejection::Dropped
+        );
+        // Generation 4 replaced it but is refused only a hold after it arrived: dropped.
         assert_eq!(s.token().await.unwrap().1, 4);
-        s.refused_on_replay_at(3, now);
-        assert_eq!(s.invalidate_at(4, now), Rejection::Dropped);
+        let much_later = Instant::now() + REFUSED_TOKEN_HOLD;
+        assert_eq!(s.invalidate_at(4, much_later, true), Rejection::Dropped);
+        assert_eq!(s.token().await.unwrap().1, 5);
+        // A late replay report for generation 4 sets nothing on generation 5.
+        s.refused_on_replay_at(4, much_later);
+        assert_eq!(
+            s.invalidate_at(5, much_later + REFUSED_TOKEN_HOLD, true),
+            Rejection::Dropped
+        );
     }
 
     /// A connection's cached token follows every change of the current one: a new token, a
