@@ -397,10 +397,8 @@ impl TokenSource {
         {
             let mut r = lock(&self.refusals);
             match r.hold {
-                Some((held, until)) if held == generation => {
-                    if now < until {
-                        return Rejection::Kept;
-                    }
+                Some((held, until)) if held == generation && now < until => {
+                    return Rejection::Kept;
                 }
                 _ if unreplayable => {
                     // Generations count publications: the next one replaced the dropped one.
