@@ -261,6 +261,9 @@ fn init_logging(log: &LogConfig) {
         Targets::new().with_default(LevelFilter::TRACE),
         |t, target| t.with_target(*target, LevelFilter::INFO),
     );
+    let caps = tokengate::proxy::LOG_TARGETS_OFF
+        .iter()
+        .fold(caps, |t, target| t.with_target(*target, LevelFilter::OFF));
     // Colour only for a person at a terminal: log files and collectors get plain text.
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)

@@ -48,6 +48,11 @@ use routes::{Route, RouteTable};
 /// lowers: it never raises a target above the configured level.
 pub const LOG_TARGETS_CAPPED_AT_INFO: &[&str] = &["pingora_proxy", "pingora_core", "pingora"];
 
+/// Log targets turned off: pingora's HTTP app (the admin listener) logs a malformed request at
+/// `error` with its raw head (a client's `Authorization`, `Cookie`, query), and every other
+/// line it writes is a client's connection trouble.
+pub const LOG_TARGETS_OFF: &[&str] = &["pingora_core::apps::http_app"];
+
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// State shared by every listener: compiled routes, client allowlist, metrics. One config's
@@ -479,26 +484,57 @@ impl ProxyHttp for Gateway {
         )
     }
 
-    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
-        // A request refused for the client's own doing (a malformed head, a `Connection` field
-        // naming a protected field, no `Host`) is in the access log with its 4xx: an ERROR
-        // line each would let any client flood the log. Upstream and gateway errors stay.
-        match error.etype() {
-            ErrorType::InvalidHTTPHeader => error.esource() == &ErrorSource::Downstream,
-            ErrorType::HTTPStatus(code) => (400..500).contains(code),
-            _ => false,
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, error: &Error) -> bool {
+        // pingora's own line carries the error's context, which for a malformed head is its raw
+        // bytes: a client's credentials, or an upstream echoing the access token. Ours names
+        // the kind only. A request refused for the client's own doing (a malformed head or
+        // chunk, a close mid-body, a coding we refuse) is in the access log with its status
+        // when it has one, and no line here: clients could write those at will.
+        if client_caused(error) {
+            return true;
         }
+        let route = ctx
+            .route
+            .map(|i| ctx.state.routes[i].name.as_str())
+            .unwrap_or("-");
+        let request_id = ctx
+            .request_id
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        let kind = error.etype().as_str();
+        if error.esource() == &ErrorSource::Upstream {
+            // As the fast path says it.
+            tracing::warn!(route, request_id, error = kind, "upstream request failed");
+        } else {
+            tracing::error!(route, request_id, error = kind, "request failed");
+        }
+        true
     }
 
     fn suppress_proxy_warn_log(
         &self,
         _session: &Session,
-        _ctx: &RequestCtx,
+        ctx: &RequestCtx,
         error: &Error,
         _context: pingora::proxy::ProxyWarnLogContext,
     ) -> bool {
-        // A 401 replay is counted in tokengate_upstream_unauthorized_total, not logged per request.
-        matches!(error.etype(), ErrorType::Custom("upstream_unauthorized"))
+        // A 401 replay is counted in tokengate_upstream_unauthorized_total, not logged per
+        // request. Other retries get our line, which names the kind only (pingora's carries
+        // the error's context: a malformed head's raw bytes).
+        if !matches!(error.etype(), ErrorType::Custom("upstream_unauthorized"))
+            && !client_caused(error)
+        {
+            tracing::warn!(
+                route = ctx
+                    .route
+                    .map(|i| ctx.state.routes[i].name.as_str())
+                    .unwrap_or("-"),
+                error = error.etype().as_str(),
+                "upstream request failed; retrying"
+            );
+        }
+        true
     }
 
     async fn response_filter(
@@ -791,6 +827,13 @@ pub(crate) fn classify_upstream_error(etype: &ErrorType) -> (UpstreamErrorKind, 
         ),
         _ => (UpstreamErrorKind::Reset, GatewayError::UpstreamUnreachable),
     }
+}
+
+/// Whether an error is the client's doing: anything from the downstream side, or a refusal of
+/// the request by status (400, 405, 501, …; not the 503 for a missing access token).
+fn client_caused(error: &Error) -> bool {
+    error.esource() == &ErrorSource::Downstream
+        || matches!(error.etype(), ErrorType::HTTPStatus(code) if *code != 503)
 }
 
 /// Whether the request's `Transfer-Encoding` fields together name exactly one coding,
