@@ -9,7 +9,7 @@ use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, RETRY_AFTER};
 use tokio::sync::OnceCell;
 use url::Url;
 
-use super::token_response::{parse_token_response, AccessToken, TokenResponseError};
+use super::token_response::{echoed_forms, parse_token_response, AccessToken, TokenResponseError};
 use super::{client_credentials, jwt_bearer};
 use crate::config::{AuthConfig, ClientAuth, Grant, TokenEndpointLocation};
 
@@ -214,22 +214,25 @@ impl TokenClient {
             .then(|| parse_retry_after(resp.headers()))
             .flatten();
         let bytes = read_limited(resp).await?;
-        // An error_description may echo what was sent: never show it, raw or as encoded.
-        let encoded_secret: Option<String> = self
-            .auth
-            .client_secret
-            .as_ref()
-            .map(|s| form_urlencoded::byte_serialize(s.expose().as_bytes()).collect());
-        let mut secrets: Vec<&str> = form
+        // An error_description may echo what was sent: never show it, however spelled.
+        let mut echoes: Vec<String> = form
             .iter()
             .filter(|(k, _)| matches!(*k, "client_secret" | "assertion"))
-            .map(|(_, v)| v.as_str())
-            .chain(self.auth.client_secret.as_ref().map(|s| s.expose()))
-            .chain(encoded_secret.as_deref())
+            .map(|(_, v)| v.clone())
             .collect();
-        if let Some(basic) = &basic {
-            secrets.extend([basic.as_str(), basic.trim_start_matches("Basic ")]);
+        if let Some(secret) = &self.auth.client_secret {
+            echoes.extend(echoed_forms(secret.expose()));
+            echoes.extend(echoed_forms(&format!(
+                "{}:{}",
+                self.auth.client_id,
+                secret.expose()
+            )));
         }
+        if let Some(basic) = &basic {
+            echoes.push(basic.clone());
+            echoes.push(basic.trim_start_matches("Basic ").to_string());
+        }
+        let secrets: Vec<&str> = echoes.iter().map(String::as_str).collect();
         let parsed = parse_token_response(
             &bytes,
             SystemTime::now(),

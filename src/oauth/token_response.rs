@@ -122,7 +122,7 @@ pub fn parse_token_response(
         Some(Value::String(t)) if t.eq_ignore_ascii_case("bearer") => {}
         Some(other) => {
             return Err(TokenResponseError::UnsupportedTokenType(truncate(
-                &json_to_text(other),
+                &redact(json_to_text(other), secrets),
                 32,
             )))
         }
@@ -210,12 +210,47 @@ fn json_to_text(v: &Value) -> String {
     }
 }
 
-/// `text` with every occurrence of a non-empty secret replaced by `[redacted]`.
-fn redact(mut text: String, secrets: &[&str]) -> String {
-    for secret in secrets.iter().filter(|s| !s.is_empty()) {
-        if text.contains(secret) {
-            text = text.replace(secret, "[redacted]");
+/// The spellings of `secret` a token endpoint might echo back: as sent in a form (`+` or `%20`
+/// for a space), JSON-escaped (an `error` that is not a string is shown as JSON), and in
+/// base64. Pass them to [`parse_token_response`] as `secrets`.
+pub fn echoed_forms(secret: &str) -> Vec<String> {
+    use base64::engine::general_purpose::STANDARD;
+    let form: String = form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+    let json = serde_json::to_string(secret).unwrap_or_default();
+    vec![
+        secret.to_string(),
+        form.replace('+', "%20"),
+        form,
+        json.trim_matches('"').to_string(),
+        STANDARD.encode(secret),
+    ]
+}
+
+/// `text` with every occurrence of a non-empty secret, in any ASCII case (a percent-encoding's
+/// hex digits may come back in either), replaced by `[redacted]`; longer secrets first.
+fn redact(text: String, secrets: &[&str]) -> String {
+    let mut secrets: Vec<String> = secrets
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| s.to_ascii_lowercase())
+        .collect();
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let mut text = text;
+    for secret in &secrets {
+        // ASCII lowercasing keeps every byte offset, so matches in the copy are matches here.
+        let lower = text.to_ascii_lowercase();
+        if !lower.contains(secret.as_str()) {
+            continue;
         }
+        let mut out = String::with_capacity(text.len());
+        let mut last = 0;
+        for (i, _) in lower.match_indices(secret.as_str()) {
+            out.push_str(&text[last..i]);
+            out.push_str("[redacted]");
+            last = i + secret.len();
+        }
+        out.push_str(&text[last..]);
+        text = out;
     }
     text
 }
@@ -340,6 +375,47 @@ mod tests {
                 error: "bad [redacted]".into(),
                 description: Some(format!("{}[redacted]", "x".repeat(180))),
             }
+        );
+    }
+
+    #[test]
+    fn every_usual_spelling_of_an_echoed_secret_is_redacted() {
+        let secret = r#"my$ecret p@ss+/=&"\x"#;
+        let forms = echoed_forms(secret);
+        let secrets: Vec<&str> = forms.iter().map(String::as_str).collect();
+        let parse_with = |body: String| {
+            parse_token_response(
+                body.as_bytes(),
+                SystemTime::now(),
+                Duration::from_secs(300),
+                &secrets,
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        let form: String = form_urlencoded::byte_serialize(secret.as_bytes()).collect();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(secret);
+        for echo in [
+            secret.to_string(),
+            form.clone(),
+            form.replace('+', "%20"),
+            form.to_ascii_lowercase(),
+            b64,
+        ] {
+            let body = serde_json::json!({"error": "invalid_client", "error_description": format!("got {echo}!")});
+            let shown = parse_with(body.to_string());
+            assert!(shown.ends_with("got [redacted]!"), "{echo:?}: {shown}");
+        }
+        // Not strings: shown as JSON, so JSON-escaped.
+        let body = serde_json::json!({"error": {"sent": secret}, "error_description": [secret]});
+        let shown = parse_with(body.to_string());
+        assert!(!shown.contains("ecret"), "{shown}");
+        // An unsupported token_type that echoes it.
+        let body = serde_json::json!({"access_token": "t", "token_type": secret});
+        let shown = parse_with(body.to_string());
+        assert!(
+            shown.contains("[redacted]") && !shown.contains("ecret"),
+            "{shown}"
         );
     }
 
