@@ -114,6 +114,38 @@ async fn fast_path_and_pingora_send_the_upstream_identical_requests() {
     rig.stop().await;
 }
 
+/// With `X-Forwarded-For` among a route's `strip_headers`, both paths drop the client's and
+/// send only the gateway's own (the client's address), in the same bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stripped_x_forwarded_for_is_the_clients_address_only_on_both_paths() {
+    let rig = Rig::start(|t, _, _| {
+        proxy_support::route_setting(
+            &t,
+            "drillster",
+            "strip_headers = [\"X-Forwarded-For\", \"X-Api-Key\"]",
+        )
+    })
+    .await;
+    let mut heads = Vec::new();
+    for connection in CLOSE_ON_EACH_PATH {
+        let request = format!(
+            "GET /drillster/xff HTTP/1.1\r\nHost: gw\r\nX-Forwarded-For: 6.6.6.6\r\nX-Api-Key: k\r\nx-forwarded-for: 7.7.7.7\r\nX-Request-Id: xff-1\r\n{connection}\r\n"
+        );
+        let a = send(rig.gw.addr(), request.as_bytes()).await;
+        assert_eq!(a.status, 200, "{}", a.head);
+        let seen = rig.raw.last().expect("forwarded");
+        assert_eq!(
+            seen.header_values("x-forwarded-for"),
+            ["127.0.0.1"],
+            "{connection:?}"
+        );
+        assert!(seen.header("x-api-key").is_none());
+        heads.push(String::from_utf8_lossy(&seen.head).into_owned());
+    }
+    assert_eq!(heads[0], heads[1], "upstream heads differ");
+    rig.stop().await;
+}
+
 /// Three requests on one client connection: one upstream connection carries all three, each
 /// with its own token field and request id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -234,10 +234,13 @@ pub(super) fn write_upstream_request(
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
     // Every `X-Forwarded-For` field the client sent, in order, as one list (RFC 9110 §5.3),
-    // then this client's address: the nearest hop last.
+    // then this client's address: the nearest hop last. With `X-Forwarded-For` among the
+    // route's `strip_headers`, the client's are dropped, as pingora-proxy's path does.
+    let prior_xff =
+        |f: &&Field| f.kind == Kind::XForwardedFor && !is_stripped(b"x-forwarded-for", route);
     let xff = |out: &mut Vec<u8>| {
         out.extend_from_slice(b"X-Forwarded-For: ");
-        for f in fields.iter().filter(|f| f.kind == Kind::XForwardedFor) {
+        for f in fields.iter().filter(prior_xff) {
             out.extend_from_slice(&buf[f.value.clone()]);
             out.extend_from_slice(b", ");
         }
@@ -271,6 +274,8 @@ pub(super) fn write_upstream_request(
                     xfp_done = true;
                 }
             }
+            // Stripped: ours goes where pingora-proxy's path puts it, after the others.
+            Kind::XForwardedFor if !prior_xff(&f) => {}
             Kind::XForwardedFor => {
                 if client_ip.is_none() {
                     w.keep(f.name.clone(), f.value.clone());
