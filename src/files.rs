@@ -31,13 +31,54 @@ pub fn read_capped(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// [`read_capped`] for a file that must be a regular file (after symlinks): a key, secret or
+/// CA file. A FIFO would block the open until something writes to it, stalling a start or a
+/// reload with no message; a device is never what such a key means.
+///
+/// # Errors
+/// As [`read_capped`]; [`io::ErrorKind::InvalidInput`] naming the kind of file otherwise.
+pub fn read_regular_capped(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = std::fs::metadata(path)?.file_type();
+    let other = if kind.is_file() {
+        None
+    } else if kind.is_dir() {
+        Some("a directory")
+    } else if kind.is_fifo() {
+        Some("a FIFO")
+    } else if kind.is_socket() {
+        Some("a socket")
+    } else {
+        Some("a device")
+    };
+    if let Some(other) = other {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("it is {other}, not a regular file"),
+        ));
+    }
+    read_capped(path, limit)
+}
+
+/// [`read_regular_capped`] for a text file.
+///
+/// # Errors
+/// As [`read_regular_capped`]; [`io::ErrorKind::InvalidData`] if the content is not UTF-8.
+pub fn read_regular_to_string_capped(path: &Path, limit: u64) -> io::Result<String> {
+    utf8(read_regular_capped(path, limit)?)
+}
+
+fn utf8(bytes: Vec<u8>) -> io::Result<String> {
+    String::from_utf8(bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "the file is not UTF-8 text"))
+}
+
 /// [`read_capped`] for a text file.
 ///
 /// # Errors
 /// As [`read_capped`]; [`io::ErrorKind::InvalidData`] if the content is not UTF-8.
 pub fn read_to_string_capped(path: &Path, limit: u64) -> io::Result<String> {
-    String::from_utf8(read_capped(path, limit)?)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "the file is not UTF-8 text"))
+    utf8(read_capped(path, limit)?)
 }
 
 fn shown(limit: u64) -> String {
@@ -57,6 +98,24 @@ mod tests {
         let e = read_capped(Path::new("/dev/zero"), SECRET_FILE_LIMIT).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::FileTooLarge);
         assert_eq!(e.to_string(), "the file is larger than 64 KiB");
+    }
+
+    #[test]
+    fn keys_and_secrets_must_be_regular_files() {
+        for (path, kind) in [("/dev/zero", "a device"), ("/tmp", "a directory")] {
+            let e = read_regular_capped(Path::new(path), SECRET_FILE_LIMIT).unwrap_err();
+            assert_eq!(e.to_string(), format!("it is {kind}, not a regular file"));
+        }
+        let fifo = std::env::temp_dir().join(format!("tokengate-fifo-{}", std::process::id()));
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        // Refused without opening it (an open would wait for a writer forever).
+        let e = read_regular_to_string_capped(&fifo, SECRET_FILE_LIMIT).unwrap_err();
+        assert_eq!(e.to_string(), "it is a FIFO, not a regular file");
+        std::fs::remove_file(&fifo).unwrap();
     }
 
     #[test]

@@ -215,12 +215,14 @@ fn build_state(
     let mut sources = Vec::with_capacity(config.routes.len());
     for (index, rc) in config.routes.iter().enumerate() {
         let ca_pem = match &rc.ca_file {
-            Some(path) => Some(files::read_capped(path, files::CA_FILE_LIMIT).map_err(|e| {
-                StartError::CaFile {
-                    index,
-                    reason: format!("{}: {e}", path.display()),
-                }
-            })?),
+            Some(path) => Some(
+                files::read_regular_capped(path, files::CA_FILE_LIMIT).map_err(|e| {
+                    StartError::CaFile {
+                        index,
+                        reason: format!("{}: {e}", path.display()),
+                    }
+                })?,
+            ),
             None => None,
         };
         let source = match running.iter().find(|r| r.builds_same(rc, &ca_pem)) {

@@ -220,7 +220,7 @@ fn token(path: &std::path::Path, route_name: &str, subject: Option<String>) -> E
 fn client_for(route: &tokengate::config::RouteConfig) -> Result<TokenClient, String> {
     let ca = match &route.ca_file {
         Some(p) => Some(
-            tokengate::files::read_capped(p, tokengate::files::CA_FILE_LIMIT)
+            tokengate::files::read_regular_capped(p, tokengate::files::CA_FILE_LIMIT)
                 .map_err(|e| format!("{}: {e}", p.display()))?,
         ),
         None => None,

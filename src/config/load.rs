@@ -1224,7 +1224,7 @@ impl Validator<'_> {
     fn ca_file(&mut self, key: &str, path: &str) -> Option<PathBuf> {
         let resolved = self.resolve(path);
         let shown = resolved.display();
-        let text = match files::read_capped(&resolved, files::CA_FILE_LIMIT) {
+        let text = match files::read_regular_capped(&resolved, files::CA_FILE_LIMIT) {
             Ok(t) => t,
             Err(e) => {
                 self.r.push(
@@ -1545,7 +1545,7 @@ impl Validator<'_> {
             (Some(v), None) => (v, key.clone(), String::new()),
             (None, Some(path)) => {
                 let resolved = self.resolve(&path);
-                match files::read_to_string_capped(&resolved, files::SECRET_FILE_LIMIT) {
+                match files::read_regular_to_string_capped(&resolved, files::SECRET_FILE_LIMIT) {
                     Ok(text) => (
                         text.trim_end_matches(['\n', '\r']).to_string(),
                         file_key.clone(),

@@ -208,9 +208,11 @@ impl ServiceAccountKey {
     /// [`KeyFileError::Read`] if the file cannot be read or holds more than
     /// [`crate::files::SECRET_FILE_LIMIT`] (the path is not repeated in the message), else as [`ServiceAccountKey::from_json`].
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, KeyFileError> {
-        let text =
-            crate::files::read_to_string_capped(path.as_ref(), crate::files::SECRET_FILE_LIMIT)
-                .map_err(KeyFileError::Read)?;
+        let text = crate::files::read_regular_to_string_capped(
+            path.as_ref(),
+            crate::files::SECRET_FILE_LIMIT,
+        )
+        .map_err(KeyFileError::Read)?;
         Self::from_json(&text)
     }
 
