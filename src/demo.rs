@@ -153,7 +153,7 @@ impl Demo {
     }
 }
 
-/// Runs the demo until Ctrl-C (SIGINT) or SIGTERM, then stops everything and removes its
+/// Runs the demo until Ctrl-C (SIGINT), SIGTERM, SIGHUP or SIGQUIT, then stops everything and removes its
 /// scratch directory.
 pub fn run(listen: Option<SocketAddr>, admin: Option<SocketAddr>) -> Result<(), DemoError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -161,12 +161,18 @@ pub fn run(listen: Option<SocketAddr>, admin: Option<SocketAddr>) -> Result<(), 
         .enable_all()
         .build()
         .map_err(|e| DemoError::Io(format!("runtime: {e}")))?;
-    // SIGTERM (`kill`, a container stop) ends the demo like Ctrl-C, so the scratch directory
-    // is removed either way; listened for from the start, so it is never missed.
-    let mut term = {
+    // SIGTERM (`kill`, a container stop), SIGHUP (the terminal closed) and SIGQUIT (what
+    // `run` takes as a graceful stop) end the demo like Ctrl-C, so the scratch directory is
+    // removed either way; listened for from the start, so none is missed.
+    let (mut term, mut hup, mut quit) = {
+        use tokio::signal::unix::{signal, SignalKind};
         let _entered = runtime.enter();
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| DemoError::Io(format!("signal: {e}")))?
+        let stop = |kind| signal(kind).map_err(|e| DemoError::Io(format!("signal: {e}")));
+        (
+            stop(SignalKind::terminate())?,
+            stop(SignalKind::hangup())?,
+            stop(SignalKind::quit())?,
+        )
     };
     let demo = Demo::start(&runtime, listen, admin)?;
     let listen = demo.gateway.listen[0];
@@ -200,6 +206,8 @@ pub fn run(listen: Option<SocketAddr>, admin: Option<SocketAddr>) -> Result<(), 
             tokio::select! {
                 r = tokio::signal::ctrl_c() => r,
                 _ = term.recv() => Ok(()),
+                _ = hup.recv() => Ok(()),
+                _ = quit.recv() => Ok(()),
             }
         })
         .map_err(|e| DemoError::Io(format!("signal: {e}")))?;

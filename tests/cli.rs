@@ -358,10 +358,17 @@ async fn subject_on_a_client_credentials_route_is_a_usage_error() {
     sandbox.shutdown().await.unwrap();
 }
 
-/// `tokengate demo` stops cleanly on SIGTERM (a `kill`, a container stop) as on Ctrl-C: exit 0
-/// and its scratch directory (config and key copy) removed.
+/// `tokengate demo` stops cleanly on SIGTERM (a `kill`, a container stop), SIGHUP (its
+/// terminal closed) and SIGQUIT as on Ctrl-C: exit 0 and its scratch directory (config and key
+/// copy) removed.
 #[test]
-fn demo_stops_on_sigterm_and_removes_its_directory() {
+fn demo_stops_on_sigterm_sighup_and_sigquit_and_removes_its_directory() {
+    for signal in ["-TERM", "-HUP", "-QUIT"] {
+        demo_stops_on(signal);
+    }
+}
+
+fn demo_stops_on(signal: &str) {
     let (listen, admin) = (common::free_addr(), common::free_addr());
     let mut child = Command::new(env!("CARGO_BIN_EXE_tokengate"))
         .args(["demo", "--listen", &listen.to_string()])
@@ -380,11 +387,11 @@ fn demo_stops_on_sigterm_and_removes_its_directory() {
     assert!(dir.exists(), "printed {printed:?}");
     assert!(std::net::TcpStream::connect(admin).is_ok());
     let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([signal, &child.id().to_string()])
         .status()
         .expect("kill");
     assert!(killed.success());
     let status = child.wait().expect("wait");
-    assert_eq!(status.code(), Some(0));
-    assert!(!dir.exists(), "{} left behind", dir.display());
+    assert_eq!(status.code(), Some(0), "{signal}");
+    assert!(!dir.exists(), "{signal}: {} left behind", dir.display());
 }
