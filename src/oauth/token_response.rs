@@ -143,13 +143,14 @@ pub fn parse_token_response(
     });
     if let Some(e) = expires_in.filter(|&e| e < 0.0) {
         return Err(TokenResponseError::AlreadyExpired(format!(
-            "expires_in is {e}"
+            "expires_in is {}",
+            shown_seconds(e)
         )));
     }
     if let Some(left) = jwt_left.filter(|&l| l <= 0.0) {
         return Err(TokenResponseError::AlreadyExpired(format!(
-            "its JWT exp is {:.0} s before this machine's clock; check both clocks",
-            -left
+            "its JWT exp is {} s before this machine's clock; check both clocks",
+            shown_seconds(-left.round())
         )));
     }
     let seconds = match (expires_in, jwt_left) {
@@ -170,7 +171,18 @@ fn expires_in_seconds(v: &Value) -> Option<f64> {
         Value::String(s) => s.trim().parse::<f64>().ok(),
         _ => None,
     }?;
-    n.is_finite().then_some(n)
+    // ±infinity is a number all the same ("1e999" as a string): clamped, or refused as
+    // already expired; NaN says nothing.
+    (!n.is_nan()).then_some(n)
+}
+
+/// A seconds value short enough for a log line: `-1e308`, not 309 digits.
+fn shown_seconds(x: f64) -> String {
+    if x.is_finite() && x != 0.0 && !(1e-3..1e9).contains(&x.abs()) {
+        format!("{x:e}")
+    } else {
+        format!("{x}")
+    }
 }
 
 /// Saturating conversion of a seconds value to a lifetime: negative → 0, huge → the cap.
@@ -465,7 +477,8 @@ mod tests {
             ("9223372036854775807", MAX_TOKEN_LIFETIME),
             ("1e308", MAX_TOKEN_LIFETIME),
             ("1.5", Duration::from_millis(1500)),
-            (r#""1e999""#, Duration::from_secs(300)),
+            (r#""1e999""#, MAX_TOKEN_LIFETIME),
+            (r#""NaN""#, Duration::from_secs(300)),
             (r#""abc""#, Duration::from_secs(300)),
         ];
         for (raw, want) in cases {
@@ -492,11 +505,30 @@ mod tests {
 
     #[test]
     fn a_token_already_expired_is_refused() {
-        for raw in ["-1", r#""-3600""#, "-1e308", "-0.5"] {
+        for raw in [
+            "-1",
+            r#""-3600""#,
+            "-1e308",
+            "-0.5",
+            r#""-inf""#,
+            r#""-1e999""#,
+        ] {
             let body = format!(r#"{{"access_token":"x","expires_in":{raw}}}"#);
             assert!(
                 matches!(parse(&body).unwrap_err(), TokenResponseError::AlreadyExpired(ref m) if m.starts_with("expires_in is")),
                 "expires_in {raw}"
+            );
+        }
+        // Said briefly, whatever the number.
+        for (raw, shown) in [
+            ("-1e308", "-1e308"),
+            ("-1e-320", "-1e-320"),
+            ("-2.5", "-2.5"),
+        ] {
+            let body = format!(r#"{{"access_token":"x","expires_in":{raw}}}"#);
+            assert_eq!(
+                parse(&body).unwrap_err().to_string(),
+                format!("the access token has already expired: expires_in is {shown}")
             );
         }
         let now_s = SystemTime::now()
