@@ -233,14 +233,14 @@ pub(super) fn write_upstream_request(
         None => out.extend_from_slice(target),
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    // Every `X-Forwarded-For` field the client sent, in order, as one list (RFC 9110 §5.3),
-    // then this client's address: the nearest hop last. With `X-Forwarded-For` among the
-    // route's `strip_headers`, the client's are dropped, as pingora-proxy's path does.
-    let prior_xff =
-        |f: &&Field| f.kind == Kind::XForwardedFor && !is_stripped(b"x-forwarded-for", route);
-    let xff = |out: &mut Vec<u8>| {
+    // Every `X-Forwarded-For` field the client sent (`prior`), in order, as one list (RFC 9110
+    // §5.3), then this client's address: the nearest hop last.
+    let xff = |out: &mut Vec<u8>, prior: bool| {
         out.extend_from_slice(b"X-Forwarded-For: ");
-        for f in fields.iter().filter(prior_xff) {
+        for f in fields
+            .iter()
+            .filter(|f| prior && f.kind == Kind::XForwardedFor)
+        {
             out.extend_from_slice(&buf[f.value.clone()]);
             out.extend_from_slice(b", ");
         }
@@ -274,13 +274,14 @@ pub(super) fn write_upstream_request(
                     xfp_done = true;
                 }
             }
-            // Stripped: ours goes where pingora-proxy's path puts it, after the others.
-            Kind::XForwardedFor if !prior_xff(&f) => {}
+            // Among the route's `strip_headers`, the client's are dropped and ours alone goes
+            // last, where pingora-proxy's path puts it.
+            Kind::XForwardedFor if is_stripped(b"x-forwarded-for", route) => {}
             Kind::XForwardedFor => {
                 if client_ip.is_none() {
                     w.keep(f.name.clone(), f.value.clone());
                 } else if !xff_done {
-                    xff(w.out());
+                    xff(w.out(), true);
                     xff_done = true;
                 }
             }
@@ -312,7 +313,8 @@ pub(super) fn write_upstream_request(
         w.push(b"X-Forwarded-Proto", b"http");
     }
     if !xff_done && client_ip.is_some() {
-        xff(w.out());
+        // The client sent none, or they were stripped.
+        xff(w.out(), false);
     }
     if !id_done {
         w.push(b"X-Request-Id", request_id.as_bytes());
