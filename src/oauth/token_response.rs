@@ -224,23 +224,54 @@ fn json_to_text(v: &Value) -> String {
 
 /// The spellings of `secret` a token endpoint might echo back: as sent in a form (`+` or `%20`
 /// for a space), JSON-escaped (an `error` that is not a string is shown as JSON), and in
-/// base64. Pass them to [`parse_token_response`] as `secrets`.
+/// base64 (standard or URL-safe, padded or not). Pass them to [`parse_token_response`] as
+/// `secrets`; percent- and HTML-escaped echoes are found by decoding the text ([`redact`]).
 pub fn echoed_forms(secret: &str) -> Vec<String> {
-    use base64::engine::general_purpose::STANDARD;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE};
     let form: String = form_urlencoded::byte_serialize(secret.as_bytes()).collect();
     let json = serde_json::to_string(secret).unwrap_or_default();
+    let (b64, b64url) = (STANDARD.encode(secret), URL_SAFE.encode(secret));
     vec![
         secret.to_string(),
         form.replace('+', "%20"),
         form,
         json.trim_matches('"').to_string(),
-        STANDARD.encode(secret),
+        b64.trim_end_matches('=').to_string(),
+        b64,
+        b64url.trim_end_matches('=').to_string(),
+        b64url,
     ]
 }
 
 /// `text` with every occurrence of a non-empty secret, in any ASCII case (a percent-encoding's
-/// hex digits may come back in either), replaced by `[redacted]`; longer secrets first.
+/// hex digits may come back in either), replaced by `[redacted]`; longer secrets first. When
+/// the text, percent-decoded (once or twice) or HTML-unescaped, still holds one, some other
+/// escaping hides it: the whole text becomes `[redacted]`.
 fn redact(text: String, secrets: &[&str]) -> String {
+    let text = redact_spelled(text, secrets);
+    let once = percent_encoding::percent_decode_str(&text)
+        .decode_utf8_lossy()
+        .into_owned();
+    let twice = percent_encoding::percent_decode_str(&once)
+        .decode_utf8_lossy()
+        .into_owned();
+    let html = text
+        .replace("&quot;", "\"")
+        .replace("&#39;", "'")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&");
+    let hidden = [once, twice, html]
+        .into_iter()
+        .any(|decoded| decoded != text && redact_spelled(decoded.clone(), secrets) != decoded);
+    if hidden {
+        "[redacted]".to_string()
+    } else {
+        text
+    }
+}
+
+fn redact_spelled(text: String, secrets: &[&str]) -> String {
     let mut secrets: Vec<String> = secrets
         .iter()
         .filter(|s| !s.is_empty())
@@ -407,17 +438,35 @@ mod tests {
         };
         let form: String = form_urlencoded::byte_serialize(secret.as_bytes()).collect();
         let b64 = base64::engine::general_purpose::STANDARD.encode(secret);
+        let unpadded = b64.trim_end_matches('=').to_string();
+        let url_safe = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret);
         for echo in [
             secret.to_string(),
             form.clone(),
             form.replace('+', "%20"),
             form.to_ascii_lowercase(),
             b64,
+            unpadded,
+            url_safe,
         ] {
             let body = serde_json::json!({"error": "invalid_client", "error_description": format!("got {echo}!")});
             let shown = parse_with(body.to_string());
             assert!(shown.ends_with("got [redacted]!"), "{echo:?}: {shown}");
         }
+        // Other escapings (Python's quote() keeps `/`, HTML, double percent-encoding): the
+        // whole text goes.
+        for echo in [
+            form.replace('+', "%20").replace("%2F", "/"),
+            secret.replace('&', "&amp;").replace('"', "&quot;"),
+            form.replace('%', "%25"),
+        ] {
+            let body = serde_json::json!({"error": "invalid_client", "error_description": format!("got {echo}!")});
+            let shown = parse_with(body.to_string());
+            assert!(shown.ends_with(": [redacted]"), "{echo:?}: {shown}");
+        }
+        // A description with escapes of its own and no secret is shown as it is.
+        let body = serde_json::json!({"error": "invalid_client", "error_description": "100%25 &amp; more"});
+        assert!(parse_with(body.to_string()).ends_with(": 100%25 &amp; more"));
         // Not strings: shown as JSON, so JSON-escaped.
         let body = serde_json::json!({"error": {"sent": secret}, "error_description": [secret]});
         let shown = parse_with(body.to_string());
