@@ -38,7 +38,7 @@ use pingora::proxy::FailToProxy;
 use pingora::{ErrorSource, ErrorType};
 
 use crate::metrics::{Metrics, UpstreamErrorKind};
-use crate::token::Rejection;
+use crate::token::Sent;
 use error_response::GatewayError;
 use routes::{Route, RouteTable};
 
@@ -413,23 +413,14 @@ impl ProxyHttp for Gateway {
         let Some(route) = ctx.route.map(|i| &state.routes[i]) else {
             return Ok(());
         };
-        if ctx.replayed {
-            // The refreshed token was refused too: no loop, the 401 goes to the client, and the
-            // token is held through 401s for a while (the API refuses the request, not it).
-            route.token.refused_on_replay(ctx.generation);
-            route.metrics.unauthorized(false);
-            return Ok(());
-        }
-        // Drop exactly the token this request carried; a newer one is left alone, and so is
-        // one held because the API refuses the request, not it (refused on a replay, or, for
-        // a request that cannot be replayed, refused right after it replaced a refused one).
-        let replayable = self.replayable(session, &state);
-        let rejection = if replayable {
-            route.token.invalidate(ctx.generation)
+        let sent = if ctx.replayed {
+            Sent::Replay
         } else {
-            route.token.invalidate_unreplayable(ctx.generation)
+            Sent::First {
+                replayable: self.replayable(session, &state),
+            }
         };
-        if rejection == Rejection::Kept || !replayable {
+        if !route.token.upstream_refused(ctx.generation, sent) {
             route.metrics.unauthorized(false);
             return Ok(());
         }

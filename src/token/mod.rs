@@ -242,6 +242,19 @@ struct Refusals {
 /// this period, and a token revoked in the meantime to this long of 401s passed to clients.
 pub const REFUSED_TOKEN_HOLD: Duration = Duration::from_secs(10);
 
+/// Which sending of a request met an upstream 401 ([`TokenSource::upstream_refused`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Sent {
+    /// The first: `replayable` when the request can be sent once more (no body, or a body
+    /// kept whole within `replay_body_limit`).
+    First {
+        /// Whether the request can be sent once more.
+        replayable: bool,
+    },
+    /// The one replay, with the token that replaced the refused one.
+    Replay,
+}
+
 /// What an upstream 401 did to the token it was sent with ([`TokenSource::invalidate`]).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Rejection {
@@ -366,6 +379,29 @@ impl TokenSource {
             }
             if let Attempt::Failed(_) = *rx.borrow_and_update() {
                 return Err(self.unavailable());
+            }
+        }
+    }
+
+    /// The upstream answered 401 (RFC 6750 §3.1 `invalid_token`) to a request sent with the
+    /// token of `generation`: the one policy of both proxy paths (SPEC "Proxy behaviour").
+    /// Returns whether to replay the request once with the next token ([`TokenSource::token`]).
+    ///
+    /// * [`Sent::Replay`]: the replay was refused too. No loop: the 401 goes to the client and
+    ///   the token is held ([`TokenSource::refused_on_replay`]).
+    /// * [`Sent::First`]: the token is dropped ([`TokenSource::invalidate`], or
+    ///   [`TokenSource::invalidate_unreplayable`] when the request cannot be replayed); replay
+    ///   unless it is held or the request cannot be replayed.
+    pub fn upstream_refused(&self, generation: u64, sent: Sent) -> bool {
+        match sent {
+            Sent::Replay => {
+                self.refused_on_replay(generation);
+                false
+            }
+            Sent::First { replayable: true } => self.invalidate(generation) != Rejection::Kept,
+            Sent::First { replayable: false } => {
+                self.invalidate_unreplayable(generation);
+                false
             }
         }
     }
@@ -791,6 +827,28 @@ mod tests {
             s.invalidate_at(5, much_later + REFUSED_TOKEN_HOLD, true),
             Rejection::Dropped
         );
+    }
+
+    /// The one 401 policy: a first refusal of a replayable request replays with the next token;
+    /// a refused replay does not, and holds the token; so does an unreplayable request refused
+    /// right after the token replaced a refused one.
+    #[tokio::test]
+    async fn an_upstream_401_replays_once_and_never_loops() {
+        let s = source(false, RenewalPolicy::default());
+        let _r = s.spawn_refresher(&tokio::runtime::Handle::current());
+        s.token().await.unwrap();
+        assert!(s.upstream_refused(1, Sent::First { replayable: true }));
+        assert_eq!(s.token().await.unwrap().1, 2);
+        assert!(!s.upstream_refused(2, Sent::Replay));
+        assert!(
+            !s.upstream_refused(2, Sent::First { replayable: true }),
+            "held"
+        );
+        assert_eq!(s.usable_now(Instant::now()).unwrap().1, 2);
+        // A late 401 for the old generation: replay with the current one.
+        assert!(s.upstream_refused(1, Sent::First { replayable: true }));
+        assert!(!s.upstream_refused(2, Sent::First { replayable: false }));
+        assert_eq!(s.usable_now(Instant::now()).unwrap().1, 2, "still held");
     }
 
     /// A connection's cached token follows every change of the current one: a new token, a

@@ -54,7 +54,7 @@ use super::{
     SharedState, MAX_REQUEST_ID,
 };
 use crate::metrics::UpstreamErrorKind;
-use crate::token::{Rejection, Token, TokenCache};
+use crate::token::{Sent, Token, TokenCache};
 use request::{parse_request, write_upstream_request, Field, Parsed, Plain};
 use response::{parse_response, push_field, ChunkedEnd, Framing, ResponseHead};
 use timer::Timer;
@@ -663,17 +663,17 @@ impl ListenerApp {
             };
             let (up, head) = sent;
             if head.status == 401 {
-                if replayed {
-                    // The new token was refused too: no loop, the 401 goes to the client, and
-                    // the token is held through 401s for a while (the API refuses the request).
-                    route.token.refused_on_replay(generation);
-                    route.metrics.unauthorized(false);
-                } else if route.token.invalidate(generation) == Rejection::Kept {
-                    // Refused on a replay moments ago: a new token would be refused too.
+                // Fast-path requests are always replayable (their body is within the limit).
+                let sent = if replayed {
+                    Sent::Replay
+                } else {
+                    Sent::First { replayable: true }
+                };
+                if !route.token.upstream_refused(generation, sent) {
                     route.metrics.unauthorized(false);
                 } else {
-                    // The token this request carried is dropped (exactly that one); one replay
-                    // with a new one (one renewal is shared by every request that saw the 401).
+                    // One replay with the next token (one renewal is shared by every request
+                    // that saw the 401).
                     route.metrics.unauthorized(true);
                     replayed = true;
                     attempts = 0;
