@@ -244,11 +244,8 @@ impl ServeHttp for AdminApp {
 /// `Connection` names `close`, HTTP/1.0 only when it names `keep-alive`.
 fn keeps_alive(req: &pingora::http::RequestHeader) -> bool {
     let named = |option: &str| {
-        req.headers
-            .get_all(http::header::CONNECTION)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-            .any(|o| o.trim_ascii().eq_ignore_ascii_case(option.as_bytes()))
+        crate::proxy::headers::list_elements(req.headers.get_all(http::header::CONNECTION))
+            .any(|o| o.eq_ignore_ascii_case(option.as_bytes()))
     };
     if req.version >= http::Version::HTTP_11 {
         !named("close")

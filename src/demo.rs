@@ -1,6 +1,7 @@
 //! `tokengate demo`: the embedded default. Starts the sandbox (a Drillster-like and a
 //! Driftrock-like authorization server and an echo API, all on loopback) and a gateway in front
-//! of them, prints `curl` lines to try, and runs until Ctrl-C or SIGTERM. Nothing leaves the machine.
+//! of them, prints `curl` lines to try, and runs until Ctrl-C (or SIGTERM, SIGHUP, SIGQUIT).
+//! Nothing leaves the machine.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -153,8 +154,8 @@ impl Demo {
     }
 }
 
-/// Runs the demo until Ctrl-C (SIGINT), SIGTERM, SIGHUP or SIGQUIT, then stops everything and removes its
-/// scratch directory.
+/// Runs the demo until Ctrl-C (SIGINT), SIGTERM, SIGHUP or SIGQUIT, then stops everything and
+/// removes its scratch directory.
 pub fn run(listen: Option<SocketAddr>, admin: Option<SocketAddr>) -> Result<(), DemoError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -206,7 +206,8 @@ impl ServiceAccountKey {
     ///
     /// # Errors
     /// [`KeyFileError::Read`] if the file cannot be read or holds more than
-    /// [`crate::files::SECRET_FILE_LIMIT`] (the path is not repeated in the message), else as [`ServiceAccountKey::from_json`].
+    /// [`crate::files::SECRET_FILE_LIMIT`] or is not a regular file (the path is not repeated
+    /// in the message), else as [`ServiceAccountKey::from_json`].
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, KeyFileError> {
         let text = crate::files::read_regular_to_string_capped(
             path.as_ref(),

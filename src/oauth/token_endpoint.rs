@@ -98,6 +98,9 @@ pub struct TokenClient {
     endpoint: OnceCell<Url>,
     /// Bounds one whole [`TokenClient::fetch`], discovery included.
     request_timeout: Duration,
+    /// The spellings of the client credentials a token endpoint's error might echo, never
+    /// shown ([`echoed_forms`]); built once, as the credentials are fixed.
+    echoes: Vec<String>,
 }
 
 impl TokenClient {
@@ -133,12 +136,28 @@ impl TokenClient {
         if let TokenEndpointLocation::Url(url) = &auth.endpoint {
             let _ = endpoint.set(url.clone());
         }
+        let mut echoes = Vec::new();
+        if let Some(secret) = &auth.client_secret {
+            echoes.extend(echoed_forms(secret.expose()));
+            echoes.extend(echoed_forms(&format!(
+                "{}:{}",
+                auth.client_id,
+                secret.expose()
+            )));
+            if let ClientAuth::Basic(encoding) = auth.client_auth {
+                let basic =
+                    client_credentials::basic_authorization(&auth.client_id, secret, encoding);
+                echoes.push(basic.trim_start_matches("Basic ").to_string());
+                echoes.push(basic);
+            }
+        }
         Ok(TokenClient {
             http,
             auth,
             subject: None,
             endpoint,
             request_timeout,
+            echoes,
         })
     }
 
@@ -205,8 +224,8 @@ impl TokenClient {
                 "application/x-www-form-urlencoded",
             )
             .body(body);
-        if let Some(basic) = &basic {
-            req = req.header(AUTHORIZATION, basic.as_str());
+        if let Some(basic) = basic {
+            req = req.header(AUTHORIZATION, basic);
         }
         let resp = req.send().await.map_err(network_error)?;
         let status = resp.status();
@@ -214,25 +233,17 @@ impl TokenClient {
             .then(|| parse_retry_after(resp.headers()))
             .flatten();
         let bytes = read_limited(resp).await?;
-        // An error_description may echo what was sent: never show it, however spelled.
-        let mut echoes: Vec<String> = form
+        // An error may echo what was sent: the credentials or this request's assertion.
+        let secrets: Vec<&str> = self
+            .echoes
             .iter()
-            .filter(|(k, _)| matches!(*k, "client_secret" | "assertion"))
-            .map(|(_, v)| v.clone())
+            .map(String::as_str)
+            .chain(
+                form.iter()
+                    .filter(|(k, _)| *k == "assertion")
+                    .map(|(_, v)| v.as_str()),
+            )
             .collect();
-        if let Some(secret) = &self.auth.client_secret {
-            echoes.extend(echoed_forms(secret.expose()));
-            echoes.extend(echoed_forms(&format!(
-                "{}:{}",
-                self.auth.client_id,
-                secret.expose()
-            )));
-        }
-        if let Some(basic) = &basic {
-            echoes.push(basic.clone());
-            echoes.push(basic.trim_start_matches("Basic ").to_string());
-        }
-        let secrets: Vec<&str> = echoes.iter().map(String::as_str).collect();
         let parsed = parse_token_response(
             &bytes,
             SystemTime::now(),

@@ -363,6 +363,18 @@ pub(crate) fn parse_content_length(value: &[u8]) -> Option<u64> {
     })
 }
 
+/// The elements of a list-valued field (RFC 9110 §5.6.1) across all its lines, trimmed, empty
+/// ones skipped: `Connection: keep-alive, X-Hop` gives `keep-alive` and `X-Hop`.
+pub(crate) fn list_elements<'a>(
+    fields: http::header::GetAll<'a, http::HeaderValue>,
+) -> impl Iterator<Item = &'a [u8]> {
+    fields
+        .into_iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(|e| e.trim_ascii())
+        .filter(|e| !e.is_empty())
+}
+
 /// A `Content-Length` value that is a list of one number repeated (`5, 5`; RFC 9110 §8.6: a
 /// recipient may take it as that one number): the number, or `None` for anything else (an
 /// empty element, elements that differ or are not digits, a number past `u64`). A single

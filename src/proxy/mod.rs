@@ -210,6 +210,23 @@ pub struct RequestCtx {
     authorization_len: usize,
 }
 
+impl RequestCtx {
+    /// The route's name for log lines, `-` before (or without) one.
+    fn route_name(&self) -> &str {
+        self.route
+            .map(|i| self.state.routes[i].name.as_str())
+            .unwrap_or("-")
+    }
+
+    /// The request id for log lines, `-` before one is set.
+    fn request_id_str(&self) -> &str {
+        self.request_id
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+    }
+}
+
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
@@ -459,19 +476,14 @@ impl ProxyHttp for Gateway {
     }
 
     fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
-        let state = &ctx.state;
         // pingora puts this in its error logs. Never the query: it may carry `access_token`.
         let req = session.req_header();
-        let route = ctx.route.map(|i| state.routes[i].name.as_str());
         format!(
             "{} {}, route: {}, request id: {}",
             req.method,
             req.uri.path(),
-            route.unwrap_or("-"),
-            ctx.request_id
-                .as_ref()
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-")
+            ctx.route_name(),
+            ctx.request_id_str()
         )
     }
 
@@ -484,15 +496,7 @@ impl ProxyHttp for Gateway {
         if client_caused(error) {
             return true;
         }
-        let route = ctx
-            .route
-            .map(|i| ctx.state.routes[i].name.as_str())
-            .unwrap_or("-");
-        let request_id = ctx
-            .request_id
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-");
+        let (route, request_id) = (ctx.route_name(), ctx.request_id_str());
         let kind = error.etype().as_str();
         if error.esource() == &ErrorSource::Upstream {
             // As the fast path says it.
@@ -517,10 +521,8 @@ impl ProxyHttp for Gateway {
             && !client_caused(error)
         {
             tracing::warn!(
-                route = ctx
-                    .route
-                    .map(|i| ctx.state.routes[i].name.as_str())
-                    .unwrap_or("-"),
+                route = ctx.route_name(),
+                request_id = ctx.request_id_str(),
                 error = error.etype().as_str(),
                 "upstream request failed; retrying"
             );
@@ -831,11 +833,7 @@ fn client_caused(error: &Error) -> bool {
 /// `chunked` (any case): the only transfer coding a request can carry through the gateway
 /// unchanged (RFC 9112 §6.1, §7).
 fn only_chunked(fields: http::header::GetAll<'_, HeaderValue>) -> bool {
-    let mut codings = fields
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .map(|c| c.trim_ascii())
-        .filter(|c| !c.is_empty());
+    let mut codings = headers::list_elements(fields);
     matches!(
         (codings.next(), codings.next()),
         (Some(c), None) if c.eq_ignore_ascii_case(b"chunked")
