@@ -114,13 +114,7 @@ async fn get_and_small_post_are_replayed_byte_identical() {
 /// either proxy path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_always_refused_request_does_not_refetch_the_token_each_time() {
-    let sandbox = Sandbox::start().await.unwrap();
-    let gw = TestGateway::start(config_for(&sandbox, |t| t)).await;
-    gw.ready().await;
-    sandbox.api.faults().respond_with(CannedResponse::json(
-        StatusCode::UNAUTHORIZED,
-        r#"{"error":"invalid_token"}"#,
-    ));
+    let (sandbox, gw) = gateway_before_an_api_that_refuses_everything().await;
     let client = reqwest::Client::new();
     for i in 0..50 {
         let mut req = client.get(gw.url("/drillster/forbidden"));
@@ -158,13 +152,7 @@ async fn an_always_refused_request_does_not_refetch_the_token_each_time() {
 /// such requests cost one token request, not twenty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn always_refused_unreplayable_requests_do_not_refetch_the_token_each_time() {
-    let sandbox = Sandbox::start().await.unwrap();
-    let gw = TestGateway::start(config_for(&sandbox, |t| t)).await;
-    gw.ready().await;
-    sandbox.api.faults().respond_with(CannedResponse::json(
-        StatusCode::UNAUTHORIZED,
-        r#"{"error":"invalid_token"}"#,
-    ));
+    let (sandbox, gw) = gateway_before_an_api_that_refuses_everything().await;
     let client = reqwest::Client::new();
     let body = vec![b'x'; 70_000];
     for _ in 0..20 {
@@ -193,6 +181,18 @@ async fn always_refused_unreplayable_requests_do_not_refetch_the_token_each_time
     assert_eq!(sandbox.drillster.successes(), 2);
     gw.stop().await;
     sandbox.shutdown().await.unwrap();
+}
+
+/// A ready gateway in front of a sandbox whose API answers every request 401 `invalid_token`.
+async fn gateway_before_an_api_that_refuses_everything() -> (Sandbox, TestGateway) {
+    let sandbox = Sandbox::start().await.unwrap();
+    let gw = TestGateway::start(config_for(&sandbox, |t| t)).await;
+    gw.ready().await;
+    sandbox.api.faults().respond_with(CannedResponse::json(
+        StatusCode::UNAUTHORIZED,
+        r#"{"error":"invalid_token"}"#,
+    ));
+    (sandbox, gw)
 }
 
 fn hex(b: &[u8]) -> String {
