@@ -929,3 +929,57 @@ async fn an_http_1_0_client_gets_no_1xx_and_no_chunked_body() {
     assert_eq!(last.body, b"ok!!!");
     rig.stop().await;
 }
+
+/// A response whose transfer codings are more than `chunked` (`gzip, chunked`) cannot reach an
+/// HTTP/1.0 client as it came (RFC 9112 §6.1: no Transfer-Encoding to it) and the gateway does
+/// not decode gzip: the client gets the gateway's 502, counted as an upstream error, instead of
+/// chunked framing it cannot read or a compressed body without a label. An HTTP/1.1 client of
+/// the same upstream gets the response with its codings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_1_0_client_gets_a_502_for_a_coding_besides_chunked() {
+    let up = Scripted::start(
+        vec![b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\ngz!\r\n0\r\n\r\n"],
+        None,
+    )
+    .await;
+    let rig = rig_with(&up).await;
+    let mut s = TcpStream::connect(rig.gw.addr()).await.unwrap();
+    s.write_all(b"GET /scripted/old HTTP/1.0\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+        .await
+        .expect("the gateway closes the connection")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    assert!(text.starts_with("HTTP/1.1 502 "), "{text}");
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let head = head.to_ascii_lowercase();
+    assert!(
+        head.contains("tokengate-error: upstream_unreachable"),
+        "{text}"
+    );
+    assert!(!head.contains("transfer-encoding"), "{text}");
+    assert!(body.contains("\"upstream_unreachable\""), "{text}");
+    assert!(!body.contains("gz!"), "{text}");
+    let metrics = rig.gw.metrics().await;
+    assert!(
+        metrics.contains("tokengate_upstream_errors_total{kind=\"reset\",route=\"scripted\"} 1"),
+        "{metrics}"
+    );
+
+    let mut s = TcpStream::connect(rig.gw.addr()).await.unwrap();
+    s.write_all(b"GET /scripted/new HTTP/1.1\r\nHost: gw\r\nConnection: x-legacy, close\r\nX-Legacy: 1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let answer = read_answer(&mut s, &mut buf).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(
+        answer.header("transfer-encoding").as_deref(),
+        Some("gzip, chunked")
+    );
+    assert_eq!(answer.body, b"gz!");
+    rig.stop().await;
+}

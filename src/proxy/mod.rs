@@ -540,11 +540,20 @@ impl ProxyHttp for Gateway {
             response.insert_header("X-Request-Id", id.clone())?;
         }
         if session.req_header().version < http::Version::HTTP_11
-            && only_chunked(response.headers.get_all(TRANSFER_ENCODING))
+            && response.headers.contains_key(TRANSFER_ENCODING)
         {
             // RFC 9112 §6.1: no Transfer-Encoding to an HTTP/1.0 client. pingora-proxy frames a
             // body of unknown length chunked (or keeps the upstream's chunked); without it
             // pingora writes the body as it comes and the close ends it (RFC 9112 §6.3).
+            if !only_chunked(response.headers.get_all(TRANSFER_ENCODING)) {
+                // Another coding (`gzip, chunked`) cannot reach this client as sent, and the
+                // gateway does not decode it: refuse rather than hand over an unlabelled body.
+                return Err(Error::explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "response transfer coding other than chunked for an HTTP/1.0 client",
+                )
+                .into_up());
+            }
             response.remove_header(&TRANSFER_ENCODING);
             response.remove_header(&http::header::CONTENT_LENGTH);
             session.set_keepalive(None);
@@ -829,9 +838,9 @@ fn client_caused(error: &Error) -> bool {
         || matches!(error.etype(), ErrorType::HTTPStatus(code) if *code != 503)
 }
 
-/// Whether the request's `Transfer-Encoding` fields together name exactly one coding,
-/// `chunked` (any case): the only transfer coding a request can carry through the gateway
-/// unchanged (RFC 9112 §6.1, §7).
+/// Whether a message's `Transfer-Encoding` fields together name exactly one coding, `chunked`
+/// (any case): the only transfer coding a request can carry through the gateway unchanged, and
+/// the only one the gateway can take off a response for an HTTP/1.0 client (RFC 9112 §6.1, §7).
 fn only_chunked(fields: http::header::GetAll<'_, HeaderValue>) -> bool {
     let mut codings = headers::list_elements(fields);
     matches!(
