@@ -372,16 +372,24 @@ def svg_chart(series, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the peak stage (default 3)")
-    ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
-    ap.add_argument("--stages", default="peak,latency,scaling,token", help="comma-separated subset")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the peak and latency stages (default 3)")
+    ap.add_argument("--duration", type=int, default=10, help="seconds per wrk or oha run (default 10; the scaling stage uses half, at least 5; "
+                         "the token stage always runs 60 s)")
+    ap.add_argument("--stages", default="peak,latency,scaling,token", help="comma-separated subset of peak, latency, scaling, token (default: all)")
     ap.add_argument("--skip-build", action="store_true", help="use the existing release build")
     ap.add_argument("--latency-breakdown", action="store_true",
                     help="latency stage: keep oha's per-request records and report, per run, the wait before "
                          "sending and the time on the wire (medians of the rounds)")
     ap.add_argument("--out", default=str(ROOT / "target/load"), help="results directory")
     args = ap.parse_args()
-    stages = set(args.stages.split(","))
+    known = ("peak", "latency", "scaling", "token")
+    stages = {s.strip() for s in args.stages.split(",") if s.strip()}
+    if not stages or not stages <= set(known):
+        ap.error(f"--stages: {args.stages!r}: name one or more of {', '.join(known)}, comma-separated")
+    if args.rounds < 1:
+        ap.error(f"--rounds: {args.rounds}: at least 1")
+    if args.duration < 1:
+        ap.error(f"--duration: {args.duration}: at least 1 second")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
