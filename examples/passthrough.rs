@@ -45,6 +45,9 @@ fn main() {
     let threads = args.get(3).and_then(|t| t.parse().ok()).unwrap_or(1);
     let conf = ServerConf {
         threads,
+        // A benchmark target: stop at once on SIGTERM (pingora's defaults wait minutes).
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
