@@ -450,10 +450,10 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    ports_free()  # before the install and the build: fail fast
     ensure_tools()
     if not args.skip_build:
         build()
-    ports_free()
     results = {"machine": {"cpus": os.cpu_count(), "proxy_core": PROXY_CORE, "client_core": CLIENT_CORE}}
     names = list(PORTS)
 
