@@ -578,6 +578,10 @@ def main():
     report(results, out)
 
 
+def medians(n, what):
+    return f"medians of {n} {what}s" if n != 1 else f"one {what}"
+
+
 def report(res, out):
     print("\n## Load benchmark results\n")
     print(f"Machine: {res['machine']['cpus']} cores; proxies pinned to core {PROXY_CORE}, load generator, origin "
@@ -602,7 +606,7 @@ def report(res, out):
             else:
                 verdict = "not met"
             print(f"\nGoal, tokengate >= 1.0x nginx requests/s on the pinned core: {rps:.3f}x in req/s, "
-                  f"{core:.3f}x per proxy-core second (medians of {len(tg['runs'])} rounds): {verdict}"
+                  f"{core:.3f}x per proxy-core second ({medians(len(tg['runs']), 'round')}): {verdict}"
                   + (f"\n({bound} of the {len(tg['runs']) + len(ng['runs'])} runs client-bound: req/s there is the "
                      "load generator's limit, the per-core figure is the proxy's)" if bound else ""))
     if "latency_added_ms" in res:
@@ -626,7 +630,7 @@ def report(res, out):
             tg, ng = half["tokengate"]["p99"], half["nginx"]["p99"]
             rounds = len(half.get("rounds", {}).get("tokengate", [])) or 1
             print(f"\nGoal, added p99 at 50 % load no worse than nginx's: tokengate {tg:+.3f} ms, nginx {ng:+.3f} ms "
-                  f"(medians of {rounds} rounds): {'met' if tg <= ng else 'not met'}")
+                  f"({medians(rounds, 'round')}): {'met' if tg <= ng else 'not met'}")
             paired = half.get("p99_tokengate_minus_nginx")
             if paired:
                 better = sum(d <= 0 for d in paired)
@@ -656,7 +660,7 @@ def report(res, out):
         one, big = res.get("routes_1"), res.get("routes_1000")
         if one and big:
             runs = lambda x: ", ".join(f"{v:.0f}" for v in x["rps_runs"])
-            print(f"\ntokengate on {ROUTE_PATH}, medians of {len(one['rps_runs'])} runs: 1 route (the catch-all "
+            print(f"\ntokengate on {ROUTE_PATH}, {medians(len(one['rps_runs']), 'run')}: 1 route (the catch-all "
                   f"matches) {one['rps_median']:.0f} req/s at {one['cpu_us_per_req_median']:.1f} µs CPU/req "
                   f"({runs(one)}); 1,000 routes (the deepest matches) {big['rps_median']:.0f} req/s at "
                   f"{big['cpu_us_per_req_median']:.1f} µs CPU/req ({runs(big)}); non-2xx {one['non2xx'] + big['non2xx']}")
