@@ -255,6 +255,7 @@ client_secret = "s3cr+t/%41:y=z"
 listen = "127.0.0.1:{PORTS['tokengate']}"
 admin_listen = "{ADMIN}"
 threads = 1
+grace_period = "1s"
 [log]
 level = "warn"
 [[routes]]
@@ -279,7 +280,7 @@ client_secret = "s3cr+t/%41:y=z"
         """Stops every server, its children too (nginx workers): a second Ctrl-C or a SIGTERM
         during the stop does not cut it short."""
         counts = {}
-        masked = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+        masked = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             for name, p in self.procs.items():
                 if p.poll() is None:
@@ -330,10 +331,15 @@ def wrk(url, connections, duration, fleet=None, proxy=None):
     rss_peak = 0
     p = pinned(CLIENT_CORE, ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", url],
                stdout=subprocess.PIPE, text=True)
-    while p.poll() is None:
-        if proxy:
-            rss_peak = max(rss_peak, rss_kib(fleet.pid(proxy)))
-        time.sleep(0.25)
+    try:
+        while p.poll() is None:
+            if proxy:
+                rss_peak = max(rss_peak, rss_kib(fleet.pid(proxy)))
+            time.sleep(0.25)
+    except BaseException:  # an interrupt: the load stops before the servers do
+        p.kill()
+        p.wait()
+        raise
     out = p.stdout.read()
     busy1 = core_busy(CLIENT_CORE)
     cpu = cpu_seconds(fleet.pid(proxy)) - cpu0 if proxy else None
@@ -362,7 +368,14 @@ def oha(url, rate, duration, breakdown=False):
     p = pinned(CLIENT_CORE, ["oha", "--no-tui", "--output-format", "json", "--latency-correction", "-q", str(int(rate)),
                              "-z", f"{duration}s", "-c", "64", *(["--db-url", str(db)] if db else []), url],
                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    out, _ = p.communicate()
+    try:
+        out, _ = p.communicate()
+    except BaseException:  # an interrupt: the load stops before the servers do
+        p.kill()
+        p.wait()
+        if db:
+            shutil.rmtree(db.parent, ignore_errors=True)
+        raise
     j = json.loads(out)
     pct = j.get("latencyPercentiles") or j.get("latency_percentiles") or {}
     # seconds → ms; oha names the keys p50, p99, p99.9 (older versions: p99_9)
@@ -447,10 +460,12 @@ def main():
     if args.duration < 1:
         ap.error(f"--duration: {args.duration}: at least 1 second")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        ap.error(f"--out: {args.out}: not a directory")
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     ports_free()  # before the install and the build: fail fast
+    out.mkdir(parents=True, exist_ok=True)
     ensure_tools()
     if not args.skip_build:
         build()
