@@ -32,6 +32,7 @@ Results: printed as Markdown, and written to --out (results.json, scaling.svg).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -94,15 +95,7 @@ def pinned(core, args, **kw):
 def ports_free():
     """Refuses to start when a port the fleet needs already answers (a run still going, or
     servers a killed run left): it would measure those instead, or fail half-way."""
-    import socket
-    busy = []
-    for addr in (ORIGIN, ADMIN, *(f"127.0.0.1:{p}" for p in PORTS.values())):
-        host, port = addr.rsplit(":", 1)
-        try:
-            with socket.create_connection((host, int(port)), timeout=0.2):
-                busy.append(addr)
-        except OSError:
-            pass
+    busy = [a for a in (ORIGIN, ADMIN, *(f"127.0.0.1:{p}" for p in PORTS.values())) if answers(a)]
     if busy:
         sys.exit(f"run.py: {', '.join(busy)} already in use: another run, or servers a killed run left "
                  f"(see `ss -ltnp`); stop them first")
@@ -123,17 +116,36 @@ def fetch_token(endpoint):
         return json.load(r)["access_token"]
 
 
-def wait_port(addr, timeout=20.0):
+def answers(addr):
+    """Whether something accepts TCP connections at `addr` ("ip:port")."""
     import socket
     host, port = addr.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def wait_port(addr, timeout=20.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        try:
-            with socket.create_connection((host, int(port)), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
+        if answers(addr):
+            return
+        time.sleep(0.05)
     raise RuntimeError(f"{addr} did not come up")
+
+
+@contextlib.contextmanager
+def stopped_on_interrupt(p):
+    """Kills the load generator `p` if the run is interrupted while it runs, so the load stops
+    before the servers do."""
+    try:
+        yield p
+    except BaseException:
+        p.kill()
+        p.wait()
+        raise
 
 
 def cpu_seconds(pid):
@@ -331,15 +343,11 @@ def wrk(url, connections, duration, fleet=None, proxy=None):
     rss_peak = 0
     p = pinned(CLIENT_CORE, ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", url],
                stdout=subprocess.PIPE, text=True)
-    try:
+    with stopped_on_interrupt(p):
         while p.poll() is None:
             if proxy:
                 rss_peak = max(rss_peak, rss_kib(fleet.pid(proxy)))
             time.sleep(0.25)
-    except BaseException:  # an interrupt: the load stops before the servers do
-        p.kill()
-        p.wait()
-        raise
     out = p.stdout.read()
     busy1 = core_busy(CLIENT_CORE)
     cpu = cpu_seconds(fleet.pid(proxy)) - cpu0 if proxy else None
@@ -369,10 +377,9 @@ def oha(url, rate, duration, breakdown=False):
                              "-z", f"{duration}s", "-c", "64", *(["--db-url", str(db)] if db else []), url],
                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        out, _ = p.communicate()
-    except BaseException:  # an interrupt: the load stops before the servers do
-        p.kill()
-        p.wait()
+        with stopped_on_interrupt(p):
+            out, _ = p.communicate()
+    except BaseException:
         if db:
             shutil.rmtree(db.parent, ignore_errors=True)
         raise
