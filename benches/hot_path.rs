@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use criterion::{criterion_group, BatchSize, BenchmarkId, Criterion};
+use criterion::{criterion_group, BenchmarkId, Criterion};
 use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 use pingora::upstreams::peer::HttpPeer;
@@ -25,8 +25,10 @@ use pingora::upstreams::peer::HttpPeer;
 use tokengate::config::Config;
 use tokengate::metrics::{Metrics, TokenMetrics};
 use tokengate::oauth::{AccessToken, FetchError};
+use tokengate::proxy::downstream::DownstreamHead;
 use tokengate::proxy::fast_path::{own_work, Scratch};
-use tokengate::proxy::headers::{add_forwarding_fields, apply_credentials, strip_access_token};
+use tokengate::proxy::policy::target::strip_access_token;
+use tokengate::proxy::policy::{Forwarding, Plan};
 use tokengate::proxy::routes::{normalise_prefix, Route, RouteTable};
 use tokengate::proxy::{client_allowed, RequestIds, SharedState};
 use tokengate::token::{RenewalPolicy, TokenFetcher, TokenSource};
@@ -97,11 +99,6 @@ fn route_lookup(c: &mut Criterion) {
 /// The three credential fields of [`request_with`]'s request.
 const CREDENTIALS: [&str; 3] = ["Authorization", "Cookie", "X-Api-Key"];
 
-/// What a legacy client typically sends: 12 fields, three of them credentials.
-fn legacy_request() -> RequestHeader {
-    request_with(&CREDENTIALS)
-}
-
 /// The same request with only the credential fields named in `credentials`.
 fn request_with(credentials: &[&str]) -> RequestHeader {
     let mut req = match RequestHeader::build("POST", b"/drillster/api/2.1.1/user?x=1", None) {
@@ -146,61 +143,49 @@ fn bearer_value() -> HeaderValue {
     v
 }
 
+/// The request's head as the client sent it: request line, fields, empty line.
+fn raw_head(credentials: &[&str]) -> bytes::Bytes {
+    let req = request_with(credentials);
+    let mut raw = b"POST /drillster/api/2.1.1/user?x=1 HTTP/1.1\r\n".to_vec();
+    req.header_to_h1_wire(&mut raw);
+    raw.extend_from_slice(b"\r\n");
+    bytes::Bytes::from(raw)
+}
+
+/// pingora-proxy's path through the policy: the head read again from pingora's bytes, planned,
+/// and built as the upstream `RequestHeader`.
 fn header_hygiene(c: &mut Criterion) {
-    let prepared = legacy_request();
+    let config = config_with_routes(1);
+    let route = bench_route(&config, 0);
     let authorization = bearer_value();
-    let extra = [HeaderName::from_static("x-api-key")];
-    // Exactly what upstream_request_filter does: strip, restore order, insert.
-    let mut group = c.benchmark_group("apply_credentials");
-    for (name, prepared) in [
-        ("with_inbound_credentials", prepared),
-        ("with_authorization_only", request_with(&["Authorization"])),
-        ("without_inbound_credentials", request_with(&[])),
+    let id = RequestIds::new().next();
+    let mut plan = Plan::default();
+    let mut group = c.benchmark_group("pingora_path_head");
+    for (name, raw) in [
+        ("with_inbound_credentials", raw_head(&CREDENTIALS)),
+        ("with_authorization_only", raw_head(&["Authorization"])),
+        ("without_inbound_credentials", raw_head(&[])),
     ] {
         group.bench_function(name, |b| {
-            b.iter_batched(
-                || prepared.clone(),
-                |mut req| {
-                    if let Err(e) = apply_credentials(
-                        &mut req,
-                        &prepared.headers,
-                        authorization.clone(),
-                        false,
-                        black_box(&extra),
-                    ) {
-                        panic!("apply_credentials: {e}");
-                    }
-                    req
-                },
-                BatchSize::SmallInput,
-            )
+            b.iter(|| {
+                let head = match DownstreamHead::parse(black_box(raw.clone())) {
+                    Ok(h) => h,
+                    Err(e) => panic!("refused: {e:?}"),
+                };
+                let fw = Forwarding {
+                    route: &route,
+                    client_ip: Some(b"192.168.30.40"),
+                    authorization: authorization.as_bytes(),
+                    request_id: id.as_bytes(),
+                };
+                match head.upstream_header(&fw, &mut plan) {
+                    Ok(h) => h,
+                    Err(e) => panic!("upstream header: {e}"),
+                }
+            })
         });
     }
     group.finish();
-}
-
-fn forwarding_fields(c: &mut Criterion) {
-    let prepared = request_with(&[]);
-    let host_header = HeaderValue::from_static("api.example.com");
-    let client = IpAddr::V4(Ipv4Addr::new(192, 168, 30, 40));
-    let id = RequestIds::new().next();
-    c.bench_function("add_forwarding_fields", |b| {
-        b.iter_batched(
-            || prepared.clone(),
-            |mut req| {
-                if let Err(e) = add_forwarding_fields(
-                    &mut req,
-                    &host_header,
-                    black_box(Some(client)),
-                    Some(&id),
-                ) {
-                    panic!("add_forwarding_fields: {e}");
-                }
-                req
-            },
-            BatchSize::SmallInput,
-        )
-    });
 }
 
 fn request_id_and_metrics(c: &mut Criterion) {
@@ -257,8 +242,9 @@ fn on_two_threads(iters: u64, f: impl Fn() + Sync) -> Duration {
 
 fn query_rewrite(c: &mut Criterion) {
     let mut group = c.benchmark_group("strip_access_token");
-    let without = "page=2&per_page=50&sort=-created&filter=a%2Fb";
-    let with = "page=2&access_token=leaked-query-token&per_page=50&sort=-created&filter=a%2Fb";
+    let without: &[u8] = b"page=2&per_page=50&sort=-created&filter=a%2Fb";
+    let with: &[u8] =
+        b"page=2&access_token=leaked-query-token&per_page=50&sort=-created&filter=a%2Fb";
     assert_eq!(strip_access_token(without), None);
     assert!(strip_access_token(with).is_some());
     group.bench_function("absent", |b| {
@@ -316,13 +302,14 @@ fn token_lookup(c: &mut Criterion) {
     });
 }
 
-/// Everything tokengate's own code does for one proxied request, in the order the proxy phases
-/// do it: request id, client allowlist, route lookup (100 routes), token read, credential
-/// step, forwarding fields, `access_token` query check, and the metrics update at the end.
-/// pingora's parsing, I/O and its own header handling are not included.
+/// Everything tokengate's own code does for one request on pingora-proxy's path, in the order
+/// the proxy phases do it: request id, client allowlist, the head read and scanned by the
+/// policy, route lookup (100 routes), token read, the planned upstream head, and the metrics
+/// update at the end. pingora's own parsing, I/O and session work are not included.
 fn per_request(c: &mut Criterion) {
     let config = config_with_routes(100);
     let table = RouteTable::shared(config.routes.iter().enumerate());
+    let route = bench_route(&config, 99);
     let allowed = config.server.allowed_clients.clone();
     let client = IpAddr::V4(Ipv4Addr::new(192, 168, 30, 40));
     assert!(
@@ -332,53 +319,54 @@ fn per_request(c: &mut Criterion) {
     let ids = RequestIds::new();
     let (source, _runtime) = token_source();
     let metrics = Metrics::new().route("r99");
-    let host_header = HeaderValue::from_static("api.example.com");
-    let host: &[u8] = b"gateway.internal:8080";
-    let path = "/api/v1/tenant99/orders/12345/items";
-    let query = "page=2&per_page=50&sort=-created&filter=a%2Fb";
-    let extra = [HeaderName::from_static("x-api-key")];
+    let mut plan = Plan::default();
 
     let mut group = c.benchmark_group("per_request");
-    for (name, prepared) in [
-        ("without_inbound_credentials", request_with(&[])),
-        ("with_authorization_only", request_with(&["Authorization"])),
-        ("with_inbound_credentials", request_with(&CREDENTIALS)),
+    for (name, raw) in [
+        ("without_inbound_credentials", raw_head_at(&[])),
+        ("with_authorization_only", raw_head_at(&["Authorization"])),
+        ("with_inbound_credentials", raw_head_at(&CREDENTIALS)),
     ] {
         group.bench_function(name, |b| {
-            b.iter_batched(
-                || prepared.clone(),
-                |mut req| {
-                    let started = Instant::now();
-                    let id = ids.next();
-                    assert!(client_allowed(&allowed, black_box(client)));
-                    let route = table.lookup(black_box(Some(host)), black_box(path));
-                    assert_eq!(route, Some(99));
-                    let Some((authorization, _generation)) = source.usable_now(started) else {
-                        panic!("token expired during the bench");
-                    };
-                    if let Err(e) = apply_credentials(
-                        &mut req,
-                        &prepared.headers,
-                        authorization,
-                        false,
-                        black_box(&extra),
-                    ) {
-                        panic!("apply_credentials: {e}");
-                    }
-                    if let Err(e) =
-                        add_forwarding_fields(&mut req, &host_header, Some(client), Some(&id))
-                    {
-                        panic!("add_forwarding_fields: {e}");
-                    }
-                    assert_eq!(strip_access_token(black_box(query)), None);
-                    metrics.request(200, started.elapsed());
-                    req
-                },
-                BatchSize::SmallInput,
-            )
+            b.iter(|| {
+                let started = Instant::now();
+                let id = ids.next();
+                assert!(client_allowed(&allowed, black_box(client)));
+                let head = match DownstreamHead::parse(black_box(raw.clone())) {
+                    Ok(h) => h,
+                    Err(e) => panic!("refused: {e:?}"),
+                };
+                let index = table.lookup(head.host(), head.path());
+                assert_eq!(index, Some(99));
+                let Some((authorization, _generation)) = source.usable_now(started) else {
+                    panic!("token expired during the bench");
+                };
+                let fw = Forwarding {
+                    route: &route,
+                    client_ip: Some(b"192.168.30.40"),
+                    authorization: authorization.as_bytes(),
+                    request_id: id.as_bytes(),
+                };
+                let up = match head.upstream_header(&fw, &mut plan) {
+                    Ok(h) => h,
+                    Err(e) => panic!("upstream header: {e}"),
+                };
+                metrics.request(200, started.elapsed());
+                up
+            })
         });
     }
     group.finish();
+}
+
+/// [`raw_head`] with the deep route's path.
+fn raw_head_at(credentials: &[&str]) -> bytes::Bytes {
+    let req = request_with(credentials);
+    let mut raw =
+        b"POST /api/v1/tenant99/orders/12345/items?page=2&per_page=50 HTTP/1.1\r\n".to_vec();
+    req.header_to_h1_wire(&mut raw);
+    raw.extend_from_slice(b"\r\n");
+    bytes::Bytes::from(raw)
 }
 
 /// The same legacy request as raw bytes on the wire (head and its 87-byte body), with only the
@@ -414,6 +402,44 @@ struct FastPathFixture {
     _runtime: tokio::runtime::Runtime,
 }
 
+/// The bench's route for `routes[index]` of `config`: upstream `api.example.com`, strips
+/// `X-Api-Key`, tokens from `source`.
+fn route_of(
+    index: usize,
+    rc: &tokengate::config::RouteConfig,
+    source: Arc<TokenSource>,
+    metrics: &Metrics,
+) -> Route {
+    Route {
+        index,
+        name: rc.name.clone(),
+        prefix: normalise_prefix(&rc.path_prefix),
+        strip_prefix: false,
+        base_path: String::new(),
+        peer: HttpPeer::new("127.0.0.1:443", true, "api.example.com".to_string()),
+        host_header: HeaderValue::from_static("api.example.com"),
+        allow_methods: None,
+        allow_header: None,
+        strip_headers: vec![HeaderName::from_static("x-api-key")],
+        strip_folded: vec![tokengate::proxy::policy::fields::fold_name("x-api-key")],
+        forward_cookies: false,
+        token: source,
+        metrics: metrics.route(&rc.name),
+    }
+}
+
+/// [`route_of`] with a token source that is never asked (the planned head takes the token
+/// value directly).
+fn bench_route(config: &Config, index: usize) -> Route {
+    let source = TokenSource::new(
+        "bench",
+        Box::new(InstantFetcher),
+        RenewalPolicy::default(),
+        TokenMetrics::detached(),
+    );
+    route_of(index, &config.routes[index], source, &Metrics::new())
+}
+
 fn fast_path_fixture() -> FastPathFixture {
     let config = config_with_routes(100);
     let table = RouteTable::shared(config.routes.iter().enumerate());
@@ -423,21 +449,7 @@ fn fast_path_fixture() -> FastPathFixture {
         .routes
         .iter()
         .enumerate()
-        .map(|(index, rc)| Route {
-            index,
-            name: rc.name.clone(),
-            prefix: normalise_prefix(&rc.path_prefix),
-            strip_prefix: false,
-            base_path: String::new(),
-            peer: HttpPeer::new("127.0.0.1:443", true, "api.example.com".to_string()),
-            host_header: HeaderValue::from_static("api.example.com"),
-            allow_methods: None,
-            allow_header: None,
-            strip_headers: vec![HeaderName::from_static("x-api-key")],
-            forward_cookies: false,
-            token: Arc::clone(&source),
-            metrics: metrics.route(&rc.name),
-        })
+        .map(|(index, rc)| route_of(index, rc, Arc::clone(&source), &metrics))
         .collect();
     let state = SharedState::new(
         routes,
@@ -542,7 +554,6 @@ criterion_group!(
     benches,
     route_lookup,
     header_hygiene,
-    forwarding_fields,
     request_id_and_metrics,
     query_rewrite,
     token_lookup,

@@ -244,7 +244,10 @@ impl ServeHttp for AdminApp {
 /// `Connection` names `close`, HTTP/1.0 only when it names `keep-alive`.
 fn keeps_alive(req: &pingora::http::RequestHeader) -> bool {
     let named = |option: &str| {
-        crate::proxy::headers::list_elements(req.headers.get_all(http::header::CONNECTION))
+        req.headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .flat_map(|v| crate::proxy::policy::list(v.as_bytes()))
             .any(|o| o.eq_ignore_ascii_case(option.as_bytes()))
     };
     if req.version >= http::Version::HTTP_11 {

@@ -724,10 +724,16 @@ fn compile_route(
         // trust it (same address and SNI). Routes with the same CA file still share connections.
         peer.group_key = ca_group_key(pem);
     }
-    let allow_header = rc.allow_methods.as_ref().and_then(|m| {
-        let joined = m.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
-        HeaderValue::from_str(&joined).ok()
-    });
+    // The policy decides every upstream request field; pingora's own sanitising is off.
+    peer.options.http_upstream_request_policy =
+        pingora::upstreams::peer::HttpUpstreamRequestPolicy::preserve();
+    let allow_header = match &rc.allow_methods {
+        Some(m) => {
+            let joined = m.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
+            HeaderValue::from_str(&joined).ok()
+        }
+        None => Some(HeaderValue::from_static(Route::DEFAULT_ALLOW)),
+    };
     let host_header = HeaderValue::from_str(&up.authority)
         .map_err(|_| StartError::Internal(format!("routes[{index}].upstream: invalid host")))?;
     Ok(Route {
@@ -741,6 +747,11 @@ fn compile_route(
         allow_methods: rc.allow_methods.clone(),
         allow_header,
         strip_headers: rc.strip_headers.to_vec(),
+        strip_folded: rc
+            .strip_headers
+            .iter()
+            .map(|h| crate::proxy::policy::fields::fold_name(h.as_str()))
+            .collect(),
         forward_cookies: rc.forward_cookies,
         token,
         metrics: metrics.route(&rc.name),

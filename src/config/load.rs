@@ -1165,6 +1165,11 @@ impl Validator<'_> {
                 None
             };
             match parsed {
+                Some(http::Method::CONNECT) => self.r.push(
+                    &format!("{key}[{i}]"),
+                    "CONNECT opens a tunnel, which the gateway does not proxy; remove it"
+                        .to_string(),
+                ),
                 Some(method) if !out.contains(&method) => out.push(method),
                 Some(_) => {}
                 None => self.r.push(

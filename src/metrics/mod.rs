@@ -43,6 +43,12 @@ pub enum DenyReason {
     ClientNotAllowed,
     /// Method outside the route's `allow_methods`: 405.
     MethodNotAllowed,
+    /// A request refused for its framing or request line: 400.
+    BadRequest,
+    /// A request head over the limit: 431.
+    HeaderTooLarge,
+    /// A transfer coding the gateway does not implement: 501.
+    NotImplemented,
 }
 
 impl DenyReason {
@@ -52,6 +58,9 @@ impl DenyReason {
             DenyReason::NoRoute => "no_route",
             DenyReason::ClientNotAllowed => "client_not_allowed",
             DenyReason::MethodNotAllowed => "method_not_allowed",
+            DenyReason::BadRequest => "bad_request",
+            DenyReason::HeaderTooLarge => "request_header_too_large",
+            DenyReason::NotImplemented => "not_implemented",
         }
     }
 }
@@ -205,6 +214,9 @@ impl Metrics {
             DenyReason::NoRoute,
             DenyReason::ClientNotAllowed,
             DenyReason::MethodNotAllowed,
+            DenyReason::BadRequest,
+            DenyReason::HeaderTooLarge,
+            DenyReason::NotImplemented,
         ] {
             m.denied.with_label_values(&[reason.label()]);
         }

@@ -18,9 +18,9 @@
 //!    ▼ logging .................. metrics and the access log: the only per-request logging
 //! ```
 
-pub mod error_response;
+pub mod downstream;
 pub mod fast_path;
-pub mod headers;
+pub mod policy;
 pub mod routes;
 
 use std::net::IpAddr;
@@ -30,7 +30,7 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use http::header::{HOST, TRANSFER_ENCODING};
+use http::header::TRANSFER_ENCODING;
 use http::{HeaderName, HeaderValue, Method};
 use ipnet::IpNet;
 use pingora::prelude::*;
@@ -39,7 +39,8 @@ use pingora::{ErrorSource, ErrorType};
 
 use crate::metrics::{Metrics, UpstreamErrorKind};
 use crate::token::Sent;
-use error_response::GatewayError;
+use downstream::DownstreamHead;
+use policy::{ErrorResponse, Forwarding, GatewayError, Plan};
 use routes::{Route, RouteTable};
 
 /// Log targets capped at `info` whatever `log.level` / `RUST_LOG` say: at `debug` and `trace`
@@ -171,19 +172,13 @@ impl Gateway {
         if let Some(reason) = err.deny_reason() {
             self.metrics.denied(reason);
         }
-        let extra = match (&err, route) {
-            (GatewayError::MethodNotAllowed, Some(r)) => {
-                r.allow_header.clone().map(|v| (http::header::ALLOW, v))
-            }
-            _ => None,
-        };
-        error_response::write(
-            session,
+        ErrorResponse::new(
             &err,
             route.map(|r| r.name.as_str()),
             ctx.request_id.as_ref(),
-            extra,
+            route.and_then(|r| r.allow_header.as_ref()),
         )
+        .write(session)
         .await?;
         Ok(true)
     }
@@ -208,6 +203,10 @@ pub struct RequestCtx {
     /// Length in bytes of the `Authorization` value sent upstream (for the 431 log line; never
     /// the value itself).
     authorization_len: usize,
+    /// The client's head as the policy read it.
+    head: Option<DownstreamHead>,
+    /// The upstream request's plan (kept for a replay).
+    plan: Plan,
 }
 
 impl RequestCtx {
@@ -249,6 +248,8 @@ impl ProxyHttp for Gateway {
             replay_pending: false,
             unavailable: None,
             authorization_len: 0,
+            head: None,
+            plan: Plan::default(),
         }
     }
 
@@ -269,69 +270,44 @@ impl ProxyHttp for Gateway {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        if !client_ip.is_some_and(|ip| client_allowed(&state.allowed_clients, ip)) {
-            // An early answer with a request body still unread: don't reuse the connection.
-            session.set_keepalive(None);
-            return self
-                .refuse(session, ctx, GatewayError::ClientNotAllowed, None)
-                .await;
-        }
-
-        let req = session.req_header();
-        let host_field = req.headers.get(HOST);
-        if host_field.is_none() && req.version == http::Version::HTTP_11 {
-            // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without Host.
-            session.set_keepalive(None);
-            return Error::e_explain(ErrorType::HTTPStatus(400), "HTTP/1.1 request without Host");
-        }
-        if host_field.is_some_and(|h| !headers::valid_host(h.as_bytes())) {
-            // RFC 9112 §3.2: a server MUST answer 400 to a Host field with an invalid value;
-            // pingora would forward it (and the gateway would copy it to X-Forwarded-Host).
-            session.set_keepalive(None);
-            return Error::e_explain(ErrorType::HTTPStatus(400), "invalid Host");
-        }
-        // Only requests with a Transfer-Encoding pay for these checks.
-        if req.headers.contains_key(TRANSFER_ENCODING) {
-            if !only_chunked(req.headers.get_all(TRANSFER_ENCODING)) {
-                // RFC 9112 §6.1: a transfer coding the server does not implement gets 501.
-                // pingora would forward such a body re-framed as plain chunked, silently
-                // dropping the other codings: refuse instead of altering the message.
-                session.set_keepalive(None);
-                return Error::e_explain(
-                    ErrorType::HTTPStatus(501),
-                    "request transfer coding other than chunked",
-                );
-            }
-            if had_content_length(session) {
-                // Conflicting framing (RFC 9112 §6.1): refuse rather than guess.
-                session.set_keepalive(None);
-                return Error::e_explain(
-                    ErrorType::HTTPStatus(400),
-                    "request has both Transfer-Encoding and Content-Length",
-                );
-            }
-        }
-        if req.method == Method::CONNECT {
-            session.set_keepalive(None);
-            return self
-                .refuse(session, ctx, GatewayError::MethodNotAllowed, None)
-                .await;
-        }
-        let host = host_field
-            .map(|h| h.as_bytes())
-            .or_else(|| req.uri.authority().map(|a| a.as_str().as_bytes()));
-        let Some(index) = state.tables[self.slot].lookup(host, req.uri.path()) else {
-            session.set_keepalive(None);
-            return self.refuse(session, ctx, GatewayError::NoRoute, None).await;
+        let allowed = client_ip.is_some_and(|ip| client_allowed(&state.allowed_clients, ip));
+        // The head as the bytes pingora received, read as the fast path reads them.
+        let head = match session.as_downstream().as_http1() {
+            Some(h1) => DownstreamHead::parse(h1.get_headers_raw_bytes()),
+            None => Err(GatewayError::BadRequest("not an HTTP/1 request")),
         };
-        let route = &state.routes[index];
-        ctx.route = Some(index);
-        if !route.allows(&req.method) {
-            session.set_keepalive(None);
-            return self
-                .refuse(session, ctx, GatewayError::MethodNotAllowed, Some(route))
-                .await;
-        }
+        let (framing, index) = match &head {
+            Ok(h) => {
+                let authority = session.req_header().uri.authority();
+                let host = h
+                    .host()
+                    .or_else(|| authority.map(|a| a.as_str().as_bytes()));
+                (Ok(()), state.tables[self.slot].lookup(host, h.path()))
+            }
+            Err(e) => (Err(e.clone()), None),
+        };
+        let route = index.map(|i| &state.routes[i]);
+        ctx.route = index;
+        let method = session.req_header().method.clone();
+        let route = match policy::admit(allowed, framing, route, &method) {
+            Ok(route) => route,
+            Err(err) => {
+                // An early answer with a request body still unread: don't reuse the connection.
+                session.set_keepalive(None);
+                let shown = match err {
+                    GatewayError::MethodNotAllowed => route,
+                    _ => None,
+                };
+                if !matches!(
+                    err,
+                    GatewayError::MethodNotAllowed | GatewayError::TokenUnavailable { .. }
+                ) {
+                    ctx.route = None;
+                }
+                return self.refuse(session, ctx, err, shown).await;
+            }
+        };
+        ctx.head = head.ok();
 
         match route.token.token().await {
             Ok((authorization, generation)) => {
@@ -392,29 +368,21 @@ impl ProxyHttp for Gateway {
         };
 
         ctx.authorization_len = authorization.len();
-        headers::apply_credentials(
-            upstream,
-            &session.req_header().headers,
-            authorization,
-            route.forward_cookies,
-            &route.strip_headers,
-        )?;
-
         let client_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        headers::add_forwarding_fields(
-            upstream,
-            &route.host_header,
-            client_ip,
-            ctx.request_id.as_ref(),
-        )?;
-        if let Some(n) = headers::content_length_to_collapse(&upstream.headers) {
-            // pingora frames the body by `5, 5` but would forward the list as it came.
-            upstream.insert_header(http::header::CONTENT_LENGTH, n)?;
-        }
-        rewrite_target(upstream, route)
+            .map(|a| a.ip().to_canonical().to_string().into_bytes());
+        let Some(head) = ctx.head.as_ref() else {
+            return Error::e_explain(ErrorType::InternalError, "no request head");
+        };
+        let fw = Forwarding {
+            route,
+            client_ip: client_ip.as_deref(),
+            authorization: authorization.as_bytes(),
+            request_id: ctx.request_id.as_ref().map_or(b"-", |v| v.as_bytes()),
+        };
+        *upstream = head.upstream_header(&fw, &mut ctx.plan)?;
+        Ok(())
     }
 
     async fn upstream_response_filter(
@@ -423,6 +391,20 @@ impl ProxyHttp for Gateway {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if response.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            let upgrade = ctx
+                .head
+                .as_ref()
+                .map(|h| h.facts.upgrade)
+                .unwrap_or_default();
+            if !policy::response::switch_allowed(upgrade) {
+                return Err(Error::explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "101 Switching Protocols to a request that asked for no upgrade",
+                )
+                .into_up());
+            }
+        }
         if response.status != http::StatusCode::UNAUTHORIZED {
             return Ok(());
         }
@@ -536,9 +518,7 @@ impl ProxyHttp for Gateway {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(id) = &ctx.request_id {
-            response.insert_header("X-Request-Id", id.clone())?;
-        }
+        downstream::apply_response_policy(response, ctx.request_id.as_ref())?;
         if session.req_header().version < http::Version::HTTP_11
             && response.headers.contains_key(TRANSFER_ENCODING)
         {
@@ -558,19 +538,10 @@ impl ProxyHttp for Gateway {
             response.remove_header(&http::header::CONTENT_LENGTH);
             session.set_keepalive(None);
         }
-        // Hop-by-hop (RFC 9110 §7.6.1): the upstream's connection parameters are not the
-        // client's. pingora writes its own `Connection`; `Keep-Alive` would pass through.
-        response.remove_header("Keep-Alive");
         // An intermediary sends its own HTTP version (RFC 9110 §6.2), as the fast path does;
         // pingora passes an HTTP/1.0 upstream's on when the body has a length.
         if response.version != http::Version::HTTP_11 {
             response.set_version(http::Version::HTTP_11);
-        }
-        if !response.headers.contains_key(TRANSFER_ENCODING) {
-            if let Some(n) = headers::content_length_to_collapse(&response.headers) {
-                // One length for the client, as for the upstream request (RFC 9110 §8.6).
-                response.insert_header(http::header::CONTENT_LENGTH, n)?;
-            }
         }
         Ok(())
     }
@@ -597,22 +568,27 @@ impl ProxyHttp for Gateway {
             }
             (ErrorSource::Downstream, ErrorType::ReadError | ErrorType::WriteError)
             | (ErrorSource::Downstream, ErrorType::ConnectionClosed) => (0, None),
-            (ErrorSource::Downstream, _) => (400, None),
+            // The client's body could not be read as framed (a malformed chunk): RFC 9112 §7.1.
+            (ErrorSource::Downstream, _) => {
+                let err = GatewayError::BadRequest("malformed request body");
+                (err.status(), Some(err))
+            }
             (_, ErrorType::HTTPStatus(code)) => (*code, None),
             _ => (500, None),
         };
         match err {
             Some(err) if session.response_written().is_none() => {
                 ctx.error = Some(err.code());
-                if let Err(write_err) = error_response::write(
-                    session,
+                if let Some(reason) = err.deny_reason() {
+                    self.metrics.denied(reason);
+                }
+                let response = ErrorResponse::new(
                     &err,
                     route.map(|r| r.name.as_str()),
                     ctx.request_id.as_ref(),
                     None,
-                )
-                .await
-                {
+                );
+                if let Err(write_err) = response.write(session).await {
                     tracing::debug!(error = %write_err, "could not send error response");
                 }
             }
@@ -636,7 +612,7 @@ impl ProxyHttp for Gateway {
         let route = ctx.route.map(|i| &state.routes[i]);
         record_request(&RequestRecord {
             route,
-            method: &session.req_header().method,
+            method: Some(&session.req_header().method),
             path: session.req_header().uri.path(),
             status,
             started: ctx.started,
@@ -652,7 +628,8 @@ impl ProxyHttp for Gateway {
 /// One finished request, as both paths report it.
 pub(crate) struct RequestRecord<'a> {
     pub route: Option<&'a Route>,
-    pub method: &'a Method,
+    /// `None` for a head that could not be read.
+    pub method: Option<&'a Method>,
     /// The path without the query (the query may carry `access_token`).
     pub path: &'a str,
     /// 0 when no response was written.
@@ -690,7 +667,7 @@ pub(crate) fn record_request(r: &RequestRecord<'_>) {
     tracing::debug!(
         target: "tokengate::access",
         route = route_name,
-        method = %r.method,
+        method = r.method.map_or("-", Method::as_str),
         path = r.path,
         status = r.status,
         duration_us = elapsed.as_micros() as u64,
@@ -728,90 +705,8 @@ impl Gateway {
     }
 }
 
-/// Whether the downstream request head, as received, had a `Content-Length` field (pingora removes
-/// it from the parsed header when `Transfer-Encoding` is present).
-fn had_content_length(session: &Session) -> bool {
-    session.as_downstream().as_http1().is_some_and(|h1| {
-        headers::raw_head_has_field(&h1.get_headers_raw_bytes(), b"content-length")
-    })
-}
-
 /// pingora keeps at most this many request body bytes for a retry.
 pub(crate) const RETRY_BUFFER_LIMIT: usize = 64 * 1024;
-
-/// Rewrites the request-target to origin-form `base_path + path' + ?query'` where needed:
-/// prefix stripping, a base path, an `access_token` parameter, or an absolute-form target (never
-/// forwarded as such: only the configured upstream is ever reached). Untouched otherwise.
-fn rewrite_target(upstream: &mut RequestHeader, route: &Route) -> Result<()> {
-    let raw = upstream.raw_path();
-    let target = if raw.first() == Some(&b'/') {
-        origin_form_target(raw, route)
-    } else {
-        let pq = upstream.uri.path_and_query();
-        let path = pq.map(|p| p.path().as_bytes()).unwrap_or(b"/");
-        let query = pq.and_then(|p| p.query()).map(str::as_bytes);
-        Some(build_target(path, query, route))
-    };
-    match target {
-        Some(t) => upstream.set_raw_path(&t),
-        None => Ok(()),
-    }
-}
-
-/// The upstream request-target for the origin-form target `raw` (path and query as received),
-/// or `None` when it goes upstream unchanged (no prefix to strip, no base path, no
-/// `access_token` parameter): SPEC "Proxy behaviour", byte for byte otherwise.
-pub(crate) fn origin_form_target(raw: &[u8], route: &Route) -> Option<Vec<u8>> {
-    let (path, query) = match raw.iter().position(|&b| b == b'?') {
-        Some(q) => (&raw[..q], Some(&raw[q + 1..])),
-        None => (raw, None),
-    };
-    split_target_rewritten(path, query, route)
-}
-
-/// [`origin_form_target`] for a target already split at its first `?`: `query` without the
-/// `?`.
-pub(crate) fn split_target_rewritten(
-    path: &[u8],
-    query: Option<&[u8]>,
-    route: &Route,
-) -> Option<Vec<u8>> {
-    let strip = route.strip_prefix && route.prefix != "/";
-    let query_has_token = query.is_some_and(headers::has_access_token);
-    if !strip && route.base_path.is_empty() && !query_has_token {
-        return None;
-    }
-    Some(build_target(path, query, route))
-}
-
-/// `base_path + path' + ?query'`: the prefix stripped when the route says so, `access_token`
-/// removed from the query (an empty query is dropped).
-fn build_target(raw_path: &[u8], raw_query: Option<&[u8]>, route: &Route) -> Vec<u8> {
-    let strip = route.strip_prefix && route.prefix != "/";
-    let new_query = raw_query
-        .and_then(|q| std::str::from_utf8(q).ok())
-        .and_then(headers::strip_access_token);
-    let path = String::from_utf8_lossy(raw_path);
-    let mut target = headers::upstream_path(
-        &route.base_path,
-        strip.then_some(route.prefix.as_str()),
-        &path,
-    )
-    .into_bytes();
-    match (&new_query, raw_query) {
-        (Some(q), _) if q.is_empty() => {}
-        (Some(q), _) => {
-            target.push(b'?');
-            target.extend_from_slice(q.as_bytes());
-        }
-        (None, Some(q)) => {
-            target.push(b'?');
-            target.extend_from_slice(q);
-        }
-        (None, None) => {}
-    }
-    target
-}
 
 pub(crate) fn classify_upstream_error(etype: &ErrorType) -> (UpstreamErrorKind, GatewayError) {
     use ErrorType::*;
@@ -842,7 +737,7 @@ fn client_caused(error: &Error) -> bool {
 /// (any case): the only transfer coding a request can carry through the gateway unchanged, and
 /// the only one the gateway can take off a response for an HTTP/1.0 client (RFC 9112 §6.1, §7).
 fn only_chunked(fields: http::header::GetAll<'_, HeaderValue>) -> bool {
-    let mut codings = headers::list_elements(fields);
+    let mut codings = fields.into_iter().flat_map(|v| policy::list(v.as_bytes()));
     matches!(
         (codings.next(), codings.next()),
         (Some(c), None) if c.eq_ignore_ascii_case(b"chunked")

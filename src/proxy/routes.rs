@@ -36,12 +36,14 @@ pub struct Route {
     pub peer: HttpPeer,
     /// `Host` sent upstream.
     pub host_header: HeaderValue,
-    /// Allowed methods (`None`: all).
+    /// Allowed methods (`None`: all but TRACE and CONNECT).
     pub allow_methods: Option<Vec<Method>>,
-    /// `Allow` header value for 405 answers.
+    /// `Allow` header value for 405 answers (RFC 9110 §15.5.6).
     pub allow_header: Option<HeaderValue>,
     /// Extra credential headers to remove.
     pub strip_headers: Vec<HeaderName>,
+    /// `strip_headers` folded for the policy's comparison (case and `_`/`-` alike).
+    pub strip_folded: Vec<Box<[u8]>>,
     /// Forward `Cookie`.
     pub forward_cookies: bool,
     /// Where the access token comes from.
@@ -51,14 +53,19 @@ pub struct Route {
 }
 
 impl Route {
-    /// Whether `method` is allowed on this route.
+    /// Whether `method` is allowed on this route: one of `allow_methods`, or without that
+    /// list any method but TRACE (an upstream echoing it would hand the client the gateway's
+    /// token, RFC 9110 §9.3.8) and CONNECT (a tunnel, not an API call).
     #[inline]
     pub fn allows(&self, method: &Method) -> bool {
         match &self.allow_methods {
-            None => true,
+            None => method != Method::TRACE && method != Method::CONNECT,
             Some(list) => list.iter().any(|m| m == method),
         }
     }
+
+    /// The `Allow` value of a route without `allow_methods`.
+    pub const DEFAULT_ALLOW: &'static str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH";
 }
 
 /// Normalises a configured prefix: leading `/`, no trailing `/` (except the root).

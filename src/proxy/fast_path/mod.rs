@@ -46,8 +46,7 @@ mod request;
 mod response;
 mod timer;
 
-use super::error_response::{self, GatewayError};
-use super::headers::{content_length_list, parse_content_length};
+use super::policy::{ErrorResponse, GatewayError, Plan};
 use super::routes::{Route, RouteTable};
 use super::{
     client_allowed, record_request, valid_request_id_bytes, Gateway, Live, RequestRecord,
@@ -56,13 +55,14 @@ use super::{
 use crate::metrics::UpstreamErrorKind;
 use crate::token::{Sent, Token, TokenCache};
 use request::{parse_request, write_upstream_request, Field, Parsed, Plain};
-use response::{parse_response, push_field, ChunkedEnd, Framing, ResponseHead};
+use response::{parse_response, ChunkedEnd, Framing, ResponseHead};
 use timer::Timer;
 
-/// A request head larger than this, or with more fields than [`MAX_FIELDS`], goes to pingora.
+/// A request head larger than this, or with more fields than [`MAX_FIELDS`], is refused with
+/// 431 (RFC 6585 §5).
 const MAX_HEAD: usize = 64 * 1024;
-/// Most fields the fast path parses in one head (pingora accepts up to 256).
-const MAX_FIELDS: usize = 128;
+/// Most fields in one request head: pingora's limit.
+const MAX_FIELDS: usize = 256;
 /// Most fields in an upstream response head: pingora's HTTP/1 client's limit, so a response
 /// pingora would forward is forwarded here too (a request already sent cannot be handed over).
 const MAX_RESPONSE_FIELDS: usize = 256;
@@ -79,44 +79,6 @@ const CHECK_IDLE_UPSTREAM_AFTER: Duration = Duration::from_millis(200);
 const HOLD_WHILE_IDLE: Duration = Duration::from_secs(2);
 /// Read size for response bodies.
 const READ_CHUNK: usize = 16 * 1024;
-
-/// Whether the field name `name` is `lower`, ignoring ASCII case. `lower` is spelled in lower
-/// case from `a-z`, `0-9` and `-`; `name` is a token (RFC 9110 §5.6.2: httparse refuses any
-/// other name). For a token byte `b`, `b | 0x20` equals such a byte exactly when `b` equals it
-/// ignoring case (no other token byte maps onto a letter, digit or `-`), so a name is compared
-/// eight bytes at a time instead of byte by byte (`u8::eq_ignore_ascii_case` cost ~35
-/// instructions a name).
-#[inline(always)]
-fn name_is(name: &[u8], lower: &'static str) -> bool {
-    const CASE8: u64 = u64::from_ne_bytes([0x20; 8]);
-    const CASE4: u32 = u32::from_ne_bytes([0x20; 4]);
-    let lower = lower.as_bytes();
-    let n = lower.len();
-    if name.len() != n {
-        return false;
-    }
-    let word8 = |s: &[u8], i: usize| u64::from_ne_bytes(s[i..i + 8].try_into().unwrap_or([0; 8]));
-    let word4 = |s: &[u8], i: usize| u32::from_ne_bytes(s[i..i + 4].try_into().unwrap_or([0; 4]));
-    match n {
-        // Two overlapping words cover 8 to 16 bytes; longer names take a third.
-        8.. => {
-            let mut i = 0;
-            while i + 8 < n - 8 {
-                if word8(name, i) | CASE8 != word8(lower, i) {
-                    return false;
-                }
-                i += 8;
-            }
-            word8(name, i) | CASE8 == word8(lower, i)
-                && word8(name, n - 8) | CASE8 == word8(lower, n - 8)
-        }
-        4.. => {
-            word4(name, 0) | CASE4 == word4(lower, 0)
-                && word4(name, n - 4) | CASE4 == word4(lower, n - 4)
-        }
-        _ => name.iter().zip(lower).all(|(a, b)| a | 0x20 == *b),
-    }
-}
 
 /// The service of one proxy listener: the fast path, and pingora-proxy for everything else.
 pub struct ListenerApp {
@@ -246,6 +208,8 @@ struct Conn {
     /// Upstream bytes read.
     ubuf: Vec<u8>,
     fields: Vec<Field>,
+    /// The upstream request's plan, reused across requests.
+    plan: Plan,
     client_ip: Option<std::net::IpAddr>,
     /// `client_ip` as `X-Forwarded-For` shows it (IPv4-mapped IPv6 as IPv4), formatted once.
     client_ip_text: Option<Vec<u8>>,
@@ -287,6 +251,7 @@ impl Conn {
             out: Vec::with_capacity(4 * 1024),
             ubuf: Vec::with_capacity(READ_CHUNK),
             fields: Vec::with_capacity(32),
+            plan: Plan::default(),
             client_ip,
             client_ip_text: client_ip.map(|ip| ip.to_canonical().to_string().into_bytes()),
             allowed: false,
@@ -475,6 +440,9 @@ pub fn own_work(
     let Parsed::Plain(req) = parse_request(&c.buf, &mut c.fields) else {
         return None;
     };
+    if !req.fast() {
+        return None;
+    }
     let limit = state.replay_body_limit.min(super::RETRY_BUFFER_LIMIT);
     let admitted = admit(table, state, c, &req, limit, started)?;
     let route = &state.routes[admitted.index];
@@ -503,7 +471,85 @@ pub fn own_work(
     Some((sent, c.out.len()))
 }
 
+/// The upstream request head the fast path's serialiser writes for `request` (a complete
+/// HTTP/1.1 head in origin-form, body not included) on `state.routes[index]`, for a client at
+/// `client_ip` and the access token `authorization`, whether or not the fast path would
+/// forward that request itself. For tests that hold both paths' serialisers side by side.
+///
+/// # Errors
+/// The policy's refusal of the head; `None` inside when the head is incomplete or not
+/// HTTP/1.1 in origin-form (pingora-proxy's path alone serves those).
+pub fn upstream_head(
+    state: &SharedState,
+    index: usize,
+    request: &[u8],
+    authorization: &HeaderValue,
+    scratch: &mut Scratch,
+) -> Result<Vec<u8>, Option<GatewayError>> {
+    let c = &mut scratch.0;
+    c.buf.clear();
+    c.buf.extend_from_slice(request);
+    let mut req = match parse_request(&c.buf, &mut c.fields) {
+        Parsed::Plain(req) => req,
+        Parsed::Refuse(e) => return Err(Some(e)),
+        Parsed::Partial | Parsed::Delegate => return Err(None),
+    };
+    // Only the body bytes given are copied.
+    let body_len = req.body_len.min(c.buf.len().saturating_sub(req.head_len));
+    req.body_len = body_len;
+    let request_id = RequestId::of(&c.buf, &req, state);
+    let ctx = RequestCtx {
+        state,
+        route: &state.routes[index],
+        index,
+        req: &req,
+        request_id: &request_id,
+        keepalive: !req.close,
+        started: Instant::now(),
+    };
+    write_upstream_request(c, &ctx, authorization);
+    let out = &c.out;
+    Ok(out[..out.len() - body_len].to_vec())
+}
+
 impl ListenerApp {
+    /// Refuses a request head no server may accept (or one over the limit) with the gateway's
+    /// error, after the client check (a client outside `allowed_clients` gets 403 whatever it
+    /// sent), counts and logs it; the connection is closed after it.
+    async fn refuse(
+        &self,
+        down: &mut Stream,
+        c: &mut Conn,
+        state: &SharedState,
+        err: GatewayError,
+    ) {
+        let started = Instant::now();
+        let err = if c.allowed {
+            err
+        } else {
+            GatewayError::ClientNotAllowed
+        };
+        if let Some(reason) = err.deny_reason() {
+            state.metrics.denied(reason);
+        }
+        let request_id = state.request_ids.next();
+        let response = ErrorResponse::new(&err, None, Some(&request_id), None);
+        response.write_h1(false, &mut c.out);
+        let _ = write_down(down, &c.out).await;
+        record_request(&RequestRecord {
+            route: None,
+            method: None,
+            path: "-",
+            status: response.status,
+            started,
+            generation: 0,
+            gateway_error: Some(err.code()),
+            error: None,
+            request_id: request_id.to_str().ok(),
+            authorization_len: 0,
+        });
+    }
+
     /// Serves requests on `down` until it closes or a request needs pingora.
     async fn serve(
         &self,
@@ -516,8 +562,12 @@ impl ListenerApp {
         loop {
             let req = loop {
                 match parse_request(&c.buf, &mut c.fields) {
-                    Parsed::Plain(req) => break req,
-                    Parsed::Delegate => return Outcome::Delegate,
+                    Parsed::Plain(req) if req.fast() => break req,
+                    Parsed::Plain(_) | Parsed::Delegate => return Outcome::Delegate,
+                    Parsed::Refuse(err) => {
+                        self.refuse(down, c, &current.state, err).await;
+                        return Outcome::Close;
+                    }
                     Parsed::Partial => {}
                 }
                 c.buf.reserve(4096);
@@ -604,7 +654,7 @@ impl ListenerApp {
             let path = target.split(|&b| b == b'?').next().unwrap_or(b"");
             record_request(&RequestRecord {
                 route: Some(route),
-                method: &req.method,
+                method: Some(&req.method),
                 path: std::str::from_utf8(path).unwrap_or("-"),
                 status,
                 started,
@@ -901,8 +951,8 @@ async fn write_down(down: &mut Stream, bytes: &[u8]) -> io::Result<()> {
     down.flush().await
 }
 
-/// Answers with a gateway error (SPEC "Proxy behaviour": JSON body, `tokengate-error`) and
-/// closes the connection, as pingora-proxy's `fail_to_proxy` does for [`Gateway`].
+/// Answers with a gateway error (JSON body, `tokengate-error`) and closes the connection, as
+/// pingora-proxy's `fail_to_proxy` does for [`Gateway`].
 async fn fail(
     down: &mut Stream,
     c: &mut Conn,
@@ -910,85 +960,15 @@ async fn fail(
     err: GatewayError,
     generation: u64,
 ) -> (Exchange, u64, Option<&'static str>) {
-    let body = err.body(Some(&ctx.route.name));
-    let status = err.status();
-    let out = &mut c.out;
-    out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.to_string().as_bytes());
-    out.push(b' ');
-    let reason = http::StatusCode::from_u16(status)
-        .ok()
-        .and_then(|s| s.canonical_reason())
-        .unwrap_or("");
-    out.extend_from_slice(reason.as_bytes());
-    out.extend_from_slice(b"\r\n");
     let request_id = ctx.request_id.to_header_value();
-    for (name, value) in error_response::fields(&err, body.len(), Some(&request_id)) {
-        push_field(out, name.as_str().as_bytes(), value.as_bytes());
-    }
-    let date = pingora::protocols::http::date::get_cached_date();
-    push_field(out, b"Date", date.as_bytes());
-    push_field(out, b"Connection", b"close");
-    out.extend_from_slice(b"\r\n");
-    // A response to HEAD has no content (RFC 9110 §9.3.2): the fields describe the GET's.
-    if ctx.req.method != Method::HEAD {
-        out.extend_from_slice(&body);
-    }
+    let response = ErrorResponse::new(&err, Some(&ctx.route.name), Some(&request_id), None);
+    response.write_h1(ctx.req.method == Method::HEAD, &mut c.out);
     let _ = write_down(down, &c.out).await;
-    (Exchange::Broken { status }, generation, Some(err.code()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::name_is;
-
-    /// The word-wise comparison agrees with `eq_ignore_ascii_case` for every name the fast path
-    /// looks for, against every token spelling of the same length: each byte position tried
-    /// with every token byte.
-    #[test]
-    fn name_is_matches_ignoring_case_only() {
-        const TCHAR: &[u8] = b"!#$%&'*+-.^_`|~0123456789\
-            abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
-        let names = [
-            "te",
-            "date",
-            "host",
-            "cookie",
-            "expect",
-            "upgrade",
-            "trailer",
-            "connection",
-            "keep-alive",
-            "x-request-id",
-            "authorization",
-            "content-length",
-            "http2-settings",
-            "x-forwarded-for",
-            "x-forwarded-host",
-            "proxy-connection",
-            "x-forwarded-proto",
-            "transfer-encoding",
-            "proxy-authenticate",
-            "proxy-authorization",
-            "a-twenty-five-byte-name-x",
-        ];
-        for lower in names {
-            assert!(name_is(lower.as_bytes(), lower));
-            assert!(name_is(lower.to_ascii_uppercase().as_bytes(), lower));
-            assert!(!name_is(&lower.as_bytes()[1..], lower));
-            for i in 0..lower.len() {
-                let mut name = lower.as_bytes().to_vec();
-                for &b in TCHAR {
-                    name[i] = b;
-                    assert_eq!(
-                        name_is(&name, lower),
-                        name.eq_ignore_ascii_case(lower.as_bytes()),
-                        "{:?} vs {lower}",
-                        String::from_utf8_lossy(&name)
-                    );
-                }
-            }
-        }
-    }
+    (
+        Exchange::Broken {
+            status: response.status,
+        },
+        generation,
+        Some(err.code()),
+    )
 }

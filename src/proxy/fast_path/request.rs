@@ -8,60 +8,43 @@ use std::ops::Range;
 use http::{HeaderValue, Method};
 
 use super::response::{offset_in, FieldWriter};
-use super::{name_is, parse_content_length, Conn, RequestCtx, MAX_FIELDS, MAX_HEAD};
-use crate::proxy::headers::{uri_bytes, valid_host};
-use crate::proxy::routes::Route;
-use crate::proxy::split_target_rewritten;
+use super::{Conn, RequestCtx, MAX_FIELDS, MAX_HEAD};
+use crate::proxy::policy::target::TargetForm;
+use crate::proxy::policy::{
+    self, uri_bytes, Action, FieldName, Fields, Forwarding, GatewayError, RequestFacts,
+    RequestScan, Upgrade,
+};
 
-/// What a request field is to the gateway.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(super) enum Kind {
-    Other,
-    Authorization,
-    /// Removed: `Proxy-Authorization`, `Keep-Alive`, `Proxy-Connection`, `Proxy-Authenticate`.
-    Drop,
-    Cookie,
-    Host,
-    XForwardedHost,
-    XForwardedProto,
-    XForwardedFor,
-    XRequestId,
-    Connection,
-    ContentLength,
-    /// A field the fast path does not handle: the request goes to pingora.
-    Unhandled,
-}
-
-/// One request field: byte ranges into `Conn::buf`.
+/// One request field: byte ranges into `Conn::buf`, and its class in the policy's table.
 #[derive(Clone, Debug)]
 pub(super) struct Field {
     pub(super) name: Range<usize>,
     pub(super) value: Range<usize>,
-    pub(super) kind: Kind,
+    pub(super) class: FieldName,
 }
 
-pub(super) fn classify(name: &[u8]) -> Kind {
-    let is = |s: &'static str| name_is(name, s);
-    match name.len() {
-        2 if is("te") => Kind::Unhandled,
-        4 if is("host") => Kind::Host,
-        6 if is("cookie") => Kind::Cookie,
-        6 if is("expect") => Kind::Unhandled,
-        7 if is("upgrade") || is("trailer") => Kind::Unhandled,
-        10 if is("connection") => Kind::Connection,
-        10 if is("keep-alive") => Kind::Drop,
-        12 if is("x-request-id") => Kind::XRequestId,
-        13 if is("authorization") => Kind::Authorization,
-        14 if is("content-length") => Kind::ContentLength,
-        14 if is("http2-settings") => Kind::Unhandled,
-        15 if is("x-forwarded-for") => Kind::XForwardedFor,
-        16 if is("x-forwarded-host") => Kind::XForwardedHost,
-        16 if is("proxy-connection") => Kind::Drop,
-        17 if is("x-forwarded-proto") => Kind::XForwardedProto,
-        17 if is("transfer-encoding") => Kind::Unhandled,
-        18 if is("proxy-authenticate") => Kind::Drop,
-        19 if is("proxy-authorization") => Kind::Drop,
-        _ => Kind::Other,
+/// The fields of the request in `buf`, as the policy reads them.
+pub(super) struct FieldsIn<'a> {
+    pub(super) buf: &'a [u8],
+    pub(super) fields: &'a [Field],
+}
+
+impl Fields for FieldsIn<'_> {
+    #[inline]
+    fn count(&self) -> usize {
+        self.fields.len()
+    }
+    #[inline]
+    fn name(&self, i: usize) -> &[u8] {
+        &self.buf[self.fields[i].name.clone()]
+    }
+    #[inline]
+    fn value(&self, i: usize) -> &[u8] {
+        &self.buf[self.fields[i].value.clone()]
+    }
+    #[inline]
+    fn class(&self, i: usize) -> FieldName {
+        self.fields[i].class
     }
 }
 
@@ -76,6 +59,8 @@ pub(super) struct Plain {
     pub(super) host: Range<usize>,
     pub(super) request_id: Option<Range<usize>>,
     pub(super) close: bool,
+    /// What the policy's scan found.
+    pub(super) facts: RequestFacts,
 }
 
 /// The result of looking at the buffered request.
@@ -86,89 +71,115 @@ pub(super) enum Parsed {
     Partial,
     /// Hand the connection to pingora.
     Delegate,
+    /// Answer with this gateway error and close: a head no server may accept (RFC 9112 §2.2,
+    /// §3, §5) or one over the limit (431). pingora-proxy's parser is more lenient (it accepts
+    /// two spaces in the request line, a space in the target) and would forward a different
+    /// request than the one a strict server sees.
+    Refuse(GatewayError),
 }
 
-/// Parses the head at the start of `buf` into `fields`; decides whether it is plain.
+impl Plain {
+    /// Whether the fast path forwards this request itself. It leaves to pingora-proxy bodies
+    /// it cannot hold whole (chunked), interim responses (`Expect`), upgrades, and fields a
+    /// `Connection` names or the hop-by-hop `TE`/`Trailer` (kept off the fast path so the
+    /// common request pays for no lookups). Either path sends the same upstream head.
+    pub(super) fn fast(&self) -> bool {
+        let f = &self.facts;
+        !(f.chunked || f.expect || f.upgrade != Upgrade::None || f.nominations > 0 || f.hop_by_hop)
+    }
+}
+
+/// Parses the head at the start of `buf` into `fields`: a complete HTTP/1.1 origin-form head
+/// the policy admits is [`Parsed::Plain`] (see [`Plain::fast`] for which of those the fast path
+/// forwards itself).
 pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
-    // Uninitialised: zeroing 128 fields (4 KiB) per request cost more than parsing them.
+    // Uninitialised: zeroing the field storage per request cost more than parsing it.
     let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
     let mut req = httparse::Request::new(&mut []);
     let head_len = match req.parse_with_uninit_headers(buf, &mut storage) {
         Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
         Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parsed::Partial,
-        _ => return Parsed::Delegate,
+        // A request line that does not end within the limit holds a target no upstream URI
+        // parser takes (pingora's `http` refuses targets past 65,534 bytes): 400 as pingora
+        // answered it.
+        Ok(_) if memchr::memchr(b'\n', &buf[..buf.len().min(MAX_HEAD)]).is_none() => {
+            return Parsed::Refuse(GatewayError::BadRequest("request line too long"))
+        }
+        Ok(_) | Err(httparse::Error::TooManyHeaders) => {
+            return Parsed::Refuse(GatewayError::HeaderTooLarge)
+        }
+        Err(e) => return Parsed::Refuse(GatewayError::BadRequest(parse_error(e))),
     };
-    let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return Parsed::Refuse(GatewayError::BadRequest("incomplete request line"));
+    };
+    if !policy::target::request_line_ok(buf) {
+        return Parsed::Refuse(GatewayError::BadRequest("malformed request line"));
+    }
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Parsed::Refuse(GatewayError::BadRequest("invalid method"));
+    };
+    if version != 1 {
+        // HTTP/1.0: pingora-proxy's path (no keep-alive by default, no chunked responses).
         return Parsed::Delegate;
-    };
+    }
+    match policy::target::target_form(&method, target.as_bytes()) {
+        Some(TargetForm::Origin) => {}
+        Some(_) => return Parsed::Delegate,
+        None => {
+            return Parsed::Refuse(GatewayError::BadRequest(
+                "request-target not allowed for the method",
+            ))
+        }
+    }
     let Some(path_len) = accepted_path_len(target) else {
         return Parsed::Delegate;
     };
-    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
-        return Parsed::Delegate;
-    };
-    if method == Method::CONNECT {
-        return Parsed::Delegate;
-    }
     let offset = |s: &[u8]| offset_in(buf, s);
     fields.clear();
-    let mut host = None;
-    let mut request_id = None;
-    let mut body_len: Option<usize> = None;
-    let mut close = false;
-    for h in req.headers.iter() {
-        let kind = classify(h.name.as_bytes());
-        match kind {
-            Kind::Unhandled => return Parsed::Delegate,
-            Kind::Host => {
-                // The gateway's pingora path answers 400 to an invalid `Host` (RFC 9112 §3.2).
-                if host.is_some() || !valid_host(h.value) {
-                    return Parsed::Delegate;
-                }
-                host = Some(offset(h.value));
-            }
-            Kind::XRequestId if request_id.is_none() => request_id = Some(offset(h.value)),
-            Kind::ContentLength => {
-                let Some(n) = parse_content_length(h.value).and_then(|n| usize::try_from(n).ok())
-                else {
-                    return Parsed::Delegate;
-                };
-                if body_len.is_some_and(|m| m != n) {
-                    return Parsed::Delegate;
-                }
-                body_len = Some(n);
-            }
-            Kind::Connection => {
-                for token in h.value.split(|b| *b == b',').map(|t| t.trim_ascii()) {
-                    if token.eq_ignore_ascii_case(b"close") {
-                        close = true;
-                    } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
-                        // It names other fields as hop-by-hop: pingora removes those.
-                        return Parsed::Delegate;
-                    }
-                }
-            }
-            _ => {}
-        }
+    let mut scan = RequestScan::default();
+    for (i, h) in req.headers.iter().enumerate() {
+        let class = policy::classify(h.name.as_bytes());
+        scan.field(i, class, h.value);
         fields.push(Field {
             name: offset(h.name.as_bytes()),
             value: offset(h.value),
-            kind,
+            class,
         });
     }
-    let Some(host) = host else {
+    let Ok(facts) = scan.finish(http::Version::HTTP_11) else {
+        // Refused: pingora-proxy's path answers it, after the client check.
+        return Parsed::Delegate;
+    };
+    let (Some(host), Ok(body_len)) = (
+        facts.host,
+        usize::try_from(facts.content_length.unwrap_or(0)),
+    ) else {
         return Parsed::Delegate;
     };
     Parsed::Plain(Plain {
         head_len,
-        body_len: body_len.unwrap_or(0),
+        body_len,
         method,
         path_end: offset(target.as_bytes()).start + path_len,
         target: offset(target.as_bytes()),
-        host,
-        request_id,
-        close,
+        host: fields[host].value.clone(),
+        request_id: facts.request_id.map(|i| fields[i].value.clone()),
+        close: facts.close,
+        facts,
     })
+}
+
+/// What a parse error says of the head, for the 400's message.
+fn parse_error(e: httparse::Error) -> &'static str {
+    match e {
+        httparse::Error::HeaderName => "invalid field name",
+        httparse::Error::HeaderValue => "invalid field value",
+        httparse::Error::NewLine => "invalid line ending",
+        httparse::Error::Status | httparse::Error::Token => "malformed request line",
+        httparse::Error::Version => "invalid HTTP version",
+        httparse::Error::TooManyHeaders => "too many fields",
+    }
 }
 
 /// Bytes of an origin-form target every `http::uri::PathAndQuery` accepts unchecked, in the
@@ -203,12 +214,9 @@ fn accepted_path_len(target: &str) -> Option<usize> {
 /// Longest request-target `http::uri::PathAndQuery` accepts.
 const MAX_TARGET: usize = u16::MAX as usize - 1;
 
-/// Writes the upstream request head for `ctx.req` into `c.out`, then its body:
-/// the same message pingora-proxy sends after [`Gateway`]'s `upstream_request_filter`
-/// (credentials stripped, one `Authorization: Bearer`, `Host`, `X-Forwarded-*`, `X-Request-Id`,
-/// hop-by-hop fields removed, the client's field order kept, the client's spelling of every
-/// field the gateway does not set, the gateway's fields in their usual spelling in the place of
-/// the client's first one of that name or appended in the same order).
+/// Writes the upstream request head for `ctx.req` into `c.out`, then its body: the policy's
+/// plan ([`policy::plan_request`]) serialised, the client's field lines copied as they came
+/// where the plan keeps them.
 pub(super) fn write_upstream_request(
     c: &mut Conn,
     ctx: &RequestCtx<'_>,
@@ -219,128 +227,58 @@ pub(super) fn write_upstream_request(
         buf,
         fields,
         client_ip_text,
+        plan,
         ..
     } = c;
-    let client_ip = client_ip_text.as_deref();
-    let (req, route, request_id) = (ctx.req, ctx.route, ctx.request_id);
+    let req = ctx.req;
+    let view = FieldsIn { buf, fields };
+    let fw = Forwarding {
+        route: ctx.route,
+        client_ip: client_ip_text.as_deref(),
+        authorization: authorization.as_bytes(),
+        request_id: ctx.request_id.as_bytes(),
+    };
+    let target = &buf[req.target.clone()];
+    policy::plan_request(&view, &req.facts, TargetForm::Origin, target, &fw, plan);
     out.clear();
     out.extend_from_slice(req.method.as_str().as_bytes());
     out.push(b' ');
-    let target = &buf[req.target.clone()];
-    let query = (req.path_end < req.target.end).then(|| &buf[req.path_end + 1..req.target.end]);
-    match split_target_rewritten(&buf[req.target.start..req.path_end], query, route) {
-        Some(t) => out.extend_from_slice(&t),
-        None => out.extend_from_slice(target),
-    }
+    out.extend_from_slice(plan.target.as_deref().unwrap_or(target));
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    // Every `X-Forwarded-For` field the client sent (`prior`), in order, as one list (RFC 9110
-    // §5.3), then this client's address: the nearest hop last.
-    let xff = |out: &mut Vec<u8>, prior: bool| {
-        out.extend_from_slice(b"X-Forwarded-For: ");
-        for f in fields
-            .iter()
-            .filter(|f| prior && f.kind == Kind::XForwardedFor)
-        {
-            out.extend_from_slice(&buf[f.value.clone()]);
-            out.extend_from_slice(b", ");
-        }
-        out.extend_from_slice(client_ip.unwrap_or_default());
-        out.extend_from_slice(b"\r\n");
-    };
-    let (mut authorization_done, mut xfh_done, mut xfp_done, mut xff_done, mut id_done) =
-        (false, false, false, false, false);
-    let mut length_done = false;
     let mut w = FieldWriter::new(out, buf);
-    for f in fields.iter() {
-        match f.kind {
-            Kind::Authorization => {
-                if !authorization_done {
-                    w.push(b"Authorization", authorization.as_bytes());
-                    authorization_done = true;
-                }
+    for (f, action) in fields.iter().zip(&plan.actions) {
+        match *action {
+            Action::Keep => w.keep(f.name.clone(), f.value.clone()),
+            Action::Drop => {}
+            Action::Put(set) => {
+                let out = w.out();
+                out.extend_from_slice(set.name().as_bytes());
+                out.extend_from_slice(b": ");
+                policy::write_value(set, &view, &req.facts, &fw, out);
+                out.extend_from_slice(b"\r\n");
             }
-            Kind::Drop | Kind::Connection => {}
-            Kind::Cookie if !route.forward_cookies => {}
-            Kind::Host => w.push(b"Host", route.host_header.as_bytes()),
-            Kind::XForwardedHost => {
-                if !xfh_done {
-                    w.push(b"X-Forwarded-Host", &buf[req.host.clone()]);
-                    xfh_done = true;
-                }
-            }
-            Kind::XForwardedProto => {
-                if !xfp_done {
-                    w.push(b"X-Forwarded-Proto", b"http");
-                    xfp_done = true;
-                }
-            }
-            // Among the route's `strip_headers`, the client's are dropped and ours alone goes
-            // last, where pingora-proxy's path puts it.
-            Kind::XForwardedFor if is_stripped(b"x-forwarded-for", route) => {}
-            Kind::XForwardedFor => {
-                if client_ip.is_none() {
-                    w.keep(f.name.clone(), f.value.clone());
-                } else if !xff_done {
-                    xff(w.out(), true);
-                    xff_done = true;
-                }
-            }
-            Kind::XRequestId => {
-                if !id_done {
-                    w.push(b"X-Request-Id", request_id.as_bytes());
-                    id_done = true;
-                }
-            }
-            // Repeated `Content-Length` fields agree (`parse_request`): one is sent (RFC 9110
-            // §8.6), as pingora-proxy's path does.
-            Kind::ContentLength => {
-                if !length_done {
-                    w.keep(f.name.clone(), f.value.clone());
-                    length_done = true;
-                }
-            }
-            Kind::Other if is_stripped(&buf[f.name.clone()], route) => {}
-            _ => w.keep(f.name.clone(), f.value.clone()),
         }
-    }
-    if !authorization_done {
-        w.push(b"Authorization", authorization.as_bytes());
-    }
-    if !xfh_done {
-        w.push(b"X-Forwarded-Host", &buf[req.host.clone()]);
-    }
-    if !xfp_done {
-        w.push(b"X-Forwarded-Proto", b"http");
-    }
-    if !xff_done && client_ip.is_some() {
-        // The client sent none, or they were stripped.
-        xff(w.out(), false);
-    }
-    if !id_done {
-        w.push(b"X-Request-Id", request_id.as_bytes());
     }
     let out = w.out();
+    for set in plan.added() {
+        out.extend_from_slice(set.name().as_bytes());
+        out.extend_from_slice(b": ");
+        policy::write_value(set, &view, &req.facts, &fw, out);
+        out.extend_from_slice(b"\r\n");
+    }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(&buf[req.head_len..req.head_len + req.body_len]);
-}
-
-/// Whether `name` is one of the route's `strip_headers`.
-#[inline]
-pub(super) fn is_stripped(name: &[u8], route: &Route) -> bool {
-    route
-        .strip_headers
-        .iter()
-        .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::policy::valid_host;
 
     fn plain(raw: &[u8]) -> Option<(Plain, Vec<Field>)> {
         let mut fields = Vec::new();
         match parse_request(raw, &mut fields) {
-            Parsed::Plain(p) => Some((p, fields)),
+            Parsed::Plain(p) if p.fast() => Some((p, fields)),
             _ => None,
         }
     }

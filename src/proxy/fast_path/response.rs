@@ -4,9 +4,9 @@
 use std::mem::MaybeUninit;
 use std::ops::Range;
 
-use super::{
-    content_length_list, name_is, parse_content_length, MAX_RESPONSE_FIELDS, MAX_RESPONSE_HEAD,
-};
+use super::{MAX_RESPONSE_FIELDS, MAX_RESPONSE_HEAD};
+use crate::proxy::policy::response::{ResponseAction, ResponseFacts, ResponsePlanner};
+use crate::proxy::policy::{classify, FieldName, Fields};
 
 /// How the upstream response body is delimited (RFC 9112 §6.3).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -25,9 +25,35 @@ pub(super) struct ResponseHead {
     pub(super) upstream_close: bool,
 }
 
+/// The upstream response's fields as the policy reads them, classified once.
+struct ResponseFields<'h, 'b> {
+    headers: &'h [httparse::Header<'b>],
+    classes: &'h [FieldName],
+}
+
+impl Fields for ResponseFields<'_, '_> {
+    #[inline]
+    fn count(&self) -> usize {
+        self.headers.len()
+    }
+    #[inline]
+    fn name(&self, i: usize) -> &[u8] {
+        self.headers[i].name.as_bytes()
+    }
+    #[inline]
+    fn value(&self, i: usize) -> &[u8] {
+        self.headers[i].value
+    }
+    #[inline]
+    fn class(&self, i: usize) -> FieldName {
+        self.classes[i]
+    }
+}
+
 /// Parses the response head at the start of `ubuf` and writes the downstream head into `out`:
-/// `Connection` and `Keep-Alive` replaced by the gateway's own `Connection`, `X-Request-Id`
-/// set, `Date` added when missing (what pingora's HTTP/1 server does). `Ok(None)`: incomplete.
+/// each field as the policy's [`ResponsePlanner`] decides, then `Date` when missing (what
+/// pingora's HTTP/1 server does), the gateway's own `Connection` and the request's
+/// `X-Request-Id` when the upstream sent none. `Ok(None)`: incomplete.
 pub(super) fn parse_response(
     ubuf: &[u8],
     head_request: bool,
@@ -55,6 +81,20 @@ pub(super) fn parse_response(
     let status = resp.code.unwrap_or(0);
     let version = resp.version.unwrap_or(0);
     let informational = (100..200).contains(&status);
+    let headers: &[httparse::Header<'_>] = resp.headers;
+    let mut classes = [FieldName::Other; MAX_RESPONSE_FIELDS];
+    let mut facts = ResponseFacts::new(version);
+    for (h, class) in headers.iter().zip(classes.iter_mut()) {
+        *class = classify(h.name.as_bytes());
+        facts.observe(*class, h.value, version);
+    }
+    if let Some(error) = facts.error() {
+        return Err(error);
+    }
+    let fields = ResponseFields {
+        headers,
+        classes: &classes[..headers.len()],
+    };
 
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -67,39 +107,25 @@ pub(super) fn parse_response(
     ]);
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let status_line = out.len();
     // A head without obsolete line folding has one LF per field line, one after the status
     // line and one for the empty line; leading empty lines httparse skipped only add to the
     // count. One vectorised count instead of a search through every value.
-    let may_fold = count_lf(&ubuf[..head_len]) != resp.headers.len() + 2;
-    // One pass: each field classified, its facts noted and its line written. Only a
-    // `Transfer-Encoding` after a `Content-Length` already written makes a second pass (the
-    // length is then dropped, RFC 9112 §6.1).
-    let write = |out: &mut Vec<u8>, facts: &mut ResponseFacts| {
-        let fields: &[httparse::Header<'_>] = resp.headers;
-        write_response_fields(
-            out,
-            ubuf,
-            fields,
-            informational,
-            may_fold,
-            request_id,
-            facts,
-        )
-    };
-    let mut facts = ResponseFacts::new(version);
-    write(out, &mut facts);
-    if facts.content_length_written && facts.chunked.is_some() {
-        out.truncate(status_line);
-        // Known from the start this time, so every `Content-Length` is left out.
-        facts = ResponseFacts {
-            chunked: facts.chunked,
-            ..ResponseFacts::new(version)
-        };
-        write(out, &mut facts);
-    }
-    if let (None, Some(error)) = (facts.chunked, facts.length_error) {
-        return Err(error);
+    let may_fold = count_lf(&ubuf[..head_len]) != headers.len() + 2;
+    let mut planner = ResponsePlanner::new(&facts, informational);
+    let mut w = FieldWriter::new(out, ubuf);
+    for (i, h) in headers.iter().enumerate() {
+        let name = h.name.as_bytes();
+        match planner.action(fields.classes[i], name, &fields) {
+            ResponseAction::Drop => {}
+            ResponseAction::RequestId => w.push(b"X-Request-Id", request_id),
+            ResponseAction::ContentLength => {
+                w.push(name, facts.length.unwrap_or(0).to_string().as_bytes())
+            }
+            ResponseAction::Keep if may_fold && h.value.contains(&b'\n') => {
+                w.push(name, &unfold(h.value))
+            }
+            ResponseAction::Keep => w.keep(offset_in(ubuf, name), offset_in(ubuf, h.value)),
+        }
     }
     let framing = if head_request || informational || status == 204 || status == 304 {
         Framing::None
@@ -112,7 +138,6 @@ pub(super) fn parse_response(
         }
     };
     let keepalive = keepalive && framing != Framing::UntilClose;
-    let mut w = FieldWriter::new(out, ubuf);
     if !informational {
         if !facts.date {
             let now = pingora::protocols::http::date::get_cached_date();
@@ -121,136 +146,17 @@ pub(super) fn parse_response(
         let connection: &[u8] = if keepalive { b"keep-alive" } else { b"close" };
         w.push(b"Connection", connection);
     }
-    if !facts.id_done {
+    if planner.add_request_id() {
         w.push(b"X-Request-Id", request_id);
     }
     let out = w.out();
     out.extend_from_slice(b"\r\n");
-    let upstream_close = facts.upstream_close;
     Ok(Some(ResponseHead {
         head_len,
         status,
         framing,
-        upstream_close,
+        upstream_close: facts.upstream_close,
     }))
-}
-
-/// What the response head's fields say, gathered while they are written.
-struct ResponseFacts {
-    version: u8,
-    length: Option<u64>,
-    /// `Transfer-Encoding` seen: whether its last coding is `chunked`.
-    chunked: Option<bool>,
-    upstream_close: bool,
-    date: bool,
-    id_done: bool,
-    content_length_written: bool,
-    /// An invalid or conflicting `Content-Length`: an error unless the response is chunked.
-    length_error: Option<&'static str>,
-}
-
-impl ResponseFacts {
-    fn new(version: u8) -> Self {
-        ResponseFacts {
-            version,
-            length: None,
-            chunked: None,
-            // HTTP/1.0 closes unless it says keep-alive.
-            upstream_close: version == 0,
-            date: false,
-            id_done: false,
-            content_length_written: false,
-            length_error: None,
-        }
-    }
-}
-
-/// Writes the response's field lines for the client into `out` (`src` holds the upstream's
-/// head): `Keep-Alive` dropped, the first `X-Request-Id` replaced by `request_id` and later
-/// ones dropped, obs-folds unfolded; in a final head also `Connection` dropped, and
-/// `Content-Length` dropped once a `Transfer-Encoding` is known or repeated (a 1xx head keeps
-/// its `Connection` and its `Content-Length` fields as sent; pingora-proxy's path keeps
-/// `Connection` and collapses a length list: README "Not yet"). Notes the framing facts
-/// in `facts`; an invalid or conflicting `Content-Length` is noted in `facts.length_error`
-/// (RFC 9112 §6.3).
-fn write_response_fields(
-    out: &mut Vec<u8>,
-    src: &[u8],
-    headers: &[httparse::Header<'_>],
-    informational: bool,
-    may_fold: bool,
-    request_id: &[u8],
-    facts: &mut ResponseFacts,
-) {
-    let mut w = FieldWriter::new(out, src);
-    for h in headers {
-        let name = h.name.as_bytes();
-        match ResponseField::of(name) {
-            ResponseField::ContentLength => {
-                if !informational && facts.chunked.is_some() {
-                    // `Transfer-Encoding` overrides it, whatever it says: dropped (RFC 9112 §6.3).
-                    continue;
-                }
-                // A list of one number (`5, 5`) or a repeated field is that number, sent once
-                // (RFC 9110 §8.6); numbers that differ are an error (RFC 9112 §6.3) unless a
-                // `Transfer-Encoding` turns up, as pingora-proxy's path decides too.
-                let plain = parse_content_length(h.value);
-                let Some(n) = plain.or_else(|| content_length_list(h.value)) else {
-                    facts.length_error = Some("invalid Content-Length");
-                    continue;
-                };
-                if facts.length.is_some_and(|m| m != n) {
-                    facts.length_error = Some("conflicting Content-Length");
-                    continue;
-                }
-                let repeated = facts.length.is_some();
-                facts.length = Some(n);
-                if !informational {
-                    if repeated {
-                        continue;
-                    }
-                    facts.content_length_written = true;
-                    if plain.is_none() {
-                        w.push(name, n.to_string().as_bytes());
-                        continue;
-                    }
-                }
-            }
-            ResponseField::TransferEncoding => {
-                let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
-                facts.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            }
-            ResponseField::Connection => {
-                for token in h.value.split(|b| *b == b',').map(|t| t.trim_ascii()) {
-                    if token.eq_ignore_ascii_case(b"close") {
-                        facts.upstream_close = true;
-                    } else if facts.version == 0 && token.eq_ignore_ascii_case(b"keep-alive") {
-                        facts.upstream_close = false;
-                    }
-                }
-                if !informational {
-                    continue;
-                }
-            }
-            // Interim heads too, as pingora-proxy's `response_filter` runs for them.
-            ResponseField::KeepAlive => continue,
-            ResponseField::XRequestId => {
-                if !facts.id_done {
-                    w.push(b"X-Request-Id", request_id);
-                    facts.id_done = true;
-                }
-                continue;
-            }
-            ResponseField::Date => facts.date = true,
-            _ => {}
-        }
-        if may_fold && h.value.contains(&b'\n') {
-            w.push(name, &unfold(h.value));
-        } else {
-            w.keep(offset_in(src, name), offset_in(src, h.value));
-        }
-    }
-    w.out();
 }
 
 /// How many LF bytes `bytes` holds: counted in blocks of 255 into a byte-wide counter, which
@@ -292,36 +198,6 @@ fn unfold(value: &[u8]) -> Vec<u8> {
         }
     }
     out
-}
-
-/// What a response field is to the fast path.
-#[derive(Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-enum ResponseField {
-    ContentLength,
-    TransferEncoding,
-    Connection,
-    KeepAlive,
-    XRequestId,
-    Date,
-    Other,
-}
-
-impl ResponseField {
-    /// By length first: most names are compared with nothing.
-    #[inline]
-    fn of(name: &[u8]) -> Self {
-        let is = |s: &'static str| name_is(name, s);
-        match name.len() {
-            4 if is("date") => ResponseField::Date,
-            10 if is("connection") => ResponseField::Connection,
-            10 if is("keep-alive") => ResponseField::KeepAlive,
-            12 if is("x-request-id") => ResponseField::XRequestId,
-            14 if is("content-length") => ResponseField::ContentLength,
-            17 if is("transfer-encoding") => ResponseField::TransferEncoding,
-            _ => ResponseField::Other,
-        }
-    }
 }
 
 /// Writes field lines into `out`: a field passed on unchanged and already spelled
@@ -420,6 +296,7 @@ pub(super) enum ChunkState {
     DataLf,
     TrailerStart,
     TrailerLine,
+    TrailerCr,
     FinalLf,
     Done,
 }
@@ -471,13 +348,13 @@ impl ChunkedEnd {
                 DataLf if b == b'\n' => Size,
                 DataCr | DataLf => return Err("malformed chunk end"),
                 TrailerStart if b == b'\r' => FinalLf,
-                TrailerStart | TrailerLine if b == b'\n' => {
-                    if self.state == TrailerStart {
-                        return Err("malformed trailer");
-                    }
-                    TrailerStart
-                }
+                // RFC 9112 §7.1.2, §2.2: a trailer line ends in CRLF; a bare LF, or a CR
+                // anywhere else, makes the body unreadable (pingora-proxy's path refuses it too).
+                TrailerStart | TrailerLine if b == b'\n' => return Err("malformed trailer"),
+                TrailerStart | TrailerLine if b == b'\r' => TrailerCr,
                 TrailerStart | TrailerLine => TrailerLine,
+                TrailerCr if b == b'\n' => TrailerStart,
+                TrailerCr => return Err("malformed trailer"),
                 FinalLf if b == b'\n' => Done,
                 FinalLf => return Err("malformed last chunk"),
                 Done => Done,

@@ -1,0 +1,337 @@
+//! The one table of field names the gateway acts on, for requests and responses alike, and the
+//! name comparison it is built on.
+//!
+//! Names are compared ignoring ASCII case (RFC 9110 §5.1) and with `_` and `-` taken as the same
+//! byte: CGI and WSGI servers turn both into `_` (RFC 3875 §4.1.18), so `X_Api_Key` reaches such
+//! a server as the very variable `X-Api-Key` sets. A spelling with `_` of a name the gateway acts
+//! on is [`FieldName::Underscored`] and never reaches the upstream: framing is decided by the
+//! exact names only, as every HTTP/1.1 parser frames messages.
+
+/// What a field name is to the gateway. One table for both proxy paths and both directions.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+#[repr(u8)]
+pub enum FieldName {
+    /// Any other name: forwarded unless the route strips it or `Connection` names it.
+    Other,
+    /// `Authorization`: an inbound credential, replaced by the gateway's (RFC 9110 §11.6.2).
+    Authorization,
+    /// `Proxy-Authorization`: an inbound credential (RFC 9110 §11.7.2).
+    ProxyAuthorization,
+    /// `Cookie`: an inbound credential unless the route forwards cookies (RFC 6265 §5.4).
+    Cookie,
+    /// `Proxy`: no such field exists; CGI servers read it as `HTTP_PROXY` ("httpoxy",
+    /// CVE-2016-5385), so it is always removed.
+    Proxy,
+    /// `Host`: the upstream's authority is sent instead (RFC 9110 §7.2).
+    Host,
+    /// `X-Forwarded-For`: the client's list with the client's address appended.
+    XForwardedFor,
+    /// `X-Forwarded-Host`: the client's `Host`.
+    XForwardedHost,
+    /// `X-Forwarded-Proto`: `http`.
+    XForwardedProto,
+    /// `X-Request-Id`: kept when usable, else generated; returned to the client.
+    XRequestId,
+    /// `Content-Length` (RFC 9110 §8.6).
+    ContentLength,
+    /// `Transfer-Encoding` (RFC 9112 §6.1).
+    TransferEncoding,
+    /// `Connection` (RFC 9110 §7.6.1): hop-by-hop, and names more hop-by-hop fields.
+    Connection,
+    /// `Keep-Alive`: hop-by-hop (RFC 9110 §7.6.1).
+    KeepAlive,
+    /// `Proxy-Connection`: hop-by-hop in practice (RFC 9110 §7.6.1).
+    ProxyConnection,
+    /// `Proxy-Authenticate`: hop-by-hop (RFC 9110 §11.7.1).
+    ProxyAuthenticate,
+    /// `TE`: hop-by-hop (RFC 9110 §10.1.4).
+    Te,
+    /// `Trailer`: hop-by-hop here (the gateway forwards no request trailers).
+    Trailer,
+    /// `Upgrade`: hop-by-hop except for a WebSocket upgrade (RFC 9110 §7.8).
+    Upgrade,
+    /// `HTTP2-Settings`: hop-by-hop (RFC 7540 §3.2.1).
+    Http2Settings,
+    /// `Expect` (RFC 9110 §10.1.1).
+    Expect,
+    /// `Date` (RFC 9110 §6.6.1): a response without one gets the gateway's.
+    Date,
+    /// A spelling with `_` of one of the names above (`Proxy_Authorization`, `X_Forwarded_For`,
+    /// `Content_Length`): removed from requests, passed on in responses.
+    Underscored,
+}
+
+impl FieldName {
+    /// The name in its usual spelling, for fields the gateway writes itself.
+    pub fn canonical(self) -> &'static str {
+        match self {
+            FieldName::Other | FieldName::Underscored => "",
+            FieldName::Authorization => "Authorization",
+            FieldName::ProxyAuthorization => "Proxy-Authorization",
+            FieldName::Cookie => "Cookie",
+            FieldName::Proxy => "Proxy",
+            FieldName::Host => "Host",
+            FieldName::XForwardedFor => "X-Forwarded-For",
+            FieldName::XForwardedHost => "X-Forwarded-Host",
+            FieldName::XForwardedProto => "X-Forwarded-Proto",
+            FieldName::XRequestId => "X-Request-Id",
+            FieldName::ContentLength => "Content-Length",
+            FieldName::TransferEncoding => "Transfer-Encoding",
+            FieldName::Connection => "Connection",
+            FieldName::KeepAlive => "Keep-Alive",
+            FieldName::ProxyConnection => "Proxy-Connection",
+            FieldName::ProxyAuthenticate => "Proxy-Authenticate",
+            FieldName::Te => "TE",
+            FieldName::Trailer => "Trailer",
+            FieldName::Upgrade => "Upgrade",
+            FieldName::Http2Settings => "HTTP2-Settings",
+            FieldName::Expect => "Expect",
+            FieldName::Date => "Date",
+        }
+    }
+
+    /// Whether the gateway sets this field on the upstream request itself (the client's values
+    /// never pass as they came).
+    pub fn gateway_set(self) -> bool {
+        matches!(
+            self,
+            FieldName::Authorization
+                | FieldName::Host
+                | FieldName::XForwardedFor
+                | FieldName::XForwardedHost
+                | FieldName::XForwardedProto
+                | FieldName::XRequestId
+        )
+    }
+
+    /// Whether a `Connection` field may not name this field: the gateway sets it, or it frames
+    /// the message (a proxy that removed it would forward a different message).
+    pub fn protected_from_connection(self) -> bool {
+        self.gateway_set()
+            || matches!(
+                self,
+                FieldName::ContentLength | FieldName::TransferEncoding | FieldName::Connection
+            )
+    }
+}
+
+/// The class of a field name: one comparison by length, then a word-wise compare of the few
+/// names of that length (see [`name_eq`]).
+#[inline]
+pub fn classify(name: &[u8]) -> FieldName {
+    let is = |s: &'static str| name_eq(name, s);
+    let class = match name.len() {
+        2 if is("te") => FieldName::Te,
+        4 if is("host") => FieldName::Host,
+        4 if is("date") => FieldName::Date,
+        5 if is("proxy") => FieldName::Proxy,
+        6 if is("cookie") => FieldName::Cookie,
+        6 if is("expect") => FieldName::Expect,
+        7 if is("upgrade") => FieldName::Upgrade,
+        7 if is("trailer") => FieldName::Trailer,
+        10 if is("connection") => FieldName::Connection,
+        10 if is("keep-alive") => FieldName::KeepAlive,
+        12 if is("x-request-id") => FieldName::XRequestId,
+        13 if is("authorization") => FieldName::Authorization,
+        14 if is("content-length") => FieldName::ContentLength,
+        14 if is("http2-settings") => FieldName::Http2Settings,
+        15 if is("x-forwarded-for") => FieldName::XForwardedFor,
+        16 if is("x-forwarded-host") => FieldName::XForwardedHost,
+        16 if is("proxy-connection") => FieldName::ProxyConnection,
+        17 if is("x-forwarded-proto") => FieldName::XForwardedProto,
+        17 if is("transfer-encoding") => FieldName::TransferEncoding,
+        18 if is("proxy-authenticate") => FieldName::ProxyAuthenticate,
+        19 if is("proxy-authorization") => FieldName::ProxyAuthorization,
+        _ => return FieldName::Other,
+    };
+    // Only names that matched pay for this look: with `_` they matched loosely.
+    if memchr::memchr(b'_', name).is_some() {
+        FieldName::Underscored
+    } else {
+        class
+    }
+}
+
+/// `0x20` in every byte: ORed into a token byte, it lower-cases a letter and leaves digits, `-`
+/// and every other token byte that could be mistaken for one of those as it is (RFC 9110
+/// §5.6.2); `_` becomes `0x7f`.
+const CASE8: u64 = u64::from_ne_bytes([0x20; 8]);
+const DEL8: u64 = u64::from_ne_bytes([0x7f; 8]);
+const LOW7: u64 = u64::from_ne_bytes([0x7f; 8]);
+const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+/// `0x7f - b'-'` in one byte.
+const UNDERSCORE_TO_DASH: u64 = 0x7f - b'-' as u64;
+
+/// Eight name bytes folded for comparison: ASCII letters lower-cased and `_` turned into `-`.
+/// Every other token byte keeps a value no lower-case name byte (`a-z`, `0-9`, `-`) has.
+#[inline(always)]
+fn fold8(word: u64) -> u64 {
+    let x = word | CASE8;
+    // Bytes of `x` equal to 0x7f (from `_`, since DEL is no token byte) are the zero bytes of
+    // `y`; this finds them exactly (no borrow crosses a byte: each sum is at most 0xfe).
+    let y = x ^ DEL8;
+    let zero = !(((y & LOW7) + LOW7) | y) & HIGH;
+    x - (zero >> 7) * UNDERSCORE_TO_DASH
+}
+
+/// Whether the field name `name` is `lower`, ignoring ASCII case and taking `_` for `-`.
+/// `lower` is spelled in lower case from `a-z`, `0-9` and `-`; `name` is a token (RFC 9110
+/// §5.6.2: every parser on either path refuses other names). Compared eight bytes at a time
+/// (byte-wise `eq_ignore_ascii_case` costs ~35 instructions a name).
+#[inline(always)]
+pub fn name_eq(name: &[u8], lower: &str) -> bool {
+    folded_eq(name, lower.as_bytes())
+}
+
+/// [`name_eq`] against a name already folded (lower case, `-`), as bytes.
+#[inline(always)]
+fn folded_eq(name: &[u8], lower: &[u8]) -> bool {
+    let n = lower.len();
+    if name.len() != n {
+        return false;
+    }
+    let word = |s: &[u8], i: usize| u64::from_ne_bytes(s[i..i + 8].try_into().unwrap_or([0; 8]));
+    if n >= 8 {
+        // Overlapping words cover every length from 8 on.
+        let mut i = 0;
+        while i + 8 < n {
+            if fold8(word(name, i)) != word(lower, i) {
+                return false;
+            }
+            i += 8;
+        }
+        return fold8(word(name, n - 8)) == word(lower, n - 8);
+    }
+    let mut a = [0u8; 8];
+    let mut b = [0u8; 8];
+    a[..n].copy_from_slice(name);
+    b[..n].copy_from_slice(lower);
+    // Zero padding folds to 0x20 in `a`: fold both sides alike.
+    fold8(u64::from_ne_bytes(a)) == fold8(u64::from_ne_bytes(b))
+}
+
+/// `name` folded byte by byte as [`name_eq`] folds a name: `0x20` ORed in, `_` as `-`. For
+/// names from the configuration (a route's `strip_headers`), folded once.
+pub fn fold_name(name: &str) -> Box<[u8]> {
+    name.bytes()
+        .map(|b| match b | 0x20 {
+            0x7f => b'-',
+            b => b,
+        })
+        .collect()
+}
+
+/// Whether two names are the same as [`name_eq`] compares them (for two names from a request:
+/// a field and a `Connection` option).
+pub fn names_match(a: &[u8], b: &[u8]) -> bool {
+    let fold = |c: u8| match c | 0x20 {
+        0x7f => b'-',
+        c => c,
+    };
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| fold(*x) == fold(*y))
+}
+
+/// Whether `name` is one of `folded` (names folded by [`fold_name`]).
+#[inline]
+pub fn among(name: &[u8], folded: &[Box<[u8]>]) -> bool {
+    folded.iter().any(|f| folded_eq(name, f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TCHAR: &[u8] = b"!#$%&'*+-.^_`|~0123456789\
+        abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+
+    fn loose_eq(a: &[u8], b: &[u8]) -> bool {
+        let f = |c: u8| {
+            if c == b'_' {
+                b'-'
+            } else {
+                c.to_ascii_lowercase()
+            }
+        };
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| f(*x) == f(*y))
+    }
+
+    /// The word-wise comparison agrees with a byte-wise one (case and `_`/`-` folded) for every
+    /// name in the table, against every token spelling of the same length: each byte position
+    /// tried with every token byte.
+    #[test]
+    fn name_eq_folds_case_and_underscore_only() {
+        let names = [
+            "te",
+            "date",
+            "host",
+            "proxy",
+            "cookie",
+            "expect",
+            "upgrade",
+            "trailer",
+            "connection",
+            "keep-alive",
+            "x-request-id",
+            "authorization",
+            "content-length",
+            "http2-settings",
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "proxy-connection",
+            "x-forwarded-proto",
+            "transfer-encoding",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "a-twenty-five-byte-name-x",
+        ];
+        for lower in names {
+            assert!(name_eq(lower.as_bytes(), lower));
+            assert!(name_eq(lower.to_ascii_uppercase().as_bytes(), lower));
+            assert!(name_eq(lower.replace('-', "_").as_bytes(), lower));
+            assert!(!name_eq(&lower.as_bytes()[1..], lower));
+            for i in 0..lower.len() {
+                let mut name = lower.as_bytes().to_vec();
+                for &b in TCHAR {
+                    name[i] = b;
+                    assert_eq!(
+                        name_eq(&name, lower),
+                        loose_eq(&name, lower.as_bytes()),
+                        "{:?} vs {lower}",
+                        String::from_utf8_lossy(&name)
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn underscore_spellings_are_their_own_class() {
+        assert_eq!(
+            classify(b"Proxy-Authorization"),
+            FieldName::ProxyAuthorization
+        );
+        assert_eq!(classify(b"Proxy_Authorization"), FieldName::Underscored);
+        assert_eq!(classify(b"X_Forwarded_For"), FieldName::Underscored);
+        assert_eq!(classify(b"content_length"), FieldName::Underscored);
+        assert_eq!(classify(b"PROXY"), FieldName::Proxy);
+        assert_eq!(classify(b"X_Custom"), FieldName::Other);
+        assert_eq!(classify(b"Accept"), FieldName::Other);
+    }
+
+    #[test]
+    fn configured_names_match_any_spelling() {
+        let strip = [fold_name("X-Api-Key"), fold_name("x_secret")];
+        for name in [
+            "x-api-key",
+            "X_Api_Key",
+            "X-API_KEY",
+            "X-Secret",
+            "x_SECRET",
+        ] {
+            assert!(among(name.as_bytes(), &strip), "{name}");
+        }
+        for name in ["X-Api-Keys", "X-Api", "Accept"] {
+            assert!(!among(name.as_bytes(), &strip), "{name}");
+        }
+    }
+}
