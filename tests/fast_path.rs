@@ -146,6 +146,30 @@ async fn a_stripped_x_forwarded_for_is_the_clients_address_only_on_both_paths() 
     rig.stop().await;
 }
 
+/// `strip_headers` wins over `forward_cookies` on both paths: a route that forwards cookies but
+/// strips `Cookie` sends none, whichever path carries the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stripped_cookie_is_not_forwarded_even_with_forward_cookies() {
+    let rig = Rig::start(|t, _, _| {
+        let t = proxy_support::route_setting(&t, "drillster", "forward_cookies = true");
+        proxy_support::route_setting(&t, "drillster", "strip_headers = [\"Cookie\"]")
+    })
+    .await;
+    let mut heads = Vec::new();
+    for connection in CLOSE_ON_EACH_PATH {
+        let request = format!(
+            "GET /drillster/cookie HTTP/1.1\r\nHost: gw\r\nCookie: sid=SECRET\r\nX-Request-Id: c-1\r\n{connection}\r\n"
+        );
+        let a = send(rig.gw.addr(), request.as_bytes()).await;
+        assert_eq!(a.status, 200, "{}", a.head);
+        let seen = rig.raw.last().expect("forwarded");
+        assert!(seen.header("cookie").is_none(), "{connection:?}");
+        heads.push(String::from_utf8_lossy(&seen.head).into_owned());
+    }
+    assert_eq!(heads[0], heads[1], "upstream heads differ");
+    rig.stop().await;
+}
+
 /// Three requests on one client connection: one upstream connection carries all three, each
 /// with its own token field and request id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
