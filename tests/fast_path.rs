@@ -6,14 +6,12 @@
 mod common;
 mod proxy_support;
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use proxy_support::{client_credentials_route, read_answer, send, Rig};
+use proxy_support::{read_answer, rig_with, send, Rig, Scripted};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// `Connection` field lines that send a request down each path: the fast path, then
 /// pingora-proxy (a field nominated by `Connection` is one only pingora-proxy removes).
@@ -225,93 +223,6 @@ async fn pipelined_requests_are_answered_in_order() {
     assert_eq!((seen[0].target.as_str(), seen[0].body_len), ("/p/1", 3));
     assert_eq!(seen[1].target, "/p/2");
     rig.stop().await;
-}
-
-/// A loopback HTTP/1.1 server answering every request with the next of `responses` (cycling),
-/// optionally closing each connection `close_after` its first response without saying so.
-struct Scripted {
-    addr: SocketAddr,
-    connections: Arc<AtomicU64>,
-    requests: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Scripted {
-    async fn start(responses: Vec<&'static [u8]>, close_after: Option<Duration>) -> Scripted {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let connections = Arc::new(AtomicU64::new(0));
-        let requests = Arc::new(AtomicU64::new(0));
-        let (c, r) = (connections.clone(), requests.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut s, _)) = listener.accept().await else {
-                    return;
-                };
-                c.fetch_add(1, Ordering::SeqCst);
-                let (r, responses) = (r.clone(), responses.clone());
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    loop {
-                        // One request: the head, then a Content-Length body.
-                        let end = loop {
-                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                                break i + 4;
-                            }
-                            let mut chunk = [0u8; 4096];
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        };
-                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                        let body: usize = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .and_then(|v| v.trim().parse().ok())
-                            .unwrap_or(0);
-                        while buf.len() < end + body {
-                            let mut chunk = [0u8; 4096];
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        }
-                        buf.drain(..end + body);
-                        let n = r.fetch_add(1, Ordering::SeqCst) as usize;
-                        if s.write_all(responses[n % responses.len()]).await.is_err() {
-                            return;
-                        }
-                        if let Some(d) = close_after {
-                            tokio::time::sleep(d).await;
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        Scripted {
-            addr,
-            connections,
-            requests,
-            task,
-        }
-    }
-}
-
-impl Drop for Scripted {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn rig_with(scripted: &Scripted) -> Rig {
-    let url = format!("http://{}", scripted.addr);
-    Rig::start(move |t, sandbox, _| {
-        let route = client_credentials_route(sandbox, "scripted", "/scripted", &url, "");
-        format!("{t}{route}")
-    })
-    .await
 }
 
 /// The upstream closes each connection shortly after answering, without `Connection: close`.

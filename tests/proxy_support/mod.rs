@@ -1,13 +1,15 @@
-//! Shared by the proxy-behaviour tests (issue 4): a sandbox whose API is the byte-exact
-//! [`RawApi`], a gateway in front of it, and raw-socket helpers with timeouts.
+//! Shared by the proxy-behaviour tests: a sandbox whose API is the byte-exact [`RawApi`], a
+//! gateway in front of it, a scripted upstream, and raw-socket helpers with timeouts.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokengate::sandbox::{keys, RawApi, Sandbox};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::common::{config_for, TestGateway};
 
@@ -316,4 +318,103 @@ pub fn rss_of(pid: u32) -> u64 {
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
+}
+
+/// A loopback HTTP/1.1 server answering every request with the next of `responses` (cycling),
+/// optionally closing each connection `close_after` its first response without saying so.
+pub struct Scripted {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicU64>,
+    pub requests: Arc<AtomicU64>,
+    /// The request heads received, in order.
+    heads: Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Scripted {
+    pub async fn start(responses: Vec<&'static [u8]>, close_after: Option<Duration>) -> Scripted {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicU64::new(0));
+        let requests = Arc::new(AtomicU64::new(0));
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, r, h) = (connections.clone(), requests.clone(), heads.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    return;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let (r, h, responses) = (r.clone(), h.clone(), responses.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        // One request: the head, then a Content-Length body.
+                        let end = loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            let mut chunk = [0u8; 4096];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        let raw_head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        h.lock().unwrap_or_else(|e| e.into_inner()).push(raw_head);
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let body: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        while buf.len() < end + body {
+                            let mut chunk = [0u8; 4096];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.drain(..end + body);
+                        let n = r.fetch_add(1, Ordering::SeqCst) as usize;
+                        if s.write_all(responses[n % responses.len()]).await.is_err() {
+                            return;
+                        }
+                        if let Some(d) = close_after {
+                            tokio::time::sleep(d).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Scripted {
+            addr,
+            connections,
+            requests,
+            heads,
+            task,
+        }
+    }
+
+    /// The request heads received so far, in order.
+    pub fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Drop for Scripted {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A [`Rig`] with one more route, `/scripted`, to `scripted`.
+pub async fn rig_with(scripted: &Scripted) -> Rig {
+    let url = format!("http://{}", scripted.addr);
+    Rig::start(move |t, sandbox, _| {
+        let route = client_credentials_route(sandbox, "scripted", "/scripted", &url, "");
+        format!("{t}{route}")
+    })
+    .await
 }

@@ -533,7 +533,9 @@ impl ListenerApp {
             state.metrics.denied(reason);
         }
         let request_id = state.request_ids.next();
-        let response = ErrorResponse::new(&err, None, Some(&request_id), None);
+        // A CONNECT: no route is known, so the methods a route takes by default.
+        let allow = HeaderValue::from_static(Route::DEFAULT_ALLOW);
+        let response = ErrorResponse::new(&err, None, Some(&request_id), Some(&allow));
         response.write_h1(false, &mut c.out);
         let _ = write_down(down, &c.out).await;
         record_request(&RequestRecord {

@@ -119,22 +119,14 @@ pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
         return Parsed::Refuse(GatewayError::BadRequest("invalid method"));
     };
-    if version != 1 {
-        // HTTP/1.0: pingora-proxy's path (no keep-alive by default, no chunked responses).
-        return Parsed::Delegate;
-    }
-    match policy::target::target_form(&method, target.as_bytes()) {
-        Some(TargetForm::Origin) => {}
-        Some(_) => return Parsed::Delegate,
-        None => {
-            return Parsed::Refuse(GatewayError::BadRequest(
-                "request-target not allowed for the method",
-            ))
-        }
-    }
-    let Some(path_len) = accepted_path_len(target) else {
-        return Parsed::Delegate;
+    let form = match policy::target_form(&method, target.as_bytes()) {
+        Ok(form) => form,
+        Err(e) => return Parsed::Refuse(e),
     };
+    if form == TargetForm::Authority {
+        // CONNECT: a tunnel, never proxied (RFC 9110 §9.3.6).
+        return Parsed::Refuse(GatewayError::MethodNotAllowed);
+    }
     let offset = |s: &[u8]| offset_in(buf, s);
     fields.clear();
     let mut scan = RequestScan::default();
@@ -147,8 +139,23 @@ pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
             class,
         });
     }
-    let Ok(facts) = scan.finish(http::Version::HTTP_11) else {
-        // Refused: pingora-proxy's path answers it, after the client check.
+    let http_version = if version == 1 {
+        http::Version::HTTP_11
+    } else {
+        http::Version::HTTP_10
+    };
+    // Refusals are answered here, before the paths split: pingora's parser would refuse some
+    // of these itself, with a bare answer.
+    let facts = match scan.finish(http_version) {
+        Ok(facts) => facts,
+        Err(e) => return Parsed::Refuse(e),
+    };
+    if version != 1 || form != TargetForm::Origin {
+        // HTTP/1.0 (no keep-alive by default, no chunked responses) and absolute-form or `*`
+        // targets: pingora-proxy's path, with the same policy.
+        return Parsed::Delegate;
+    }
+    let Some(path_len) = accepted_path_len(target) else {
         return Parsed::Delegate;
     };
     let (Some(host), Ok(body_len)) = (
