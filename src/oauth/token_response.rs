@@ -223,7 +223,7 @@ fn json_to_text(v: &Value) -> String {
 }
 
 /// The spellings of `secret` a token endpoint might echo back: as sent in a form (`+` or `%20`
-/// for a space), JSON-escaped (an `error` that is not a string is shown as JSON), and in
+/// for a space) or in Basic credentials (RFC 3986 percent-encoding), JSON-escaped (an `error` that is not a string is shown as JSON), and in
 /// base64 (standard or URL-safe, padded or not). Pass them to [`parse_token_response`] as
 /// `secrets`; percent- and HTML-escaped echoes are found by decoding the text ([`redact`]).
 pub fn echoed_forms(secret: &str) -> Vec<String> {
@@ -233,6 +233,7 @@ pub fn echoed_forms(secret: &str) -> Vec<String> {
     let (b64, b64url) = (STANDARD.encode(secret), URL_SAFE.encode(secret));
     vec![
         secret.to_string(),
+        super::client_credentials::percent_encode(secret),
         form.replace('+', "%20"),
         form,
         json.trim_matches('"').to_string(),
