@@ -1,15 +1,21 @@
 //! Authorization servers as widely used libraries build them, imitated by the sandbox's knobs:
 //! Basic credentials that form-decoding, percent-decoding-only and raw-comparing servers all
-//! read back (RFC 6749 §2.3.1, RFC 3986 §2.1, RFC 7617).
+//! read back (RFC 6749 §2.3.1, RFC 3986 §2.1, RFC 7617); token responses in any content coding
+//! (RFC 9110 §8.4), under any media type, or form-encoded; discovery errors that say what was
+//! tried (RFC 8414 §3).
 
 mod common;
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::StatusCode;
+use serde_json::Value;
 use tokengate::config::{AuthConfig, Config};
-use tokengate::oauth::TokenClient;
-use tokengate::sandbox::{basic_authorization, AuthServer, BasicDecoding, Echo, Sandbox};
+use tokengate::oauth::{FetchOutcome, TokenClient};
+use tokengate::sandbox::{
+    basic_authorization, keys, AuthServer, BasicDecoding, CannedResponse, ContentCoding, Echo,
+    ResponseFormat, Sandbox,
+};
 
 use common::{config_for, TestGateway};
 
@@ -58,6 +64,23 @@ async fn upstream_auth(gw: &TestGateway, path: &str) -> String {
     echo.header("authorization")
         .expect("authorization")
         .to_string()
+}
+
+/// `/status`'s `token` object of `route`.
+async fn token_status(gw: &TestGateway, route: &str) -> Value {
+    let v: Value = reqwest::get(format!("{}/status", gw.admin))
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("status JSON");
+    v["routes"]
+        .as_array()
+        .expect("routes")
+        .iter()
+        .find(|r| r["name"] == route)
+        .unwrap_or_else(|| panic!("no route {route} in {v}"))["token"]
+        .clone()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -162,4 +185,206 @@ async fn a_percent_decoding_server_gives_the_route_its_token() {
     assert_eq!(sandbox.driftrock.failures(), 0);
     gw.stop().await;
     sandbox.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token responses as servers send them
+
+/// Every content coding the server chooses (sent whatever `Accept-Encoding` says), every
+/// JSON-ish or text media type, and form-encoded bodies are read; so are refusals in any of
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_responses_in_any_coding_media_type_or_form_are_read() {
+    let server = AuthServer::driftrock()
+        .client("c 1", "s+1")
+        .start()
+        .await
+        .unwrap();
+    // Opaque tokens: the lifetime can only come from expires_in.
+    server.set_opaque_tokens(true);
+    let good = client(&server, "c 1", "s+1", "");
+    let codings = [
+        None,
+        Some(ContentCoding::Gzip),
+        Some(ContentCoding::Deflate),
+        Some(ContentCoding::Br),
+    ];
+    let json_types = [
+        None,
+        Some("application/json"),
+        Some("text/plain; charset=utf-8"),
+        Some("text/html"),
+        Some("text/javascript"),
+        Some("application/vnd.example.token+json; version=2"),
+        Some("application/x-json"),
+    ];
+    let form_types = [
+        None,
+        Some("application/x-www-form-urlencoded; charset=utf-8"),
+        Some("text/plain"),
+    ];
+    for coding in codings {
+        server.set_content_coding(coding);
+        for (format, types) in [
+            (ResponseFormat::Json, &json_types[..]),
+            (ResponseFormat::Form, &form_types[..]),
+        ] {
+            server.set_response_format(format);
+            for content_type in types {
+                server.set_content_type(*content_type);
+                let token = good
+                    .fetch(SystemTime::now())
+                    .await
+                    .unwrap_or_else(|e| panic!("{coding:?} {format:?} {content_type:?}: {e}"));
+                assert!(
+                    server.registry().get(&token.value).is_some(),
+                    "the token as issued"
+                );
+                assert_eq!(token.lifetime, Duration::from_secs(3600), "expires_in read");
+                let sent = server.last_request().unwrap();
+                assert_eq!(sent.header("accept-encoding"), Some("gzip, deflate, br"));
+                assert_eq!(sent.header("accept"), Some("application/json"));
+            }
+        }
+        // A refusal in that coding is read too: its error, not "not JSON".
+        let wrong = client(&server, "c 1", "nope", "");
+        let e = wrong.fetch(SystemTime::now()).await.unwrap_err();
+        assert_eq!(e.outcome, FetchOutcome::OAuthError, "{coding:?}: {e}");
+        assert!(e.message.contains("invalid_client"), "{e}");
+    }
+    // The server codes whatever was asked for.
+    server.set_content_coding(Some(ContentCoding::Gzip));
+    let r = reqwest::Client::new()
+        .post(server.token_endpoint())
+        .header("accept-encoding", "identity")
+        .header("authorization", "Basic Yzo=")
+        .form(&[("grant_type", "client_credentials")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-encoding"], "gzip");
+    server.set_content_coding(None);
+
+    // A form-encoded refusal.
+    server.faults().respond_with_next(
+        1,
+        CannedResponse::new(StatusCode::UNAUTHORIZED)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("error=invalid_client&error_description=Client+secret+deleted"),
+    );
+    let e = good.fetch(SystemTime::now()).await.unwrap_err();
+    assert_eq!(e.outcome, FetchOutcome::OAuthError);
+    assert!(
+        e.message
+            .contains("\"invalid_client\": Client secret deleted"),
+        "{e}"
+    );
+    // A coding tokengate does not know is named.
+    server.faults().respond_with_next(
+        1,
+        CannedResponse::json(StatusCode::OK, "{}").header("content-encoding", "zstd"),
+    );
+    let e = good.fetch(SystemTime::now()).await.unwrap_err();
+    assert_eq!(e.outcome, FetchOutcome::InvalidResponse);
+    assert!(e.message.contains("\"zstd\" is not supported"), "{e}");
+    server.shutdown().await.unwrap();
+}
+
+/// Through the gateway: a Drillster-like server answering form-encoded in Brotli and a
+/// Driftrock-like one answering JSON labelled `text/plain` in gzip both give tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_gateway_reads_coded_and_form_encoded_token_responses() {
+    let sandbox = Sandbox::start().await.unwrap();
+    sandbox
+        .drillster
+        .set_content_coding(Some(ContentCoding::Br));
+    sandbox.drillster.set_response_format(ResponseFormat::Form);
+    sandbox
+        .driftrock
+        .set_content_coding(Some(ContentCoding::Gzip));
+    sandbox.driftrock.set_content_type(Some("text/plain"));
+    let gw = TestGateway::start(config_for(&sandbox, |t| t)).await;
+    gw.ready().await;
+    for path in ["/drillster/api/2.1.1/user", "/driftrock/v2/event"] {
+        assert!(upstream_auth(&gw, path).await.starts_with("Bearer "));
+    }
+    let t = token_status(&gw, "drillster").await;
+    let left = t["expires_at"].as_f64().unwrap()
+        - SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+    assert!((3500.0..=3601.0).contains(&left), "expires_in read: {left}");
+    gw.stop().await;
+    sandbox.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Discovery (RFC 8414 §3, OpenID Connect Discovery 1.0 §4)
+
+/// A failed discovery names each metadata URL tried and why it failed: not found, not JSON,
+/// an `issuer` mismatch (both values), a timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_errors_name_every_url_and_why() {
+    let server = AuthServer::drillster().start().await.unwrap();
+    let issuer = server.issuer();
+    let rfc8414 = format!("{issuer}/.well-known/oauth-authorization-server");
+    let oidc = format!("{issuer}/.well-known/openid-configuration");
+    let discover = |extra: &str| {
+        let auth = format!(
+            "grant = \"jwt_bearer\"\nissuer = \"{issuer}\"\nclient_id = \"{}\"\n\
+             client_secret = \"{}\"\nkey_file = {}\n{extra}",
+            keys::DRILLSTER_CLIENT_ID,
+            keys::DRILLSTER_CLIENT_SECRET,
+            toml_str(&common::demo_key_path().display().to_string()),
+        );
+        let client = client_for(&auth);
+        async move { client.fetch(SystemTime::now()).await.unwrap_err() }
+    };
+
+    server.discovery_faults().respond_with_sequence([
+        CannedResponse::json(StatusCode::NOT_FOUND, r#"{"error":"not_found"}"#),
+        CannedResponse::html(StatusCode::OK, "<html>login</html>"),
+    ]);
+    let e = discover("").await;
+    assert_eq!(
+        e.message,
+        format!(
+            "discovery found no usable metadata for issuer {issuer}; tried {rfc8414}: not \
+             found (HTTP 404); {oidc}: not JSON"
+        )
+    );
+
+    server.serve_metadata(false, true);
+    server.set_metadata_issuer(tokengate::sandbox::JsonField::string("https://as.example"));
+    let e = discover("").await;
+    assert_eq!(
+        e.message,
+        format!(
+            "discovery found no usable metadata for issuer {issuer}; tried {rfc8414}: not \
+             found (HTTP 404); {oidc}: issuer \"https://as.example\" does not match the \
+             configured issuer \"{issuer}\" (RFC 8414 §3.3)"
+        )
+    );
+    assert_eq!(e.outcome, FetchOutcome::InvalidResponse);
+
+    server.discovery_faults().set_hang(true);
+    let started = Instant::now();
+    let e = discover("token_timeout = \"1s\"").await;
+    let took = started.elapsed();
+    // Half the time each; the second gets what the first left (a timer may fire late).
+    let expected = format!(
+        "discovery found no usable metadata for issuer {issuer}; tried {rfc8414}: timed out \
+         after 500ms; {oidc}: timed out after "
+    );
+    assert!(e.message.starts_with(&expected), "{}", e.message);
+    let second: u64 = e.message[expected.len()..]
+        .strip_suffix("ms")
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("{}", e.message));
+    assert!((400..=500).contains(&second), "{}", e.message);
+    assert_eq!(e.outcome, FetchOutcome::NetworkError);
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    assert_eq!(server.requests(), 0, "no token request");
+    server.shutdown().await.unwrap();
 }

@@ -24,6 +24,7 @@ use super::keys;
 use super::recent::Recent;
 use super::registry::{ceil_secs, unix_now, TokenRegistry, TokenRequest};
 use super::server::{self, Bound, Handler, HttpServer, Reply, Resp};
+use super::token_format::{self, ContentCoding, ResponseFormat};
 use super::SandboxError;
 
 /// `grant_type` of the JWT bearer grant (RFC 7523 §2.1).
@@ -345,6 +346,8 @@ impl AuthServerBuilder {
                 serve_oauth_metadata: true,
                 serve_openid_configuration: true,
                 metadata_issuer: JsonField::Normal,
+                response_format: ResponseFormat::Json,
+                content_coding: None,
             }),
             last_token: Mutex::new(None),
             discovery_paths: Mutex::new(Vec::new()),
@@ -527,6 +530,19 @@ impl AuthServer {
         self.state.settings().content_type = content_type.map(str::to_owned);
     }
 
+    /// The body format of successful token responses from now on (default
+    /// [`ResponseFormat::Json`]); [`set_content_type`](Self::set_content_type) still overrides
+    /// the `Content-Type`.
+    pub fn set_response_format(&self, format: ResponseFormat) {
+        self.state.settings().response_format = format;
+    }
+
+    /// From now on every answer of the token endpoint (tokens and refusals) is sent in `coding`
+    /// whatever the request's `Accept-Encoding` says; `None` sends them unencoded (default).
+    pub fn set_content_coding(&self, coding: Option<ContentCoding>) {
+        self.state.settings().content_coding = coding;
+    }
+
     /// The next `n` successful token requests are answered with the most recently issued access
     /// token again (with `expires_in` = its remaining lifetime) instead of a new one, as servers
     /// that cache tokens per client do — even when that token has been revoked since. Requests
@@ -588,6 +604,8 @@ struct Settings {
     serve_oauth_metadata: bool,
     serve_openid_configuration: bool,
     metadata_issuer: JsonField,
+    response_format: ResponseFormat,
+    content_coding: Option<ContentCoding>,
 }
 
 struct AuthState {
@@ -801,16 +819,21 @@ impl AuthState {
                 "request body unreadable or larger than 1 MiB",
             )),
         };
-        match result {
+        let response = match result {
             Ok(response) => {
                 self.successes.fetch_add(1, Ordering::SeqCst);
-                Reply::Respond(response)
+                response
             }
             Err(e) => {
                 tracing::debug!(server = %self.name, error = %e, "sandbox token request refused");
                 self.failures.fetch_add(1, Ordering::SeqCst);
-                Reply::Respond(e.into_response(&self.name))
+                e.into_response(&self.name)
             }
+        };
+        let coding = self.settings().content_coding;
+        match coding {
+            Some(coding) => Reply::Respond(token_format::encode_response(response, coding).await),
+            None => Reply::Respond(response),
         }
     }
 
@@ -894,6 +917,24 @@ impl AuthState {
                 (token, ceil_secs(settings.token_lifetime))
             }
         };
+        if settings.response_format == ResponseFormat::Form {
+            let body = token_format::form_body(
+                &token,
+                &settings.token_type,
+                &settings.expires_in,
+                lifetime_secs,
+                scope,
+            );
+            let mut response = token_format::form_response(body);
+            if let Some(value) = settings
+                .content_type
+                .as_deref()
+                .and_then(|ct| HeaderValue::from_str(ct).ok())
+            {
+                response.headers_mut().insert(CONTENT_TYPE, value);
+            }
+            return Ok(no_cache(response));
+        }
         let mut body = format!("{{\"access_token\":{}", Value::String(token));
         match &settings.token_type {
             JsonField::Normal => body.push_str(",\"token_type\":\"Bearer\""),
