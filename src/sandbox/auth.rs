@@ -198,9 +198,11 @@ impl AuthServerBuilder {
         }
     }
 
-    /// Registers a client application. May be called repeatedly; if it is never called the
-    /// vendor's sandbox client is registered ([`keys::DRILLSTER_CLIENT_ID`] /
-    /// [`keys::DRIFTROCK_CLIENT_ID`] with their secrets).
+    /// Registers a client application. May be called repeatedly; the same id twice registers a
+    /// second live secret (Drillster: Registering your client application, "Multiple client
+    /// secrets may be used at the same time"). If it is never called the vendor's sandbox client
+    /// is registered ([`keys::DRILLSTER_CLIENT_ID`] / [`keys::DRIFTROCK_CLIENT_ID`] with their
+    /// secrets).
     pub fn client(mut self, id: impl Into<String>, secret: impl Into<String>) -> Self {
         self.clients.push((id.into(), secret.into()));
         self
@@ -309,13 +311,16 @@ impl AuthServerBuilder {
                 },
             );
         }
-        let mut clients: HashMap<String, String> = self.clients.into_iter().collect();
+        let mut clients: HashMap<String, Vec<String>> = HashMap::new();
+        for (id, secret) in self.clients {
+            clients.entry(id).or_default().push(secret);
+        }
         if clients.is_empty() {
             let (id, secret) = match vendor {
                 Vendor::Drillster => (keys::DRILLSTER_CLIENT_ID, keys::DRILLSTER_CLIENT_SECRET),
                 Vendor::Driftrock => (keys::DRIFTROCK_CLIENT_ID, keys::DRIFTROCK_CLIENT_SECRET),
             };
-            clients.insert(id.to_owned(), secret.to_owned());
+            clients.insert(id.to_owned(), vec![secret.to_owned()]);
         }
 
         let bound = Bound::new(vendor.name()).await?;
@@ -325,8 +330,8 @@ impl AuthServerBuilder {
             name: self.name.unwrap_or_else(|| vendor.name().to_owned()),
             token_endpoint: format!("{base_url}{}", vendor.token_path()),
             base_url,
-            clients,
-            keys,
+            clients: Mutex::new(clients),
+            keys: Mutex::new(keys),
             clock_skew: self.clock_skew,
             max_assertion_lifetime: self.max_assertion_lifetime,
             allow_basic: self.allow_basic,
@@ -444,6 +449,52 @@ impl AuthServer {
     /// The registry the issued tokens are recorded in.
     pub fn registry(&self) -> &TokenRegistry {
         &self.state.registry
+    }
+
+    /// Adds a live secret for client `id` (registering the client if it is new); the client's
+    /// other secrets stay live (Drillster: Registering your client application).
+    pub fn add_client_secret(&self, id: &str, secret: &str) {
+        let mut clients = self
+            .state
+            .clients
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        clients
+            .entry(id.to_owned())
+            .or_default()
+            .push(secret.to_owned());
+    }
+
+    /// Deletes one secret of client `id`: from now on it is refused (`invalid_client`), while
+    /// the access tokens already issued stay valid (Drillster: Registering your client
+    /// application, "Deleting a client secret will make it unavailable immediately"). Returns
+    /// whether it was live.
+    pub fn delete_client_secret(&self, id: &str, secret: &str) -> bool {
+        let mut clients = self
+            .state
+            .clients
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match clients.get_mut(id) {
+            Some(live) => {
+                let before = live.len();
+                live.retain(|s| s != secret);
+                live.len() != before
+            }
+            None => false,
+        }
+    }
+
+    /// Deletes the service-account key registered under `kid`: assertions it signs are refused
+    /// from now on (`invalid_grant`, "unknown kid"); tokens already issued stay valid. Returns
+    /// whether it was registered.
+    pub fn delete_key(&self, kid: &str) -> bool {
+        let mut keys = self
+            .state
+            .keys
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        keys.remove(kid).is_some()
     }
 
     /// Fault knobs of the token endpoint.
@@ -613,8 +664,9 @@ struct AuthState {
     name: String,
     base_url: String,
     token_endpoint: String,
-    clients: HashMap<String, String>,
-    keys: HashMap<String, RegisteredKey>,
+    /// Client id → its live secrets.
+    clients: Mutex<HashMap<String, Vec<String>>>,
+    keys: Mutex<HashMap<String, RegisteredKey>>,
     clock_skew: Duration,
     max_assertion_lifetime: Duration,
     allow_basic: bool,
@@ -1018,9 +1070,10 @@ impl AuthState {
                 (Some(id), Some(secret)) => (id.to_owned(), secret.to_owned()),
             },
         };
-        match self.clients.get(&id) {
+        let clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        match clients.get(&id) {
             None => Err(OAuthError::invalid_client("unknown client")),
-            Some(expected) if *expected != secret => {
+            Some(live) if !live.contains(&secret) => {
                 Err(OAuthError::invalid_client("bad client secret"))
             }
             Some(_) => Ok(id),
@@ -1039,8 +1092,11 @@ impl AuthState {
             skew,
             max_lifetime: self.max_assertion_lifetime.as_secs_f64(),
         };
-        let verified = jwt_bearer::verify(assertion, &self.keys, &self.token_endpoint, rules)
-            .map_err(|r| OAuthError::invalid_grant(&r))?;
+        let verified = {
+            let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+            jwt_bearer::verify(assertion, &keys, &self.token_endpoint, rules)
+        }
+        .map_err(|r| OAuthError::invalid_grant(&r))?;
         if let Some(jti) = verified.jti {
             let mut used = self.used_jti.lock().unwrap_or_else(PoisonError::into_inner);
             // An expired assertion is refused on exp anyway, so its jti need not be kept.
