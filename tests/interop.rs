@@ -2,10 +2,13 @@
 //! Basic credentials that form-decoding, percent-decoding-only and raw-comparing servers all
 //! read back (RFC 6749 §2.3.1, RFC 3986 §2.1, RFC 7617); token responses in any content coding
 //! (RFC 9110 §8.4), under any media type, or form-encoded; discovery errors that say what was
-//! tried (RFC 8414 §3).
+//! tried (RFC 8414 §3); and credentials deleted at the server while the gateway runs
+//! (Drillster: Registering your client application).
 
 mod common;
 
+use std::io;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use http::StatusCode;
@@ -16,6 +19,7 @@ use tokengate::sandbox::{
     basic_authorization, keys, AuthServer, BasicDecoding, CannedResponse, ContentCoding, Echo,
     ResponseFormat, Sandbox,
 };
+use tracing_subscriber::fmt::MakeWriter;
 
 use common::{config_for, TestGateway};
 
@@ -81,6 +85,54 @@ async fn token_status(gw: &TestGateway, route: &str) -> Value {
         .find(|r| r["name"] == route)
         .unwrap_or_else(|| panic!("no route {route} in {v}"))["token"]
         .clone()
+}
+
+/// Every log line of this test binary (a process-wide subscriber, installed once).
+fn captured_logs() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("warn,tokengate=info"))
+            .with_writer(Capture(Arc::clone(&logs)))
+            .with_ansi(false)
+            .try_init()
+            .expect("the only subscriber in this binary");
+        logs
+    })
+}
+
+fn log_lines() -> Vec<String> {
+    let logs = captured_logs().lock().unwrap_or_else(|p| p.into_inner());
+    String::from_utf8_lossy(&logs)
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[derive(Clone)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for Capture {
+    type Writer = Capture;
+
+    fn make_writer(&'a self) -> Capture {
+        self.clone()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -387,4 +439,109 @@ async fn discovery_errors_name_every_url_and_why() {
     assert!(took < Duration::from_millis(1500), "{took:?}");
     assert_eq!(server.requests(), 0, "no token request");
     server.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Credentials deleted under a running gateway
+
+/// The authorization server deletes the route's client secret (Driftrock-like: `invalid_client`)
+/// or its service-account key (Drillster-like: `invalid_grant`, unknown kid) while the gateway
+/// holds a valid token. The token keeps serving until its expiry; each failed renewal is one
+/// warn line with the server's error, at backoff pace (no tight loop); `/status` shows it. Then
+/// requests get 503 `token_unavailable`, never a request without a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleted_credentials_keep_the_token_until_expiry_and_back_off() {
+    captured_logs();
+    // 8 s opaque tokens (their lifetime is expires_in, exactly) renewed at half their life,
+    // jittered: the first renewal fails at 3.6–4 s; the token stays usable until 6 s (a margin
+    // of a quarter of its life, as for short tokens).
+    let sandbox = Sandbox::builder()
+        .token_lifetime(Duration::from_secs(8))
+        .start()
+        .await
+        .unwrap();
+    sandbox.driftrock.set_opaque_tokens(true);
+    sandbox.drillster.set_opaque_tokens(true);
+    let config = config_for(&sandbox, |t| {
+        t.replacen("name = \"driftrock\"", "name = \"deleted-secret\"", 1)
+            .replacen("name = \"drillster\"", "name = \"deleted-key\"", 1)
+            .replace("[routes.auth]\n", "[routes.auth]\nrefresh_ratio = 0.5\n")
+    });
+    let gw = TestGateway::start(config).await;
+    gw.ready().await;
+    let obtained = Instant::now();
+    let paths = [
+        ("deleted-secret", "/driftrock/v2/x", &sandbox.driftrock),
+        ("deleted-key", "/drillster/api/x", &sandbox.drillster),
+    ];
+    let mut first = Vec::new();
+    for (_, path, _) in &paths {
+        first.push(upstream_auth(&gw, path).await);
+    }
+    assert!(sandbox
+        .driftrock
+        .delete_client_secret(keys::DRIFTROCK_CLIENT_ID, keys::DRIFTROCK_CLIENT_SECRET));
+    assert!(sandbox.drillster.delete_key(keys::DEMO_KEY_ID));
+
+    // Served with the same token until shortly before 6 s.
+    while obtained.elapsed() < Duration::from_millis(5600) {
+        for ((_, path, _), auth) in paths.iter().zip(&first) {
+            assert_eq!(&upstream_auth(&gw, path).await, auth, "{path}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        sandbox.driftrock.failures() >= 1 && sandbox.drillster.failures() >= 1,
+        "renewal was tried"
+    );
+    // Past its usable life: 503, nothing forwarded.
+    tokio::time::sleep(Duration::from_millis(6200).saturating_sub(obtained.elapsed())).await;
+    let api_requests = sandbox.api.requests();
+    for (_, path, _) in &paths {
+        let r = reqwest::get(gw.url(path)).await.unwrap();
+        assert_eq!(r.status(), 503, "{path}");
+        assert_eq!(r.headers()["tokengate-error"], "token_unavailable");
+    }
+    assert_eq!(sandbox.api.requests(), api_requests);
+    tokio::time::sleep(Duration::from_millis(9000).saturating_sub(obtained.elapsed())).await;
+
+    let lines = log_lines();
+    for ((route, _, server), (error, description)) in paths.iter().zip([
+        ("invalid_client", "bad client secret"),
+        ("invalid_grant", "unknown kid"),
+    ]) {
+        let t = token_status(&gw, route).await;
+        let failures = server.failures();
+        // Renewals from 3.6–4 s, then after 0.5–1 s, 1–2 s, 2–4 s: 3 or 4 by 9 s.
+        assert!((3..=4).contains(&failures), "{route}: {failures} refusals");
+        assert!(
+            t["consecutive_failures"].as_u64().unwrap() >= failures - 1,
+            "{route}: {t}"
+        );
+        let last_error = t["last_error"].as_str().unwrap();
+        assert!(
+            last_error.contains(error) && last_error.contains(description),
+            "{route}: {last_error}"
+        );
+        assert!(!t["usable"].as_bool().unwrap(), "{t}");
+        let warned: Vec<&String> = lines
+            .iter()
+            .filter(|l| {
+                l.contains("token request failed") && l.contains(&format!("route={route} "))
+            })
+            .collect();
+        // One line per refused request (the one in flight may not be logged yet).
+        let now_failures = server.failures();
+        assert!(
+            warned.len() as u64 == now_failures || warned.len() as u64 + 1 == now_failures,
+            "{route}: {} lines for {now_failures} refusals",
+            warned.len()
+        );
+        for line in warned {
+            assert!(line.contains(" WARN ") && line.contains(error), "{line}");
+            assert!(!line.contains(keys::DRIFTROCK_CLIENT_SECRET), "{line}");
+        }
+    }
+    gw.stop().await;
+    sandbox.shutdown().await.unwrap();
 }
