@@ -320,10 +320,9 @@ pub enum ReloadError {
     /// The new config cannot be built (an upstream that does not resolve, a bad `ca_file`).
     #[error("{0}")]
     Build(#[from] StartError),
-    /// A route with new credentials or token settings could not obtain a token with them
-    /// (SPEC "Reload"): one entry per such route, `routes[i] (name): <the token request's
-    /// error>` (status, the authorization server's `error` and `error_description`; never a
-    /// secret).
+    /// A route with new credentials or token settings could not obtain a token with them:
+    /// one entry per such route, `routes[i] (name): <the token request's error>` (status, the
+    /// authorization server's `error` and `error_description`; never a secret).
     #[error("{}", .0.join("; "))]
     TokenRefused(Vec<String>),
 }

@@ -24,7 +24,7 @@ use tracing_subscriber::fmt::MakeWriter;
 use common::{config_for, TestGateway};
 
 // ---------------------------------------------------------------------------------------------
-// helpers
+// building blocks
 
 /// `value` as a TOML string.
 fn toml_str(value: &str) -> String {

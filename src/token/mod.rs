@@ -504,9 +504,9 @@ impl TokenSource {
 
     /// One token request with this source's settings (its fetcher's timeouts), outside the
     /// refresher, for a source that does not serve yet: a config reload checks new credentials
-    /// this way before it swaps them in (SPEC "Reload"). Counted in the token request metrics;
-    /// nothing is published and the source's status is left alone, so a refused request leaves
-    /// no trace but the error it returns.
+    /// this way before it swaps them in. Counted in the token request metrics; nothing is
+    /// published and the source's status is left alone, so a refused request leaves no trace
+    /// but the error it returns.
     ///
     /// # Errors
     /// The fetch's [`FetchError`] (status, the server's `error`/`error_description`, never a
