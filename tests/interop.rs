@@ -452,11 +452,11 @@ async fn discovery_errors_name_every_url_and_why() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deleted_credentials_keep_the_token_until_expiry_and_back_off() {
     captured_logs();
-    // 8 s opaque tokens (their lifetime is expires_in, exactly) renewed at half their life,
-    // jittered: the first renewal fails at 3.6–4 s; the token stays usable until 6 s (a margin
-    // of a quarter of its life, as for short tokens).
+    // 10 s opaque tokens (their lifetime is expires_in, exactly) renewed at 30 % of their
+    // life, jittered: the first renewal fails at 2.7–3 s; the token stays usable until 6.5 s (a
+    // margin of (1 − 0.3) / 2 of its life, as for short tokens).
     let sandbox = Sandbox::builder()
-        .token_lifetime(Duration::from_secs(8))
+        .token_lifetime(Duration::from_secs(10))
         .start()
         .await
         .unwrap();
@@ -465,11 +465,20 @@ async fn deleted_credentials_keep_the_token_until_expiry_and_back_off() {
     let config = config_for(&sandbox, |t| {
         t.replacen("name = \"driftrock\"", "name = \"deleted-secret\"", 1)
             .replacen("name = \"drillster\"", "name = \"deleted-key\"", 1)
-            .replace("[routes.auth]\n", "[routes.auth]\nrefresh_ratio = 0.5\n")
+            .replace("[routes.auth]\n", "[routes.auth]\nrefresh_ratio = 0.3\n")
     });
     let gw = TestGateway::start(config).await;
     gw.ready().await;
-    let obtained = Instant::now();
+    // When the first token requests arrived (the gateway may take a while to come up after).
+    let obtained = [&sandbox.driftrock, &sandbox.drillster]
+        .iter()
+        .map(|s| s.last_request().expect("token request").received)
+        .min()
+        .unwrap();
+    assert_eq!(
+        (sandbox.driftrock.requests(), sandbox.drillster.requests()),
+        (1, 1)
+    );
     let paths = [
         ("deleted-secret", "/driftrock/v2/x", &sandbox.driftrock),
         ("deleted-key", "/drillster/api/x", &sandbox.drillster),
@@ -483,8 +492,8 @@ async fn deleted_credentials_keep_the_token_until_expiry_and_back_off() {
         .delete_client_secret(keys::DRIFTROCK_CLIENT_ID, keys::DRIFTROCK_CLIENT_SECRET));
     assert!(sandbox.drillster.delete_key(keys::DEMO_KEY_ID));
 
-    // Served with the same token until shortly before 6 s.
-    while obtained.elapsed() < Duration::from_millis(5600) {
+    // Served with the same token while renewals fail, until well before 6.5 s.
+    while obtained.elapsed() < Duration::from_millis(5000) {
         for ((_, path, _), auth) in paths.iter().zip(&first) {
             assert_eq!(&upstream_auth(&gw, path).await, auth, "{path}");
         }
@@ -495,7 +504,7 @@ async fn deleted_credentials_keep_the_token_until_expiry_and_back_off() {
         "renewal was tried"
     );
     // Past its usable life: 503, nothing forwarded.
-    tokio::time::sleep(Duration::from_millis(6200).saturating_sub(obtained.elapsed())).await;
+    tokio::time::sleep(Duration::from_millis(7000).saturating_sub(obtained.elapsed())).await;
     let api_requests = sandbox.api.requests();
     for (_, path, _) in &paths {
         let r = reqwest::get(gw.url(path)).await.unwrap();
@@ -503,7 +512,7 @@ async fn deleted_credentials_keep_the_token_until_expiry_and_back_off() {
         assert_eq!(r.headers()["tokengate-error"], "token_unavailable");
     }
     assert_eq!(sandbox.api.requests(), api_requests);
-    tokio::time::sleep(Duration::from_millis(9000).saturating_sub(obtained.elapsed())).await;
+    tokio::time::sleep(Duration::from_millis(8000).saturating_sub(obtained.elapsed())).await;
 
     let lines = log_lines();
     for ((route, _, server), (error, description)) in paths.iter().zip([
@@ -512,7 +521,7 @@ async fn deleted_credentials_keep_the_token_until_expiry_and_back_off() {
     ]) {
         let t = token_status(&gw, route).await;
         let failures = server.failures();
-        // Renewals from 3.6–4 s, then after 0.5–1 s, 1–2 s, 2–4 s: 3 or 4 by 9 s.
+        // Renewals from 2.7–3 s, then after 0.5–1 s, 1–2 s, 2–4 s: 3 or 4 by 8 s.
         assert!((3..=4).contains(&failures), "{route}: {failures} refusals");
         assert!(
             t["consecutive_failures"].as_u64().unwrap() >= failures - 1,
