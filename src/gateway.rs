@@ -470,9 +470,7 @@ impl Reloader {
         }
         Ok(summary)
     }
-}
 
-impl Reloader {
     /// Obtains a token for each of the new sources `fresh` (route index, source), all at once
     /// on the token runtime, and waits for them. Returns each route index with its first token.
     ///
