@@ -27,7 +27,7 @@ use crate::oauth::TokenClient;
 use crate::proxy::fast_path::ListenerApp;
 use crate::proxy::routes::{normalise_prefix, Route, RouteTable};
 use crate::proxy::{Live, SharedState};
-use crate::token::{lock, RenewalPolicy, TokenSource};
+use crate::token::{lock, FirstToken, RenewalPolicy, TokenSource};
 
 /// Why the gateway could not start (exit code 1).
 #[derive(Debug, thiserror::Error)]
@@ -320,6 +320,11 @@ pub enum ReloadError {
     /// The new config cannot be built (an upstream that does not resolve, a bad `ca_file`).
     #[error("{0}")]
     Build(#[from] StartError),
+    /// A route with new credentials or token settings could not obtain a token with them:
+    /// one entry per such route, `routes[i] (name): <the token request's error>` (status, the
+    /// authorization server's `error` and `error_description`; never a secret).
+    #[error("{}", .0.join("; "))]
+    TokenRefused(Vec<String>),
 }
 
 /// What a successful reload did.
@@ -336,9 +341,13 @@ pub struct ReloadSummary {
 /// Applies a new config to the running gateway (SIGHUP, SPEC "CLI"): re-reads the file, its
 /// secrets and key files, validates it like a start, and swaps the routes, token sources,
 /// allowlist and replay limit in at once. Requests already admitted finish with the config
-/// they were admitted with. A config that fails validation, cannot be built, or changes a key
-/// fixed at start ([`ReloadError::NeedsRestart`]) is rejected and the running one keeps
-/// serving. Counted in `tokengate_config_reloads_total{outcome}`.
+/// they were admitted with. Before the swap, every route that needs a new token source (new
+/// credentials, key, token endpoint or issuer, subject, audience, scope or other token
+/// settings; a new route) obtains a token with it, all at once, each within its route's
+/// timeouts; that token is the new source's first. A config that fails validation, cannot be
+/// built, changes a key fixed at start ([`ReloadError::NeedsRestart`]) or whose new
+/// credentials get no token ([`ReloadError::TokenRefused`]) is rejected, and the running one
+/// keeps serving with the tokens it holds. Counted in `tokengate_config_reloads_total{outcome}`.
 pub struct Reloader {
     live: Arc<Live>,
     metrics: Arc<Metrics>,
@@ -358,9 +367,11 @@ impl Reloader {
         lock(&self.running).config.clone()
     }
 
-    /// Reloads from the file the running config came from, and logs the outcome (never a
-    /// secret: config errors name keys, not values). Blocking: reads files and resolves
-    /// upstream hosts.
+    /// Reloads from the file the running config came from, and logs the outcome in one line
+    /// (never a secret: config errors name keys, not values; token errors are redacted).
+    /// Blocking: reads files, resolves upstream hosts and waits for the token requests of new
+    /// token sources, which run on the token runtime (so never call it on that runtime's
+    /// worker thread).
     ///
     /// # Errors
     /// [`ReloadError`]; the running config keeps serving.
@@ -388,16 +399,33 @@ impl Reloader {
         result
     }
 
-    /// Applies `config` (already validated) in place of the running one.
+    /// Applies `config` (already validated) in place of the running one. Blocking, like
+    /// [`Reloader::reload_from_file`].
     ///
     /// # Errors
-    /// [`ReloadError::NeedsRestart`] or [`ReloadError::Build`]; nothing changes then.
+    /// [`ReloadError::NeedsRestart`], [`ReloadError::Build`] or [`ReloadError::TokenRefused`];
+    /// nothing changes then.
     pub fn apply(&self, config: Config) -> Result<ReloadSummary, ReloadError> {
         let mut running = lock(&self.running);
         if let Some(key) = needs_restart(&running.config, &config) {
             return Err(ReloadError::NeedsRestart { key });
         }
         let (state, mut sources) = build_state(&config, &self.metrics, &running.sources)?;
+        let fresh: Vec<(usize, Arc<TokenSource>)> = sources
+            .iter()
+            .enumerate()
+            .filter(|(_, new)| {
+                !running
+                    .sources
+                    .iter()
+                    .any(|old| Arc::ptr_eq(&old.source, &new.source))
+            })
+            .map(|(i, new)| (i, Arc::clone(&new.source)))
+            .collect();
+        // New credentials obtain a token before anything changes; it is the source's first.
+        for (index, first) in self.verify_new_sources(&config, fresh)? {
+            sources[index].source.start_with(first);
+        }
         // A kept source keeps its refresher (a second one would double its token requests).
         for new in &mut sources {
             let mut old = running.sources.iter_mut();
@@ -441,6 +469,56 @@ impl Reloader {
             }
         }
         Ok(summary)
+    }
+
+    /// Obtains a token for each of the new sources `fresh` (route index, source), all at once
+    /// on the token runtime, and waits for them. Returns each route index with its first token.
+    ///
+    /// # Errors
+    /// [`ReloadError::TokenRefused`] naming every route whose token request failed.
+    fn verify_new_sources(
+        &self,
+        config: &Config,
+        fresh: Vec<(usize, Arc<TokenSource>)>,
+    ) -> Result<Vec<(usize, FirstToken)>, ReloadError> {
+        if fresh.is_empty() {
+            return Ok(Vec::new());
+        }
+        let count = fresh.len();
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.runtime.spawn(async move {
+            let tasks: Vec<_> = fresh
+                .into_iter()
+                .map(|(i, source)| (i, tokio::spawn(async move { source.verify().await })))
+                .collect();
+            for (i, task) in tasks {
+                let result = task
+                    .await
+                    .map_err(|e| format!("token request task failed: {e}"));
+                let _ = tx.send((i, result));
+            }
+        });
+        let mut firsts = Vec::with_capacity(count);
+        let mut refused = Vec::new();
+        for _ in 0..count {
+            let Ok((i, result)) = rx.recv() else {
+                refused.push("token runtime stopped".to_string());
+                break;
+            };
+            let name = config.routes.get(i).map_or("?", |r| r.name.as_str());
+            match result {
+                Ok(Ok(first)) => firsts.push((i, first)),
+                Ok(Err(e)) => refused.push(format!(
+                    "routes[{i}] ({name}): no token with the new settings: {e}"
+                )),
+                Err(e) => refused.push(format!("routes[{i}] ({name}): {e}")),
+            }
+        }
+        if refused.is_empty() {
+            Ok(firsts)
+        } else {
+            Err(ReloadError::TokenRefused(refused))
+        }
     }
 }
 

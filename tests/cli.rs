@@ -11,6 +11,7 @@ fn tokengate(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tokengate"))
         .args(args)
         .env_remove("TOKENGATE_TEST_UNSET_VAR")
+        .env("TOKENGATE_TEST_EMPTY_VAR", "")
         .output()
         .expect("run tokengate")
 }
@@ -116,6 +117,14 @@ fn check_rejects_bad_configs_naming_the_key() {
         &good.replace("not-a-real-secret", "${TOKENGATE_TEST_UNSET_VAR}"),
         "routes[0].auth.client_secret",
         "TOKENGATE_TEST_UNSET_VAR",
+    );
+    // Set but empty: refused the same way, naming the variable.
+    assert_rejected(
+        &dir,
+        "empty-var.toml",
+        &good.replace("not-a-real-secret", "${TOKENGATE_TEST_EMPTY_VAR}"),
+        "routes[0].auth.client_secret",
+        "environment variable TOKENGATE_TEST_EMPTY_VAR is set but empty",
     );
     assert_rejected(
         &dir,

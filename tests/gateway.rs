@@ -56,8 +56,9 @@ async fn both_grants_end_to_end() {
     assert!(exp > iat && exp - iat <= 3600);
     assert!(claims["jti"].as_str().is_some_and(|j| !j.is_empty()));
 
-    // Client credentials with an id and secret that need RFC 6749 §2.3.1 form-encoding; the
-    // Driftrock-like server form-decodes Basic credentials, so this only works when encoded.
+    // Client credentials with an id and secret that need RFC 6749 §2.3.1 encoding; the
+    // Driftrock-like server form-decodes Basic credentials, so this only works when encoded
+    // (every byte outside RFC 3986's unreserved set percent-encoded, a space as %20).
     let echo = get_echo(&gw, "/driftrock/v2/event").await;
     assert_eq!(echo.path, "/v2/event");
     assert_eq!(echo.subject.as_deref(), Some(keys::DRIFTROCK_CLIENT_ID));
@@ -67,9 +68,12 @@ async fn both_grants_end_to_end() {
     assert_eq!(
         req.header("authorization"),
         Some(
-            tokengate::sandbox::basic_authorization(
-                keys::DRIFTROCK_CLIENT_ID,
-                keys::DRIFTROCK_CLIENT_SECRET
+            format!(
+                "Basic {}",
+                base64::Engine::encode(
+                    &base64::engine::general_purpose::STANDARD,
+                    "dr%2Fclient%207:s3cr%2Bt%2F%2541%3Ay%3Dz"
+                )
             )
             .as_str()
         )

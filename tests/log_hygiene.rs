@@ -101,7 +101,15 @@ async fn item20_no_secret_token_key_or_assertion_in_any_log_line() {
         keys::DRIFTROCK_CLIENT_ID,
         keys::DRIFTROCK_CLIENT_SECRET,
     ));
+    secrets.insert(tokengate::oauth::client_credentials::basic_authorization(
+        keys::DRIFTROCK_CLIENT_ID,
+        &tokengate::config::Secret::new(keys::DRIFTROCK_CLIENT_SECRET),
+        tokengate::config::BasicEncoding::Form,
+    ));
     secrets.insert(form_encode(keys::DRIFTROCK_CLIENT_SECRET));
+    secrets.insert(tokengate::oauth::client_credentials::percent_encode(
+        keys::DRIFTROCK_CLIENT_SECRET,
+    ));
     secrets.insert(form_encode(keys::DRILLSTER_CLIENT_SECRET));
     secrets.insert("PRIVATE KEY-----".into());
     let tokens = secrets.iter().filter(|s| s.len() > 40).count();

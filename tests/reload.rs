@@ -5,15 +5,18 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{demo_key_path, free_addr, raw_request, TestGateway};
 use tokengate::config::Config;
 use tokengate::gateway::ReloadError;
-use tokengate::sandbox::Sandbox;
+use tokengate::sandbox::{AuthServer, Sandbox};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A scratch directory for one test's config file, removed on drop.
@@ -66,10 +69,14 @@ client_secret = "{client_secret}"
 }
 
 async fn start_from_file(path: &Path) -> TestGateway {
-    let config = Config::load(path).unwrap_or_else(|e| panic!("{e}"));
-    let gw = TestGateway::start(config).await;
+    let gw = start_from_file_unready(path).await;
     gw.ready().await;
     gw
+}
+
+async fn start_from_file_unready(path: &Path) -> TestGateway {
+    let config = Config::load(path).unwrap_or_else(|e| panic!("{e}"));
+    TestGateway::start(config).await
 }
 
 fn reload(gw: &TestGateway) -> Result<tokengate::gateway::ReloadSummary, ReloadError> {
@@ -215,37 +222,49 @@ async fn a_reload_adds_a_route_keeps_unchanged_tokens_and_reaches_open_connectio
     gw.stop().await;
 }
 
+/// A route's new credentials get a new token source, verified before the swap; the source it
+/// replaces stops retrying and no longer sets the route's gauges; a removed route is gone.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_changed_secret_gets_a_new_token_source_and_a_removed_route_is_gone() {
+async fn changed_credentials_get_a_new_token_source_and_a_removed_route_is_gone() {
     let sandbox = Sandbox::start().await.unwrap();
+    // `echo` starts against a second server that refuses every token request.
+    let refusing = AuthServer::driftrock().start().await.unwrap();
+    refusing
+        .faults()
+        .fail_with(http::StatusCode::INTERNAL_SERVER_ERROR);
     let dir = Dir::new("secret");
     let (listen, admin) = (free_addr(), free_addr());
-    let good = echo_route(&sandbox, tokengate::sandbox::keys::DRIFTROCK_CLIENT_SECRET);
-    std::fs::write(dir.config(), config_text(&sandbox, listen, admin, &good)).unwrap();
-    let gw = start_from_file(&dir.config()).await;
-    assert_eq!(status_of(listen, "/echo/a").await, 200);
-
-    // A wrong secret for `echo`: a new source, whose token request the server refuses.
-    let wrong = echo_route(&sandbox, "not-the-secret");
-    std::fs::write(dir.config(), config_text(&sandbox, listen, admin, &wrong)).unwrap();
-    let summary = tokio::task::block_in_place(|| reload(&gw)).expect("reload applies");
-    assert_eq!((summary.sources_kept, summary.sources_new), (2, 1));
-    assert_eq!(status_of(listen, "/echo/a").await, 503);
-    assert_eq!(status_of(listen, "/driftrock/a").await, 200);
-
-    // The right secret back: a new source again. The one with the wrong secret stops retrying
-    // and no longer sets the route's gauges, so they follow the new source and stay at 0.
+    let secret = tokengate::sandbox::keys::DRIFTROCK_CLIENT_SECRET;
+    let failing = echo_route(&sandbox, secret).replace(
+        &sandbox.driftrock.token_endpoint(),
+        &refusing.token_endpoint(),
+    );
+    std::fs::write(dir.config(), config_text(&sandbox, listen, admin, &failing)).unwrap();
+    let gw = start_from_file_unready(&dir.config()).await;
     let failures = "tokengate_token_consecutive_failures{route=\"echo\"}";
-    assert!(metric(&gw.metrics().await, failures) >= 1.0);
+    eventually(
+        || async { metric(&gw.metrics().await, failures) >= 1.0 },
+        true,
+    )
+    .await;
+    assert_eq!(status_of(listen, "/echo/a").await, 503);
+
+    // The working token endpoint: a new source, with its token before the swap.
+    let good = echo_route(&sandbox, secret);
     std::fs::write(dir.config(), config_text(&sandbox, listen, admin, &good)).unwrap();
     let summary = tokio::task::block_in_place(|| reload(&gw)).expect("reload applies");
     assert_eq!((summary.sources_kept, summary.sources_new), (2, 1));
-    eventually(|| status_of(listen, "/echo/a"), 200).await;
-    let refused = sandbox.driftrock.failures();
+    assert_eq!(
+        status_of(listen, "/echo/a").await,
+        200,
+        "no wait for a token"
+    );
+    // The replaced source stops retrying and no longer sets the route's gauges.
+    let refused = refusing.requests();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(metric(&gw.metrics().await, failures), 0.0);
     assert_eq!(
-        sandbox.driftrock.failures(),
+        refusing.requests(),
         refused,
         "the replaced source kept retrying"
     );
@@ -264,6 +283,205 @@ async fn a_changed_secret_gets_a_new_token_source_and_a_removed_route_is_gone() 
     for gauge in [expiry, failures] {
         assert!(!m.lines().any(|l| l.starts_with(gauge)), "{gauge} stays");
     }
+    gw.stop().await;
+}
+
+/// Requests sent one after another on one kept-alive client while a reload runs.
+struct Load {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Served>,
+}
+
+/// What [`Load`] saw: answers, failures (status or error, path) and the distinct
+/// `Authorization` values the API received.
+#[derive(Default, Debug)]
+struct Served {
+    ok: u64,
+    failed: Vec<String>,
+    tokens: BTreeSet<String>,
+}
+
+impl Load {
+    fn start(listen: SocketAddr, paths: &'static [&'static str]) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let task = tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut served = Served::default();
+            while !flag.load(Ordering::Relaxed) {
+                for path in paths {
+                    match client.get(format!("http://{listen}{path}")).send().await {
+                        Ok(r) if r.status() == 200 => {
+                            let echo: tokengate::sandbox::Echo = r.json().await.unwrap();
+                            let auth = echo.header("authorization").unwrap_or_default();
+                            served.tokens.insert(auth.to_string());
+                            served.ok += 1;
+                        }
+                        Ok(r) => served.failed.push(format!("{path}: {}", r.status())),
+                        Err(e) => served.failed.push(format!("{path}: {e}")),
+                    }
+                }
+            }
+            served
+        });
+        Load { stop, task }
+    }
+
+    async fn finish(self) -> Served {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
+/// A reload whose new credentials get no token is rejected whole, whatever the reason (a
+/// wrong secret, a deleted key, an unreachable or mistyped token endpoint): the running
+/// routes keep serving with the tokens they hold, no request fails during or after it, and
+/// the error names the route and the authorization server's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_whose_new_credentials_get_no_token_is_rejected_and_nothing_fails() {
+    let sandbox = Sandbox::start().await.unwrap();
+    let dir = Dir::new("refused");
+    let (listen, admin) = (free_addr(), free_addr());
+    let text = config_text(&sandbox, listen, admin, "");
+    std::fs::write(dir.config(), &text).unwrap();
+    let gw = start_from_file(&dir.config()).await;
+    let load = Load::start(listen, &["/drillster/a", "/driftrock/b"]);
+    let requests = (sandbox.drillster.requests(), sandbox.driftrock.requests());
+
+    // A key file whose key the server does not have (deleted, or never uploaded).
+    let deleted_key = dir.0.join("deleted-key.json");
+    let key = serde_json::json!({
+        "type": "service_account_key",
+        "keyId": "0d1e7ed5e5e54f0b8c1a3c0b2f1e9d77",
+        "serviceAccountId": tokengate::sandbox::keys::DEMO_SERVICE_ACCOUNT_ID,
+        "privateKey": tokengate::sandbox::keys::OTHER_PRIVATE_PEM,
+    });
+    std::fs::write(&deleted_key, key.to_string()).unwrap();
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let driftrock_endpoint = sandbox.driftrock.token_endpoint();
+    let secret = tokengate::sandbox::keys::DRIFTROCK_CLIENT_SECRET;
+    let cases = [
+        (
+            "routes[1] (driftrock)",
+            text.replace(secret, "s3cr+t/%41:y=Z"),
+            "HTTP 401: token endpoint returned error \"invalid_client\": bad client secret",
+        ),
+        (
+            "routes[0] (drillster)",
+            text.replace(
+                &demo_key_path().display().to_string(),
+                &deleted_key.display().to_string(),
+            ),
+            "HTTP 400: token endpoint returned error \"invalid_grant\": unknown kid",
+        ),
+        (
+            "routes[1] (driftrock)",
+            text.replace(
+                &driftrock_endpoint,
+                &format!("http://{closed}/oauth2/token"),
+            ),
+            "token endpoint connect failed",
+        ),
+        (
+            "routes[1] (driftrock)",
+            text.replace(&driftrock_endpoint, &format!("{driftrock_endpoint}s")),
+            "HTTP 404",
+        ),
+    ];
+    for (i, (route, changed, reason)) in cases.iter().enumerate() {
+        std::fs::write(dir.config(), changed).unwrap();
+        let err = tokio::task::block_in_place(|| reload(&gw)).unwrap_err();
+        let shown = err.to_string();
+        assert!(matches!(err, ReloadError::TokenRefused(_)), "{shown}");
+        assert!(
+            shown.starts_with(&format!("{route}: no token with the new settings: "))
+                && shown.contains(reason),
+            "{shown}"
+        );
+        assert!(!shown.contains("s3cr+t"), "a secret in {shown}");
+        let m = gw.metrics().await;
+        let errors = metric(&m, "tokengate_config_reloads_total{outcome=\"error\"}");
+        assert_eq!(errors, (i + 1) as f64);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let served = load.finish().await;
+    assert!(served.failed.is_empty(), "{:?}", served.failed);
+    assert!(served.ok > 20, "{served:?}");
+    assert_eq!(served.tokens.len(), 2, "the tokens held before, throughout");
+    // One token request per verification that reached a token endpoint, none otherwise.
+    assert_eq!(
+        (sandbox.drillster.requests(), sandbox.driftrock.requests()),
+        (requests.0 + 1, requests.1 + 1)
+    );
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(&m, "tokengate_config_reloads_total{outcome=\"success\"}"),
+        0.0
+    );
+    gw.stop().await;
+}
+
+/// Rotating a client secret (Drillster: Registering your client application: several secrets
+/// may be live at once, deleting one is immediate): the new secret obtains the token the new
+/// source starts with, one token request in all, and no request fails during the reload or
+/// after the old secret is deleted at the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_secret_rotation_costs_one_token_request_and_no_failed_request() {
+    let sandbox = Sandbox::start().await.unwrap();
+    let dir = Dir::new("rotation");
+    let (listen, admin) = (free_addr(), free_addr());
+    let text = config_text(&sandbox, listen, admin, "");
+    std::fs::write(dir.config(), &text).unwrap();
+    let gw = start_from_file(&dir.config()).await;
+    let load = Load::start(listen, &["/driftrock/b"]);
+    let (id, old) = (
+        tokengate::sandbox::keys::DRIFTROCK_CLIENT_ID,
+        tokengate::sandbox::keys::DRIFTROCK_CLIENT_SECRET,
+    );
+    let new = "n3w s3cr+t/%42";
+    sandbox.driftrock.add_client_secret(id, new);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let requests = sandbox.driftrock.requests();
+    let waited = gw.waited_requests();
+
+    std::fs::write(dir.config(), text.replace(old, new)).unwrap();
+    let summary = tokio::task::block_in_place(|| reload(&gw)).expect("reload applies");
+    assert_eq!((summary.sources_kept, summary.sources_new), (1, 1));
+    assert_eq!(sandbox.driftrock.requests(), requests + 1);
+    let sent = sandbox.driftrock.last_request().unwrap();
+    let basic = tokengate::oauth::client_credentials::basic_authorization(
+        id,
+        &tokengate::config::Secret::new(new),
+        tokengate::config::BasicEncoding::Form,
+    );
+    assert_eq!(sent.header("authorization"), Some(basic.as_str()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(sandbox.driftrock.delete_client_secret(id, old));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let served = load.finish().await;
+    assert!(served.failed.is_empty(), "{:?}", served.failed);
+    assert_eq!(served.tokens.len(), 2, "the old token, then the new one");
+    assert_eq!(
+        sandbox.driftrock.requests(),
+        requests + 1,
+        "one token request"
+    );
+    assert_eq!(
+        gw.waited_requests(),
+        waited,
+        "no request waited for a token"
+    );
+    assert_eq!(status_of(listen, "/driftrock/c").await, 200);
+    let m = gw.metrics().await;
+    assert_eq!(
+        metric(&m, "tokengate_config_reloads_total{outcome=\"success\"}"),
+        1.0
+    );
     gw.stop().await;
 }
 
@@ -344,8 +562,8 @@ async fn a_bad_or_restart_only_change_is_rejected_and_the_running_config_keeps_s
     gw.stop().await;
 }
 
-/// The real binary: SIGHUP applies a new route; a broken file is rejected, logged without
-/// secrets, and the process keeps serving.
+/// The real binary: SIGHUP applies a new route; a broken file and a mistyped secret are
+/// rejected, each logged in one line without secrets, and the process keeps serving.
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_reloads_the_running_binary() {
     let sandbox = Sandbox::start().await.unwrap();
@@ -395,16 +613,40 @@ async fn sighup_reloads_the_running_binary() {
         200,
         "the running config keeps serving"
     );
+
+    // A mistyped secret: the token request with it is refused, so is the reload.
+    let typo = "s3cr+t/%41:y=Z";
+    let with_typo = text.clone() + &echo_route(&sandbox, secret);
+    std::fs::write(dir.config(), with_typo.replacen(secret, typo, 1)).unwrap();
+    child.hangup();
+    eventually(metrics, 2).await;
+    for path in ["/echo/a", "/driftrock/a"] {
+        assert_eq!(get(format!("http://{listen}{path}")).await, 200, "{path}");
+    }
     assert!(child.0.try_wait().unwrap().is_none(), "still running");
 
     drop(child);
     let log = std::fs::read_to_string(&stderr).unwrap();
     assert!(log.contains("config reloaded"), "{log}");
+    let rejected: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("config reload rejected"))
+        .collect();
+    assert_eq!(rejected.len(), 2, "{log}");
+    assert!(rejected[0].contains("routes[0].strip_prefix"), "{log}");
+    // One warn line naming the route and the server's error, and no other line about it.
     assert!(
-        log.contains("config reload rejected") && log.contains("routes[0].strip_prefix"),
+        rejected[1].contains("WARN")
+            && rejected[1].contains("routes[1] (driftrock): no token with the new settings")
+            && rejected[1].contains("invalid_client"),
         "{log}"
     );
-    for secret in [secret, tokengate::sandbox::keys::DRILLSTER_CLIENT_SECRET] {
+    assert!(!log.contains("token request failed"), "{log}");
+    for secret in [
+        secret,
+        typo,
+        tokengate::sandbox::keys::DRILLSTER_CLIENT_SECRET,
+    ] {
         assert!(!log.contains(secret), "a secret in the log:\n{log}");
     }
 }

@@ -3,8 +3,8 @@
 //! The pipeline reports every problem it can find before failing (linkerd style):
 //!
 //! 1. TOML syntax errors (all of them, with lines). Nothing else is checked after one.
-//! 2. `${VAR}` expansion over every string value in the parsed tree. An unset variable is an
-//!    error naming the key and the variable, never the value.
+//! 2. `${VAR}` expansion over every string value in the parsed tree. An unset variable, or one
+//!    set to the empty string, is an error naming the key and the variable, never the value.
 //! 3. Deserializing into the file structs. An unknown key or a value of the wrong type is
 //!    reported with its key path and line, removed from the tree, and deserializing is retried,
 //!    so every unknown key in the file is reported in one run.
@@ -322,7 +322,12 @@ fn expand_value(
 
 #[derive(Debug, PartialEq, Eq)]
 enum ExpandError {
-    Unset(Vec<String>),
+    /// Variables not set, and variables set to the empty string (one rule for every key: an
+    /// empty value is never what was meant).
+    Unset {
+        unset: Vec<String>,
+        empty: Vec<String>,
+    },
     Unterminated,
     BadName(String),
 }
@@ -334,19 +339,30 @@ impl ExpandError {
             _ => "",
         };
         match self {
-            ExpandError::Unset(names) => {
-                let fix = if SECRET_KEYS.contains(&leaf) {
-                    format!("; export it before starting tokengate, or use {leaf}_file")
+            ExpandError::Unset { unset, empty } => {
+                let or_file = if SECRET_KEYS.contains(&leaf) {
+                    format!(", or use {leaf}_file")
                 } else {
-                    "; export it before starting tokengate".to_string()
+                    String::new()
                 };
-                if names.len() == 1 {
-                    format!("environment variable {} is not set{fix}", names.join(""))
-                } else {
-                    format!(
-                        "environment variables {} are not set{fix}",
-                        names.join(", ")
-                    )
+                let describe = |names: &[String], state: &str| match names {
+                    [one] => format!("environment variable {one} is {state}"),
+                    many => format!("environment variables {} are {state}", many.join(", ")),
+                };
+                match (unset.is_empty(), empty.is_empty()) {
+                    (false, true) => format!(
+                        "{}; export it before starting tokengate{or_file}",
+                        describe(unset, "not set")
+                    ),
+                    (true, false) => format!(
+                        "{}; give it a value before starting tokengate{or_file}",
+                        describe(empty, "set but empty")
+                    ),
+                    _ => format!(
+                        "{}, and {}; export them with values before starting tokengate{or_file}",
+                        describe(unset, "not set"),
+                        describe(empty, "set but empty")
+                    ),
                 }
             }
             ExpandError::Unterminated => {
@@ -370,7 +386,7 @@ fn expand_vars(
         return Ok(None);
     }
     let mut out = String::with_capacity(input.len());
-    let mut unset = Vec::new();
+    let (mut unset, mut empty) = (Vec::new(), Vec::new());
     let mut rest = input;
     while let Some(at) = rest.find('$') {
         out.push_str(&rest[..at]);
@@ -392,10 +408,15 @@ fn expand_vars(
                 return Err(ExpandError::BadName(name.to_string()));
             }
             match env(name) {
-                Some(value) => out.push_str(&value),
-                None => {
-                    if !unset.iter().any(|n| n == name) {
-                        unset.push(name.to_string());
+                Some(value) if !value.is_empty() => out.push_str(&value),
+                found => {
+                    let list = if found.is_some() {
+                        &mut empty
+                    } else {
+                        &mut unset
+                    };
+                    if !list.iter().any(|n| n == name) {
+                        list.push(name.to_string());
                     }
                 }
             }
@@ -406,10 +427,10 @@ fn expand_vars(
         }
     }
     out.push_str(rest);
-    if unset.is_empty() {
+    if unset.is_empty() && empty.is_empty() {
         Ok(Some(out))
     } else {
-        Err(ExpandError::Unset(unset))
+        Err(ExpandError::Unset { unset, empty })
     }
 }
 
@@ -1998,6 +2019,39 @@ key_file = {key_file:?}
         assert!(errs[0].contains("client_secret_file"), "{}", errs[0]);
     }
 
+    /// One rule for every `${VAR}`: set but empty is refused like unset, naming the variable,
+    /// in secrets and in any other value.
+    #[test]
+    fn empty_variables_are_refused_naming_them() {
+        let text = format!(
+            "[server]\nlisten = [\"127.0.0.1:${{PORT}}\"]\n{}",
+            cc_route("scope = \"${SCOPE}${GONE}\"").replace("\"def\"", "\"${SECRET}\"")
+        );
+        let env = env_of(&[("PORT", ""), ("SECRET", ""), ("SCOPE", "")]);
+        let errs: Vec<String> = Config::from_toml_str(&text, None, &env)
+            .expect_err("refused")
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        for want in [
+            ":2: server.listen[0]: environment variable PORT is set but empty; give it a value \
+             before starting tokengate",
+            "routes[0].auth.client_secret: environment variable SECRET is set but empty; give it \
+             a value before starting tokengate, or use client_secret_file",
+            "routes[0].auth.scope: environment variable GONE is not set, and environment \
+             variable SCOPE is set but empty; export them with values before starting tokengate",
+        ] {
+            assert!(errs.iter().any(|e| e.contains(want)), "{want}\n{errs:?}");
+        }
+        assert_eq!(
+            expand_vars("a${A}b", &|_| Some(String::new())),
+            Err(ExpandError::Unset {
+                unset: vec![],
+                empty: vec!["A".into()]
+            })
+        );
+    }
+
     #[test]
     fn variables_expand_everywhere_and_literal_escape() {
         let text = format!(
@@ -2032,7 +2086,10 @@ key_file = {key_file:?}
         );
         assert_eq!(
             expand_vars("${A}${B}${A}", &no_env),
-            Err(ExpandError::Unset(vec!["A".into(), "B".into()]))
+            Err(ExpandError::Unset {
+                unset: vec!["A".into(), "B".into()],
+                empty: vec![]
+            })
         );
         assert_eq!(expand_vars("cost $5", &no_env), Ok(None));
         assert_eq!(expand_vars("$${x} $y", &no_env), Ok(Some("${x} $y".into())));

@@ -5,7 +5,9 @@
 //! - [`key_file`]: the Drillster JSON key file.
 //! - [`token_response`]: RFC 6749 §5.1/§5.2 parsing.
 //! - [`token_endpoint`]: the HTTP client and RFC 8414 discovery.
+//! - [`content_coding`]: gzip, deflate and br answers (RFC 9110 §8.4).
 pub mod client_credentials;
+pub mod content_coding;
 pub mod jwt_bearer;
 pub mod key_file;
 pub mod token_endpoint;

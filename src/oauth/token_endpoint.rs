@@ -1,15 +1,18 @@
 //! The token endpoint client: one per route. Builds the grant's token request, sends it with
-//! reqwest (connect and total timeouts, `Accept: application/json`, no redirects) and classifies
-//! the answer. Also RFC 8414 discovery when the route names an `issuer` instead of a
-//! `token_endpoint`.
+//! reqwest (connect and total timeouts, `Accept: application/json`, `Accept-Encoding: gzip,
+//! deflate, br`, no redirects), decodes the answer's content coding and classifies it. Also
+//! RFC 8414 discovery when the route names an `issuer` instead of a `token_endpoint`.
 
 use std::time::{Duration, SystemTime};
 
-use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, RETRY_AFTER};
+use reqwest::header::{
+    HeaderMap, ACCEPT, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, RETRY_AFTER,
+};
 use tokio::sync::OnceCell;
 use url::Url;
 
-use super::token_response::{echoed_forms, parse_token_response, AccessToken, TokenResponseError};
+use super::content_coding;
+use super::token_response::{echoed_forms, parse_token_body, AccessToken, TokenResponseError};
 use super::{client_credentials, jwt_bearer};
 use crate::config::{AuthConfig, ClientAuth, Grant, TokenEndpointLocation};
 
@@ -17,8 +20,12 @@ use crate::config::{AuthConfig, ClientAuth, Grant, TokenEndpointLocation};
 /// discovery included.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Largest token response body read; a token response is a few KiB at most.
+/// Largest token response or metadata body read, before and after decoding its content coding;
+/// a token response is a few KiB at most.
 const MAX_BODY: usize = 1024 * 1024;
+
+/// Longest `issuer` value of a metadata document shown in a discovery error.
+const SHOWN_ISSUER: usize = 200;
 
 /// The `outcome` label of `tokengate_token_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -116,6 +123,12 @@ impl TokenClient {
     ) -> Result<Self, ClientBuildError> {
         let mut headers = HeaderMap::new();
         headers.insert(ACCEPT, "application/json".parse().expect("static header"));
+        headers.insert(
+            ACCEPT_ENCODING,
+            content_coding::ACCEPT_ENCODING
+                .parse()
+                .expect("static header"),
+        );
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("tokengate/", env!("CARGO_PKG_VERSION")))
             .default_headers(headers)
@@ -173,12 +186,21 @@ impl TokenClient {
     }
 
     /// The token endpoint URL: configured, or discovered once (RFC 8414) and then cached.
+    /// Discovery takes at most the request timeout.
+    ///
+    /// # Errors
+    /// [`FetchError`] naming every metadata URL tried and why each failed.
     pub async fn token_endpoint(&self) -> Result<&Url, FetchError> {
+        self.token_endpoint_by(tokio::time::Instant::now() + self.request_timeout)
+            .await
+    }
+
+    async fn token_endpoint_by(&self, deadline: tokio::time::Instant) -> Result<&Url, FetchError> {
         self.endpoint
             .get_or_try_init(|| async {
                 match &self.auth.endpoint {
                     TokenEndpointLocation::Url(url) => Ok(url.clone()),
-                    TokenEndpointLocation::Issuer(issuer) => self.discover(issuer).await,
+                    TokenEndpointLocation::Issuer(issuer) => self.discover(issuer, deadline).await,
                 }
             })
             .await
@@ -191,7 +213,9 @@ impl TokenClient {
     /// The whole fetch, discovery included, ends after the request timeout with a
     /// [`FetchOutcome::NetworkError`].
     pub async fn fetch(&self, now: SystemTime) -> Result<AccessToken, FetchError> {
-        match tokio::time::timeout(self.request_timeout, self.fetch_once(now)).await {
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let endpoint = self.token_endpoint_by(deadline).await?.clone();
+        match tokio::time::timeout_at(deadline, self.request_token(endpoint, now)).await {
             Ok(result) => result,
             Err(_) => Err(FetchError::new(
                 FetchOutcome::NetworkError,
@@ -203,8 +227,11 @@ impl TokenClient {
         }
     }
 
-    async fn fetch_once(&self, now: SystemTime) -> Result<AccessToken, FetchError> {
-        let endpoint = self.token_endpoint().await?.clone();
+    async fn request_token(
+        &self,
+        endpoint: Url,
+        now: SystemTime,
+    ) -> Result<AccessToken, FetchError> {
         let (mut form, basic) = self.request_parts(endpoint.as_str(), now)?;
         if basic.is_none() {
             // client_secret_post (RFC 6749 §2.3.1), or a public client sending only its id.
@@ -232,7 +259,19 @@ impl TokenClient {
         let retry_after = matches!(status.as_u16(), 429 | 503)
             .then(|| parse_retry_after(resp.headers()))
             .flatten();
-        let bytes = read_limited(resp).await?;
+        let content_type = header_text(resp.headers(), CONTENT_TYPE);
+        let bytes = read_body(resp).await?.map_err(|e| {
+            let outcome = if status.is_success() {
+                FetchOutcome::InvalidResponse
+            } else {
+                FetchOutcome::HttpError
+            };
+            FetchError {
+                outcome,
+                message: format!("token endpoint answered HTTP {status}: {e}"),
+                retry_after,
+            }
+        })?;
         // An error may echo what was sent: the credentials or this request's assertion.
         let secrets: Vec<&str> = self
             .echoes
@@ -244,8 +283,9 @@ impl TokenClient {
                     .map(|(_, v)| v.as_str()),
             )
             .collect();
-        let parsed = parse_token_response(
+        let parsed = parse_token_body(
             &bytes,
+            content_type.as_deref(),
             SystemTime::now(),
             self.auth.default_token_lifetime,
             &secrets,
@@ -312,47 +352,97 @@ impl TokenClient {
     }
 
     /// RFC 8414 §3 discovery, falling back to OpenID Connect Discovery 1.0 §4. The document's
-    /// `issuer` must equal the configured issuer (RFC 8414 §3.3).
-    async fn discover(&self, issuer: &Url) -> Result<Url, FetchError> {
-        let mut last = None;
-        for url in discovery_urls(issuer) {
-            match self.discovery_document(&url, issuer).await {
-                Ok(endpoint) => return Ok(endpoint),
-                Err(e) => last = Some(e),
+    /// `issuer` must equal the configured issuer (RFC 8414 §3.3). Each metadata URL gets an
+    /// equal share of the time left before `deadline` (the first half, the second the rest),
+    /// so a URL that never answers still leaves time to try the next.
+    ///
+    /// # Errors
+    /// One [`FetchError`] listing every URL tried and why each failed (not found, not JSON,
+    /// an `issuer` mismatch with both values, a timeout, …); its outcome is the last one's.
+    async fn discover(
+        &self,
+        issuer: &Url,
+        deadline: tokio::time::Instant,
+    ) -> Result<Url, FetchError> {
+        let urls = discovery_urls(issuer);
+        let mut tried = Vec::with_capacity(urls.len());
+        for (i, url) in urls.iter().enumerate() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let remaining = u32::try_from(urls.len() - i).unwrap_or(1);
+            let share = left / remaining;
+            match tokio::time::timeout(share, self.discovery_document(url, issuer)).await {
+                Ok(Ok(endpoint)) => return Ok(endpoint),
+                Ok(Err(failure)) => tried.push((url, failure)),
+                Err(_) => {
+                    // To the nearest millisecond: "500ms", not "499ms 999us 800ns".
+                    let shown = Duration::from_millis(((share.as_micros() + 500) / 1000) as u64);
+                    let why = format!("timed out after {}", humantime::format_duration(shown));
+                    tried.push((url, (FetchOutcome::NetworkError, why)));
+                }
             }
         }
-        Err(last.unwrap_or_else(|| {
-            FetchError::new(FetchOutcome::InvalidResponse, "discovery: no document URL")
-        }))
+        let outcome = tried
+            .last()
+            .map_or(FetchOutcome::InvalidResponse, |(_, (o, _))| *o);
+        let list: Vec<String> = tried
+            .iter()
+            .map(|(url, (_, why))| format!("{url}: {why}"))
+            .collect();
+        Err(FetchError::new(
+            outcome,
+            format!(
+                "discovery found no usable metadata for issuer {}; tried {}",
+                issuer.as_str().trim_end_matches('/'),
+                list.join("; ")
+            ),
+        ))
     }
 
-    async fn discovery_document(&self, url: &Url, issuer: &Url) -> Result<Url, FetchError> {
-        let resp = self
-            .http
-            .get(url.clone())
-            .send()
-            .await
-            .map_err(network_error)?;
-        let status = resp.status();
-        if !status.is_success() {
-            return Err(FetchError::new(
-                FetchOutcome::HttpError,
-                format!("discovery {url}: HTTP {status}"),
-            ));
-        }
-        let bytes = read_limited(resp).await?;
-        let doc: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| {
-            FetchError::new(
-                FetchOutcome::InvalidResponse,
-                format!("discovery {url}: not JSON"),
+    /// One metadata document: the token endpoint it names, or the outcome and why not.
+    async fn discovery_document(
+        &self,
+        url: &Url,
+        issuer: &Url,
+    ) -> Result<Url, (FetchOutcome, String)> {
+        let resp = self.http.get(url.clone()).send().await.map_err(|e| {
+            (
+                FetchOutcome::NetworkError,
+                network_reason(&e)
+                    .trim_start_matches("token endpoint ")
+                    .to_string(),
             )
         })?;
-        let doc_issuer = doc.get("issuer").and_then(|v| v.as_str()).unwrap_or("");
-        if doc_issuer.trim_end_matches('/') != issuer.as_str().trim_end_matches('/') {
-            return Err(FetchError::new(
+        let status = resp.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Err((FetchOutcome::HttpError, "not found (HTTP 404)".to_string()));
+        }
+        if !status.is_success() {
+            return Err((FetchOutcome::HttpError, format!("HTTP {status}")));
+        }
+        let bytes = match read_body(resp).await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(e)) => return Err((FetchOutcome::InvalidResponse, e.to_string())),
+            Err(e) => return Err((e.outcome, e.message)),
+        };
+        let doc: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|_| (FetchOutcome::InvalidResponse, "not JSON".to_string()))?;
+        let configured = issuer.as_str().trim_end_matches('/');
+        let doc_issuer = match doc.get("issuer") {
+            Some(serde_json::Value::String(s)) => s.as_str(),
+            Some(_) | None => {
+                return Err((
+                    FetchOutcome::InvalidResponse,
+                    format!("no \"issuer\" string; the configured issuer is {configured:?}"),
+                ))
+            }
+        };
+        if doc_issuer.trim_end_matches('/') != configured {
+            let shown: String = doc_issuer.chars().take(SHOWN_ISSUER).collect();
+            return Err((
                 FetchOutcome::InvalidResponse,
                 format!(
-                    "discovery {url}: issuer {doc_issuer:?} does not match the configured issuer"
+                    "issuer {shown:?} does not match the configured issuer {configured:?} \
+                     (RFC 8414 §3.3)"
                 ),
             ));
         }
@@ -361,9 +451,9 @@ impl TokenClient {
             .and_then(|s| Url::parse(s).ok())
             .filter(|u| matches!(u.scheme(), "https" | "http"))
             .ok_or_else(|| {
-                FetchError::new(
+                (
                     FetchOutcome::InvalidResponse,
-                    format!("discovery {url}: no usable token_endpoint"),
+                    "no usable token_endpoint".to_string(),
                 )
             })
     }
@@ -386,6 +476,10 @@ fn discovery_urls(issuer: &Url) -> Vec<Url> {
 }
 
 fn network_error(e: reqwest::Error) -> FetchError {
+    FetchError::new(FetchOutcome::NetworkError, network_reason(&e))
+}
+
+fn network_reason(e: &reqwest::Error) -> String {
     let kind = if e.is_timeout() {
         "timed out"
     } else if e.is_connect() {
@@ -396,27 +490,41 @@ fn network_error(e: reqwest::Error) -> FetchError {
     // reqwest's Display includes the URL (no credentials: those are in headers/body) and the
     // source chain; it never contains the request body.
     let mut msg = format!("token endpoint {kind}");
-    let mut source = std::error::Error::source(&e);
+    let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         msg.push_str(": ");
         msg.push_str(&s.to_string());
         source = s.source();
     }
-    FetchError::new(FetchOutcome::NetworkError, msg)
+    msg
 }
 
-async fn read_limited(mut resp: reqwest::Response) -> Result<Vec<u8>, FetchError> {
+/// A response header as text (`None` when absent or not visible ASCII).
+fn header_text(headers: &HeaderMap, name: reqwest::header::HeaderName) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Reads a response body of at most [`MAX_BODY`] bytes and undoes its content coding (also to
+/// at most [`MAX_BODY`] bytes). The outer error is a network failure or an oversized body,
+/// the inner one a coding that cannot be decoded.
+async fn read_body(
+    mut resp: reqwest::Response,
+) -> Result<Result<Vec<u8>, content_coding::DecodeError>, FetchError> {
+    let coding = header_text(resp.headers(), CONTENT_ENCODING);
     let mut body = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(network_error)? {
         if body.len() + chunk.len() > MAX_BODY {
             return Err(FetchError::new(
                 FetchOutcome::InvalidResponse,
-                format!("token endpoint response larger than {MAX_BODY} bytes"),
+                format!("response larger than {MAX_BODY} bytes"),
             ));
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(body)
+    Ok(content_coding::decode(body, coding.as_deref(), MAX_BODY))
 }
 
 /// `Retry-After` as delay-seconds or an HTTP-date (RFC 9110 §10.2.3).

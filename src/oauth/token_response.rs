@@ -2,13 +2,16 @@
 //!
 //! Real token endpoints deviate from the RFC in small ways; where §5.1 allows it we accept them:
 //! unknown fields are ignored, `expires_in` may be a number or a numeric string, `token_type`
-//! may have any case or be absent (= Bearer), and media-type parameters are ignored. What we
-//! cannot use is refused with an error that names the problem but never contains the token.
+//! may have any case or be absent (= Bearer), a JSON body is read whatever media type labels
+//! it (`text/plain`, `application/vnd.…+json`, parameters), and a form-encoded body
+//! (`access_token=…&token_type=bearer&expires_in=3600`, as some servers answer) is read like
+//! the JSON object it stands for. What we cannot use is refused with an error that names the
+//! problem but never contains the token.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 /// A usable access token as obtained from the token endpoint.
 pub struct AccessToken {
@@ -57,6 +60,10 @@ pub enum TokenResponseError {
     /// `token_type` is something other than Bearer (e.g. `DPoP`).
     #[error("token_type \"{0}\" is not supported; tokengate sends Bearer tokens only (RFC 6750)")]
     UnsupportedTokenType(String),
+    /// A form-encoded response names this member more than once, so which one counts is
+    /// unclear.
+    #[error("form-encoded token response has {0} more than once")]
+    RepeatedMember(&'static str),
     /// The access token cannot be sent in an HTTP header (control characters etc.).
     #[error("access_token contains characters not allowed in an HTTP header")]
     InvalidTokenCharacters,
@@ -92,7 +99,31 @@ pub fn parse_token_response(
     default_lifetime: Duration,
     secrets: &[&str],
 ) -> Result<AccessToken, TokenResponseError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
+    parse_token_body(body, None, now, default_lifetime, secrets)
+}
+
+/// [`parse_token_response`] for a body that came with `Content-Type: content_type`.
+///
+/// JSON is read whatever the media type says. A body that is not JSON is read as
+/// `application/x-www-form-urlencoded` when it is labelled so, or when, unlabelled or
+/// labelled otherwise, it looks like a form (visible ASCII only, with an `access_token` or
+/// `error` member); each member is then the JSON string it would have been (`expires_in=3600`
+/// is read like `"expires_in": "3600"`). A UTF-8 byte order mark before the body is skipped.
+pub fn parse_token_body(
+    body: &[u8],
+    content_type: Option<&str>,
+    now: SystemTime,
+    default_lifetime: Duration,
+    secrets: &[&str],
+) -> Result<AccessToken, TokenResponseError> {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    let parsed = serde_json::from_slice::<Value>(body);
+    if parsed.is_err() {
+        if let Some(obj) = form_members(body, content_type)? {
+            return token_from_object(obj, now, default_lifetime, secrets);
+        }
+    }
+    let value: Value = parsed.map_err(|e| {
         let hint = match body_hint(body) {
             // serde_json's message names the problem and where, never the text.
             "" => format!(", {e}"),
@@ -103,6 +134,57 @@ pub fn parse_token_response(
     let Value::Object(obj) = value else {
         return Err(TokenResponseError::NotJson("not an object".into()));
     };
+    token_from_object(obj, now, default_lifetime, secrets)
+}
+
+/// The members of a form-encoded token response, or `None` when `body` is not one (see
+/// [`parse_token_body`]).
+fn form_members(
+    body: &[u8],
+    content_type: Option<&str>,
+) -> Result<Option<Map<String, Value>>, TokenResponseError> {
+    let media_type = content_type
+        .and_then(|ct| ct.split(';').next())
+        .map(|m| m.trim().to_ascii_lowercase());
+    let labelled = media_type.as_deref() == Some("application/x-www-form-urlencoded");
+    let looks_like_one = !body.is_empty()
+        && body.iter().all(u8::is_ascii_graphic)
+        && !matches!(body[0], b'{' | b'[' | b'<' | b'"')
+        && form_urlencoded::parse(body).any(|(k, _)| k == "access_token" || k == "error");
+    if !labelled && !looks_like_one {
+        return Ok(None);
+    }
+    let mut obj = Map::new();
+    for (name, value) in form_urlencoded::parse(body) {
+        let name = name.into_owned();
+        if obj.contains_key(&name) {
+            // Only the members read below are named; the others are ignored like JSON's.
+            if let Some(known) = FORM_MEMBERS.iter().find(|m| **m == name) {
+                return Err(TokenResponseError::RepeatedMember(known));
+            }
+            continue;
+        }
+        obj.insert(name, Value::String(value.into_owned()));
+    }
+    Ok(Some(obj))
+}
+
+/// The members a token response is read for.
+const FORM_MEMBERS: [&str; 5] = [
+    "access_token",
+    "token_type",
+    "expires_in",
+    "error",
+    "error_description",
+];
+
+/// A token (or the RFC 6749 §5.2 error) from a response's members.
+fn token_from_object(
+    obj: Map<String, Value>,
+    now: SystemTime,
+    default_lifetime: Duration,
+    secrets: &[&str],
+) -> Result<AccessToken, TokenResponseError> {
     if let Some(err) = obj.get("error") {
         let shown = |v: &Value, max| truncate(&redact(json_to_text(v), secrets), max);
         return Err(TokenResponseError::OAuth {
@@ -223,7 +305,7 @@ fn json_to_text(v: &Value) -> String {
 }
 
 /// The spellings of `secret` a token endpoint might echo back: as sent in a form (`+` or `%20`
-/// for a space), JSON-escaped (an `error` that is not a string is shown as JSON), and in
+/// for a space) or in Basic credentials (RFC 3986 percent-encoding), JSON-escaped (an `error` that is not a string is shown as JSON), and in
 /// base64 (standard or URL-safe, padded or not). Pass them to [`parse_token_response`] as
 /// `secrets`; percent- and HTML-escaped echoes are found by decoding the text ([`redact`]).
 pub fn echoed_forms(secret: &str) -> Vec<String> {
@@ -233,6 +315,7 @@ pub fn echoed_forms(secret: &str) -> Vec<String> {
     let (b64, b64url) = (STANDARD.encode(secret), URL_SAFE.encode(secret));
     vec![
         secret.to_string(),
+        super::client_credentials::percent_encode(secret),
         form.replace('+', "%20"),
         form,
         json.trim_matches('"').to_string(),
@@ -478,6 +561,91 @@ mod tests {
             shown.contains("[redacted]") && !shown.contains("ecret"),
             "{shown}"
         );
+    }
+
+    fn parse_as(body: &str, content_type: Option<&str>) -> Result<AccessToken, TokenResponseError> {
+        parse_token_body(
+            body.as_bytes(),
+            content_type,
+            SystemTime::now(),
+            Duration::from_secs(300),
+            &[],
+        )
+    }
+
+    #[test]
+    fn json_under_any_media_type() {
+        let body = r#"{"access_token":"x","token_type":"bearer","expires_in":60}"#;
+        for ct in [
+            None,
+            Some("application/json"),
+            Some("text/plain; charset=iso-8859-1"),
+            Some("text/html"),
+            Some("text/javascript"),
+            Some("application/vnd.example.token+json; version=2"),
+            Some("application/x-www-form-urlencoded"),
+            Some("application/octet-stream"),
+        ] {
+            let t = parse_as(body, ct).unwrap_or_else(|e| panic!("{ct:?}: {e}"));
+            assert_eq!(
+                (t.value.as_str(), t.lifetime.as_secs()),
+                ("x", 60),
+                "{ct:?}"
+            );
+        }
+        let with_bom = format!("\u{feff}{body}");
+        assert_eq!(parse_as(&with_bom, None).unwrap().value, "x");
+    }
+
+    #[test]
+    fn form_encoded_responses() {
+        let body = "access_token=a.b-c_d%2Be&token_type=bearer&expires_in=3600&scope=read+write";
+        for ct in [
+            Some("application/x-www-form-urlencoded"),
+            Some("application/x-www-form-urlencoded; charset=utf-8"),
+            Some("text/plain"),
+            None,
+        ] {
+            let t = parse_as(body, ct).unwrap_or_else(|e| panic!("{ct:?}: {e}"));
+            assert_eq!(t.value, "a.b-c_d+e", "{ct:?}");
+            assert_eq!(t.lifetime, Duration::from_secs(3600), "{ct:?}");
+        }
+        let e = parse_as(
+            "error=invalid_client&error_description=Bad+client+secret",
+            Some("application/x-www-form-urlencoded"),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            TokenResponseError::OAuth {
+                error: "invalid_client".into(),
+                description: Some("Bad client secret".into())
+            }
+        );
+        assert_eq!(
+            parse_as("access_token=x&token_type=mac", None).unwrap_err(),
+            TokenResponseError::UnsupportedTokenType("mac".into())
+        );
+        assert_eq!(
+            parse_as("access_token=a&access_token=b", None).unwrap_err(),
+            TokenResponseError::RepeatedMember("access_token")
+        );
+        // Labelled as a form but without a token.
+        assert_eq!(
+            parse_as("foo=bar", Some("application/x-www-form-urlencoded")).unwrap_err(),
+            TokenResponseError::MissingAccessToken
+        );
+        // Not labelled as a form and not like one: still "not JSON".
+        for (body, ct) in [
+            ("foo=bar", Some("text/plain")),
+            ("<html>access_token=x</html>", Some("text/html")),
+            ("access_token = x", None),
+        ] {
+            assert!(
+                matches!(parse_as(body, ct), Err(TokenResponseError::NotJson(_))),
+                "{body}"
+            );
+        }
     }
 
     #[test]

@@ -24,6 +24,7 @@ use super::keys;
 use super::recent::Recent;
 use super::registry::{ceil_secs, unix_now, TokenRegistry, TokenRequest};
 use super::server::{self, Bound, Handler, HttpServer, Reply, Resp};
+use super::token_format::{self, ContentCoding, ResponseFormat};
 use super::SandboxError;
 
 /// `grant_type` of the JWT bearer grant (RFC 7523 §2.1).
@@ -197,9 +198,11 @@ impl AuthServerBuilder {
         }
     }
 
-    /// Registers a client application. May be called repeatedly; if it is never called the
-    /// vendor's sandbox client is registered ([`keys::DRILLSTER_CLIENT_ID`] /
-    /// [`keys::DRIFTROCK_CLIENT_ID`] with their secrets).
+    /// Registers a client application. May be called repeatedly; the same id twice registers a
+    /// second live secret (Drillster: Registering your client application, "Multiple client
+    /// secrets may be used at the same time"). If it is never called the vendor's sandbox client
+    /// is registered ([`keys::DRILLSTER_CLIENT_ID`] / [`keys::DRIFTROCK_CLIENT_ID`] with their
+    /// secrets).
     pub fn client(mut self, id: impl Into<String>, secret: impl Into<String>) -> Self {
         self.clients.push((id.into(), secret.into()));
         self
@@ -308,13 +311,16 @@ impl AuthServerBuilder {
                 },
             );
         }
-        let mut clients: HashMap<String, String> = self.clients.into_iter().collect();
+        let mut clients: HashMap<String, Vec<String>> = HashMap::new();
+        for (id, secret) in self.clients {
+            clients.entry(id).or_default().push(secret);
+        }
         if clients.is_empty() {
             let (id, secret) = match vendor {
                 Vendor::Drillster => (keys::DRILLSTER_CLIENT_ID, keys::DRILLSTER_CLIENT_SECRET),
                 Vendor::Driftrock => (keys::DRIFTROCK_CLIENT_ID, keys::DRIFTROCK_CLIENT_SECRET),
             };
-            clients.insert(id.to_owned(), secret.to_owned());
+            clients.insert(id.to_owned(), vec![secret.to_owned()]);
         }
 
         let bound = Bound::new(vendor.name()).await?;
@@ -324,8 +330,8 @@ impl AuthServerBuilder {
             name: self.name.unwrap_or_else(|| vendor.name().to_owned()),
             token_endpoint: format!("{base_url}{}", vendor.token_path()),
             base_url,
-            clients,
-            keys,
+            clients: Mutex::new(clients),
+            keys: Mutex::new(keys),
             clock_skew: self.clock_skew,
             max_assertion_lifetime: self.max_assertion_lifetime,
             allow_basic: self.allow_basic,
@@ -345,6 +351,8 @@ impl AuthServerBuilder {
                 serve_oauth_metadata: true,
                 serve_openid_configuration: true,
                 metadata_issuer: JsonField::Normal,
+                response_format: ResponseFormat::Json,
+                content_coding: None,
             }),
             last_token: Mutex::new(None),
             discovery_paths: Mutex::new(Vec::new()),
@@ -443,6 +451,52 @@ impl AuthServer {
         &self.state.registry
     }
 
+    /// Adds a live secret for client `id` (registering the client if it is new); the client's
+    /// other secrets stay live (Drillster: Registering your client application).
+    pub fn add_client_secret(&self, id: &str, secret: &str) {
+        let mut clients = self
+            .state
+            .clients
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        clients
+            .entry(id.to_owned())
+            .or_default()
+            .push(secret.to_owned());
+    }
+
+    /// Deletes one secret of client `id`: from now on it is refused (`invalid_client`), while
+    /// the access tokens already issued stay valid (Drillster: Registering your client
+    /// application, "Deleting a client secret will make it unavailable immediately"). Returns
+    /// whether it was live.
+    pub fn delete_client_secret(&self, id: &str, secret: &str) -> bool {
+        let mut clients = self
+            .state
+            .clients
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match clients.get_mut(id) {
+            Some(live) => {
+                let before = live.len();
+                live.retain(|s| s != secret);
+                live.len() != before
+            }
+            None => false,
+        }
+    }
+
+    /// Deletes the service-account key registered under `kid`: assertions it signs are refused
+    /// from now on (`invalid_grant`, "unknown kid"); tokens already issued stay valid. Returns
+    /// whether it was registered.
+    pub fn delete_key(&self, kid: &str) -> bool {
+        let mut keys = self
+            .state
+            .keys
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        keys.remove(kid).is_some()
+    }
+
     /// Fault knobs of the token endpoint.
     pub fn faults(&self) -> &Faults {
         &self.state.faults
@@ -527,6 +581,19 @@ impl AuthServer {
         self.state.settings().content_type = content_type.map(str::to_owned);
     }
 
+    /// The body format of successful token responses from now on (default
+    /// [`ResponseFormat::Json`]); [`set_content_type`](Self::set_content_type) still overrides
+    /// the `Content-Type`.
+    pub fn set_response_format(&self, format: ResponseFormat) {
+        self.state.settings().response_format = format;
+    }
+
+    /// From now on every answer of the token endpoint (tokens and refusals) is sent in `coding`
+    /// whatever the request's `Accept-Encoding` says; `None` sends them unencoded (default).
+    pub fn set_content_coding(&self, coding: Option<ContentCoding>) {
+        self.state.settings().content_coding = coding;
+    }
+
     /// The next `n` successful token requests are answered with the most recently issued access
     /// token again (with `expires_in` = its remaining lifetime) instead of a new one, as servers
     /// that cache tokens per client do — even when that token has been revoked since. Requests
@@ -588,6 +655,8 @@ struct Settings {
     serve_oauth_metadata: bool,
     serve_openid_configuration: bool,
     metadata_issuer: JsonField,
+    response_format: ResponseFormat,
+    content_coding: Option<ContentCoding>,
 }
 
 struct AuthState {
@@ -595,8 +664,9 @@ struct AuthState {
     name: String,
     base_url: String,
     token_endpoint: String,
-    clients: HashMap<String, String>,
-    keys: HashMap<String, RegisteredKey>,
+    /// Client id → its live secrets.
+    clients: Mutex<HashMap<String, Vec<String>>>,
+    keys: Mutex<HashMap<String, RegisteredKey>>,
     clock_skew: Duration,
     max_assertion_lifetime: Duration,
     allow_basic: bool,
@@ -801,16 +871,21 @@ impl AuthState {
                 "request body unreadable or larger than 1 MiB",
             )),
         };
-        match result {
+        let response = match result {
             Ok(response) => {
                 self.successes.fetch_add(1, Ordering::SeqCst);
-                Reply::Respond(response)
+                response
             }
             Err(e) => {
                 tracing::debug!(server = %self.name, error = %e, "sandbox token request refused");
                 self.failures.fetch_add(1, Ordering::SeqCst);
-                Reply::Respond(e.into_response(&self.name))
+                e.into_response(&self.name)
             }
+        };
+        let coding = self.settings().content_coding;
+        match coding {
+            Some(coding) => Reply::Respond(token_format::encode_response(response, coding).await),
+            None => Reply::Respond(response),
         }
     }
 
@@ -894,6 +969,24 @@ impl AuthState {
                 (token, ceil_secs(settings.token_lifetime))
             }
         };
+        if settings.response_format == ResponseFormat::Form {
+            let body = token_format::form_body(
+                &token,
+                &settings.token_type,
+                &settings.expires_in,
+                lifetime_secs,
+                scope,
+            );
+            let mut response = token_format::form_response(body);
+            if let Some(value) = settings
+                .content_type
+                .as_deref()
+                .and_then(|ct| HeaderValue::from_str(ct).ok())
+            {
+                response.headers_mut().insert(CONTENT_TYPE, value);
+            }
+            return Ok(no_cache(response));
+        }
         let mut body = format!("{{\"access_token\":{}", Value::String(token));
         match &settings.token_type {
             JsonField::Normal => body.push_str(",\"token_type\":\"Bearer\""),
@@ -977,9 +1070,10 @@ impl AuthState {
                 (Some(id), Some(secret)) => (id.to_owned(), secret.to_owned()),
             },
         };
-        match self.clients.get(&id) {
+        let clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        match clients.get(&id) {
             None => Err(OAuthError::invalid_client("unknown client")),
-            Some(expected) if *expected != secret => {
+            Some(live) if !live.contains(&secret) => {
                 Err(OAuthError::invalid_client("bad client secret"))
             }
             Some(_) => Ok(id),
@@ -998,8 +1092,11 @@ impl AuthState {
             skew,
             max_lifetime: self.max_assertion_lifetime.as_secs_f64(),
         };
-        let verified = jwt_bearer::verify(assertion, &self.keys, &self.token_endpoint, rules)
-            .map_err(|r| OAuthError::invalid_grant(&r))?;
+        let verified = {
+            let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+            jwt_bearer::verify(assertion, &keys, &self.token_endpoint, rules)
+        }
+        .map_err(|r| OAuthError::invalid_grant(&r))?;
         if let Some(jti) = verified.jti {
             let mut used = self.used_jti.lock().unwrap_or_else(PoisonError::into_inner);
             // An expired assertion is refused on exp anyway, so its jti need not be kept.

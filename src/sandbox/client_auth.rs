@@ -8,14 +8,19 @@ use base64::Engine as _;
 pub enum BasicDecoding {
     /// RFC 6749 §2.3.1: after base64-decoding and splitting at the first `:`, the client id and
     /// the secret are each `application/x-www-form-urlencoded`-decoded (`+` is a space, `%XX` a
-    /// byte; a malformed `%` escape fails). The client must have form-encoded them first, so
-    /// id `dr/client 7` with secret `s3cr+t/%41:y=z` arrives as
-    /// `dr%2Fclient+7:s3cr%2Bt%2F%2541%3Ay%3Dz`. What the OAuth 2.0 spec requires.
+    /// byte; a malformed `%` escape fails). The client must have encoded them first, so id
+    /// `dr/client 7` with secret `s3cr+t/%41:y=z` arrives as
+    /// `dr%2Fclient+7:s3cr%2Bt%2F%2541%3Ay%3Dz` or `dr%2Fclient%207:…`. What the OAuth 2.0 spec
+    /// requires, and what Keycloak and Spring Authorization Server do.
     #[default]
     Form,
+    /// Percent-decoding only (RFC 3986 §2.1): `%XX` is a byte, `+` stays `+`, and a malformed
+    /// `%` escape is kept as it is, as Python's `urllib.parse.unquote` does (Authlib's
+    /// `extract_basic_authorization`). A client that sends a space as `+` is refused here.
+    Percent,
     /// RFC 7617: the base64-decoded `id:secret` is split at the first `:` and compared as is
     /// (what Driftrock's own JavaScript example does, seed 003, and what most HTTP clients' "basic
-    /// auth" helpers send).
+    /// auth" helpers send). A client id with a `:` cannot be sent this way (RFC 7617 §2).
     Raw,
 }
 
@@ -47,6 +52,7 @@ pub(crate) fn decode_basic(
     let (id, secret) = (&decoded[..colon], &decoded[colon + 1..]);
     match mode {
         BasicDecoding::Form => Ok((form_decode(id)?, form_decode(secret)?)),
+        BasicDecoding::Percent => Ok((percent_decode(id)?, percent_decode(secret)?)),
         BasicDecoding::Raw => Ok((utf8(id)?, utf8(secret)?)),
     }
 }
@@ -72,6 +78,12 @@ pub(crate) fn form_decode(input: &[u8]) -> Result<String, BasicError> {
         i += 1;
     }
     utf8(&out)
+}
+
+/// Lenient percent-decoding of one component: `%XX` is a byte, anything else (`+`, a malformed
+/// escape) is kept, as Python's `unquote` does.
+fn percent_decode(input: &[u8]) -> Result<String, BasicError> {
+    utf8(&percent_encoding::percent_decode(input).collect::<Vec<u8>>())
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -138,6 +150,23 @@ mod tests {
         assert_eq!(
             decode_basic(creds, BasicDecoding::Raw),
             Ok(("dr/client 7".to_owned(), "s3cr+t/%41:y=z".to_owned()))
+        );
+    }
+
+    #[test]
+    fn percent_decoding_keeps_plus_and_malformed_escapes() {
+        let header = basic_authorization_raw("dr%2Fclient%207", "a+b%41%4");
+        let creds = header.strip_prefix("Basic ").unwrap_or_default();
+        assert_eq!(
+            decode_basic(creds, BasicDecoding::Percent),
+            Ok(("dr/client 7".to_owned(), "a+bA%4".to_owned()))
+        );
+        // The `+` of form-encoding is not a space here.
+        let header = basic_authorization("dr/client 7", "x");
+        let creds = header.strip_prefix("Basic ").unwrap_or_default();
+        assert_eq!(
+            decode_basic(creds, BasicDecoding::Percent),
+            Ok(("dr/client+7".to_owned(), "x".to_owned()))
         );
     }
 

@@ -36,6 +36,7 @@ mod raw_api;
 mod recent;
 mod registry;
 mod server;
+mod token_format;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -49,6 +50,7 @@ pub use faults::{CannedResponse, Faults};
 pub use jwt_bearer::AssertionRejection;
 pub use raw_api::{download_byte, RawApi, RawApiBuilder, RawRequest, RAW_API_MAX_HEAD};
 pub use registry::{IssuedToken, TokenRegistry, TokenRejection};
+pub use token_format::{ContentCoding, ResponseFormat};
 
 /// Errors of the sandbox servers.
 #[derive(Debug, thiserror::Error)]

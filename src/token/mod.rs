@@ -141,6 +141,24 @@ impl std::fmt::Debug for Token {
     }
 }
 
+/// A token obtained by [`TokenSource::verify`] before its source serves, handed to
+/// [`TokenSource::start_with`] so the source starts with it instead of asking again.
+pub struct FirstToken {
+    token: AccessToken,
+    /// When the response arrived (its lifetime counts from here).
+    obtained_at: Instant,
+    took: Duration,
+}
+
+impl std::fmt::Debug for FirstToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FirstToken")
+            .field("token", &self.token)
+            .field("took", &self.took)
+            .finish_non_exhaustive()
+    }
+}
+
 /// No usable token could be had in time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unavailable {
@@ -484,6 +502,42 @@ impl TokenSource {
         }
     }
 
+    /// One token request with this source's settings (its fetcher's timeouts), outside the
+    /// refresher, for a source that does not serve yet: a config reload checks new credentials
+    /// this way before it swaps them in. Counted in the token request metrics; nothing is
+    /// published and the source's status is left alone, so a refused request leaves no trace
+    /// but the error it returns.
+    ///
+    /// # Errors
+    /// The fetch's [`FetchError`] (status, the server's `error`/`error_description`, never a
+    /// secret).
+    pub async fn verify(&self) -> Result<FirstToken, FetchError> {
+        let started = Instant::now();
+        let result = self.fetcher.fetch().await;
+        let took = started.elapsed();
+        match result {
+            Ok(token) => {
+                self.metrics.fetched(FetchOutcome::Success, took);
+                Ok(FirstToken {
+                    token,
+                    obtained_at: Instant::now(),
+                    took,
+                })
+            }
+            Err(e) => {
+                self.metrics.fetched(e.outcome, took);
+                Err(e)
+            }
+        }
+    }
+
+    /// Publishes `first` ([`TokenSource::verify`]) as this source's first token, so the
+    /// refresher, once spawned, renews it when due instead of fetching at once. Call it before
+    /// [`TokenSource::spawn_refresher`].
+    pub fn start_with(&self, first: FirstToken) {
+        self.publish(first.token, first.took, first.obtained_at);
+    }
+
     /// Marks the source as replaced by a config reload: its refresher no longer renews or
     /// retries, and fetches only for a request that waits (one admitted before the reload may);
     /// it no longer sets the route's token gauges, which belong to the source that replaced it.
@@ -580,7 +634,8 @@ impl TokenSource {
                     self.attempts.send_replace(Attempt::Failed(attempt_no));
                 }
                 Ok(token) => {
-                    self.publish(token, took);
+                    self.metrics.fetched(FetchOutcome::Success, took);
+                    self.publish(token, took, Instant::now());
                     backoff = self.new_backoff();
                     self.attempts.send_replace(Attempt::Succeeded(attempt_no));
                 }
@@ -605,8 +660,8 @@ impl TokenSource {
         lock(&self.dropped).contains(&h)
     }
 
-    fn publish(&self, token: AccessToken, took: Duration) {
-        let obtained_at = Instant::now();
+    /// Publishes `token`, whose response arrived at `obtained_at` after `took`.
+    fn publish(&self, token: AccessToken, took: Duration, obtained_at: Instant) {
         let lifetime = token.lifetime.max(MIN_LIFETIME);
         let ratio = self.policy.refresh_ratio.clamp(0.05, 0.95);
         // Very short tokens: the margin shrinks so the token stays usable for most of its life.
@@ -627,7 +682,7 @@ impl TokenSource {
         };
         authorization.set_sensitive(true);
         let generation = lock(&self.status).generation + 1;
-        let expires_at_wall = SystemTime::now() + lifetime;
+        let expires_at_wall = SystemTime::now() + lifetime - obtained_at.elapsed();
         self.current.store(Some(Arc::new(Token {
             authorization,
             generation,
@@ -646,7 +701,6 @@ impl TokenSource {
             s.last_refresh = Some(SystemTime::now());
             s.consecutive_failures = 0;
         }
-        self.metrics.fetched(FetchOutcome::Success, took);
         if !self.is_retired() {
             self.metrics.set_consecutive_failures(0);
             self.metrics.set_expiry(expires_at_wall);
