@@ -26,6 +26,10 @@ Stages (all on loopback):
   token    60 s at 64 connections with 5-second tokens: token requests seen by the token
            endpoint vs renewals, and non-2xx responses
 
+--baseline BIN adds another tokengate build (an earlier commit's release binary, same config)
+to the peak stage's rotation as `baseline`, so a change is measured before and after in one
+run: its proxy-core CPU per request against this build's.
+
 Installs what is missing: cmake (for the release build), nginx-light, haproxy and wrk from Debian
 packages, oha from crates.io.
 Results: printed as Markdown, and written to --out (results.json, scaling.svg).
@@ -50,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ORIGIN = "127.0.0.1:18000"
 PORTS = {"tokengate": 18081, "nginx": 18082, "haproxy": 18083, "pingora": 18084}
 ADMIN = "127.0.0.1:18091"
+BASELINE_PORT, BASELINE_ADMIN = 18085, "127.0.0.1:18092"
 PROXY_CORE, CLIENT_CORE = "0", "1"
 # Matches routes[998] of the 1,000-route config (`/svc998/v4`, see Fleet.tokengate_config).
 ROUTE_PATH = "/svc998/v4/orders/1"
@@ -169,7 +174,7 @@ def core_busy(core):
 class Fleet:
     """Origin, token endpoint and the four proxies, started in a scratch directory."""
 
-    def __init__(self, work: Path, token_lifetime=3600, routes=1, same_request=True):
+    def __init__(self, work: Path, token_lifetime=3600, routes=1, same_request=True, baseline=None):
         self.work, self.procs = work, {}
         self.token_lifetime, self.routes = token_lifetime, routes
         # nginx and HAProxy send the origin the request tokengate sends: a static token as long
@@ -179,6 +184,8 @@ class Fleet:
         # decided the latency tail at 50 % load. The token stage passes False: there the token
         # endpoint's request count must be tokengate's alone.
         self.same_request = same_request
+        # Another tokengate binary to compare against (--baseline), or None.
+        self.baseline = baseline
 
     def start(self):
         w = self.work
@@ -243,11 +250,19 @@ backend be
         self.procs["pingora"] = pinned(PROXY_CORE, [str(ROOT / "target/release/examples/passthrough"),
                                                     f"127.0.0.1:{PORTS['pingora']}", ORIGIN, "1"],
                                        stderr=open(w / "logs/pingora.err", "w"))
+        if self.baseline:
+            (w / "baseline.toml").write_text(self.tokengate_config(PORTS["baseline"], BASELINE_ADMIN))
+            self.procs["baseline"] = pinned(PROXY_CORE, [self.baseline, "run", "-c", str(w / "baseline.toml")],
+                                            stderr=open(w / "logs/baseline.err", "w"))
         for name, port in PORTS.items():
-            wait_port(f"127.0.0.1:{port}")
+            if name in self.procs:
+                wait_port(f"127.0.0.1:{port}")
         wait_ready()
+        if self.baseline:
+            wait_ready(admin=BASELINE_ADMIN)
 
-    def tokengate_config(self):
+    def tokengate_config(self, port=None, admin=ADMIN):
+        port = port or PORTS["tokengate"]
         ep = self.endpoints["driftrock_token_endpoint"]
         routes = []
         for i in range(self.routes - 1):
@@ -264,8 +279,8 @@ client_secret = "s3cr+t/%41:y=z"
 """)
         return f"""
 [server]
-listen = "127.0.0.1:{PORTS['tokengate']}"
-admin_listen = "{ADMIN}"
+listen = "127.0.0.1:{port}"
+admin_listen = "{admin}"
 threads = 1
 grace_period = "1s"
 [log]
@@ -319,12 +334,12 @@ client_secret = "s3cr+t/%41:y=z"
         return counts
 
 
-def wait_ready(timeout=20):
+def wait_ready(timeout=20, admin=ADMIN):
     import urllib.request
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            if urllib.request.urlopen(f"http://{ADMIN}/readyz", timeout=1).status == 200:
+            if urllib.request.urlopen(f"http://{admin}/readyz", timeout=1).status == 200:
                 return
         except Exception:
             time.sleep(0.05)
@@ -457,6 +472,9 @@ def main():
                     help="latency stage: keep oha's per-request records and report, per run, the wait before "
                          "sending and the time on the wire (medians of the rounds)")
     ap.add_argument("--out", default=str(ROOT / "target/load"), help="results directory (default: target/load)")
+    ap.add_argument("--baseline", metavar="BIN",
+                    help="peak stage: also run this tokengate binary (an earlier build) in the rotation, "
+                         "and report this build's proxy-core CPU per request against it")
     args = ap.parse_args()
     known = ("peak", "latency", "scaling", "token")
     stages = {s.strip() for s in args.stages.split(",") if s.strip()}
@@ -466,6 +484,11 @@ def main():
         ap.error(f"--rounds: {args.rounds}: at least 1")
     if args.duration < 1:
         ap.error(f"--duration: {args.duration}: at least 1 second")
+    if args.baseline:
+        if not os.access(args.baseline, os.X_OK):
+            ap.error(f"--baseline: {args.baseline}: not an executable file")
+        args.baseline = str(Path(args.baseline).resolve())
+        PORTS["baseline"] = BASELINE_PORT
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         ap.error(f"--out: {args.out}: not a directory")
@@ -480,7 +503,7 @@ def main():
     names = list(PORTS)
 
     with tempfile.TemporaryDirectory() as tmp:
-        fleet = Fleet(Path(tmp))
+        fleet = Fleet(Path(tmp), baseline=args.baseline)
         try:
             fleet.start()
             for n in names:  # warm-up: connection pools, token, page cache
@@ -544,6 +567,7 @@ def main():
                 results["latency_added_ms"] = lat
                 (out / "results.json").write_text(json.dumps(results, indent=2))
             if "scaling" in stages:
+                names = [n for n in names if n != "baseline"]  # peak stage only
                 scale = {n: {} for n in names}
                 cells = {n: {} for n in names}
                 rss = {n: {"idle_kib": rss_kib(fleet.pid(n))} for n in names}
@@ -631,6 +655,13 @@ def report(res, out):
                   f"{core:.3f}x per proxy-core second ({medians(len(tg['runs']), 'round')}): {verdict}"
                   + (f"\n({bound} of the {len(tg['runs']) + len(ng['runs'])} runs client-bound: req/s there is the "
                      "load generator's limit, the per-core figure is the proxy's)" if bound else ""))
+    bl, tg = res.get("peak", {}).get("baseline"), res.get("peak", {}).get("tokengate")
+    if bl and tg:
+        change = tg["cpu_us_per_req_median"] / bl["cpu_us_per_req_median"] - 1
+        print(f"\nAgainst the baseline build ({medians(len(tg['runs']), 'round')}): proxy-core CPU "
+              f"{tg['cpu_us_per_req_median']:.2f} µs/req vs {bl['cpu_us_per_req_median']:.2f} ({change * 100:+.1f} %); "
+              f"per round: " + ", ".join(f"{a['cpu_us_per_req']:.2f}/{b['cpu_us_per_req']:.2f}"
+                                         for a, b in zip(tg["runs"], bl["runs"])))
     if "latency_added_ms" in res:
         print("\n| load | proxy | added p50 ms | added p99 ms | added p99.9 ms | added p99 per round ms | direct p99 per round ms |"
               "\n|---|---|---|---|---|---|---|")

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::Method;
 use pingora::http::RequestHeader;
 
+use super::policy::response::ResponseFacts;
 use super::policy::target::TargetForm;
 use super::policy::{
     self, classify, Action, FieldName, Fields, Forwarding, GatewayError, Plan, RequestFacts,
@@ -163,15 +164,15 @@ impl DownstreamHead {
 /// each field as [`ResponsePlanner`] decides (pingora's header map holds repeated names
 /// together, so the first field of a name decides for it and later ones of that name go when
 /// the plan drops them), then the request's `X-Request-Id` when the upstream sent none.
-/// pingora writes `Date` and `Connection` itself.
+/// pingora writes `Date` and `Connection` itself. Returns what the head says of its framing.
 ///
 /// # Errors
 /// pingora's, if a value cannot be stored (they are valid by construction).
 pub fn apply_response_policy(
     response: &mut pingora::http::ResponseHeader,
     request_id: Option<&http::HeaderValue>,
-) -> pingora::Result<()> {
-    use super::policy::response::{ResponseAction, ResponseFacts, ResponsePlanner};
+) -> pingora::Result<ResponseFacts> {
+    use super::policy::response::{ResponseAction, ResponsePlanner};
     let minor = u8::from(response.version != http::Version::HTTP_10);
     let owned: Vec<(http::HeaderName, http::HeaderValue)> = response
         .headers
@@ -217,5 +218,5 @@ pub fn apply_response_policy(
     if planner.add_request_id() && request_id.is_some() {
         response.insert_header("X-Request-Id", id())?;
     }
-    Ok(())
+    Ok(facts)
 }

@@ -31,7 +31,7 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use http::header::TRANSFER_ENCODING;
-use http::{HeaderName, HeaderValue, Method};
+use http::{HeaderValue, Method};
 use ipnet::IpNet;
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
@@ -40,6 +40,7 @@ use pingora::{ErrorSource, ErrorType};
 use crate::metrics::{Metrics, UpstreamErrorKind};
 use crate::token::Sent;
 use downstream::DownstreamHead;
+use policy::response::Http10Body;
 use policy::{ErrorResponse, Forwarding, GatewayError, Plan};
 use routes::{Route, RouteTable};
 
@@ -53,8 +54,6 @@ pub const LOG_TARGETS_CAPPED_AT_INFO: &[&str] = &["pingora_proxy", "pingora_core
 /// `error` with its raw head (a client's `Authorization`, `Cookie`, query), and every other
 /// line it writes is a client's connection trouble.
 pub const LOG_TARGETS_OFF: &[&str] = &["pingora_core::apps::http_app"];
-
-static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// State shared by every listener: compiled routes, client allowlist, metrics. One config's
 /// worth: a reload (SIGHUP) builds a new one and swaps it in through [`Live`].
@@ -260,12 +259,6 @@ impl ProxyHttp for Gateway {
             // 100 or 103 on; a 101 cannot happen, a 1.0 request is no upgrade).
             session.as_mut().set_ignore_info_resp(true);
         }
-        let req = session.req_header();
-        ctx.request_id = Some(match req.headers.get(&X_REQUEST_ID) {
-            Some(v) if valid_request_id(v) => v.clone(),
-            _ => state.request_ids.next(),
-        });
-
         let client_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -276,6 +269,14 @@ impl ProxyHttp for Gateway {
             Some(h1) => DownstreamHead::parse(h1.get_headers_raw_bytes()),
             None => Err(GatewayError::BadRequest("not an HTTP/1 request")),
         };
+        // The client's first `X-Request-Id` when usable, else a new one (as on the fast path).
+        let client_id = head
+            .as_ref()
+            .ok()
+            .and_then(|h| h.facts.request_id.map(|i| policy::Fields::value(h, i)))
+            .filter(|v: &&[u8]| valid_request_id_bytes(v))
+            .and_then(|v| HeaderValue::from_bytes(v).ok());
+        ctx.request_id = Some(client_id.unwrap_or_else(|| state.request_ids.next()));
         let (framing, index) = match &head {
             Ok(h) => {
                 let authority = session.req_header().uri.authority();
@@ -416,7 +417,7 @@ impl ProxyHttp for Gateway {
             Sent::Replay
         } else {
             Sent::First {
-                replayable: self.replayable(session, &state),
+                replayable: self.replayable(session, ctx),
             }
         };
         if !route.token.upstream_refused(ctx.generation, sent) {
@@ -447,9 +448,8 @@ impl ProxyHttp for Gateway {
             // Our own 401 replay: replayability was decided in upstream_response_filter.
             return e;
         }
-        // pingora's default policy.
-        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
-        {
+        let body_whole = !session.as_ref().retry_buffer_truncated();
+        if !policy::may_resend(&session.req_header().method, body_whole) {
             e.set_retry(false);
         } else {
             e.retry.decide_reuse(client_reused);
@@ -518,25 +518,26 @@ impl ProxyHttp for Gateway {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        downstream::apply_response_policy(response, ctx.request_id.as_ref())?;
-        if session.req_header().version < http::Version::HTTP_11
-            && response.headers.contains_key(TRANSFER_ENCODING)
-        {
-            // RFC 9112 §6.1: no Transfer-Encoding to an HTTP/1.0 client. pingora-proxy frames a
-            // body of unknown length chunked (or keeps the upstream's chunked); without it
-            // pingora writes the body as it comes and the close ends it (RFC 9112 §6.3).
-            if !only_chunked(response.headers.get_all(TRANSFER_ENCODING)) {
-                // Another coding (`gzip, chunked`) cannot reach this client as sent, and the
-                // gateway does not decode it: refuse rather than hand over an unlabelled body.
-                return Err(Error::explain(
-                    ErrorType::InvalidHTTPHeader,
-                    "response transfer coding other than chunked for an HTTP/1.0 client",
-                )
-                .into_up());
+        let facts = downstream::apply_response_policy(response, ctx.request_id.as_ref())?;
+        if session.req_header().version < http::Version::HTTP_11 {
+            // pingora-proxy frames a body of unknown length chunked (or keeps the upstream's
+            // chunked); without `Transfer-Encoding` it writes the body as it comes and the close
+            // ends it.
+            match policy::response::for_http10_client(&facts) {
+                Http10Body::AsIs => {}
+                Http10Body::Unchunked => {
+                    response.remove_header(&TRANSFER_ENCODING);
+                    response.remove_header(&http::header::CONTENT_LENGTH);
+                    session.set_keepalive(None);
+                }
+                Http10Body::Refused => {
+                    return Err(Error::explain(
+                        ErrorType::InvalidHTTPHeader,
+                        "response transfer coding other than chunked for an HTTP/1.0 client",
+                    )
+                    .into_up())
+                }
             }
-            response.remove_header(&TRANSFER_ENCODING);
-            response.remove_header(&http::header::CONTENT_LENGTH);
-            session.set_keepalive(None);
         }
         // An intermediary sends its own HTTP version (RFC 9110 §6.2), as the fast path does;
         // pingora passes an HTTP/1.0 upstream's on when the body has a length.
@@ -682,15 +683,13 @@ impl Gateway {
     /// Whether the request can be sent again: no body, or a body kept whole within
     /// `replay_body_limit` (pingora's retry buffer holds at most 64 KiB). Never an empty-body
     /// retry of a request that had a body.
-    fn replayable(&self, session: &mut Session, state: &SharedState) -> bool {
-        let req = session.req_header();
-        let content_length = req
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        let chunked = req.headers.contains_key(http::header::TRANSFER_ENCODING);
-        if !chunked && content_length.unwrap_or(0) == 0 {
+    fn replayable(&self, session: &mut Session, ctx: &RequestCtx) -> bool {
+        let state = &ctx.state;
+        let Some(facts) = ctx.head.as_ref().map(|h| &h.facts) else {
+            return false;
+        };
+        let content_length = facts.content_length;
+        if !facts.chunked && content_length.unwrap_or(0) == 0 {
             return true;
         }
         let limit = state.replay_body_limit.min(RETRY_BUFFER_LIMIT) as u64;
@@ -733,27 +732,10 @@ fn client_caused(error: &Error) -> bool {
         || matches!(error.etype(), ErrorType::HTTPStatus(code) if *code != 503)
 }
 
-/// Whether a message's `Transfer-Encoding` fields together name exactly one coding, `chunked`
-/// (any case): the only transfer coding a request can carry through the gateway unchanged, and
-/// the only one the gateway can take off a response for an HTTP/1.0 client (RFC 9112 §6.1, §7).
-fn only_chunked(fields: http::header::GetAll<'_, HeaderValue>) -> bool {
-    let mut codings = fields.into_iter().flat_map(|v| policy::list(v.as_bytes()));
-    matches!(
-        (codings.next(), codings.next()),
-        (Some(c), None) if c.eq_ignore_ascii_case(b"chunked")
-    )
-}
-
-/// A client-supplied `X-Request-Id` is kept when it is short visible ASCII.
-#[inline]
-pub(crate) fn valid_request_id(v: &HeaderValue) -> bool {
-    valid_request_id_bytes(v.as_bytes())
-}
-
 /// Longest client-supplied `X-Request-Id` the gateway keeps, in bytes.
 pub(crate) const MAX_REQUEST_ID: usize = 128;
 
-/// [`valid_request_id`] on the value's bytes: 1 to [`MAX_REQUEST_ID`] visible ASCII bytes.
+/// Whether a client's `X-Request-Id` is kept: 1 to [`MAX_REQUEST_ID`] visible ASCII bytes.
 #[inline]
 pub(crate) fn valid_request_id_bytes(b: &[u8]) -> bool {
     // A branch-free pass (vectorised): ids are checked on every request that carries one.
@@ -845,30 +827,9 @@ mod tests {
     }
 
     #[test]
-    fn only_chunked_accepts_exactly_one_chunked_coding() {
-        let check = |fields: &[&'static str]| {
-            let mut map = http::HeaderMap::new();
-            for f in fields {
-                map.append(TRANSFER_ENCODING, HeaderValue::from_static(f));
-            }
-            only_chunked(map.get_all(TRANSFER_ENCODING))
-        };
-        assert!(check(&["chunked"]));
-        assert!(check(&["Chunked"]));
-        assert!(check(&[" chunked , "]));
-        assert!(!check(&["gzip, chunked"]));
-        assert!(!check(&["gzip", "chunked"]));
-        assert!(!check(&["chunked", "chunked"]));
-        assert!(!check(&["chunked, chunked"]));
-        assert!(!check(&["xchunked"]));
-        assert!(!check(&["identity"]));
-        assert!(!check(&[""]));
-    }
-
-    #[test]
     fn request_id_validation() {
-        assert!(valid_request_id(&HeaderValue::from_static("abc-123")));
-        assert!(!valid_request_id(&HeaderValue::from_static("")));
-        assert!(!valid_request_id(&HeaderValue::from_static("a b")));
+        assert!(valid_request_id_bytes(b"abc-123"));
+        assert!(!valid_request_id_bytes(b""));
+        assert!(!valid_request_id_bytes(b"a b"));
     }
 }

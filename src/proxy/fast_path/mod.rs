@@ -46,7 +46,7 @@ mod request;
 mod response;
 mod timer;
 
-use super::policy::{ErrorResponse, GatewayError, Plan};
+use super::policy::{self, ErrorResponse, GatewayError, Plan};
 use super::routes::{Route, RouteTable};
 use super::{
     client_allowed, record_request, valid_request_id_bytes, Gateway, Live, RequestRecord,
@@ -705,7 +705,11 @@ impl ListenerApp {
                 };
                 match send(&mut up, c, ctx, reused).await {
                     Ok(head) => break (up, head),
-                    Err(f) if f.retryable && attempts < 3 && ctx.req.method.is_idempotent() => {}
+                    // The body is in the buffer whole.
+                    Err(f)
+                        if f.retryable
+                            && attempts < 3
+                            && policy::may_resend(&ctx.req.method, true) => {}
                     Err(f) => {
                         route.metrics.upstream_error(f.kind);
                         tracing::warn!(route = %route.name, error = %f.what, "upstream request failed");

@@ -559,11 +559,12 @@ pub fn write_value<F: Fields + ?Sized>(
     }
 }
 
-/// Whether a request that failed on a reused upstream connection before any response byte
-/// arrived may be sent again on a new one: idempotent methods only (RFC 9110 §9.2.2), and only
-/// when its body is still whole.
-pub fn may_retry(method: &Method, reused: bool, body_whole: bool) -> bool {
-    reused && body_whole && method.is_idempotent()
+/// Whether a request whose upstream attempt failed before any response byte arrived may be
+/// sent again: idempotent methods only (RFC 9110 §9.2.2), and only while its body is still
+/// whole. Which failures are worth a second attempt (a reused connection the upstream had
+/// closed) is the transport's to say.
+pub fn may_resend(method: &Method, body_whole: bool) -> bool {
+    body_whole && method.is_idempotent()
 }
 
 /// The elements of a list-valued field value (RFC 9110 §5.6.1), trimmed, empty ones skipped.

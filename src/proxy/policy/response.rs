@@ -22,6 +22,8 @@ pub struct ResponseFacts {
     /// One `Content-Length` field in canonical form.
     length_canonical: bool,
     length_fields: u8,
+    /// Transfer codings named, across every `Transfer-Encoding` field.
+    codings: u8,
 }
 
 impl ResponseFacts {
@@ -37,6 +39,7 @@ impl ResponseFacts {
             nominations: false,
             length_canonical: false,
             length_fields: 0,
+            codings: 0,
         }
     }
 
@@ -69,8 +72,12 @@ impl ResponseFacts {
                 }
             }
             FieldName::TransferEncoding => {
-                let last = value.rsplit(|b| *b == b',').next().unwrap_or(b"");
-                self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                for coding in list(value) {
+                    self.codings = self.codings.saturating_add(1);
+                    self.chunked = Some(coding.eq_ignore_ascii_case(b"chunked"));
+                }
+                // A field with no coding at all still says the body is not length-delimited.
+                self.chunked.get_or_insert(false);
             }
             FieldName::Connection => {
                 for option in list(value) {
@@ -193,4 +200,58 @@ fn connection_names<F: Fields + ?Sized>(fields: &F, name: &[u8]) -> bool {
 /// protocol the client did not ask for). Anything else is a broken upstream: 502.
 pub fn switch_allowed(upgrade: Upgrade) -> bool {
     upgrade == Upgrade::WebSocket
+}
+
+/// How a response body reaches an HTTP/1.0 client, which cannot read a transfer coding (RFC
+/// 9112 §6.1).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Http10Body {
+    /// No `Transfer-Encoding`: sent as framed.
+    AsIs,
+    /// Exactly `chunked`: sent without `Transfer-Encoding` and `Content-Length`, the body
+    /// decoded, the connection's close ending it (RFC 9112 §6.3).
+    Unchunked,
+    /// Another coding (`gzip, chunked`): the gateway does not decode it and cannot hand over an
+    /// unlabelled body, so the client gets 502.
+    Refused,
+}
+
+/// [`Http10Body`] for a response with `facts`.
+pub fn for_http10_client(facts: &ResponseFacts) -> Http10Body {
+    match (facts.chunked, facts.codings) {
+        (None, _) => Http10Body::AsIs,
+        (Some(true), 1) => Http10Body::Unchunked,
+        _ => Http10Body::Refused,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_http_1_0_client_gets_exactly_one_chunked_coding_undone() {
+        let check = |fields: &[&str]| {
+            let view: Vec<(&[u8], &[u8])> = fields
+                .iter()
+                .map(|v| (&b"Transfer-Encoding"[..], v.as_bytes()))
+                .collect();
+            for_http10_client(&ResponseFacts::of(1, view.as_slice()))
+        };
+        assert_eq!(check(&[]), Http10Body::AsIs);
+        assert_eq!(check(&["chunked"]), Http10Body::Unchunked);
+        assert_eq!(check(&["Chunked"]), Http10Body::Unchunked);
+        assert_eq!(check(&[" chunked , "]), Http10Body::Unchunked);
+        for refused in [
+            &["gzip, chunked"][..],
+            &["gzip", "chunked"],
+            &["chunked", "chunked"],
+            &["chunked, chunked"],
+            &["xchunked"],
+            &["identity"],
+            &[""],
+        ] {
+            assert_eq!(check(refused), Http10Body::Refused, "{refused:?}");
+        }
+    }
 }
