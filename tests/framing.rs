@@ -229,6 +229,14 @@ async fn served_requests_leave_in_canonical_form() {
         assert_eq!(a.status, 200, "{}", a.head);
         assert_eq!(rig.raw.last().expect("forwarded").target, "/q?a=1&b=2");
     }
+    // An empty line before the request line is ignored (RFC 9112 §2.2).
+    let a = send(
+        rig.gw.addr(),
+        b"\r\nGET /drillster/empty-line HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.head);
+    assert_eq!(rig.raw.last().expect("forwarded").target, "/empty-line");
     let a = send(
         rig.gw.addr(),
         b"GET http://gw/drillster/abs?x=1 HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",

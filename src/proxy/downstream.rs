@@ -65,13 +65,15 @@ impl DownstreamHead {
             Err(httparse::Error::TooManyHeaders) => return Err(GatewayError::HeaderTooLarge),
             _ => return Err(GatewayError::BadRequest("malformed request head")),
         }
-        if !policy::target::request_line_ok(&raw) {
-            return Err(GatewayError::BadRequest("malformed request line"));
-        }
         let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version)
         else {
             return Err(GatewayError::BadRequest("incomplete request line"));
         };
+        // From the method on: empty lines before the request line are ignored (RFC 9112 §2.2).
+        let line_start = method.as_ptr() as usize - raw.as_ptr() as usize;
+        if !policy::target::request_line_ok(&raw[line_start..]) {
+            return Err(GatewayError::BadRequest("malformed request line"));
+        }
         let method = Method::from_bytes(method.as_bytes())
             .map_err(|_| GatewayError::BadRequest("invalid method"))?;
         let form = policy::target_form(&method, target.as_bytes())?;

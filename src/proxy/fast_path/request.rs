@@ -113,7 +113,8 @@ pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
     let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
         return Parsed::Refuse(GatewayError::BadRequest("incomplete request line"));
     };
-    if !policy::target::request_line_ok(buf) {
+    // From the method on: empty lines before the request line are ignored (RFC 9112 §2.2).
+    if !policy::target::request_line_ok(&buf[offset_in(buf, method.as_bytes()).start..]) {
         return Parsed::Refuse(GatewayError::BadRequest("malformed request line"));
     }
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
