@@ -64,7 +64,7 @@ def sh(cmd, **kw):
     return subprocess.run(cmd, shell=isinstance(cmd, str), check=True, **kw)
 
 
-def ensure_tools():
+def ensure_tools(need_oha=True):
     # cmake: the release build needs it (pingora's zlib-ng, aws-lc); the rest are the targets
     # and the load generator.
     missing = [p for p, b in (("cmake", "cmake"), ("nginx-light", "nginx"), ("haproxy", "haproxy"), ("wrk", "wrk"))
@@ -73,7 +73,7 @@ def ensure_tools():
         print(f"installing {' '.join(missing)} …", file=sys.stderr)
         sh("apt-get update -qq")
         sh(["apt-get", "install", "-y", "-qq", *missing], stdout=subprocess.DEVNULL)
-    if not shutil.which("oha") and not (Path.home() / ".cargo/bin/oha").exists():
+    if need_oha and not shutil.which("oha") and not (Path.home() / ".cargo/bin/oha").exists():
         print("installing oha from crates.io …", file=sys.stderr)
         sh(["cargo", "install", "--locked", "oha"])
     os.environ["PATH"] = f"{Path.home() / '.cargo/bin'}:{os.environ['PATH']}"
@@ -496,7 +496,7 @@ def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     ports_free()  # before the install and the build: fail fast
     out.mkdir(parents=True, exist_ok=True)
-    ensure_tools()
+    ensure_tools(need_oha="latency" in stages)
     if not args.skip_build:
         build()
     results = {"machine": {"cpus": os.cpu_count(), "proxy_core": PROXY_CORE, "client_core": CLIENT_CORE}}

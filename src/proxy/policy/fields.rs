@@ -119,59 +119,142 @@ impl FieldName {
 /// names of that length (see [`name_eq`]).
 #[inline]
 pub fn classify(name: &[u8]) -> FieldName {
-    let is = |s: &'static str| name_eq(name, s);
-    let class = match name.len() {
-        2 if is("te") => FieldName::Te,
-        4 if is("host") => FieldName::Host,
-        4 if is("date") => FieldName::Date,
-        5 if is("proxy") => FieldName::Proxy,
-        6 if is("cookie") => FieldName::Cookie,
-        6 if is("expect") => FieldName::Expect,
-        7 if is("upgrade") => FieldName::Upgrade,
-        7 if is("trailer") => FieldName::Trailer,
-        10 if is("connection") => FieldName::Connection,
-        10 if is("keep-alive") => FieldName::KeepAlive,
-        12 if is("x-request-id") => FieldName::XRequestId,
-        13 if is("authorization") => FieldName::Authorization,
-        14 if is("content-length") => FieldName::ContentLength,
-        14 if is("http2-settings") => FieldName::Http2Settings,
-        15 if is("x-forwarded-for") => FieldName::XForwardedFor,
-        16 if is("x-forwarded-host") => FieldName::XForwardedHost,
-        16 if is("proxy-connection") => FieldName::ProxyConnection,
-        17 if is("x-forwarded-proto") => FieldName::XForwardedProto,
-        17 if is("transfer-encoding") => FieldName::TransferEncoding,
-        18 if is("proxy-authenticate") => FieldName::ProxyAuthenticate,
-        19 if is("proxy-authorization") => FieldName::ProxyAuthorization,
-        _ => return FieldName::Other,
+    use FieldName::*;
+    let candidates: &[(FieldName, &str)] = match name.len() {
+        2 => &[(Te, "te")],
+        4 => &[(Host, "host"), (Date, "date")],
+        5 => &[(Proxy, "proxy")],
+        6 => &[(Cookie, "cookie"), (Expect, "expect")],
+        7 => &[(Upgrade, "upgrade"), (Trailer, "trailer")],
+        10 => &[(Connection, "connection"), (KeepAlive, "keep-alive")],
+        12 => &[(XRequestId, "x-request-id")],
+        13 => &[(Authorization, "authorization")],
+        14 => &[
+            (ContentLength, "content-length"),
+            (Http2Settings, "http2-settings"),
+        ],
+        15 => &[(XForwardedFor, "x-forwarded-for")],
+        16 => &[
+            (XForwardedHost, "x-forwarded-host"),
+            (ProxyConnection, "proxy-connection"),
+        ],
+        17 => &[
+            (XForwardedProto, "x-forwarded-proto"),
+            (TransferEncoding, "transfer-encoding"),
+        ],
+        18 => &[(ProxyAuthenticate, "proxy-authenticate")],
+        19 => &[(ProxyAuthorization, "proxy-authorization")],
+        _ => return Other,
     };
-    // Only names that matched pay for this look: with `_` they matched loosely.
-    if memchr::memchr(b'_', name).is_some() {
-        FieldName::Underscored
-    } else {
-        class
+    for &(class, lower) in candidates {
+        match name_match(name, lower.as_bytes()) {
+            Match::Exact => return class,
+            // Framing is decided by the exact names only.
+            Match::Underscored => return Underscored,
+            Match::No => {}
+        }
     }
+    Other
+}
+
+/// How a name compares with a folded one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Match {
+    No,
+    /// The same ignoring case.
+    Exact,
+    /// The same once `_` is taken for `-`.
+    Underscored,
 }
 
 /// `0x20` in every byte: ORed into a token byte, it lower-cases a letter and leaves digits, `-`
 /// and every other token byte that could be mistaken for one of those as it is (RFC 9110
 /// §5.6.2); `_` becomes `0x7f`.
 const CASE8: u64 = u64::from_ne_bytes([0x20; 8]);
+const CASE4: u32 = u32::from_ne_bytes([0x20; 4]);
 const DEL8: u64 = u64::from_ne_bytes([0x7f; 8]);
 const LOW7: u64 = u64::from_ne_bytes([0x7f; 8]);
 const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
 /// `0x7f - b'-'` in one byte.
 const UNDERSCORE_TO_DASH: u64 = 0x7f - b'-' as u64;
 
-/// Eight name bytes folded for comparison: ASCII letters lower-cased and `_` turned into `-`.
-/// Every other token byte keeps a value no lower-case name byte (`a-z`, `0-9`, `-`) has.
+/// Eight name bytes, `0x20` already ORed in, with every `0x7f` byte (from `_`: DEL is no
+/// token byte) turned into `-`. Bytes equal to 0x7f are the zero bytes of `y`; this finds them
+/// exactly (no borrow crosses a byte: each sum is at most 0xfe).
 #[inline(always)]
-fn fold8(word: u64) -> u64 {
-    let x = word | CASE8;
-    // Bytes of `x` equal to 0x7f (from `_`, since DEL is no token byte) are the zero bytes of
-    // `y`; this finds them exactly (no borrow crosses a byte: each sum is at most 0xfe).
+fn underscores_to_dashes(x: u64) -> u64 {
     let y = x ^ DEL8;
     let zero = !(((y & LOW7) + LOW7) | y) & HIGH;
     x - (zero >> 7) * UNDERSCORE_TO_DASH
+}
+
+/// [`underscores_to_dashes`] on four bytes.
+#[inline(always)]
+fn underscores_to_dashes4(x: u32) -> u32 {
+    const DEL4: u32 = u32::from_ne_bytes([0x7f; 4]);
+    const LOW4: u32 = u32::from_ne_bytes([0x7f; 4]);
+    const HIGH4: u32 = u32::from_ne_bytes([0x80; 4]);
+    let y = x ^ DEL4;
+    let zero = !(((y & LOW4) + LOW4) | y) & HIGH4;
+    x - (zero >> 7) * UNDERSCORE_TO_DASH as u32
+}
+
+/// Compares `name` with `lower` (same length; lower case, `a-z`, `0-9`, `-` and other token
+/// bytes ORed with `0x20`), eight or four bytes at a time: for a token byte `b`, `b | 0x20`
+/// equals such a byte exactly when `b` equals it ignoring case (no other token byte maps onto
+/// a letter, digit or `-`), and `_ | 0x20` is `0x7f`, which only `_` gives.
+#[inline(always)]
+fn name_match(name: &[u8], lower: &[u8]) -> Match {
+    let n = lower.len();
+    if name.len() != n {
+        return Match::No;
+    }
+    let mut underscored = false;
+    if n >= 8 {
+        let word =
+            |s: &[u8], i: usize| u64::from_ne_bytes(s[i..i + 8].try_into().unwrap_or([0; 8]));
+        // Overlapping words cover every length from 8 on.
+        let mut i = 0;
+        loop {
+            let at = if i + 8 < n { i } else { n - 8 };
+            let (x, l) = (word(name, at) | CASE8, word(lower, at));
+            if x != l {
+                if underscores_to_dashes(x) != l {
+                    return Match::No;
+                }
+                underscored = true;
+            }
+            if at == n - 8 {
+                break;
+            }
+            i += 8;
+        }
+    } else if n >= 4 {
+        let word =
+            |s: &[u8], i: usize| u32::from_ne_bytes(s[i..i + 4].try_into().unwrap_or([0; 4]));
+        for at in [0, n - 4] {
+            let (x, l) = (word(name, at) | CASE4, word(lower, at));
+            if x != l {
+                if underscores_to_dashes4(x) != l {
+                    return Match::No;
+                }
+                underscored = true;
+            }
+        }
+    } else {
+        for (&a, &b) in name.iter().zip(lower) {
+            match a | 0x20 {
+                x if x == b => {}
+                0x7f if b == b'-' => underscored = true,
+                _ => return Match::No,
+            }
+        }
+    }
+    if underscored {
+        Match::Underscored
+    } else {
+        Match::Exact
+    }
 }
 
 /// Whether the field name `name` is `lower`, ignoring ASCII case and taking `_` for `-`.
@@ -180,34 +263,7 @@ fn fold8(word: u64) -> u64 {
 /// (byte-wise `eq_ignore_ascii_case` costs ~35 instructions a name).
 #[inline(always)]
 pub fn name_eq(name: &[u8], lower: &str) -> bool {
-    folded_eq(name, lower.as_bytes())
-}
-
-/// [`name_eq`] against a name already folded (lower case, `-`), as bytes.
-#[inline(always)]
-fn folded_eq(name: &[u8], lower: &[u8]) -> bool {
-    let n = lower.len();
-    if name.len() != n {
-        return false;
-    }
-    let word = |s: &[u8], i: usize| u64::from_ne_bytes(s[i..i + 8].try_into().unwrap_or([0; 8]));
-    if n >= 8 {
-        // Overlapping words cover every length from 8 on.
-        let mut i = 0;
-        while i + 8 < n {
-            if fold8(word(name, i)) != word(lower, i) {
-                return false;
-            }
-            i += 8;
-        }
-        return fold8(word(name, n - 8)) == word(lower, n - 8);
-    }
-    let mut a = [0u8; 8];
-    let mut b = [0u8; 8];
-    a[..n].copy_from_slice(name);
-    b[..n].copy_from_slice(lower);
-    // Zero padding folds to 0x20 in `a`: fold both sides alike.
-    fold8(u64::from_ne_bytes(a)) == fold8(u64::from_ne_bytes(b))
+    name_match(name, lower.as_bytes()) != Match::No
 }
 
 /// `name` folded byte by byte as [`name_eq`] folds a name: `0x20` ORed in, `_` as `-`. For
@@ -234,7 +290,9 @@ pub fn names_match(a: &[u8], b: &[u8]) -> bool {
 /// Whether `name` is one of `folded` (names folded by [`fold_name`]).
 #[inline]
 pub fn among(name: &[u8], folded: &[Box<[u8]>]) -> bool {
-    folded.iter().any(|f| folded_eq(name, f))
+    folded
+        .iter()
+        .any(|f| f.len() == name.len() && name_match(name, f) != Match::No)
 }
 
 #[cfg(test)]

@@ -122,7 +122,7 @@ pub struct RequestScan {
 
 impl RequestScan {
     /// Notes the `i`-th field (`class` as [`classify`] gives it). The first refusal is kept.
-    #[inline]
+    #[inline(always)]
     pub fn field(&mut self, i: usize, class: FieldName, value: &[u8]) {
         let f = &mut self.facts;
         let refuse = |why| Some(GatewayError::BadRequest(why));
@@ -424,14 +424,7 @@ pub fn plan_request<F: Fields + ?Sized>(
             Action::Put(set)
         }
     };
-    let strips = !route.strip_folded.is_empty() || facts.nominations > 0;
-    let removed = |i: usize| {
-        strips && {
-            let name = fields.name(i);
-            fields::among(name, &route.strip_folded)
-                || (facts.nominations > 0 && nominated(fields, name))
-        }
-    };
+    let removed = |i: usize| removed(fields, i, route, facts);
     let websocket = facts.upgrade == Upgrade::WebSocket;
     for i in 0..fields.count() {
         let action = match fields.class(i) {
@@ -503,6 +496,16 @@ pub fn plan_request<F: Fields + ?Sized>(
     plan.added = wanted & !placed;
 }
 
+/// Whether the route strips the `i`-th field or a `Connection` names it.
+#[inline(always)]
+fn removed<F: Fields + ?Sized>(fields: &F, i: usize, route: &Route, facts: &RequestFacts) -> bool {
+    if route.strip_folded.is_empty() && facts.nominations == 0 {
+        return false;
+    }
+    let name = fields.name(i);
+    fields::among(name, &route.strip_folded) || (facts.nominations > 0 && nominated(fields, name))
+}
+
 /// `path?query` of an absolute-form target.
 fn origin_form(path: &[u8], query: Option<&[u8]>) -> Vec<u8> {
     let mut t = path.to_vec();
@@ -521,6 +524,7 @@ fn nominated<F: Fields + ?Sized>(fields: &F, name: &[u8]) -> bool {
 }
 
 /// Writes the value of the gateway's field `set` into `out`.
+#[inline]
 pub fn write_value<F: Fields + ?Sized>(
     set: Set,
     fields: &F,

@@ -49,22 +49,56 @@ pub fn request_line_ok(head: &[u8]) -> bool {
     let Some(line) = head[..end].strip_suffix(b"\r") else {
         return false;
     };
-    let mut parts = line.split(|&b| b == b' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let Some(sp1) = memchr::memchr(b' ', line) else {
         return false;
     };
+    let rest = &line[sp1 + 1..];
+    let Some(sp2) = memchr::memchr(b' ', rest) else {
+        return false;
+    };
+    let (method, target, version) = (&line[..sp1], &rest[..sp2], &rest[sp2 + 1..]);
+    // Branch-free table passes: this runs for every request.
+    let all = |bytes: &[u8], table: &[bool; 256]| {
+        bytes.iter().fold(true, |ok, &b| ok & table[b as usize])
+    };
     !method.is_empty()
-        && method.iter().all(|&b| is_tchar(b))
+        && all(method, &TCHAR)
         && !target.is_empty()
-        && target.iter().all(|&b| b.is_ascii_graphic())
+        && all(target, &VCHAR)
         && (version == b"HTTP/1.1" || version == b"HTTP/1.0")
 }
 
+/// Token bytes (RFC 9110 §5.6.2).
+const TCHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = (b as u8).is_ascii_alphanumeric();
+        b += 1;
+    }
+    let extra = b"!#$%&'*+-.^_`|~";
+    let mut i = 0;
+    while i < extra.len() {
+        t[extra[i] as usize] = true;
+        i += 1;
+    }
+    t
+};
+
+/// Visible ASCII (RFC 5234 `VCHAR`).
+const VCHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0x21;
+    while b < 0x7f {
+        t[b] = true;
+        b += 1;
+    }
+    t
+};
+
 /// A token byte (RFC 9110 §5.6.2).
 pub(crate) fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    TCHAR[b as usize]
 }
 
 /// The path and query of an origin-form or absolute-form `target`, split at the first `?`
@@ -155,8 +189,9 @@ pub fn prefix_matches(prefix: &[u8], path: &[u8]) -> bool {
 /// parameters. Server-side parsers read each of these spellings as that parameter
 /// (`ACCESS_TOKEN`, `x=1;access_token=`, `access%255Ftoken`, `access_token[]`).
 pub fn strip_access_token(query: &[u8]) -> Option<Vec<u8>> {
-    // Every such name holds `_`, or `%` when the `_` is encoded: most queries have neither.
-    memchr::memchr2(b'_', b'%', query)?;
+    if !may_hold_access_token(query) {
+        return None;
+    }
     let is_separator = |b: &u8| *b == b'&' || *b == b';';
     if !query.split(is_separator).any(is_access_token_param) {
         return None;
@@ -181,6 +216,22 @@ pub fn strip_access_token(query: &[u8]) -> Option<Vec<u8>> {
         start = end + 1;
     }
     Some(out)
+}
+
+/// A quick look for what every spelling of the name needs: a `%` (an encoded name), or an
+/// `_` with `access` before it and `token` after it in any case. Most queries have neither.
+#[inline]
+fn may_hold_access_token(query: &[u8]) -> bool {
+    if memchr::memchr(b'%', query).is_some() {
+        return true;
+    }
+    memchr::memchr_iter(b'_', query).any(|i| {
+        i >= 6
+            && query[i - 6..i].eq_ignore_ascii_case(b"access")
+            && query
+                .get(i + 1..i + 6)
+                .is_some_and(|t| t.eq_ignore_ascii_case(b"token"))
+    })
 }
 
 /// Whether the parameter `pair` (`name` or `name=value`) is `access_token`, as
