@@ -1,5 +1,5 @@
-//! Criterion micro-benchmarks of tokengate's own per-request work (STYLE.md "Nothing slow or
-//! chatty on the hot path"): route lookup, credential stripping plus token insertion, the
+//! Criterion micro-benchmarks of tokengate's own per-request work (nothing slow or chatty on
+//! the hot path): route lookup, credential stripping plus token insertion, the
 //! `access_token` query rewrite, the lock-free token read, and all of them together as one
 //! request's work (`per_request`). No network and no pingora server: only the functions the
 //! proxy phases call for every request.

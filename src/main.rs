@@ -1,4 +1,4 @@
-//! `tokengate` command line (SPEC "Command line"). Parses arguments, loads config, starts; maps
+//! `tokengate` command line (README "Command line"). Parses arguments, loads config, starts; maps
 //! errors to exit codes: 0 success, 1 runtime failure, 2 bad usage or bad config.
 
 use std::io::IsTerminal as _;

@@ -1,4 +1,4 @@
-//! The `tokengate` binary: exit codes and messages of `check`, `token` (SPEC "Command line").
+//! The `tokengate` binary: exit codes and messages of `check`, `token` (README "Command line").
 
 mod common;
 

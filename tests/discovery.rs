@@ -1,6 +1,6 @@
-//! Issue 3, item 18: `issuer = "…"` instead of `token_endpoint` — RFC 8414 metadata first, then
-//! OpenID Connect discovery; a mismatching `issuer` is refused; the result is cached; discovery
-//! runs within the token timeout.
+//! Token endpoint discovery: `issuer = "…"` instead of `token_endpoint` — RFC 8414 metadata
+//! first, then OpenID Connect discovery; a mismatching `issuer` is refused; the result is cached;
+//! discovery runs within the token timeout.
 
 mod common;
 mod scenarios;
@@ -8,21 +8,21 @@ mod scenarios;
 use scenarios as s;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn item18_rfc8414_first_and_cached() {
+async fn discovery_rfc8414_first_and_cached() {
     s::discovery_rfc8414_first_and_cached().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn item18_falls_back_to_openid_configuration() {
+async fn discovery_falls_back_to_openid_configuration() {
     s::discovery_falls_back_to_openid_configuration().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn item18_rejects_issuer_mismatch() {
+async fn discovery_rejects_issuer_mismatch() {
     s::discovery_rejects_issuer_mismatch().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn item18_hang_is_bounded_by_token_timeout() {
+async fn discovery_hang_is_bounded_by_token_timeout() {
     s::discovery_hang_is_bounded_by_token_timeout().await;
 }

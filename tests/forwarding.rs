@@ -1,6 +1,6 @@
-//! Exact forwarding through the gateway to the byte-exact sandbox upstream (issue 4, points 1–3,
-//! 4 (small bodies), 7, 10–12): paths and queries byte for byte, hop-by-hop fields removed, one
-//! `Authorization`, bodies whole, redirects passed back, no open proxy, 405, malformed requests.
+//! Exact forwarding through the gateway to the byte-exact sandbox upstream: paths and queries
+//! byte for byte, hop-by-hop fields removed, one `Authorization`, small bodies whole, redirects
+//! passed back, no open proxy, 405, malformed requests.
 
 mod common;
 mod proxy_support;
@@ -264,7 +264,8 @@ async fn no_open_proxy() {
         Some(raw_addr.to_string().as_str())
     );
 
-    // The issue's literal input: nothing routes `/` (404), nothing is contacted.
+    // An absolute-form request for a foreign host's `/`: nothing routes `/` (404), nothing is
+    // contacted.
     let before = rig.raw.request_count();
     let r = send(
         rig.gw.addr(),

@@ -1,5 +1,5 @@
 //! End to end through the gateway: sandbox authorization servers and API on loopback, the real
-//! gateway in front (SPEC "Proxy behaviour", "Token lifecycle", "Admin endpoints").
+//! gateway in front (README "Proxy behaviour", "Token lifecycle", "Admin endpoints").
 
 mod common;
 
@@ -33,7 +33,8 @@ async fn both_grants_end_to_end() {
     );
     assert!(echo.header("x-request-id").is_some());
 
-    // The assertion the gateway sent, as the Drillster-like server received it (seed 004).
+    // The assertion the gateway sent, as the Drillster-like server received it (Drillster:
+    // Service accounts).
     let req = sandbox.drillster.last_request().expect("token request");
     assert_eq!(
         req.param("grant_type"),

@@ -1,8 +1,9 @@
-//! Issue 3, item 20 (SPEC "Secrets"): every log line written while the scenarios of items 1–18
-//! run — tokengate's own events at `trace`, the dependencies' (pingora's `log` records through
+//! No secret in any log line (README "Security notes"): every log line written while the token
+//! lifecycle, upstream 401, key file and discovery scenarios of `tests/scenarios/mod.rs` run —
+//! tokengate's own events at `trace`, the dependencies' (pingora's `log` records through
 //! tracing-log, reqwest, hyper) at `debug`, except `pingora_proxy`, whose debug events dump raw
-//! message bodies, at `info` — is captured, and none contains a client secret,
-//! private key material, an assertion or an access token.
+//! message bodies, at `info` — is captured, and none contains a client secret, private key
+//! material, an assertion or an access token.
 //!
 //! A global subscriber is process-wide, so this binary has exactly one test, which installs the
 //! capturing subscriber, drives the scenarios itself and checks the capture last.
@@ -45,13 +46,13 @@ impl<'a> MakeWriter<'a> for Capture {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn item20_no_secret_token_key_or_assertion_in_any_log_line() {
+async fn no_secret_token_key_or_assertion_in_any_log_line() {
     let capture = Capture::default();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(
             // pingora_proxy's debug events dump raw message bodies (the echo API echoes the
             // request headers, token included, in its body); the gateway never runs it at debug
-            // by default, see the report on issue 3.
+            // (it caps pingora's targets at `info` whatever `log.level` says).
             "debug,tokengate=trace,pingora_proxy=info",
         ))
         .with_writer(capture.clone())

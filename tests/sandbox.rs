@@ -1,5 +1,6 @@
-//! The sandbox servers behave like the vendors they stand in for (seeds 003 and 004), refuse what
-//! the real ones refuse, and their fault knobs do what they say.
+//! The sandbox servers behave like the vendors they stand in for (Drillster: Service accounts,
+//! Driftrock: Client credentials), refuse what the real ones refuse, and their fault knobs do what
+//! they say.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -62,7 +63,8 @@ fn sign(claims: &Value) -> String {
     sign_with(claims, DEMO_KEY_ID, DEMO_PRIVATE_PEM)
 }
 
-/// A seed 004 token request: client_secret_post, `Accept: application/json`.
+/// A Drillster token request as "Drillster: Service accounts" shows it: client_secret_post,
+/// `Accept: application/json`.
 async fn drillster_request(
     server: &AuthServer,
     assertion: &str,
@@ -83,7 +85,7 @@ async fn drillster_request(
     split(response).await
 }
 
-/// A seed 003 token request with the given `Authorization` value and extra form parameters.
+/// A Driftrock token request with the given `Authorization` value and extra form parameters.
 async fn driftrock_request(
     server: &AuthServer,
     authorization: &str,
@@ -136,7 +138,7 @@ fn header<'a>(headers: &'a http::HeaderMap, name: &str) -> &'a str {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Drillster-like server (seed 004, RFC 7523)
+// Drillster-like server (Drillster: Service accounts, RFC 7523)
 
 #[tokio::test]
 async fn drillster_valid_assertion_gets_a_token_the_api_accepts() {
@@ -500,7 +502,7 @@ async fn discovery_metadata_names_issuer_and_token_endpoint() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Driftrock-like server (seed 003, RFC 6749 §4.4, §2.3.1)
+// Driftrock-like server (Driftrock: Client credentials, RFC 6749 §4.4, §2.3.1)
 
 #[tokio::test]
 async fn driftrock_form_encoded_basic_credentials_succeed() {
@@ -618,7 +620,7 @@ async fn driftrock_refusals() {
         .expect("request");
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
 
-    // client_secret_post is off by default (seed 003 asks for Basic) …
+    // client_secret_post is off by default ("Driftrock: Client credentials" asks for Basic) …
     let post = [
         ("grant_type", "client_credentials"),
         ("client_id", DRIFTROCK_CLIENT_ID),

@@ -1,8 +1,8 @@
-//! Large tokens and secrets (issue 4, points 5 and 13), against the real binary so its log output
-//! can be searched: 12 KB and 40 KB access tokens are sent whole, an upstream 431 is passed
-//! through and logged with the token's size only; with an upstream answering 500, no error body,
-//! `/status`, metric or log line holds a client secret, assertion, private key, access token or
-//! `access_token` query value.
+//! Large tokens and secrets, against the real binary so its log output can be searched: 12 KB
+//! and 40 KB access tokens are sent whole, an upstream 431 is passed through and logged with the
+//! token's size only; with an upstream answering 500, no error body, `/status`, metric or log
+//! line holds a client secret, assertion, private key, access token or `access_token` query
+//! value.
 
 mod common;
 mod proxy_support;

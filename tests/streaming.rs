@@ -1,6 +1,6 @@
-//! Bodies stream through the gateway (issue 4, point 4): 50 MB up and down with the gateway
-//! process's resident memory growing by less than 16 MB, and `Expect: 100-continue` with a 2 MB
-//! body when the upstream answers 100 and when it answers 401 or 413 early.
+//! Bodies stream through the gateway: 50 MB up and down with the gateway process's resident
+//! memory growing by less than 16 MB, and `Expect: 100-continue` with a 2 MB body when the
+//! upstream answers 100 and when it answers 401 or 413 early.
 
 mod common;
 mod proxy_support;

@@ -1,6 +1,6 @@
-//! A TLS upstream with a private CA (issue 4, point 8): the route's `ca_file` is trusted, and the
-//! upstream sees TLS SNI and `Host` naming itself (`localhost`), never the client's Host. Without
-//! the `ca_file` the same upstream is refused (502), so verification is really on.
+//! A TLS upstream with a private CA: the route's `ca_file` is trusted, and the upstream sees TLS
+//! SNI and `Host` naming itself (`localhost`), never the client's Host. Without the `ca_file` the
+//! same upstream is refused (502), so verification is really on.
 
 mod common;
 mod proxy_support;

@@ -1,6 +1,6 @@
-//! The client allowlist (issue 4, point 9): with `allowed_clients = ["127.0.0.1/32"]` a client on
-//! 127.0.0.2 gets 403 `client_not_allowed`, even claiming `X-Forwarded-For: 127.0.0.1`; nothing
-//! reaches the upstream and no token is fetched for it.
+//! The client allowlist: with `allowed_clients = ["127.0.0.1/32"]` a client on 127.0.0.2 gets
+//! 403 `client_not_allowed`, even claiming `X-Forwarded-For: 127.0.0.1`; nothing reaches the
+//! upstream and no token is fetched for it.
 
 mod common;
 mod proxy_support;

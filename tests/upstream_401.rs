@@ -1,5 +1,5 @@
-//! Upstream 401 to a current token (SPEC "Proxy behaviour"): only that token generation is
-//! dropped, one refresh is shared, the request is replayed once if replayable, never looped.
+//! Upstream 401 to a current token (RFC 6750 §3.1 `invalid_token`): only that token generation
+//! is dropped, one refresh is shared, the request is replayed once if replayable, never looped.
 
 mod common;
 
@@ -109,7 +109,7 @@ async fn get_and_small_post_are_replayed_byte_identical() {
     sandbox.shutdown().await.unwrap();
 }
 
-/// The break-in case: a path the account may not use is refused whatever the token. Fifty
+/// A path the account may not use is refused whatever the token. Fifty
 /// requests to it cost one token request, not fifty, and every one gets the API's 401, on
 /// either proxy path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -202,16 +202,16 @@ fn hex(b: &[u8]) -> String {
 mod scenarios;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn item13_fetch_in_flight_cannot_restore_a_dropped_token() {
+async fn fetch_in_flight_cannot_restore_a_dropped_token() {
     scenarios::fetch_in_flight_cannot_restore_a_dropped_token().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn item14_large_chunked_post_is_not_replayed_and_next_request_uses_new_token() {
+async fn large_chunked_post_is_not_replayed_and_next_request_uses_new_token() {
     scenarios::large_chunked_post_is_not_replayed_and_next_request_uses_new_token().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn item15_upstream_that_keeps_refusing_gets_no_loop() {
+async fn upstream_that_keeps_refusing_gets_no_loop() {
     scenarios::upstream_that_keeps_refusing_gets_no_loop().await;
 }

@@ -1,6 +1,6 @@
-//! WebSocket upgrades through the gateway (issue 4, point 6): `Connection: Upgrade` and
-//! `Connection: keep-alive, Upgrade` both get 101 with the gateway's Bearer token on the
-//! handshake, messages flow both ways, and a token renewal does not close an open socket.
+//! WebSocket upgrades through the gateway: `Connection: Upgrade` and `Connection: keep-alive,
+//! Upgrade` both get 101 with the gateway's Bearer token on the handshake, messages flow both
+//! ways, and a token renewal does not close an open socket.
 
 mod common;
 mod proxy_support;

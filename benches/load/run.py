@@ -378,7 +378,7 @@ def wrk(url, connections, duration, fleet=None, proxy=None):
 
 def routes_runs(fleet, args):
     """tokengate on ROUTE_PATH, --rounds runs of --duration: medians of req/s and CPU µs per
-    request. One run is not enough: runs of the same build differ by up to 30 % on this VM."""
+    request. One run is not enough: runs of the same build differ by up to 30 % on a shared VM."""
     rs = [wrk(f"http://127.0.0.1:{PORTS['tokengate']}{ROUTE_PATH}", 64, args.duration, fleet, "tokengate")
           for _ in range(args.rounds)]
     return {"rps_median": statistics.median(r["rps"] for r in rs),

@@ -1,4 +1,5 @@
-//! The file layer: serde structs that mirror SPEC.md's TOML keys exactly.
+//! The file layer: serde structs that mirror the config file's TOML keys exactly (README
+//! "Configuration").
 //!
 //! Every struct has `deny_unknown_fields` so a misspelt key is an error, not a silently ignored
 //! setting. Every field is optional here: presence, defaults and cross-key rules are checked in
@@ -197,7 +198,7 @@ impl<'de> Deserialize<'de> for ByteSizeValue {
 }
 
 /// Keys whose values are credentials: never quoted in error messages, and each has a `_file`
-/// twin (SPEC "Secrets").
+/// twin whose file content is used instead (README "Configuration").
 pub(super) const SECRET_KEYS: &[&str] = &["client_secret", "client_id"];
 
 #[cfg(test)]

@@ -53,7 +53,8 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default `routes.auth.assertion_lifetime`.
 pub const DEFAULT_ASSERTION_LIFETIME: Duration = Duration::from_secs(300);
-/// Upper bound of `routes.auth.assertion_lifetime` (seed 004: `exp` at most one hour ahead).
+/// Upper bound of `routes.auth.assertion_lifetime`: "Drillster: Service accounts" puts `exp`
+/// at most one hour ahead.
 pub const MAX_ASSERTION_LIFETIME: Duration = Duration::from_secs(3600);
 /// Default `routes.auth.default_token_lifetime`.
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
@@ -95,7 +96,7 @@ impl Config {
         Config::from_toml_str(&text, Some(path), &env)
     }
 
-    /// Parses and validates TOML config text (SPEC.md "Configuration").
+    /// Parses and validates TOML config text (README "Configuration").
     ///
     /// * `source`: the file the text came from; names the file in errors and anchors relative
     ///   paths. `None` names it `<config>` and leaves relative paths relative to the process's

@@ -1,7 +1,8 @@
 //! Configuration: the TOML file layer and the validated internal model.
 //!
 //! The file layer (`file.rs`, serde structs with `deny_unknown_fields`) is the stable user
-//! interface described in SPEC.md; the types in this module are what the rest of the crate sees.
+//! interface described in README "Configuration"; the types in this module are what the rest of
+//! the crate sees.
 //! [`Config::load`] reads a file, expands `${VAR}` and `*_file` secrets, reads key files and
 //! validates every key, reporting all problems at once ([`ConfigErrors`]).
 
@@ -191,7 +192,7 @@ pub enum TokenEndpointLocation {
 /// Grant-specific settings.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Grant {
-    /// RFC 7523 §2.1 JWT bearer grant (Drillster service accounts, seed 004).
+    /// RFC 7523 §2.1 JWT bearer grant (Drillster: Service accounts).
     JwtBearer {
         /// The service account key file, parsed.
         key: ServiceAccountKey,
@@ -202,7 +203,7 @@ pub enum Grant {
         /// The assertion's `exp - iat`. Default 5 min, at most 1 h.
         assertion_lifetime: Duration,
     },
-    /// RFC 6749 §4.4 client credentials grant (Driftrock, seed 003).
+    /// RFC 6749 §4.4 client credentials grant (Driftrock: Client credentials).
     ClientCredentials {
         /// `resource` token request parameter (RFC 8707).
         resource: Option<String>,

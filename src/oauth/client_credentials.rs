@@ -1,5 +1,5 @@
-//! The client credentials grant (RFC 6749 §4.4), as Driftrock uses it (seed 003), and the
-//! client authentication both grants share (RFC 6749 §2.3.1).
+//! The client credentials grant (RFC 6749 §4.4), as Driftrock uses it (Driftrock: Client
+//! credentials), and the client authentication both grants share (RFC 6749 §2.3.1).
 
 use base64::Engine;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
@@ -95,7 +95,7 @@ mod tests {
     #[test]
     fn basic_raw_keeps_values() {
         let v = basic_authorization("s6BhdRkqt3", &Secret::new("gX1fBat3bV"), BasicEncoding::Raw);
-        // RFC 6749 §2.3.1 / seed 003 example value.
+        // The example credentials of RFC 6749 §4.4.2, used in Driftrock: Client credentials too.
         assert_eq!(v, "Basic czZCaGRSa3F0MzpnWDFmQmF0M2JW");
     }
 

@@ -1,6 +1,6 @@
 //! The JWT bearer authorization grant (RFC 7523 §2.1), as Drillster service accounts use it
-//! (seed 004): an RS256-signed assertion built from the JSON key file, exchanged at the token
-//! endpoint together with the client id and secret.
+//! (Drillster: Service accounts): an RS256-signed assertion built from the JSON key file,
+//! exchanged at the token endpoint together with the client id and secret.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -12,14 +12,16 @@ use super::key_file::ServiceAccountKey;
 /// `grant_type` value for this grant (RFC 7523 §2.1).
 pub const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 
-/// Longest time an assertion may be valid (seed 004: "not more than one hour").
+/// Longest time an assertion may be valid: "not more than one hour" (Drillster: Service
+/// accounts).
 pub const MAX_ASSERTION_LIFETIME: Duration = Duration::from_secs(3600);
 
 /// How far `iat` is backdated so a server whose clock is behind ours still accepts it.
 /// `exp - iat` stays within [`MAX_ASSERTION_LIFETIME`] whatever the configured lifetime.
 pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(120);
 
-/// Claims of the assertion (RFC 7523 §3; seed 004 lists `sub`, `iss`, `aud`, `exp`).
+/// Claims of the assertion (RFC 7523 §3; "Drillster: Service accounts" lists `sub`, `iss`,
+/// `aud`, `exp`).
 #[derive(Debug, Serialize)]
 struct Claims<'a> {
     iss: &'a str,
@@ -74,7 +76,8 @@ pub fn build_assertion(
         .map_err(|e| AssertionError(e.kind_description()))
 }
 
-/// Token request form parameters (seed 004, "Requesting the access token"; RFC 7523 §2.1).
+/// Token request form parameters ("Requesting the access token" in Drillster: Service
+/// accounts; RFC 7523 §2.1).
 /// Client authentication parameters are added by the caller.
 pub fn form_params(assertion: String, scope: Option<&str>) -> Vec<(&'static str, String)> {
     let mut form = vec![

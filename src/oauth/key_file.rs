@@ -1,4 +1,5 @@
-//! Drillster service-account JSON key files (seed 004) and the RSA signing key they carry.
+//! Drillster service-account JSON key files (Drillster: Service accounts) and the RSA signing
+//! key they carry.
 //!
 //! A key file is the JSON document the Drillster console offers as "Download JSON key file":
 //!
@@ -12,8 +13,8 @@
 //! ```
 //!
 //! `keyId` becomes the assertion's `kid` header, `serviceAccountId` its `iss` (and default `sub`),
-//! and `privateKey` signs the RFC 7523 §2.1 JWT bearer assertion with RS256 (seed 004: the keys
-//! are `RSA_2048`). Unknown fields (such as `type`) are ignored.
+//! and `privateKey` signs the RFC 7523 §2.1 JWT bearer assertion with RS256 (the keys are
+//! `RSA_2048`, Drillster: Service accounts). Unknown fields (such as `type`) are ignored.
 //!
 //! The private key is accepted in the shapes people actually end up with: PKCS#8
 //! (`BEGIN PRIVATE KEY`) or PKCS#1 (`BEGIN RSA PRIVATE KEY`) PEM, with real newlines, CRLF, or the
@@ -30,7 +31,7 @@ use std::path::Path;
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
-/// A parsed, validated Drillster service-account key (seed 004).
+/// A parsed, validated Drillster service-account key (Drillster: Service accounts).
 ///
 /// `Debug` shows `key_id` and `service_account_id` but never the private key.
 #[derive(Clone)]
@@ -38,7 +39,7 @@ pub struct ServiceAccountKey {
     /// `keyId`: sent as the assertion's `kid` header (RFC 7515 §4.1.4).
     pub key_id: String,
     /// `serviceAccountId`: the assertion's `iss`, and its `sub` unless the route sets `subject`
-    /// (RFC 7523 §3, seed 004).
+    /// (RFC 7523 §3; Drillster: Service accounts).
     pub service_account_id: String,
     encoding_key: EncodingKey,
     /// SHA-256 of the private key PEM as given: lets a config reload tell a rotated key from
@@ -124,8 +125,8 @@ pub enum KeyFileError {
     Encrypted,
     /// `privateKey` is a private key, but not RSA (EC, Ed25519, …).
     #[error(
-        "field `privateKey` holds {kind} private key; Drillster service accounts sign RS256 \
-         assertions and need an RSA key (RFC 7523, seed 004)"
+        "field `privateKey` holds {kind} private key; Drillster service accounts sign their \
+         RFC 7523 assertions with RS256 and need an RSA key"
     )]
     NotRsa {
         /// `an EC (ECDSA)`, `an Ed25519`, …
@@ -158,7 +159,7 @@ pub enum KeyFileError {
 }
 
 impl ServiceAccountKey {
-    /// Parses and validates a Drillster JSON key file (seed 004).
+    /// Parses and validates a Drillster JSON key file (Drillster: Service accounts).
     ///
     /// Requires the string fields `privateKey`, `keyId` and `serviceAccountId`; others are
     /// ignored. `privateKey` must be an unencrypted RSA private key in PEM (PKCS#8 or PKCS#1; see

@@ -133,7 +133,7 @@ impl Live {
 
 /// Whether a downstream peer at `ip` may use the gateway: `ip` (an IPv4-mapped IPv6 address
 /// counts as its IPv4 address) is inside one of `allowed_clients` (`server.allowed_clients`,
-/// SPEC "Trusted network"; loopback only by default). Linear in the number of CIDRs, which is
+/// README "Proxy behaviour"; loopback only by default). Linear in the number of CIDRs, which is
 /// a handful in practice.
 #[inline]
 pub fn client_allowed(allowed_clients: &[IpNet], ip: IpAddr) -> bool {
@@ -645,7 +645,7 @@ pub(crate) struct RequestRecord<'a> {
     pub authorization_len: usize,
 }
 
-/// Metrics and the access log for a finished request (SPEC "Metrics"), and the warning for an
+/// Metrics and the access log for a finished request (README "Metrics"), and the warning for an
 /// upstream 431: the only per-request logging, shared by pingora-proxy's `logging` phase and
 /// the fast path.
 pub(crate) fn record_request(r: &RequestRecord<'_>) {

@@ -1,6 +1,6 @@
 //! Routes compiled for the request path, and the per-listener route table.
 //!
-//! Matching (SPEC "Proxy behaviour"): a route's own `listen`, else `host`, else the longest
+//! Matching (README "Proxy behaviour"): a route's own `listen`, else `host`, else the longest
 //! `path_prefix` on a path-segment boundary. Lookup is one hash probe per path segment, whatever
 //! the number of routes.
 

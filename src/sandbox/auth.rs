@@ -41,11 +41,12 @@ const MAX_BODY: usize = 1 << 20;
 /// Which vendor a sandbox authorization server imitates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Vendor {
-    /// Drillster service accounts (seed 004): `POST /api/oauth/token` with the RFC 7523 JWT
-    /// bearer grant, client authentication by `client_secret_post` (Basic also accepted).
+    /// Drillster service accounts (Drillster: Service accounts): `POST /api/oauth/token` with
+    /// the RFC 7523 JWT bearer grant, client authentication by `client_secret_post` (Basic also
+    /// accepted).
     Drillster,
-    /// Driftrock (seed 003): `POST /oauth2/token` with the RFC 6749 §4.4 client credentials
-    /// grant, client authentication by HTTP Basic.
+    /// Driftrock (Driftrock: Client credentials): `POST /oauth2/token` with the RFC 6749 §4.4
+    /// client credentials grant, client authentication by HTTP Basic.
     Driftrock,
 }
 
@@ -209,8 +210,8 @@ impl AuthServerBuilder {
     }
 
     /// Registers a service-account public key (SPKI or PKCS#1 PEM) under `kid`; assertions signed
-    /// with it must carry `iss` = `service_account_id` (seed 004). The demo key is registered too
-    /// unless [`without_demo_key`](Self::without_demo_key) is called.
+    /// with it must carry `iss` = `service_account_id` (Drillster: Service accounts). The demo
+    /// key is registered too unless [`without_demo_key`](Self::without_demo_key) is called.
     pub fn key(
         mut self,
         kid: impl Into<String>,
@@ -241,7 +242,8 @@ impl AuthServerBuilder {
         self
     }
 
-    /// How far ahead an assertion's `exp` may be (before skew). Default 1 h (seed 004).
+    /// How far ahead an assertion's `exp` may be (before skew). Default 1 h (Drillster: Service
+    /// accounts).
     pub fn max_assertion_lifetime(mut self, max: Duration) -> Self {
         self.max_assertion_lifetime = max;
         self
@@ -255,8 +257,8 @@ impl AuthServerBuilder {
     }
 
     /// Whether `client_secret_post` (RFC 6749 §2.3.1: `client_id` and `client_secret` in the
-    /// body) is accepted. Default: on for Drillster (seed 004 shows it), off for Driftrock (seed
-    /// 003 asks for Basic).
+    /// body) is accepted. Default: on for Drillster ("Drillster: Service accounts" shows it),
+    /// off for Driftrock ("Driftrock: Client credentials" asks for Basic).
     pub fn client_secret_post(mut self, enabled: bool) -> Self {
         self.allow_post = enabled;
         self
@@ -389,8 +391,9 @@ impl AuthServerBuilder {
 ///    methods or two headers);
 /// 4. `grant_type` present (400 `invalid_request`) and the vendor's ([`Vendor::grant_type`];
 ///    400 `unsupported_grant_type`);
-/// 5. Drillster only: the `assertion` (RFC 7523 §3, seed 004; each failure a 400
-///    `invalid_grant` whose description is an [`AssertionRejection`]), and `jti` not seen before.
+/// 5. Drillster only: the `assertion` (RFC 7523 §3, Drillster: Service accounts; each failure a
+///    400 `invalid_grant` whose description is an [`AssertionRejection`]), and `jti` not seen
+///    before.
 ///
 /// Success: 200 `{"access_token": <HS256 JWT>, "token_type": "Bearer", "expires_in": <s>}` (plus
 /// `scope` if one was requested) with the same headers, the token recorded in
@@ -410,12 +413,12 @@ impl std::fmt::Debug for AuthServer {
 }
 
 impl AuthServer {
-    /// A Drillster-like server (seed 004, RFC 7523 §2.1 + §3).
+    /// A Drillster-like server (Drillster: Service accounts, RFC 7523 §2.1 + §3).
     pub fn drillster() -> AuthServerBuilder {
         AuthServerBuilder::new(Vendor::Drillster)
     }
 
-    /// A Driftrock-like server (seed 003, RFC 6749 §4.4).
+    /// A Driftrock-like server (Driftrock: Client credentials, RFC 6749 §4.4).
     pub fn driftrock() -> AuthServerBuilder {
         AuthServerBuilder::new(Vendor::Driftrock)
     }

@@ -19,8 +19,9 @@ pub enum BasicDecoding {
     /// `extract_basic_authorization`). A client that sends a space as `+` is refused here.
     Percent,
     /// RFC 7617: the base64-decoded `id:secret` is split at the first `:` and compared as is
-    /// (what Driftrock's own JavaScript example does, seed 003, and what most HTTP clients' "basic
-    /// auth" helpers send). A client id with a `:` cannot be sent this way (RFC 7617 §2).
+    /// (what the JavaScript example in "Driftrock: Client credentials" does, and what most HTTP
+    /// clients' "basic auth" helpers send). A client id with a `:` cannot be sent this way
+    /// (RFC 7617 §2).
     Raw,
 }
 

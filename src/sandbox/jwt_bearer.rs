@@ -1,4 +1,5 @@
-//! Verification of RFC 7523 JWT bearer assertions, as Drillster's token endpoint does (seed 004).
+//! Verification of RFC 7523 JWT bearer assertions, as Drillster's token endpoint does
+//! (Drillster: Service accounts).
 
 use std::collections::HashMap;
 
@@ -15,17 +16,18 @@ pub enum AssertionRejection {
     /// Not a compact JWS of three base64url (unpadded) parts with JSON header and claims.
     #[error("malformed assertion")]
     Malformed,
-    /// Header `alg` is not `RS256` (seed 004: RSA_2048 keys sign with RS256; `none` and HMAC are
-    /// refused).
+    /// Header `alg` is not `RS256` (RSA_2048 keys sign with RS256, Drillster: Service accounts;
+    /// `none` and HMAC are refused).
     #[error("alg must be RS256")]
     UnsupportedAlgorithm,
-    /// Header `typ` is not `JWT` (seed 004: "typ – always equal to JWT").
+    /// Header `typ` is not `JWT` ("typ – always equal to JWT", Drillster: Service accounts).
     #[error("typ must be JWT")]
     WrongType,
-    /// Header has no `kid` (seed 004: the key id from the JSON key file).
+    /// Header has no `kid` (the key id from the JSON key file, Drillster: Service accounts).
     #[error("missing kid")]
     MissingKid,
-    /// `kid` names no key registered with the server (e.g. a deleted key, seed 004).
+    /// `kid` names no key registered with the server (e.g. a deleted key, Drillster: Service
+    /// accounts).
     #[error("unknown kid")]
     UnknownKid,
     /// The RS256 signature does not verify with the public key registered under `kid`
@@ -35,15 +37,15 @@ pub enum AssertionRejection {
     /// No `iss` claim (RFC 7523 §3 item 1).
     #[error("missing iss")]
     MissingIssuer,
-    /// `iss` is not the service account the key belongs to (seed 004: "iss – the user ID of the
-    /// service account").
+    /// `iss` is not the service account the key belongs to ("iss – the user ID of the service
+    /// account", Drillster: Service accounts).
     #[error("iss does not match the key's service account")]
     WrongIssuer,
     /// No (or an empty) `sub` claim (RFC 7523 §3 item 2).
     #[error("missing sub")]
     MissingSubject,
     /// `aud` is absent or does not contain the token endpoint URL exactly (RFC 7523 §3 item 3,
-    /// seed 004: "aud – the URI of the token endpoint").
+    /// "aud – the URI of the token endpoint", Drillster: Service accounts).
     #[error("wrong aud")]
     WrongAudience,
     /// No `exp` claim (RFC 7523 §3 item 4).
@@ -55,8 +57,8 @@ pub enum AssertionRejection {
     /// `exp` is not in the future, beyond the allowed clock skew (RFC 7523 §3 item 4).
     #[error("assertion expired")]
     Expired,
-    /// `exp` is more than one hour (plus skew) ahead (seed 004: "in the future, but not more than
-    /// one hour").
+    /// `exp` is more than one hour (plus skew) ahead ("in the future, but not more than one
+    /// hour", Drillster: Service accounts).
     #[error("exp too far ahead")]
     ExpiryTooFarAhead,
     /// `iat` is in the future beyond the skew (RFC 7523 §3 item 6 lets servers reject
@@ -71,7 +73,8 @@ pub enum AssertionRejection {
     ReusedJti,
 }
 
-/// A public key registered for a service account (seed 004: "Keys" tab, one entry per key id).
+/// A public key registered for a service account (its "Keys" tab, one entry per key id, in
+/// Drillster: Service accounts).
 pub(crate) struct RegisteredKey {
     pub service_account_id: String,
     pub key: DecodingKey,

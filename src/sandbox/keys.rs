@@ -9,7 +9,8 @@ pub const DEMO_KEY_ID: &str = "cf9f895ff1f64e2f9ceea45074f56c52";
 /// Service account id (`serviceAccountId` in the key file) of the demo key; the assertion's `iss`.
 pub const DEMO_SERVICE_ACCOUNT_ID: &str = "iqKpEF3URCe0yAsyrsk_4g";
 
-/// The demo key as a Drillster JSON key file (`keyId`, `serviceAccountId`, `privateKey`; seed 004).
+/// The demo key as a Drillster JSON key file (`keyId`, `serviceAccountId`, `privateKey`;
+/// Drillster: Service accounts).
 pub const DEMO_KEY_JSON: &str = include_str!("keys/demo-key.json");
 
 /// The demo private key (PKCS#8 PEM), the same key as in [`DEMO_KEY_JSON`].
@@ -24,7 +25,8 @@ pub const OTHER_PRIVATE_PEM: &str = include_str!("keys/other-private.pem");
 /// The public half of [`OTHER_PRIVATE_PEM`].
 pub const OTHER_PUBLIC_PEM: &str = include_str!("keys/other-public.pem");
 
-/// Client id of the client application registered with the Drillster-like server (seed 004).
+/// Client id of the client application registered with the Drillster-like server
+/// (Drillster: Service accounts).
 pub const DRILLSTER_CLIENT_ID: &str = "874a16d4ac764ce4a545f0cca4584c63";
 
 /// Client secret of [`DRILLSTER_CLIENT_ID`] (sandbox only).

@@ -1,11 +1,11 @@
 //! Loopback stand-ins for the vendors, used by `tokengate demo` and by every integration test.
 //!
-//! - [`AuthServer::drillster`]: a Drillster-like authorization server (seed 004): RFC 7523 JWT
-//!   bearer grant at `POST /api/oauth/token`, RS256 assertions verified against registered
-//!   service-account keys.
-//! - [`AuthServer::driftrock`]: a Driftrock-like authorization server (seed 003): RFC 6749 §4.4
-//!   client credentials grant at `POST /oauth2/token`, HTTP Basic client authentication decoded
-//!   per RFC 6749 §2.3.1.
+//! - [`AuthServer::drillster`]: a Drillster-like authorization server (Drillster: Service
+//!   accounts): RFC 7523 JWT bearer grant at `POST /api/oauth/token`, RS256 assertions verified
+//!   against registered service-account keys.
+//! - [`AuthServer::driftrock`]: a Driftrock-like authorization server (Driftrock: Client
+//!   credentials): RFC 6749 §4.4 client credentials grant at `POST /oauth2/token`, HTTP Basic
+//!   client authentication decoded per RFC 6749 §2.3.1.
 //! - [`SandboxApi`]: an echo API that accepts only unexpired, unrevoked tokens from a
 //!   [`TokenRegistry`] shared with the authorization servers, and echoes what it received.
 //! - [`Sandbox`]: all three on one registry, with the sandbox credentials of [`keys`].

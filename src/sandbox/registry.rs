@@ -19,7 +19,7 @@ const PRUNE_ABOVE: usize = 10_000;
 /// revoked (RFC 6750 §3.1 `invalid_token`); the echo API asks this registry. Tokens are HS256 JWTs
 /// signed with a random per-registry secret and carry `iss`, `sub`, `client_id`, `iat`, `exp`,
 /// `jti` (and `scope` when one was requested), so clients can read `exp` as they would from
-/// Driftrock's "JWT Access Tokens" (seed 003).
+/// Driftrock's "JWT Access Tokens" (Driftrock: Client credentials).
 ///
 /// Cheap to clone: clones share one registry.
 #[derive(Clone)]

@@ -308,7 +308,8 @@ pub(crate) fn text(status: StatusCode, body: impl Into<Bytes>) -> Resp {
 }
 
 /// A JSON response with `Content-Type: application/json;charset=UTF-8` (the exact form both
-/// vendors send, seeds 003/004) and `Cache-Control: no-store` (RFC 6749 §5.1/§5.2).
+/// vendors' documentation shows: Driftrock: Client credentials, Drillster: Service accounts)
+/// and `Cache-Control: no-store` (RFC 6749 §5.1/§5.2).
 pub(crate) fn json(status: StatusCode, value: &impl Serialize) -> Resp {
     // Serializing our own plain structs cannot fail; an empty object is a safe fallback anyway.
     let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());

@@ -402,7 +402,7 @@ impl TokenSource {
     }
 
     /// The upstream answered 401 (RFC 6750 §3.1 `invalid_token`) to a request sent with the
-    /// token of `generation`: the one policy of both proxy paths (SPEC "Proxy behaviour").
+    /// token of `generation`: the one policy of both proxy paths (README "Token lifecycle").
     /// Returns whether to replay the request once with the next token ([`TokenSource::token`]).
     ///
     /// * [`Sent::Replay`]: the replay was refused too. No loop: the 401 goes to the client and
@@ -425,7 +425,7 @@ impl TokenSource {
     }
 
     /// Drops the token of `generation` after the upstream rejected it (RFC 6750 §3.1
-    /// `invalid_token`) and wakes the refresher (SPEC "Proxy behaviour": only that
+    /// `invalid_token`) and wakes the refresher (README "Token lifecycle": only that
     /// generation, one refresh however many requests saw the 401), for a request that is
     /// replayed with the next token. A newer token is left alone, and so is one held
     /// ([`Rejection::Kept`]): refused on a replay ([`TokenSource::refused_on_replay`]) or as

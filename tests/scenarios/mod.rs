@@ -1,9 +1,9 @@
-//! Issue 3 scenarios (SPEC "Token lifecycle" under real-world failure), each against the sandbox
-//! servers with their fault knobs. Every scenario is an `async fn` that panics on a failed
+//! Token lifecycle scenarios under real-world failure (README "Token lifecycle"), each against the
+//! sandbox servers with their fault knobs. Every scenario is an `async fn` that panics on a failed
 //! assertion and returns the secrets it saw (client secrets, assertions, access tokens), so that
-//! `tests/log_hygiene.rs` can drive them all under one capturing subscriber and check the logs.
-//! The thin `#[tokio::test]` wrappers live in `token_lifecycle.rs`, `discovery.rs`,
-//! `keys_and_clock.rs` and `upstream_401.rs`.
+//! `tests/log_hygiene.rs` can drive them all under one capturing subscriber and check the logs. The
+//! thin `#[tokio::test]` wrappers live in `token_lifecycle.rs`, `discovery.rs`, `keys_and_clock.rs`
+//! and `upstream_401.rs`.
 #![allow(dead_code)]
 
 use std::collections::BTreeSet;
@@ -190,9 +190,9 @@ async fn finish(gw: TestGateway, sandbox: Sandbox) -> Seen {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Token responses (items 1–7)
+// Token responses
 
-/// 1 + 7: `expires_in` as a numeric string is accepted (3600 s, not the token's own 7200 s `exp`);
+/// `expires_in` as a numeric string is accepted (3600 s, not the token's own 7200 s `exp`);
 /// both `application/json; charset=utf-8` and `application/json;charset=UTF-8` parse, and token
 /// requests send `Accept: application/json`.
 pub async fn expires_in_string_and_content_type_parameters() -> Seen {
@@ -223,7 +223,7 @@ pub async fn expires_in_string_and_content_type_parameters() -> Seen {
     finish(gw, sandbox).await
 }
 
-/// 2: without `expires_in`, a JWT access token's `exp` sets the expiry; an opaque token gets
+/// Without `expires_in`, a JWT access token's `exp` sets the expiry; an opaque token gets
 /// `default_token_lifetime`, and is fetched once per lifetime, not once per request.
 pub async fn missing_expires_in_uses_jwt_exp_else_default_lifetime() -> Seen {
     let sandbox = Sandbox::builder()
@@ -280,7 +280,7 @@ pub async fn missing_expires_in_uses_jwt_exp_else_default_lifetime() -> Seen {
     finish(gw, sandbox).await
 }
 
-/// 3: `token_type` "bearer", "BEARER" or absent → the upstream sees `Authorization: Bearer x`;
+/// `token_type` "bearer", "BEARER" or absent → the upstream sees `Authorization: Bearer x`;
 /// "DPoP" is refused with a clear error (and never sent).
 pub async fn token_type_any_case_or_absent_and_dpop_refused() -> Seen {
     let sandbox = Sandbox::start().await.unwrap();
@@ -326,7 +326,7 @@ pub async fn token_type_any_case_or_absent_and_dpop_refused() -> Seen {
     finish(gw, sandbox).await
 }
 
-/// 4: unknown members (`ext_expires_in`, `refresh_token`, `id_token`, nested objects) are
+/// Unknown members (`ext_expires_in`, `refresh_token`, `id_token`, nested objects) are
 /// ignored — including an `expires_in` nested inside them.
 pub async fn unknown_members_are_ignored() -> Seen {
     let sandbox = Sandbox::start().await.unwrap();
@@ -343,7 +343,7 @@ pub async fn unknown_members_are_ignored() -> Seen {
     finish(gw, sandbox).await
 }
 
-/// 5: six kinds of failed fetch, each counted with the right `outcome`, described with the
+/// Six kinds of failed fetch, each counted with the right `outcome`, described with the
 /// server's `error`/`error_description`, and retried with capped exponential backoff (checked on
 /// the request arrival times at the sandbox) — then the token arrives.
 pub async fn failed_fetches_are_classified_and_backed_off() -> Seen {
@@ -501,7 +501,7 @@ impl tokengate::token::TokenFetcher for Recording {
     }
 }
 
-/// 6: absurd `expires_in` values never panic and are clamped (1 s … 24 h); 0 means "not given"
+/// Absurd `expires_in` values never panic and are clamped (1 s … 24 h); 0 means "not given"
 /// (the default lifetime); a negative one is an already-expired token, refused and retried with
 /// backoff, never sent; tiny lifetimes do not make the refresher loop; after sitting idle longer
 /// than a lifetime, the first request gets a fresh token.
@@ -594,12 +594,12 @@ pub async fn absurd_expires_in_is_clamped_and_idle_gateway_sends_fresh_token() -
 }
 
 // ---------------------------------------------------------------------------------------------
-// Outages and limits (items 8–12, with item 19's readiness and gauges)
+// Outages and limits, with readiness and gauges
 
 const FAILS: &str = "tokengate_token_consecutive_failures{route=\"drillster\"}";
 const EXPIRY: &str = "tokengate_token_expiry_timestamp_seconds{route=\"drillster\"}";
 
-/// 8 + 19: 6 s tokens, token endpoint failing (500) from t = 2 s: cached token until it expires,
+/// 6 s tokens, token endpoint failing (500) from t = 2 s: cached token until it expires,
 /// then 503 `token_unavailable` with `Retry-After` and nothing forwarded; `/readyz` 503 and the
 /// gauges tell the story; recovery without a restart.
 pub async fn outage_serves_cached_token_then_503_then_recovers() -> Seen {
@@ -710,7 +710,7 @@ pub async fn outage_serves_cached_token_then_503_then_recovers() -> Seen {
     finish(gw, sandbox).await
 }
 
-/// 9 + 19: a token endpoint that accepts and never answers: the fetch ends at `token_timeout`,
+/// A token endpoint that accepts and never answers: the fetch ends at `token_timeout`,
 /// waiting requests get 503 within a bounded time, one token request serves all waiters.
 pub async fn hanging_token_endpoint_times_out_and_waiters_get_503() -> Seen {
     let sandbox = Sandbox::start().await.unwrap();
@@ -773,7 +773,7 @@ pub async fn hanging_token_endpoint_times_out_and_waiters_get_503() -> Seen {
     finish(gw, sandbox).await
 }
 
-/// 10 + 19: 429 with `Retry-After: 30` on a renewal: no token request for 30 s while the still
+/// 429 with `Retry-After: 30` on a renewal: no token request for 30 s while the still
 /// valid token keeps being used; a request that needs a new token meanwhile gets 503 with a
 /// `Retry-After` of about 30 s. (Asserted over a few seconds and through the schedule, without
 /// sleeping 30 s.)
@@ -839,7 +839,7 @@ pub async fn retry_after_429_is_honoured_and_valid_token_kept() -> Seen {
     finish(gw, sandbox).await
 }
 
-/// 11: 200 concurrent requests on an empty cache, token endpoint latency 500 ms: one token
+/// 200 concurrent requests on an empty cache, token endpoint latency 500 ms: one token
 /// request, every request carries that token.
 pub async fn cold_start_200_requests_share_one_fetch() -> Seen {
     let sandbox = Sandbox::start().await.unwrap();
@@ -874,8 +874,8 @@ pub async fn cold_start_200_requests_share_one_fetch() -> Seen {
     finish(gw, sandbox).await
 }
 
-/// 11: … and when that one fetch fails, all 200 fail together (503), and the next attempt waits
-/// for the backoff; requests during the backoff get 503 at once.
+/// When the one fetch of 200 concurrent cold-start requests fails, all 200 fail together (503), and
+/// the next attempt waits for the backoff; requests during the backoff get 503 at once.
 pub async fn cold_start_failure_fails_all_together_then_backs_off() -> Seen {
     let sandbox = Sandbox::start().await.unwrap();
     sandbox
@@ -919,8 +919,8 @@ pub async fn cold_start_failure_fails_all_together_then_backs_off() -> Seen {
     finish(gw, sandbox).await
 }
 
-/// 11 (backoff part): while backing off, a request that needs a token gets 503 at once instead
-/// of waiting out the backoff.
+/// While backing off, a request that needs a token gets 503 at once instead of waiting out the
+/// backoff.
 pub async fn requests_during_backoff_get_503_at_once() -> Seen {
     let sandbox = Sandbox::start().await.unwrap();
     sandbox
@@ -945,7 +945,7 @@ pub async fn requests_during_backoff_get_503_at_once() -> Seen {
     finish(gw, sandbox).await
 }
 
-/// 12 + 19: 5 s and 20 s tokens are renewed ahead of expiry, never in a loop: over 17 s the 5 s
+/// 5 s and 20 s tokens are renewed ahead of expiry, never in a loop: over 17 s the 5 s
 /// route renews about every 4 s and the 20 s route once; no request ever waits or fails.
 pub async fn short_tokens_renew_ahead_of_expiry_without_looping() -> Seen {
     let sandbox = Sandbox::start().await.unwrap();
@@ -992,9 +992,9 @@ pub async fn short_tokens_renew_ahead_of_expiry_without_looping() -> Seen {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Upstream 401 (items 13–15)
+// Upstream 401
 
-/// 13: a renewal is in flight (the server will hand back its cached token) when the upstream
+/// A renewal is in flight (the server will hand back its cached token) when the upstream
 /// rejects that token: the dropped token is not put back; the request is replayed once with a
 /// new one.
 pub async fn fetch_in_flight_cannot_restore_a_dropped_token() -> Seen {
@@ -1036,7 +1036,7 @@ pub async fn fetch_in_flight_cannot_restore_a_dropped_token() -> Seen {
     finish(gw, sandbox).await
 }
 
-/// 14: a 5 MB chunked POST that gets a 401 is not replayed (more than `replay_body_limit`): the
+/// A 5 MB chunked POST that gets a 401 is not replayed (more than `replay_body_limit`): the
 /// 401 goes to the client, the upstream saw the body once, and the next request carries the new
 /// token. Never an empty-body retry.
 pub async fn large_chunked_post_is_not_replayed_and_next_request_uses_new_token() -> Seen {
@@ -1101,7 +1101,7 @@ pub fn hex(b: &[u8]) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Keys and assertions (items 16–17)
+// Keys and assertions
 
 /// A config with one jwt_bearer route to `server` using `key_file`, plus `extra` auth lines.
 pub fn drillster_config(server: &AuthServer, api: &str, key_file: &Path, extra: &str) -> String {
@@ -1191,7 +1191,7 @@ fn json_escape(pem: &str) -> String {
         .to_string()
 }
 
-/// 16: `privateKey` with literal backslash-n escapes, with CRLF, PKCS#1 and PKCS#8: each signs
+/// `privateKey` with literal backslash-n escapes, with CRLF, PKCS#1 and PKCS#8: each signs
 /// RS256 assertions the Drillster-like server accepts.
 pub async fn key_variants_all_sign_rs256() -> Seen {
     let server = AuthServer::drillster().start().await.unwrap();
@@ -1239,7 +1239,7 @@ pub async fn key_variants_all_sign_rs256() -> Seen {
     seen
 }
 
-/// 16: an EC key, an encrypted key or a non-PEM string fails at start-up (config load, and
+/// An EC key, an encrypted key or a non-PEM string fails at start-up (config load, and
 /// `tokengate check`) naming the key file and the `privateKey` field.
 pub async fn bad_keys_fail_at_startup_naming_file_and_field() -> Seen {
     let server = AuthServer::drillster().start().await.unwrap();
@@ -1289,7 +1289,7 @@ pub async fn bad_keys_fail_at_startup_naming_file_and_field() -> Seen {
     Seen::default()
 }
 
-/// 17: a server allowing 5 s of skew that rejects `iat` in the future, `exp` more than 3600 s
+/// A server allowing 5 s of skew that rejects `iat` in the future, `exp` more than 3600 s
 /// ahead and reused `jti`s accepts every assertion built with the gateway's clock 90 s ahead of
 /// and 90 s behind its own (default and maximum assertion lifetimes); 200 s ahead is refused,
 /// showing the server does check.
@@ -1343,7 +1343,7 @@ pub async fn assertions_accepted_with_clock_90s_ahead_or_behind() -> Seen {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Discovery (item 18)
+// Discovery
 
 fn issuer_config(sandbox: &Sandbox, extra: &str) -> Config {
     let endpoint = sandbox.drillster.token_endpoint();
@@ -1362,7 +1362,7 @@ fn issuer_config(sandbox: &Sandbox, extra: &str) -> Config {
 const RFC8414: &str = "/.well-known/oauth-authorization-server";
 const OIDC: &str = "/.well-known/openid-configuration";
 
-/// 18: RFC 8414 metadata first; the result is cached across renewals.
+/// RFC 8414 metadata first; the result is cached across renewals.
 pub async fn discovery_rfc8414_first_and_cached() -> Seen {
     let sandbox = Sandbox::start().await.unwrap();
     sandbox.drillster.set_token_lifetime(Duration::from_secs(2));
@@ -1389,7 +1389,7 @@ pub async fn discovery_rfc8414_first_and_cached() -> Seen {
     finish(gw, sandbox).await
 }
 
-/// 18: no RFC 8414 document (404): OpenID Connect discovery is used.
+/// No RFC 8414 document (404): OpenID Connect discovery is used.
 pub async fn discovery_falls_back_to_openid_configuration() -> Seen {
     let sandbox = Sandbox::start().await.unwrap();
     sandbox.drillster.serve_metadata(false, true);
@@ -1403,7 +1403,7 @@ pub async fn discovery_falls_back_to_openid_configuration() -> Seen {
     finish(gw, sandbox).await
 }
 
-/// 18: documents whose `issuer` differs from the configured one are refused (RFC 8414 §3.3): no
+/// Documents whose `issuer` differs from the configured one are refused (RFC 8414 §3.3): no
 /// token request goes to the endpoint they name.
 pub async fn discovery_rejects_issuer_mismatch() -> Seen {
     let sandbox = Sandbox::start().await.unwrap();
@@ -1437,7 +1437,7 @@ pub async fn discovery_rejects_issuer_mismatch() -> Seen {
     finish(gw, sandbox).await
 }
 
-/// 18: discovery uses the token timeout: a metadata endpoint that never answers ends the fetch
+/// Discovery uses the token timeout: a metadata endpoint that never answers ends the fetch
 /// after `token_timeout` (both documents together), requests get 503 in bounded time.
 pub async fn discovery_hang_is_bounded_by_token_timeout() -> Seen {
     let sandbox = Sandbox::start().await.unwrap();
@@ -1463,7 +1463,7 @@ pub async fn discovery_hang_is_bounded_by_token_timeout() -> Seen {
     finish(gw, sandbox).await
 }
 
-/// 15: an upstream that refuses even freshly fetched tokens: no loop — the first refused
+/// An upstream that refuses even freshly fetched tokens: no loop — the first refused
 /// request gets one refresh and one replay; the replay's 401 shows the API refuses the request,
 /// not the token, so the token is held through 401s for `REFUSED_TOKEN_HOLD` (the next
 /// requests are passed through without a refresh) and keeps serving what the API accepts.

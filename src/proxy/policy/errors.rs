@@ -41,7 +41,7 @@ pub enum GatewayError {
 }
 
 impl GatewayError {
-    /// The SPEC error code.
+    /// The error code in the gateway's JSON error body (README "Proxy behaviour").
     pub fn code(&self) -> &'static str {
         match self {
             GatewayError::NoRoute => "no_route",
