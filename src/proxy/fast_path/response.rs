@@ -10,10 +10,14 @@ use crate::proxy::policy::{classify, FieldName, Fields};
 
 /// How the upstream response body is delimited (RFC 9112 §6.3).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(super) enum Framing {
+pub enum Framing {
+    /// No body (a `HEAD` request's response, 1xx, 204, 304).
     None,
+    /// `Content-Length` bytes.
     Length(u64),
+    /// Chunked: [`ChunkedEnd`] finds its end.
     Chunked,
+    /// Until the upstream closes the connection.
     UntilClose,
 }
 
@@ -280,7 +284,7 @@ pub(super) fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 /// Longest chunk-size line (size, extensions and CRLF) read, bytes: pingora's HTTP/1 client's
 /// limit on an incomplete one (`PARTIAL_CHUNK_HEAD_LIMIT`), applied to every line so that where
 /// the reads split the body never changes the answer.
-const MAX_CHUNK_LINE: usize = 8 * 1024;
+pub(super) const MAX_CHUNK_LINE: usize = 8 * 1024;
 
 /// Most hex digits in a chunk size: 15 (60 bits), so any size fits a `u64` with room to add.
 const MAX_CHUNK_DIGITS: usize = 15;
