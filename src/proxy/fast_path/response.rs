@@ -289,6 +289,12 @@ pub(super) const MAX_CHUNK_LINE: usize = 8 * 1024;
 /// Most hex digits in a chunk size: 15 (60 bits), so any size fits a `u64` with room to add.
 const MAX_CHUNK_DIGITS: usize = 15;
 
+/// How much of a chunk-size line whose LF has not arrived yet httparse reads before the LF:
+/// the size and the start of an extension, where a body that is not chunked shows. A fixed
+/// amount, checked until it has arrived, keeps a line that arrives in many pieces linear to
+/// check (the whole line is read once its LF arrives).
+pub(super) const EARLY_CHECK: usize = 64;
+
 /// Finds the end of a chunked body (RFC 9112 §7.1) in bytes fed to it piece by piece.
 #[derive(Debug, Default)]
 pub(super) struct ChunkedEnd {
@@ -323,13 +329,16 @@ impl ChunkedEnd {
                 Size => {
                     let rest = &bytes[i..];
                     let Some(lf) = memchr::memchr(b'\n', rest) else {
-                        // The line goes on in the next piece: kept, and checked as far as it
-                        // goes, so a malformed one is refused in the piece that shows it.
+                        // The line goes on in the next piece: kept, and its start checked
+                        // (once), so a malformed one is refused in the piece that shows it.
                         if self.line.len() + rest.len() > MAX_CHUNK_LINE {
                             return Err("chunk size line too long");
                         }
+                        let checked = self.line.len() >= EARLY_CHECK;
                         self.line.extend_from_slice(rest);
-                        chunk_size_prefix(&self.line)?;
+                        if !checked {
+                            chunk_size_prefix(&self.line)?;
+                        }
                         return Ok(None);
                     };
                     let size = if self.line.is_empty() {
@@ -396,10 +405,11 @@ fn chunk_size(line: &[u8]) -> Result<u64, &'static str> {
     }
 }
 
-/// Whether `start`, the start of a chunk-size line (no LF yet), may still become a valid one.
+/// Whether `start`, the start of a chunk-size line (no LF yet), may still become a valid one,
+/// as far as its first [`EARLY_CHECK`] bytes tell.
 fn chunk_size_prefix(start: &[u8]) -> Result<(), &'static str> {
     size_line_start(start)?;
-    match httparse::parse_chunk_size(start) {
+    match httparse::parse_chunk_size(&start[..start.len().min(EARLY_CHECK)]) {
         Ok(httparse::Status::Partial) => Ok(()),
         _ => Err("malformed chunk size line"),
     }
@@ -409,7 +419,11 @@ fn chunk_size_prefix(start: &[u8]) -> Result<(), &'static str> {
 /// (httparse reads an empty size as 0), at most [`MAX_CHUNK_DIGITS`] of them (it takes 16),
 /// at most [`MAX_CHUNK_LINE`] bytes.
 fn size_line_start(line: &[u8]) -> Result<(), &'static str> {
-    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    let digits = line
+        .iter()
+        .take(MAX_CHUNK_DIGITS + 1)
+        .take_while(|b| b.is_ascii_hexdigit())
+        .count();
     if digits > MAX_CHUNK_DIGITS {
         return Err("chunk size too large");
     }
@@ -539,7 +553,7 @@ mod tests {
         assert!(scanner.feed(b"x").is_err());
     }
 
-    /// A size line split across reads is checked as far as it has arrived: a malformed one is
+    /// A size line split across reads has its start checked as it arrives: a malformed one is
     /// refused in the piece that shows it, not when its LF comes.
     #[test]
     fn partial_chunk_size_lines_are_refused_early() {
@@ -557,6 +571,15 @@ mod tests {
                 assert_eq!(got.is_err(), i == bad, "{pieces:?}: piece {i}: {got:?}");
             }
         }
+        // Past its first `EARLY_CHECK` bytes, a line is read when its LF comes.
+        let mut late = b"5".to_vec();
+        late.resize(EARLY_CHECK, b' ');
+        late.push(b'x');
+        let mut scanner = ChunkedEnd::default();
+        for piece in late.chunks(1) {
+            assert_eq!(scanner.feed(piece), Ok(None));
+        }
+        assert!(scanner.feed(b"\r\n").is_err());
         let mut scanner = ChunkedEnd::default();
         for piece in [&b"1"[..], b"0", b" ", b";", b"e=1", b"\r"] {
             assert_eq!(scanner.feed(piece), Ok(None));

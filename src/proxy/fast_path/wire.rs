@@ -18,6 +18,8 @@ pub const MAX_HEAD: usize = super::MAX_HEAD;
 pub const MAX_RESPONSE_HEAD: usize = super::MAX_RESPONSE_HEAD;
 /// Longest chunk-size line (size, extensions, CRLF) [`chunked_body`] reads, bytes.
 pub const MAX_CHUNK_LINE: usize = super::response::MAX_CHUNK_LINE;
+/// How much of a chunk-size line [`chunked_body`] checks before the line's LF arrives, bytes.
+pub const CHUNK_LINE_EARLY_CHECK: usize = super::response::EARLY_CHECK;
 
 /// What the fast path makes of the bytes at the start of a client connection's buffer.
 #[derive(Debug)]
