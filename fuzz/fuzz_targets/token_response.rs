@@ -11,5 +11,6 @@ fuzz_target!(|data: &[u8]| {
         data,
         now,
         Duration::from_secs(3600),
+        &["client-secret", "eyJhbGciOiJSUzI1NiJ9.assertion"],
     );
 });

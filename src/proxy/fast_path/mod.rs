@@ -45,6 +45,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf};
 mod request;
 mod response;
 mod timer;
+pub mod wire;
 
 use super::policy::{self, ErrorResponse, GatewayError, Plan};
 use super::routes::{Route, RouteTable};

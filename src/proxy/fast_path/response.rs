@@ -10,10 +10,14 @@ use crate::proxy::policy::{classify, FieldName, Fields};
 
 /// How the upstream response body is delimited (RFC 9112 §6.3).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(super) enum Framing {
+pub enum Framing {
+    /// No body (a `HEAD` request's response, 1xx, 204, 304).
     None,
+    /// `Content-Length` bytes.
     Length(u64),
+    /// Chunked: [`ChunkedEnd`] finds its end.
     Chunked,
+    /// Until the upstream closes the connection.
     UntilClose,
 }
 
@@ -277,20 +281,33 @@ pub(super) fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Longest chunk-size line (size, extensions and CRLF) read, bytes: pingora's HTTP/1 client's
+/// limit on an incomplete one (`PARTIAL_CHUNK_HEAD_LIMIT`), applied to every line so that where
+/// the reads split the body never changes the answer.
+pub(super) const MAX_CHUNK_LINE: usize = 8 * 1024;
+
+/// Most hex digits in a chunk size: 15 (60 bits), so any size fits a `u64` with room to add.
+const MAX_CHUNK_DIGITS: usize = 15;
+
+/// How much of a chunk-size line whose LF has not arrived yet httparse reads before the LF:
+/// the size and the start of an extension, where a body that is not chunked shows. A fixed
+/// amount, checked until it has arrived, keeps a line that arrives in many pieces linear to
+/// check (the whole line is read once its LF arrives).
+pub(super) const EARLY_CHECK: usize = 64;
+
 /// Finds the end of a chunked body (RFC 9112 §7.1) in bytes fed to it piece by piece.
 #[derive(Debug, Default)]
 pub(super) struct ChunkedEnd {
     state: ChunkState,
-    size: u64,
-    digits: u8,
+    /// The start of a chunk-size line whose LF has not arrived yet (at most
+    /// [`MAX_CHUNK_LINE`] bytes).
+    line: Vec<u8>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(super) enum ChunkState {
     #[default]
     Size,
-    Extension,
-    SizeLf,
     Data(u64),
     DataCr,
     DataLf,
@@ -309,34 +326,36 @@ impl ChunkedEnd {
         while i < bytes.len() {
             let b = bytes[i];
             self.state = match self.state {
-                Size => match b {
-                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                        self.digits += 1;
-                        if self.digits > 15 {
-                            return Err("chunk size too large");
+                Size => {
+                    let rest = &bytes[i..];
+                    let Some(lf) = memchr::memchr(b'\n', rest) else {
+                        // The line goes on in the next piece: kept, and its start checked
+                        // (once), so a malformed one is refused in the piece that shows it.
+                        if self.line.len() + rest.len() > MAX_CHUNK_LINE {
+                            return Err("chunk size line too long");
                         }
-                        self.size = self.size * 16 + (b as char).to_digit(16).unwrap_or(0) as u64;
-                        Size
-                    }
-                    b';' | b' ' | b'\t' if self.digits > 0 => Extension,
-                    b'\r' if self.digits > 0 => SizeLf,
-                    _ => return Err("malformed chunk size"),
-                },
-                Extension => match b {
-                    b'\r' => SizeLf,
-                    b'\n' => return Err("malformed chunk extension"),
-                    _ => Extension,
-                },
-                SizeLf if b == b'\n' => {
-                    let size = std::mem::take(&mut self.size);
-                    self.digits = 0;
-                    if size == 0 {
-                        TrailerStart
+                        let checked = self.line.len() >= EARLY_CHECK;
+                        self.line.extend_from_slice(rest);
+                        if !checked {
+                            chunk_size_prefix(&self.line)?;
+                        }
+                        return Ok(None);
+                    };
+                    let size = if self.line.is_empty() {
+                        chunk_size(&rest[..=lf])?
                     } else {
-                        Data(size)
-                    }
+                        if self.line.len() + lf + 1 > MAX_CHUNK_LINE {
+                            return Err("chunk size line too long");
+                        }
+                        self.line.extend_from_slice(&rest[..=lf]);
+                        let size = chunk_size(&self.line);
+                        self.line.clear();
+                        size?
+                    };
+                    i += lf + 1;
+                    self.state = if size == 0 { TrailerStart } else { Data(size) };
+                    continue;
                 }
-                SizeLf => return Err("malformed chunk size line"),
                 Data(rem) => {
                     let take = rem.min((bytes.len() - i) as u64);
                     i += take as usize;
@@ -366,6 +385,55 @@ impl ChunkedEnd {
         }
         Ok(None)
     }
+}
+
+/// The chunk size of `line`, a chunk-size line up to and including its LF.
+///
+/// `httparse::parse_chunk_size` reads it (`chunk-size [ chunk-ext ] CRLF`, RFC 9112 §7.1,
+/// §7.1.1: whitespace only before a `;`, any octet in an extension but a CR without its LF),
+/// as pingora's HTTP/1 client does. Stricter than it, checked first ([`size_line_start`]): the
+/// line starts with a hex digit and has at most [`MAX_CHUNK_DIGITS`] of them, and it ends in
+/// CRLF with no other LF (httparse reads a bare LF in an extension as part of the extension).
+fn chunk_size(line: &[u8]) -> Result<u64, &'static str> {
+    size_line_start(line)?;
+    if !line.ends_with(b"\r\n") {
+        return Err("malformed chunk size line");
+    }
+    match httparse::parse_chunk_size(line) {
+        Ok(httparse::Status::Complete((n, size))) if n == line.len() => Ok(size),
+        _ => Err("malformed chunk size line"),
+    }
+}
+
+/// Whether `start`, the start of a chunk-size line (no LF yet), may still become a valid one,
+/// as far as its first [`EARLY_CHECK`] bytes tell.
+fn chunk_size_prefix(start: &[u8]) -> Result<(), &'static str> {
+    size_line_start(start)?;
+    match httparse::parse_chunk_size(&start[..start.len().min(EARLY_CHECK)]) {
+        Ok(httparse::Status::Partial) => Ok(()),
+        _ => Err("malformed chunk size line"),
+    }
+}
+
+/// The checks before httparse reads a chunk-size line, or its start: a hex digit first
+/// (httparse reads an empty size as 0), at most [`MAX_CHUNK_DIGITS`] of them (it takes 16),
+/// at most [`MAX_CHUNK_LINE`] bytes.
+fn size_line_start(line: &[u8]) -> Result<(), &'static str> {
+    let digits = line
+        .iter()
+        .take(MAX_CHUNK_DIGITS + 1)
+        .take_while(|b| b.is_ascii_hexdigit())
+        .count();
+    if digits > MAX_CHUNK_DIGITS {
+        return Err("chunk size too large");
+    }
+    if digits == 0 {
+        return Err("malformed chunk size");
+    }
+    if line.len() > MAX_CHUNK_LINE {
+        return Err("chunk size line too long");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -413,6 +481,112 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    /// Chunk-size lines as `httparse::parse_chunk_size` reads them (RFC 9112 §7.1.1:
+    /// whitespace only before a `;`, any octet in an extension), with the stricter checks before
+    /// it: a hex digit first, at most 15 of them, CRLF and no other LF.
+    #[test]
+    fn chunk_size_lines_are_read_by_httparse_and_checked_first() {
+        let ten = "0123456789";
+        for ok in [
+            "5 ;a=b\r\nhello\r\n0\r\n\r\n".to_string(),
+            "5\t \t;x;y=\"q\"\r\nhello\r\n0\r\n\r\n".to_string(),
+            "5 \r\nhello\r\n0 \r\n\r\n".to_string(),
+            format!("00000000000000A\r\n{ten}\r\n0\r\n\r\n"),
+            format!("a\r\n{ten}\r\nA\r\n{ten}\r\n000000000000000\r\n\r\n"),
+        ] {
+            for step in 1..=ok.len() {
+                assert_eq!(
+                    chunked_end(ok.as_bytes(), step),
+                    Ok(Some(ok.len())),
+                    "{ok:?}"
+                );
+            }
+        }
+        let odd = b"5;\x01\x7f\xff\tz\r\nhello\r\n0\r\n\r\n";
+        assert_eq!(chunked_end(odd, 1), Ok(Some(odd.len())));
+        for bad in [
+            // Whitespace not followed by `;`, digits after whitespace.
+            &b"5 x\r\nhello\r\n"[..],
+            b"5 6\r\nhello\r\n",
+            // A bare LF or a lone CR in an extension.
+            b"5;a\nb\r\nhello\r\n",
+            b"5;a\rb\r\nhello\r\n",
+            // 16 hex digits (httparse takes them).
+            b"0000000000000000\r\n\r\n",
+            // No size (httparse reads these as 0).
+            b";a\r\n\r\n",
+            b" 5\r\nhello\r\n",
+            b"\t\r\n\r\n",
+            b"-5\r\nhello\r\n",
+            b"0x5\r\nhello\r\n",
+        ] {
+            for step in 1..=bad.len() {
+                assert!(
+                    chunked_end(bad, step).is_err(),
+                    "{:?} in pieces of {step}",
+                    String::from_utf8_lossy(bad)
+                );
+            }
+        }
+    }
+
+    /// A chunk-size line is at most `MAX_CHUNK_LINE` bytes, however the reads split it.
+    #[test]
+    fn chunk_size_lines_are_bounded() {
+        let line = |len: usize| {
+            let mut body = b"1;".to_vec();
+            body.resize(len - 2, b'x');
+            body.extend_from_slice(b"\r\nz\r\n0\r\n\r\n");
+            body
+        };
+        let longest = line(MAX_CHUNK_LINE);
+        for step in [1, 7, 4096, longest.len()] {
+            assert_eq!(chunked_end(&longest, step), Ok(Some(longest.len())));
+            assert!(chunked_end(&line(MAX_CHUNK_LINE + 1), step).is_err());
+        }
+        // Without its LF too: refused as soon as it is longer.
+        let mut scanner = ChunkedEnd::default();
+        assert_eq!(scanner.feed(&longest[..MAX_CHUNK_LINE - 2]), Ok(None));
+        assert_eq!(scanner.feed(b"xx"), Ok(None));
+        assert!(scanner.feed(b"x").is_err());
+    }
+
+    /// A size line split across reads has its start checked as it arrives: a malformed one is
+    /// refused in the piece that shows it, not when its LF comes.
+    #[test]
+    fn partial_chunk_size_lines_are_refused_early() {
+        for (pieces, bad) in [
+            (&["5x"][..], 0),
+            (&["5", "x"][..], 1),
+            (&["5;ext", "\r", "x"][..], 2),
+            (&["1234567890", "abcdef"][..], 1),
+            (&["5 ", "6"][..], 1),
+            (&["g"][..], 0),
+        ] {
+            let mut scanner = ChunkedEnd::default();
+            for (i, piece) in pieces.iter().enumerate() {
+                let got = scanner.feed(piece.as_bytes());
+                assert_eq!(got.is_err(), i == bad, "{pieces:?}: piece {i}: {got:?}");
+            }
+        }
+        // Past its first `EARLY_CHECK` bytes, a line is read when its LF comes.
+        let mut late = b"5".to_vec();
+        late.resize(EARLY_CHECK, b' ');
+        late.push(b'x');
+        let mut scanner = ChunkedEnd::default();
+        for piece in late.chunks(1) {
+            assert_eq!(scanner.feed(piece), Ok(None));
+        }
+        assert!(scanner.feed(b"\r\n").is_err());
+        let mut scanner = ChunkedEnd::default();
+        for piece in [&b"1"[..], b"0", b" ", b";", b"e=1", b"\r"] {
+            assert_eq!(scanner.feed(piece), Ok(None));
+        }
+        assert_eq!(scanner.feed(b"\n"), Ok(None));
+        assert_eq!(scanner.feed(&[b'.'; 16]), Ok(None));
+        assert_eq!(scanner.feed(b"\r\n0\r\n\r\nNEXT"), Ok(Some(7)));
     }
 
     /// Odd spacing and obsolete folding reach the client as plain `Name: value` lines; lines
