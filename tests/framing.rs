@@ -98,6 +98,28 @@ async fn conflicting_or_invalid_framing_is_refused() {
             501,
             "not_implemented",
         ),
+        // A `Transfer-Encoding` that names no coding is refused, never taken as absent (the
+        // fast path once forwarded it as chunked with a length-framed body: request smuggling).
+        (
+            "POST /drillster/f HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: \r\nContent-Length: 5\r\n\r\nhello",
+            400,
+            "bad_request",
+        ),
+        (
+            "POST /drillster/f HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: ,\r\n\r\n",
+            400,
+            "bad_request",
+        ),
+        (
+            "POST /drillster/f HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked,\r\n\r\n0\r\n\r\n",
+            400,
+            "bad_request",
+        ),
+        (
+            "POST /drillster/f HTTP/1.0\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            400,
+            "bad_request",
+        ),
         (
             "POST /drillster/f HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
             501,
@@ -148,6 +170,13 @@ async fn malformed_heads_are_refused_by_the_gateway() {
         // Bare LF line endings (a recipient may accept them, RFC 9112 §2.2; the gateway does
         // not, so no upstream reads the head differently).
         b"GET /drillster/a HTTP/1.1\nHost: gw\n\n",
+        // A bare LF ending a field line.
+        b"GET /drillster/a HTTP/1.1\r\nHost: gw\nX-A: 1\r\n\r\n",
+        // A target pingora's URI parser refuses; an absolute-form authority that is not Host's,
+        // or carries userinfo.
+        b"GET /drillster/a?a=<> HTTP/1.1\r\nHost: gw\r\n\r\n",
+        b"GET http://other/drillster/a HTTP/1.1\r\nHost: gw\r\n\r\n",
+        b"GET http://user:pw@gw/drillster/a HTTP/1.1\r\nHost: gw\r\n\r\n",
         // A version other than 1.0 and 1.1, garbage.
         b"GET /drillster/a HTTP/2.0\r\nHost: gw\r\n\r\n",
         b"GARBAGE\r\n\r\n",
@@ -223,7 +252,7 @@ async fn served_requests_leave_in_canonical_form() {
             assert_eq!(seen.body_len, body.len() as u64);
         }
         let raw = format!(
-            "GET /drillster/q?ACCESS_TOKEN=S;a=1&access%255Ftoken=S&access_token[]=S&b=2 HTTP/1.1\r\nHost: gw\r\n{extra}Connection: close\r\n\r\n"
+            "GET /drillster/q?ACCESS_TOKEN=S;a=1&access%255Ftoken=S&access_token[]=S&access.token=S&access+token=S&access_token[0]=S&b=2 HTTP/1.1\r\nHost: gw\r\n{extra}Connection: close\r\n\r\n"
         );
         let a = send(rig.gw.addr(), raw.as_bytes()).await;
         assert_eq!(a.status, 200, "{}", a.head);

@@ -77,6 +77,9 @@ impl DownstreamHead {
         let method = Method::from_bytes(method.as_bytes())
             .map_err(|_| GatewayError::BadRequest("invalid method"))?;
         let form = policy::target_form(&method, target.as_bytes())?;
+        if !policy::target::crlf_only(&raw) {
+            return Err(GatewayError::BadRequest("bare LF in the request head"));
+        }
         let offset = |s: &[u8]| {
             let start = s.as_ptr() as usize - raw.as_ptr() as usize;
             start..start + s.len()

@@ -140,6 +140,10 @@ pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
             class,
         });
     }
+    // The head must end its lines in CRLF (httparse also takes a bare LF).
+    if !policy::target::crlf_only(&buf[..head_len]) {
+        return Parsed::Refuse(GatewayError::BadRequest("bare LF in the request head"));
+    }
     let http_version = if version == 1 {
         http::Version::HTTP_11
     } else {
@@ -151,13 +155,27 @@ pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
         Ok(facts) => facts,
         Err(e) => return Parsed::Refuse(e),
     };
+    if form == TargetForm::Absolute
+        && !policy::target::authority_agrees(
+            target.as_bytes(),
+            facts.host.map(|i| &buf[fields[i].value.clone()]),
+        )
+    {
+        return Parsed::Refuse(GatewayError::BadRequest(
+            "the target's authority differs from Host",
+        ));
+    }
     if version != 1 || form != TargetForm::Origin {
         // HTTP/1.0 (no keep-alive by default, no chunked responses) and absolute-form or `*`
         // targets: pingora-proxy's path, with the same policy.
         return Parsed::Delegate;
     }
-    let Some(path_len) = accepted_path_len(target) else {
-        return Parsed::Delegate;
+    let path_len = match accepted_path_len(target) {
+        Some(n) => n,
+        // A fragment: pingora drops it.
+        None if target.contains('#') => return Parsed::Delegate,
+        // A target pingora's URI parser refuses (`"`, `<`, `>`, too long).
+        None => return Parsed::Refuse(GatewayError::BadRequest("invalid request-target")),
     };
     let (Some(host), Ok(body_len)) = (
         facts.host,

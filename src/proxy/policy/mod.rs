@@ -108,6 +108,8 @@ pub struct RequestFacts {
     upgrade_fields: u8,
     upgrade_websocket: bool,
     transfer_codings: u8,
+    transfer_encoding_fields: u8,
+    transfer_coding_empty: bool,
     content_length_fields: u8,
 }
 
@@ -157,7 +159,11 @@ impl RequestScan {
                 }
             }
             FieldName::TransferEncoding => {
-                for coding in list(value) {
+                f.transfer_encoding_fields = f.transfer_encoding_fields.saturating_add(1);
+                // Every element counts, empty ones too: a `Transfer-Encoding` that names no
+                // coding (`""`, `,`, `chunked,`) is refused, never taken as absent.
+                for coding in value.split(|b| *b == b',').map(|e| e.trim_ascii()) {
+                    f.transfer_coding_empty |= coding.is_empty();
                     f.transfer_codings = f.transfer_codings.saturating_add(1);
                     f.chunked = coding.eq_ignore_ascii_case(b"chunked");
                 }
@@ -201,7 +207,8 @@ impl RequestScan {
                 }
                 // RFC 9110 §7.6.1: a field the gateway sets or that frames the message cannot
                 // be made hop-by-hop by the client.
-                if classify(option).protected_from_connection() {
+                let class = classify(option);
+                if class == FieldName::Underscored || class.protected_from_connection() {
                     return Some(GatewayError::BadRequest(
                         "Connection names a field the gateway sets",
                     ));
@@ -222,8 +229,16 @@ impl RequestScan {
         if f.host.is_none() && version == http::Version::HTTP_11 {
             return Err(GatewayError::BadRequest("HTTP/1.1 request without Host"));
         }
-        if f.transfer_codings > 0 {
-            if f.transfer_codings != 1 || !f.chunked {
+        if f.transfer_encoding_fields > 0 {
+            // RFC 9112 §6.1: HTTP/1.0 has no transfer codings; a request carrying one is a
+            // smuggling attempt as often as not.
+            if version != http::Version::HTTP_11 {
+                return Err(GatewayError::BadRequest("Transfer-Encoding in HTTP/1.0"));
+            }
+            if f.transfer_coding_empty {
+                return Err(GatewayError::BadRequest("empty transfer coding"));
+            }
+            if f.transfer_encoding_fields != 1 || f.transfer_codings != 1 || !f.chunked {
                 return Err(GatewayError::NotImplemented);
             }
             if f.content_length_fields > 0 {

@@ -68,6 +68,37 @@ pub fn request_line_ok(head: &[u8]) -> bool {
         && (version == b"HTTP/1.1" || version == b"HTTP/1.0")
 }
 
+/// Whether every line of a request head (whose CRs a strict parser already placed: only
+/// before an LF) ends in CRLF: as many CRs as LFs. A bare LF ends a line for some parsers and
+/// not for others (RFC 9112 §2.2), so the gateway refuses it.
+pub fn crlf_only(head: &[u8]) -> bool {
+    let count = |byte: u8| -> usize {
+        head.chunks(255)
+            .map(|block| {
+                let n = block
+                    .iter()
+                    .fold(0u8, |n, &b| n.wrapping_add(u8::from(b == byte)));
+                usize::from(n)
+            })
+            .sum()
+    };
+    count(b'\n') == count(b'\r')
+}
+
+/// Whether an absolute-form `target`'s authority is exactly `host` (the `Host` field, when
+/// there is one) and carries no userinfo: pingora refuses anything else, and the gateway
+/// answers it first (RFC 9112 §3.2.2).
+pub fn authority_agrees(target: &[u8], host: Option<&[u8]>) -> bool {
+    let after_scheme = memchr::memmem::find(target, b"://").map_or(0, |i| i + 3);
+    let rest = &target[after_scheme..];
+    let end = rest
+        .iter()
+        .position(|&b| b == b'/' || b == b'?' || b == b'#')
+        .unwrap_or(rest.len());
+    let authority = &rest[..end];
+    memchr::memchr(b'@', authority).is_none() && host.is_none_or(|h| h == authority)
+}
+
 /// Token bytes (RFC 9110 §5.6.2).
 const TCHAR: [bool; 256] = {
     let mut t = [false; 256];
@@ -218,24 +249,29 @@ pub fn strip_access_token(query: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// A quick look for what every spelling of the name needs: a `%` (an encoded name), or an
-/// `_` with `access` before it and `token` after it in any case. Most queries have neither.
+/// A quick look for what every spelling of the name needs: a `%` (an encoded name), or one of
+/// `_ . + [` with `access` before it and `token` after it in any case. Most queries have
+/// neither.
 #[inline]
 fn may_hold_access_token(query: &[u8]) -> bool {
     if memchr::memchr(b'%', query).is_some() {
         return true;
     }
-    memchr::memchr_iter(b'_', query).any(|i| {
+    let around = |i: usize| {
         i >= 6
             && query[i - 6..i].eq_ignore_ascii_case(b"access")
             && query
                 .get(i + 1..i + 6)
                 .is_some_and(|t| t.eq_ignore_ascii_case(b"token"))
-    })
+    };
+    memchr::memchr3_iter(b'_', b'.', b'+', query).any(around)
+        || memchr::memchr_iter(b'[', query).any(around)
 }
 
 /// Whether the parameter `pair` (`name` or `name=value`) is `access_token`, as
-/// [`strip_access_token`] defines it.
+/// [`strip_access_token`] defines it, and as PHP's query parser reads names too: `+` and `%20`
+/// are spaces, leading spaces are dropped, a NUL ends the name, a `[key]` suffix makes an
+/// array of the name before it, and a space, `.` or a `[` without its `]` stand for `_`.
 fn is_access_token_param(pair: &[u8]) -> bool {
     let name = match memchr::memchr(b'=', pair) {
         Some(i) => &pair[..i],
@@ -245,21 +281,43 @@ fn is_access_token_param(pair: &[u8]) -> bool {
         return true;
     }
     // Shortest spelling: `access_token` (12 bytes); anything shorter cannot decode to it.
-    if name.len() < 12 || memchr::memchr2(b'_', b'%', name).is_none() {
+    if name.len() < 12 || !may_hold_access_token(name) {
         return false;
     }
     let mut decoded: Vec<u8> = name.to_vec();
     // Each round shortens an encoded name; a name of n bytes settles within n / 2 rounds.
     for _ in 0..name.len() {
-        let next: Vec<u8> = percent_encoding::percent_decode(&decoded).collect();
+        let spaced: Vec<u8> = decoded
+            .iter()
+            .map(|&b| if b == b'+' { b' ' } else { b })
+            .collect();
+        let next: Vec<u8> = percent_encoding::percent_decode(&spaced).collect();
         if next == decoded {
             break;
         }
         decoded = next;
     }
-    decoded.make_ascii_lowercase();
-    let decoded = decoded.strip_suffix(b"[]").unwrap_or(&decoded);
-    decoded == b"access_token"
+    let mut name: &[u8] = &decoded;
+    if let Some(nul) = memchr::memchr(0, name) {
+        name = &name[..nul];
+    }
+    while let [b' ' | b'\t' | b'\n' | b'\r' | b'\x0b' | b'\x0c', rest @ ..] = name {
+        name = rest;
+    }
+    // `name[key]`: the array `name`.
+    if let Some(open) = memchr::memchr(b'[', name) {
+        if memchr::memchr(b']', &name[open..]).is_some() {
+            name = &name[..open];
+        }
+    }
+    name.len() == 12
+        && name
+            .iter()
+            .map(|&b| match b {
+                b' ' | b'.' | b'[' => b'_',
+                b => b.to_ascii_lowercase(),
+            })
+            .eq(b"access_token".iter().copied())
 }
 
 #[cfg(test)]
@@ -310,13 +368,22 @@ mod tests {
             ("%61ccess_token=s", ""),
             ("a=1&access_token=s&access_token=t&b=2", "a=1&b=2"),
             ("a=1&&access_token=s", "a=1&"),
+            // PHP's own spellings of the name.
+            ("access.token=s&a=1", "a=1"),
+            ("access+token=s&a=1", "a=1"),
+            ("access%20token=s&a=1", "a=1"),
+            ("access[token=s&a=1", "a=1"),
+            ("%20access_token=s&a=1", "a=1"),
+            ("access_token%00=s&a=1", "a=1"),
+            ("access_token[0]=s&a=1", "a=1"),
+            ("ACCESS.TOKEN[x]=s;a=1", "a=1"),
         ] {
             assert_eq!(strip(query).as_deref(), Some(want), "{query}");
         }
         for query in [
             "access_tokens=1",
             "xaccess_token=1",
-            "access_token[x]=1",
+            "access-token=1",
             "a=access_token",
         ] {
             assert_eq!(strip(query), None, "{query}");

@@ -311,6 +311,10 @@ fn framing_refusals() {
     let v11 = http::Version::HTTP_11;
     assert_eq!(refused(&[("Host", "a")], v11), None);
     assert_eq!(refused(&[], http::Version::HTTP_10), None);
+    assert_eq!(
+        refused(&[("Transfer-Encoding", "chunked")], http::Version::HTTP_10).map(|e| e.status()),
+        Some(400)
+    );
     for (fields, status) in [
         (&[][..], 400),
         (&[("Host", "a"), ("Host", "b")][..], 400),
@@ -341,6 +345,26 @@ fn framing_refusals() {
             501,
         ),
         (&[("Host", "a"), ("Transfer-Encoding", "xchunked")][..], 501),
+        (&[("Host", "a"), ("Transfer-Encoding", "")][..], 400),
+        (&[("Host", "a"), ("Transfer-Encoding", " , ")][..], 400),
+        (&[("Host", "a"), ("Transfer-Encoding", "chunked,")][..], 400),
+        (
+            &[
+                ("Host", "a"),
+                ("Transfer-Encoding", ""),
+                ("Content-Length", "5"),
+            ][..],
+            400,
+        ),
+        (
+            &[
+                ("Host", "a"),
+                ("Transfer-Encoding", "chunked"),
+                ("Transfer-Encoding", ""),
+            ][..],
+            400,
+        ),
+        (&[("Host", "a"), ("Connection", "X_Forwarded_For")][..], 400),
         (&[("Host", "a"), ("Connection", "x-forwarded-for")][..], 400),
         (&[("Host", "a"), ("Connection", "Host")][..], 400),
         (&[("Host", "a"), ("Connection", "content-length")][..], 400),
