@@ -117,7 +117,7 @@ impl FieldName {
 
 /// The class of a field name: one comparison by length, then a word-wise compare of the few
 /// names of that length (see [`name_eq`]).
-#[inline]
+#[inline(always)]
 pub fn classify(name: &[u8]) -> FieldName {
     use FieldName::*;
     let candidates: &[(FieldName, &str)] = match name.len() {

@@ -539,7 +539,7 @@ fn nominated<F: Fields + ?Sized>(fields: &F, name: &[u8]) -> bool {
 }
 
 /// Writes the value of the gateway's field `set` into `out`.
-#[inline]
+#[inline(always)]
 pub fn write_value<F: Fields + ?Sized>(
     set: Set,
     fields: &F,
