@@ -214,7 +214,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn body_is_spec_json() {
+    fn body_is_the_gateways_json() {
         let b = GatewayError::NoRoute.body(None);
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
         assert_eq!(v["error"], "no_route");

@@ -42,8 +42,8 @@ impl Default for RouteSpec<'_> {
     }
 }
 
-pub(crate) fn route(spec: RouteSpec<'_>) -> Route {
-    let strip: Vec<HeaderName> = spec
+pub(crate) fn route(settings: RouteSpec<'_>) -> Route {
+    let strip: Vec<HeaderName> = settings
         .strip
         .iter()
         .map(|s| HeaderName::from_bytes(s.to_ascii_lowercase().as_bytes()).unwrap())
@@ -51,9 +51,9 @@ pub(crate) fn route(spec: RouteSpec<'_>) -> Route {
     Route {
         index: 0,
         name: "r".into(),
-        prefix: spec.prefix.into(),
-        strip_prefix: spec.strip_prefix,
-        base_path: spec.base_path.into(),
+        prefix: settings.prefix.into(),
+        strip_prefix: settings.strip_prefix,
+        base_path: settings.base_path.into(),
         peer: HttpPeer::new("127.0.0.1:80", false, "api.example".into()),
         host_header: HeaderValue::from_static("api.example"),
         allow_methods: None,
@@ -63,7 +63,7 @@ pub(crate) fn route(spec: RouteSpec<'_>) -> Route {
             .map(|h| fields::fold_name(h.as_str()))
             .collect(),
         strip_headers: strip,
-        forward_cookies: spec.forward_cookies,
+        forward_cookies: settings.forward_cookies,
         token: TokenSource::new(
             "r",
             Box::new(Unused),
@@ -423,7 +423,7 @@ fn websocket_handshake_keeps_its_fields() {
 #[test]
 fn upstream_target_joins_byte_for_byte() {
     let fields = [("Host", "h")];
-    let target = |spec: RouteSpec<'_>, t: &str| planned_target(&route(spec), t, &fields).0;
+    let target = |settings: RouteSpec<'_>, t: &str| planned_target(&route(settings), t, &fields).0;
     let api = || RouteSpec {
         prefix: "/api",
         strip_prefix: true,
