@@ -20,7 +20,7 @@
 //! ```
 //!
 //! Everything here is pure: no I/O, no clock, no shared state; it is tested without a network
-//! (`tests/request_policy.rs` runs both serialisers over generated requests).
+//! (`tests/proxy/request_policy.rs` runs both serialisers over generated requests).
 
 pub mod errors;
 pub mod fields;

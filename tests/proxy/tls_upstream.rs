@@ -2,8 +2,7 @@
 //! SNI and `Host` naming itself (`localhost`), never the client's Host. Without the `ca_file` the
 //! same upstream is refused (502), so verification is really on.
 
-mod common;
-mod proxy_support;
+use crate::proxy_support;
 
 use std::net::ToSocketAddrs;
 

@@ -2,8 +2,7 @@
 //! first, then OpenID Connect discovery; a mismatching `issuer` is refused; the result is cached;
 //! discovery runs within the token timeout.
 
-mod common;
-mod scenarios;
+use crate::scenarios;
 
 use scenarios as s;
 

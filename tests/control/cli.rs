@@ -1,6 +1,6 @@
 //! The `tokengate` binary: exit codes and messages of `check`, `token` (README "Command line").
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,7 +1,7 @@
 //! Upstream 401 to a current token (RFC 6750 §3.1 `invalid_token`): only that token generation
 //! is dropped, one refresh is shared, the request is replayed once if replayable, never looped.
 
-mod common;
+use crate::common;
 
 use common::{config_for, TestGateway};
 use http::StatusCode;
@@ -199,7 +199,7 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-mod scenarios;
+use crate::scenarios;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fetch_in_flight_cannot_restore_a_dropped_token() {

@@ -1,8 +1,7 @@
 //! Key files and clocks: key file shapes that must sign RS256 and shapes that must fail at
 //! start-up naming the field; assertions accepted with the gateway's clock ±90 s off.
 
-mod common;
-mod scenarios;
+use crate::scenarios;
 
 use scenarios as s;
 

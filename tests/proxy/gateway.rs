@@ -1,7 +1,7 @@
 //! End to end through the gateway: sandbox authorization servers and API on loopback, the real
 //! gateway in front (README "Proxy behaviour", "Token lifecycle", "Admin endpoints").
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -16,7 +16,7 @@ use std::process::Command;
 use regex::Regex;
 
 const MAX_FILE_BYTES: u64 = 2 * 1024 * 1024;
-const THIS_FILE: &str = "tests/repository_language.rs";
+const THIS_FILE: &str = "tests/control/repository_language.rs";
 
 /// Each rule: a name for the report and the pattern that flags a line.
 fn rules() -> Vec<(&'static str, Regex)> {

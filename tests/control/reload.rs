@@ -3,7 +3,7 @@
 //! through `GatewayHandle::reload` (what the SIGHUP handler calls), and once through the real
 //! binary and a real SIGHUP.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

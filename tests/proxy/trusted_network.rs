@@ -2,8 +2,7 @@
 //! 403 `client_not_allowed`, even claiming `X-Forwarded-For: 127.0.0.1`; nothing reaches the
 //! upstream and no token is fetched for it.
 
-mod common;
-mod proxy_support;
+use crate::proxy_support;
 
 use std::net::SocketAddr;
 

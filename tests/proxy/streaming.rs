@@ -2,8 +2,8 @@
 //! memory growing by less than 16 MB, and `Expect: 100-continue` with a 2 MB body when the
 //! upstream answers 100 and when it answers 401 or 413 early.
 
-mod common;
-mod proxy_support;
+use crate::common;
+use crate::proxy_support;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

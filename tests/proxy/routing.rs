@@ -1,7 +1,7 @@
 //! Route selection and client authentication variants through the gateway: a route's own
 //! listener, `host` routes, longest prefix; `basic_encoding = "raw"` and `client_secret_post`.
 
-mod common;
+use crate::common;
 
 use common::{config_for, free_addr, raw_request, TestGateway};
 use tokengate::sandbox::{

@@ -5,7 +5,7 @@
 //! tried (RFC 8414 §3); and credentials deleted at the server while the gateway runs
 //! (Drillster: Registering your client application).
 
-mod common;
+use crate::common;
 
 use std::io;
 use std::sync::{Arc, Mutex, OnceLock};

@@ -2,8 +2,7 @@
 //! Upgrade` both get 101 with the gateway's Bearer token on the handshake, messages flow both
 //! ways, and a token renewal does not close an open socket.
 
-mod common;
-mod proxy_support;
+use crate::proxy_support;
 
 use std::time::Duration;
 

@@ -3,8 +3,7 @@
 //! gateway's own (JSON body, `tokengate-error`, the status RFC 9112 names) and nothing of the
 //! request reaches the upstream.
 
-mod common;
-mod proxy_support;
+use crate::proxy_support;
 
 use proxy_support::{rig_with, send, Answer, Rig, Scripted};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

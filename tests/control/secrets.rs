@@ -4,8 +4,8 @@
 //! line holds a client secret, assertion, private key, access token or `access_token` query
 //! value.
 
-mod common;
-mod proxy_support;
+use crate::common;
+use crate::proxy_support;
 
 use common::{demo_key_path, free_addr};
 use proxy_support::{send, BinaryGateway};

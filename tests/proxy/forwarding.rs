@@ -2,8 +2,7 @@
 //! byte for byte, hop-by-hop fields removed, one `Authorization`, small bodies whole, redirects
 //! passed back, no open proxy, 405, malformed requests.
 
-mod common;
-mod proxy_support;
+use crate::proxy_support;
 
 use proxy_support::{client_credentials_route, route_setting, send, Rig, Tripwire};
 use tokengate::sandbox::CannedResponse;

@@ -3,8 +3,8 @@
 //! both ways, serves pipelined requests in order, survives an upstream that closed a kept-alive
 //! connection, and forwards interim, chunked and close-delimited responses.
 
-mod common;
-mod proxy_support;
+use crate::common;
+use crate::proxy_support;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;

@@ -1,0 +1,27 @@
+//! Everything around the proxy: the token lifecycle against sandbox authorization servers
+//! (RFC 7523 and RFC 6749 §4.4 grants, discovery, interop, upstream 401), config loading and
+//! reload, secrets and key files, the command line, the sandbox servers themselves, and the
+//! repository's own wording.
+//!
+//! One test binary, so the gateway, pingora and the shared support in `tests/support/` are
+//! linked once for all of them. The interop tests install a process-wide log capture
+//! (`interop::captured_logs`); tests here that read logs filter them by route name.
+
+#[path = "../support/common.rs"]
+mod common;
+#[path = "../support/proxy_support.rs"]
+mod proxy_support;
+#[path = "../support/scenarios.rs"]
+mod scenarios;
+
+mod cli;
+mod config;
+mod discovery;
+mod interop;
+mod keys_and_clock;
+mod reload;
+mod repository_language;
+mod sandbox;
+mod secrets;
+mod token_lifecycle;
+mod upstream_401;
