@@ -15,7 +15,7 @@ COPY . .
 # copied out of the cached target directory so the next stage can use it.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin tokengate \
+    cargo build --release --locked --no-default-features --bin tokengate \
     && install -m 0755 target/release/tokengate /usr/local/bin/tokengate
 
 # --- run -------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use tokengate::sandbox::Sandbox;
+use tokengate_sandbox::Sandbox;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{Config, ConfigErrors};
 use crate::gateway::{GatewayHandle, StartError};
-use crate::sandbox::{keys, Sandbox, SandboxError};
+use tokengate_sandbox::{keys, Sandbox, SandboxError};
 
 /// Why the demo could not run.
 #[derive(Debug, thiserror::Error)]

@@ -23,11 +23,11 @@
 
 pub mod admin;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod files;
 pub mod gateway;
 pub mod metrics;
 pub mod oauth;
 pub mod proxy;
-pub mod sandbox;
 pub mod token;

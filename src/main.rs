@@ -105,20 +105,39 @@ fn main() -> ExitCode {
         Command::Demo {
             listen,
             admin_listen,
-        } => {
-            init_logging(&LogConfig {
-                format: LogFormat::Text,
-                level: "info".into(),
-            });
-            match tokengate::demo::run(listen, admin_listen) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("tokengate demo: {e}");
-                    ExitCode::from(1)
-                }
-            }
+        } => demo(listen, admin_listen),
+    }
+}
+
+#[cfg(feature = "demo")]
+fn demo(
+    listen: Option<std::net::SocketAddr>,
+    admin_listen: Option<std::net::SocketAddr>,
+) -> ExitCode {
+    init_logging(&LogConfig {
+        format: LogFormat::Text,
+        level: "info".into(),
+    });
+    match tokengate::demo::run(listen, admin_listen) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokengate demo: {e}");
+            ExitCode::from(1)
         }
     }
+}
+
+/// A production build (`--no-default-features`, as in the Docker image) carries no sandbox.
+#[cfg(not(feature = "demo"))]
+fn demo(
+    _listen: Option<std::net::SocketAddr>,
+    _admin_listen: Option<std::net::SocketAddr>,
+) -> ExitCode {
+    eprintln!(
+        "tokengate demo: this binary was built without the `demo` feature \
+         (build with default features: `cargo run -- demo`)"
+    );
+    ExitCode::from(2)
 }
 
 /// Loads and validates; on failure prints every problem (one per line) and returns exit 2.

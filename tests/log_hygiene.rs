@@ -17,7 +17,7 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use scenarios::{self as s, Seen};
-use tokengate::sandbox::{basic_authorization, form_encode, keys};
+use tokengate_sandbox::{basic_authorization, form_encode, keys};
 use tracing_subscriber::fmt::MakeWriter;
 
 #[derive(Clone, Default)]

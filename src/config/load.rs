@@ -1775,7 +1775,7 @@ mod tests {
 
     const DEMO_KEY: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/src/sandbox/keys/demo-key.json"
+        "/crates/sandbox/src/keys/demo-key.json"
     );
 
     fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
@@ -2564,7 +2564,7 @@ refresh_ratio = 1.5
         );
         let key = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/src/sandbox/keys/demo-public.pem"
+            "/crates/sandbox/src/keys/demo-public.pem"
         );
         let errs =
             errors(&cc_route("").replace("upstream =", &format!("ca_file = {key:?}\nupstream =")));

@@ -416,8 +416,8 @@ fn json_error(e: &serde_json::Error) -> String {
 mod tests {
     use super::*;
 
-    const DEMO_JSON: &str = include_str!("../sandbox/keys/demo-key.json");
-    const DEMO_PKCS8: &str = include_str!("../sandbox/keys/demo-private.pem");
+    const DEMO_JSON: &str = include_str!("../../crates/sandbox/src/keys/demo-key.json");
+    const DEMO_PKCS8: &str = include_str!("../../crates/sandbox/src/keys/demo-private.pem");
     const DEMO_PKCS1: &str = include_str!("../../tests/fixtures/keys/demo-pkcs1.pem");
     const EC_P256: &str = include_str!("../../tests/fixtures/keys/ec-p256.pem");
     const ENCRYPTED: &str = include_str!("../../tests/fixtures/keys/demo-encrypted.pem");
@@ -448,7 +448,7 @@ mod tests {
 
     #[test]
     fn keys_compare_by_ids_and_private_key_without_exposing_it() {
-        let other_pem = include_str!("../sandbox/keys/other-private.pem");
+        let other_pem = include_str!("../../crates/sandbox/src/keys/other-private.pem");
         let demo = |pem: &str, kid: &str| ServiceAccountKey::from_pem(pem, kid, "sa").unwrap();
         assert_eq!(demo(DEMO_PKCS8, "k"), demo(DEMO_PKCS8, "k"));
         // A rotated key (same ids): a reload must start a new token source.
@@ -539,7 +539,7 @@ mod tests {
 
     #[test]
     fn public_key_rejected() {
-        let public = include_str!("../sandbox/keys/demo-public.pem");
+        let public = include_str!("../../crates/sandbox/src/keys/demo-public.pem");
         let e = err(public);
         assert!(
             e.contains("PUBLIC KEY") && e.contains("not a private key"),
@@ -602,7 +602,7 @@ mod tests {
         header.kid = Some(key.key_id.clone());
         let claims = serde_json::json!({"iss": "sa-1", "exp": 4_000_000_000u64});
         let token = jsonwebtoken::encode(&header, &claims, key.encoding_key()).expect("sign");
-        let public = include_str!("../sandbox/keys/demo-public.pem");
+        let public = include_str!("../../crates/sandbox/src/keys/demo-public.pem");
         let dk = jsonwebtoken::DecodingKey::from_rsa_pem(public.as_bytes()).expect("public");
         let mut v = jsonwebtoken::Validation::new(Algorithm::RS256);
         v.required_spec_claims.clear();

@@ -5,7 +5,7 @@ use crate::common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use tokengate::sandbox::Sandbox;
+use tokengate_sandbox::Sandbox;
 
 fn tokengate(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tokengate"))

@@ -15,7 +15,7 @@ use http::StatusCode;
 use serde_json::Value;
 use tokengate::config::{AuthConfig, Config};
 use tokengate::oauth::{FetchOutcome, TokenClient};
-use tokengate::sandbox::{
+use tokengate_sandbox::{
     basic_authorization, keys, AuthServer, BasicDecoding, CannedResponse, ContentCoding, Echo,
     ResponseFormat, Sandbox,
 };
@@ -408,7 +408,7 @@ async fn discovery_errors_name_every_url_and_why() {
     );
 
     server.serve_metadata(false, true);
-    server.set_metadata_issuer(tokengate::sandbox::JsonField::string("https://as.example"));
+    server.set_metadata_issuer(tokengate_sandbox::JsonField::string("https://as.example"));
     let e = discover("").await;
     assert_eq!(
         e.message,

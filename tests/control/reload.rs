@@ -16,7 +16,7 @@ use std::time::Duration;
 use common::{demo_key_path, free_addr, raw_request, TestGateway};
 use tokengate::config::Config;
 use tokengate::gateway::ReloadError;
-use tokengate::sandbox::{AuthServer, Sandbox};
+use tokengate_sandbox::{AuthServer, Sandbox};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A scratch directory for one test's config file, removed on drop.
@@ -64,7 +64,7 @@ client_secret = "{client_secret}"
 "#,
         api = sandbox.api.base_url(),
         endpoint = sandbox.driftrock.token_endpoint(),
-        id = tokengate::sandbox::keys::DRIFTROCK_CLIENT_ID,
+        id = tokengate_sandbox::keys::DRIFTROCK_CLIENT_ID,
     )
 }
 
@@ -153,7 +153,7 @@ async fn a_reload_adds_a_route_keeps_unchanged_tokens_and_reaches_open_connectio
     let mut conn = tokio::net::TcpStream::connect(listen).await.unwrap();
     let (status, body) = on_connection(&mut conn, "/driftrock/v2/x").await;
     assert_eq!(status, 200);
-    let echo: tokengate::sandbox::Echo = serde_json::from_slice(&body).unwrap();
+    let echo: tokengate_sandbox::Echo = serde_json::from_slice(&body).unwrap();
     assert_eq!(echo.path, "/v2/x");
     let token_before = echo.header("authorization").unwrap().to_string();
     // (A 404 closes its connection: asked on another one.)
@@ -166,7 +166,7 @@ async fn a_reload_adds_a_route_keeps_unchanged_tokens_and_reaches_open_connectio
         &sandbox,
         listen,
         admin,
-        &echo_route(&sandbox, tokengate::sandbox::keys::DRIFTROCK_CLIENT_SECRET),
+        &echo_route(&sandbox, tokengate_sandbox::keys::DRIFTROCK_CLIENT_SECRET),
     );
     let at = text.find("name = \"driftrock\"").unwrap();
     let text = format!(
@@ -184,13 +184,13 @@ async fn a_reload_adds_a_route_keeps_unchanged_tokens_and_reaches_open_connectio
     // The same client connection sees the new route at its next request.
     let (status, body) = on_connection(&mut conn, "/echo/a").await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    let echo: tokengate::sandbox::Echo = serde_json::from_slice(&body).unwrap();
+    let echo: tokengate_sandbox::Echo = serde_json::from_slice(&body).unwrap();
     assert_eq!(echo.path, "/a");
     assert!(echo.header("authorization").unwrap().starts_with("Bearer "));
     // The kept routes kept their tokens: no token request for them, the same token sent.
     let (status, body) = on_connection(&mut conn, "/driftrock/v2/x").await;
     assert_eq!(status, 200);
-    let echo: tokengate::sandbox::Echo = serde_json::from_slice(&body).unwrap();
+    let echo: tokengate_sandbox::Echo = serde_json::from_slice(&body).unwrap();
     assert_eq!(echo.path, "/driftrock/v2/x", "the new strip_prefix");
     assert_eq!(echo.header("authorization").unwrap(), token_before);
     assert_eq!(sandbox.drillster.requests(), token_requests.0);
@@ -234,7 +234,7 @@ async fn changed_credentials_get_a_new_token_source_and_a_removed_route_is_gone(
         .fail_with(http::StatusCode::INTERNAL_SERVER_ERROR);
     let dir = Dir::new("secret");
     let (listen, admin) = (free_addr(), free_addr());
-    let secret = tokengate::sandbox::keys::DRIFTROCK_CLIENT_SECRET;
+    let secret = tokengate_sandbox::keys::DRIFTROCK_CLIENT_SECRET;
     let failing = echo_route(&sandbox, secret).replace(
         &sandbox.driftrock.token_endpoint(),
         &refusing.token_endpoint(),
@@ -312,7 +312,7 @@ impl Load {
                 for path in paths {
                     match client.get(format!("http://{listen}{path}")).send().await {
                         Ok(r) if r.status() == 200 => {
-                            let echo: tokengate::sandbox::Echo = r.json().await.unwrap();
+                            let echo: tokengate_sandbox::Echo = r.json().await.unwrap();
                             let auth = echo.header("authorization").unwrap_or_default();
                             served.tokens.insert(auth.to_string());
                             served.ok += 1;
@@ -353,8 +353,8 @@ async fn a_reload_whose_new_credentials_get_no_token_is_rejected_and_nothing_fai
     let key = serde_json::json!({
         "type": "service_account_key",
         "keyId": "0d1e7ed5e5e54f0b8c1a3c0b2f1e9d77",
-        "serviceAccountId": tokengate::sandbox::keys::DEMO_SERVICE_ACCOUNT_ID,
-        "privateKey": tokengate::sandbox::keys::OTHER_PRIVATE_PEM,
+        "serviceAccountId": tokengate_sandbox::keys::DEMO_SERVICE_ACCOUNT_ID,
+        "privateKey": tokengate_sandbox::keys::OTHER_PRIVATE_PEM,
     });
     std::fs::write(&deleted_key, key.to_string()).unwrap();
     // A port nothing listens on.
@@ -363,7 +363,7 @@ async fn a_reload_whose_new_credentials_get_no_token_is_rejected_and_nothing_fai
         .local_addr()
         .unwrap();
     let driftrock_endpoint = sandbox.driftrock.token_endpoint();
-    let secret = tokengate::sandbox::keys::DRIFTROCK_CLIENT_SECRET;
+    let secret = tokengate_sandbox::keys::DRIFTROCK_CLIENT_SECRET;
     let cases = [
         (
             "routes[1] (driftrock)",
@@ -439,8 +439,8 @@ async fn a_secret_rotation_costs_one_token_request_and_no_failed_request() {
     let gw = start_from_file(&dir.config()).await;
     let load = Load::start(listen, &["/driftrock/b"]);
     let (id, old) = (
-        tokengate::sandbox::keys::DRIFTROCK_CLIENT_ID,
-        tokengate::sandbox::keys::DRIFTROCK_CLIENT_SECRET,
+        tokengate_sandbox::keys::DRIFTROCK_CLIENT_ID,
+        tokengate_sandbox::keys::DRIFTROCK_CLIENT_SECRET,
     );
     let new = "n3w s3cr+t/%42";
     sandbox.driftrock.add_client_secret(id, new);
@@ -587,7 +587,7 @@ async fn sighup_reloads_the_running_binary() {
     eventually(|| get(format!("http://{admin}/readyz")), 200).await;
     assert_eq!(get(format!("http://{listen}/echo/a")).await, 404);
 
-    let secret = tokengate::sandbox::keys::DRIFTROCK_CLIENT_SECRET;
+    let secret = tokengate_sandbox::keys::DRIFTROCK_CLIENT_SECRET;
     std::fs::write(dir.config(), text.clone() + &echo_route(&sandbox, secret)).unwrap();
     child.hangup();
     eventually(|| get(format!("http://{listen}/echo/a")), 200).await;
@@ -645,7 +645,7 @@ async fn sighup_reloads_the_running_binary() {
     for secret in [
         secret,
         typo,
-        tokengate::sandbox::keys::DRILLSTER_CLIENT_SECRET,
+        tokengate_sandbox::keys::DRILLSTER_CLIENT_SECRET,
     ] {
         assert!(!log.contains(secret), "a secret in the log:\n{log}");
     }

@@ -11,11 +11,11 @@ use http::StatusCode;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tokengate::sandbox::keys::{
+use tokengate_sandbox::keys::{
     DEMO_KEY_ID, DEMO_PRIVATE_PEM, DEMO_SERVICE_ACCOUNT_ID, DRIFTROCK_CLIENT_ID,
     DRIFTROCK_CLIENT_SECRET, DRILLSTER_CLIENT_ID, DRILLSTER_CLIENT_SECRET, OTHER_PRIVATE_PEM,
 };
-use tokengate::sandbox::{
+use tokengate_sandbox::{
     basic_authorization, basic_authorization_raw, AssertionRejection, AuthServer, BasicDecoding,
     CannedResponse, Echo, JsonField, Sandbox, SandboxApi, SandboxError, TokenRegistry,
     JWT_BEARER_GRANT,

@@ -9,7 +9,7 @@ use crate::proxy_support;
 
 use common::{demo_key_path, free_addr};
 use proxy_support::{send, BinaryGateway};
-use tokengate::sandbox::{keys, CannedResponse, RawApi, Sandbox};
+use tokengate_sandbox::{keys, CannedResponse, RawApi, Sandbox};
 
 /// The demo config for `sandbox` on fresh ports with the upstream pointed at `raw`.
 fn toml_for(

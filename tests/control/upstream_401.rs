@@ -6,7 +6,7 @@ use crate::common;
 use common::{config_for, TestGateway};
 use http::StatusCode;
 use sha2::{Digest, Sha256};
-use tokengate::sandbox::{CannedResponse, Echo, Sandbox};
+use tokengate_sandbox::{CannedResponse, Echo, Sandbox};
 
 fn metric(text: &str, series: &str) -> u64 {
     text.lines()

@@ -26,7 +26,7 @@ const CLOSE_ON_EACH_PATH: [&str; 2] = [
 ];
 
 /// The targets the raw upstream received, in order.
-fn targets(requests: &[tokengate::sandbox::RawRequest]) -> Vec<String> {
+fn targets(requests: &[tokengate_sandbox::RawRequest]) -> Vec<String> {
     requests.iter().map(|r| r.target.clone()).collect()
 }
 
@@ -514,12 +514,12 @@ async fn a_slow_body_leaves_with_the_token_current_when_it_is_sent() {
 /// A rig whose `drillster` route gets tokens of `lifetime` from the sandbox and renews them at
 /// 27-30 % of it (`refresh_ratio = 0.3`), so renewals come while the old token is usable.
 async fn rig_with_renewing_tokens(lifetime: Duration) -> Rig {
-    let sandbox = tokengate::sandbox::Sandbox::builder()
+    let sandbox = tokengate_sandbox::Sandbox::builder()
         .token_lifetime(lifetime)
         .start()
         .await
         .expect("sandbox");
-    let raw = tokengate::sandbox::RawApi::start(sandbox.registry.clone())
+    let raw = tokengate_sandbox::RawApi::start(sandbox.registry.clone())
         .await
         .expect("raw api");
     Rig::start_with(sandbox, raw, |t, _, _| {

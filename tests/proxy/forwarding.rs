@@ -5,7 +5,7 @@
 use crate::proxy_support;
 
 use proxy_support::{client_credentials_route, route_setting, send, Rig, Tripwire};
-use tokengate::sandbox::CannedResponse;
+use tokengate_sandbox::CannedResponse;
 
 fn get(target: &str) -> Vec<u8> {
     format!("GET {target} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n").into_bytes()

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{config_for, raw_request, TestGateway};
-use tokengate::sandbox::{keys, Echo, Sandbox};
+use tokengate_sandbox::{keys, Echo, Sandbox};
 
 async fn get_echo(gw: &TestGateway, path: &str) -> Echo {
     let r = reqwest::get(gw.url(path)).await.expect("request");

@@ -4,7 +4,7 @@
 use crate::common;
 
 use common::{config_for, free_addr, raw_request, TestGateway};
-use tokengate::sandbox::{
+use tokengate_sandbox::{
     keys, AuthServer, BasicDecoding, Echo, Sandbox, SandboxApi, TokenRegistry,
 };
 
@@ -80,9 +80,7 @@ async fn own_listener_then_host_then_longest_prefix() {
 /// A client credentials route against a server configured with `server`, the gateway using
 /// `auth_lines` in `[routes.auth]`.
 async fn client_credentials_route(
-    configure: impl FnOnce(
-        tokengate::sandbox::AuthServerBuilder,
-    ) -> tokengate::sandbox::AuthServerBuilder,
+    configure: impl FnOnce(tokengate_sandbox::AuthServerBuilder) -> tokengate_sandbox::AuthServerBuilder,
     auth_lines: &str,
 ) -> (AuthServer, Echo) {
     let registry = TokenRegistry::new();
@@ -141,7 +139,7 @@ async fn raw_basic_encoding_for_servers_that_compare_raw_values() {
     assert_eq!(
         req.header("authorization"),
         Some(
-            tokengate::sandbox::basic_authorization_raw(
+            tokengate_sandbox::basic_authorization_raw(
                 keys::DRIFTROCK_CLIENT_ID,
                 keys::DRIFTROCK_CLIENT_SECRET
             )

@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::{demo_key_path, free_addr};
 use proxy_support::{read_answer, BinaryGateway, Rig};
 use sha2::{Digest, Sha256};
-use tokengate::sandbox::{download_byte, CannedResponse, RawApi, Sandbox};
+use tokengate_sandbox::{download_byte, CannedResponse, RawApi, Sandbox};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

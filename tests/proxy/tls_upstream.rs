@@ -8,7 +8,7 @@ use std::net::ToSocketAddrs;
 
 use proxy_support::{client_credentials_route, send, Rig};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-use tokengate::sandbox::{RawApi, Sandbox};
+use tokengate_sandbox::{RawApi, Sandbox};
 
 /// A CA certificate (PEM) and a `localhost` leaf (chain PEM, key PEM) it signed.
 fn private_ca() -> (String, String, String) {

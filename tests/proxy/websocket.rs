@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use proxy_support::{read_answer, Rig};
-use tokengate::sandbox::{RawApi, Sandbox};
+use tokengate_sandbox::{RawApi, Sandbox};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::{Message, Role};

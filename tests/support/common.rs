@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokengate::config::Config;
 use tokengate::gateway::GatewayHandle;
-use tokengate::sandbox::{Echo, Sandbox};
+use tokengate_sandbox::{Echo, Sandbox};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A free loopback port for a gateway listener (bound, then released for the gateway to take),
@@ -42,7 +42,7 @@ pub fn free_addr() -> SocketAddr {
 
 /// The sandbox demo key file in the repository.
 pub fn demo_key_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/sandbox/keys/demo-key.json")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crates/sandbox/src/keys/demo-key.json")
 }
 
 /// The demo configuration for `sandbox` on fresh ports, with `edit` applied to the TOML text.

@@ -18,8 +18,8 @@ use sha2::{Digest, Sha256};
 use tokengate::config::Config;
 use tokengate::metrics::Metrics;
 use tokengate::oauth::TokenClient;
-use tokengate::sandbox::{keys, AuthServer, CannedResponse, Echo, JsonField, Sandbox};
 use tokengate::token::{RenewalPolicy, TokenSource};
+use tokengate_sandbox::{keys, AuthServer, CannedResponse, Echo, JsonField, Sandbox};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::{config_for, free_addr, TestGateway};

@@ -17,8 +17,8 @@
 //! reset or answer with a canned response at runtime.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), tokengate::sandbox::SandboxError> {
-//! use tokengate::sandbox::Sandbox;
+//! # async fn demo() -> Result<(), tokengate_sandbox::SandboxError> {
+//! use tokengate_sandbox::Sandbox;
 //! let sandbox = Sandbox::builder().token_lifetime(std::time::Duration::from_secs(2)).start().await?;
 //! println!("token endpoint: {}", sandbox.drillster.token_endpoint());
 //! println!("api: {}", sandbox.api.base_url());

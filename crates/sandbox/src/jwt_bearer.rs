@@ -209,9 +209,7 @@ fn numeric_claim(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sandbox::keys::{
-        DEMO_KEY_ID, DEMO_PRIVATE_PEM, DEMO_PUBLIC_PEM, DEMO_SERVICE_ACCOUNT_ID,
-    };
+    use crate::keys::{DEMO_KEY_ID, DEMO_PRIVATE_PEM, DEMO_PUBLIC_PEM, DEMO_SERVICE_ACCOUNT_ID};
     use jsonwebtoken::{EncodingKey, Header};
     use serde_json::json;
 
