@@ -9,7 +9,7 @@
 //! `-- --own-code-best` prints tokengate's part of it
 //! as the best of 40 paired rounds.
 //!
-//! Run: `cargo bench --bench hot_path` (results and their reading: BENCHMARKS.md).
+//! Run: `cargo bench --bench hot_path` (results and their reading: docs/benchmarks.md).
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};

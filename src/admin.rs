@@ -1,4 +1,5 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/status` (README "Admin endpoints").
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/status` (docs/operations.md "Admin
+//! endpoints").
 //! Nothing here ever shows a secret or a token.
 
 use std::net::SocketAddr;
@@ -122,8 +123,8 @@ impl AdminApp {
         }
     }
 
-    /// 200 `{"ready":true}` when every route holds a usable access token (README "Admin
-    /// endpoints") and every proxy listener accepts connections; else 503 with
+    /// 200 `{"ready":true}` when every route holds a usable access token (docs/operations.md
+    /// "Admin endpoints") and every proxy listener accepts connections; else 503 with
     /// `routes_without_token` (route names) and `listeners_not_accepting` (addresses).
     async fn readyz(&self) -> (StatusCode, Vec<u8>) {
         let state = self.live.load();

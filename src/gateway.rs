@@ -338,16 +338,16 @@ pub struct ReloadSummary {
     pub sources_new: usize,
 }
 
-/// Applies a new config to the running gateway (SIGHUP, README "Reloading the config"): re-reads
-/// the file, its secrets and key files, validates it like a start, and swaps the routes, token
-/// sources, allowlist and replay limit in at once. Requests already admitted finish with the config
-/// they were admitted with. Before the swap, every route that needs a new token source (new
-/// credentials, key, token endpoint or issuer, subject, audience, scope or other token settings; a
-/// new route) obtains a token with it, all at once, each within its route's timeouts; that token is
-/// the new source's first. A config that fails validation, cannot be built, changes a key fixed at
-/// start ([`ReloadError::NeedsRestart`]) or whose new credentials get no token
-/// ([`ReloadError::TokenRefused`]) is rejected, and the running one keeps serving with the tokens
-/// it holds. Counted in `tokengate_config_reloads_total{outcome}`.
+/// Applies a new config to the running gateway (SIGHUP, docs/operations.md "Reloading the config
+/// (SIGHUP)"): re-reads the file, its secrets and key files, validates it like a start, and swaps
+/// the routes, token sources, allowlist and replay limit in at once. Requests already admitted
+/// finish with the config they were admitted with. Before the swap, every route that needs a new
+/// token source (new credentials, key, token endpoint or issuer, subject, audience, scope or other
+/// token settings; a new route) obtains a token with it, all at once, each within its route's
+/// timeouts; that token is the new source's first. A config that fails validation, cannot be built,
+/// changes a key fixed at start ([`ReloadError::NeedsRestart`]) or whose new credentials get no
+/// token ([`ReloadError::TokenRefused`]) is rejected, and the running one keeps serving with the
+/// tokens it holds. Counted in `tokengate_config_reloads_total{outcome}`.
 pub struct Reloader {
     live: Arc<Live>,
     metrics: Arc<Metrics>,
@@ -635,7 +635,7 @@ pub fn check_listeners(config: &Config) -> Result<(), StartError> {
     Ok(())
 }
 
-/// SIGTERM and SIGINT: graceful terminate (README "Command line"). SIGQUIT: fast.
+/// SIGTERM and SIGINT: graceful terminate (docs/operations.md "Shutdown"). SIGQUIT: fast.
 struct UnixSignals;
 
 #[async_trait]
@@ -845,8 +845,8 @@ fn ca_group_key(pem: &[u8]) -> u64 {
     h.finish().max(1)
 }
 
-/// System roots plus the route's `ca_file` certificates (extra trust roots, README "Other route
-/// keys"). pingora's per-peer CA list replaces the default store, so the system roots are
+/// System roots plus the route's `ca_file` certificates (extra trust roots, docs/configuration.md
+/// "[[routes]]"). pingora's per-peer CA list replaces the default store, so the system roots are
 /// included here.
 fn trust_roots(index: usize, pem: &[u8]) -> Result<Arc<[WrappedX509]>, StartError> {
     let mut ders: Vec<Vec<u8>> = rustls_native_certs::load_native_certs()

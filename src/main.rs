@@ -1,5 +1,5 @@
-//! `tokengate` command line (README "Command line"). Parses arguments, loads config, starts; maps
-//! errors to exit codes: 0 success, 1 runtime failure, 2 bad usage or bad config.
+//! `tokengate` command line (docs/operations.md "Command line"). Parses arguments, loads config,
+//! starts; maps errors to exit codes: 0 success, 1 runtime failure, 2 bad usage or bad config.
 
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use clap::{Parser, Subcommand};
 
 /// mimalloc: measurably fewer cycles per request than the system allocator on the proxy hot
-/// path (BENCHMARKS.md).
+/// path (docs/architecture.md "The hot path").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use tracing_subscriber::filter::{FilterExt, LevelFilter, Targets};

@@ -1,9 +1,9 @@
-//! No secret in any log line (README "Security notes"): every log line written while the token
-//! lifecycle, upstream 401, key file and discovery scenarios of `tests/support/scenarios.rs` run —
-//! tokengate's own events at `trace`, the dependencies' (pingora's `log` records through
-//! tracing-log, reqwest, hyper) at `debug`, except `pingora_proxy`, whose debug events dump raw
-//! message bodies, at `info` — is captured, and none contains a client secret, private key
-//! material, an assertion or an access token.
+//! No secret in any log line (docs/security.md "Secrets in logs, errors and metrics"): every log
+//! line written while the token lifecycle, upstream 401, key file and discovery scenarios of
+//! `tests/support/scenarios.rs` run — tokengate's own events at `trace`, the dependencies'
+//! (pingora's `log` records through tracing-log, reqwest, hyper) at `debug`, except
+//! `pingora_proxy`, whose debug events dump raw message bodies, at `info` — is captured, and none
+//! contains a client secret, private key material, an assertion or an access token.
 //!
 //! A global subscriber is process-wide, so this binary has exactly one test, which installs the
 //! capturing subscriber, drives the scenarios itself and checks the capture last.

@@ -1,5 +1,5 @@
-//! The file layer: serde structs that mirror the config file's TOML keys exactly (README
-//! "Configuration").
+//! The file layer: serde structs that mirror the config file's TOML keys exactly
+//! (docs/configuration.md).
 //!
 //! Every struct has `deny_unknown_fields` so a misspelt key is an error, not a silently ignored
 //! setting. Every field is optional here: presence, defaults and cross-key rules are checked in
@@ -198,7 +198,7 @@ impl<'de> Deserialize<'de> for ByteSizeValue {
 }
 
 /// Keys whose values are credentials: never quoted in error messages, and each has a `_file`
-/// twin whose file content is used instead (README "Configuration").
+/// twin whose file content is used instead (docs/configuration.md "Secrets, files and paths").
 pub(super) const SECRET_KEYS: &[&str] = &["client_secret", "client_id"];
 
 #[cfg(test)]

@@ -96,7 +96,7 @@ impl Config {
         Config::from_toml_str(&text, Some(path), &env)
     }
 
-    /// Parses and validates TOML config text (README "Configuration").
+    /// Parses and validates TOML config text (docs/configuration.md).
     ///
     /// * `source`: the file the text came from; names the file in errors and anchors relative
     ///   paths. `None` names it `<config>` and leaves relative paths relative to the process's

@@ -1,7 +1,7 @@
 //! Configuration: the TOML file layer and the validated internal model.
 //!
 //! The file layer (`file.rs`, serde structs with `deny_unknown_fields`) is the stable user
-//! interface described in README "Configuration"; the types in this module are what the rest of
+//! interface described in docs/configuration.md; the types in this module are what the rest of
 //! the crate sees.
 //! [`Config::load`] reads a file, expands `${VAR}` and `*_file` secrets, reads key files and
 //! validates every key, reporting all problems at once ([`ConfigErrors`]).

@@ -1,5 +1,5 @@
-//! Every metric tokengate exports, defined once (names and labels as README "Metrics" lists
-//! them).
+//! Every metric tokengate exports, defined once (names and labels as docs/operations.md
+//! "Metrics" lists them).
 //!
 //! Each gateway owns its own [`Registry`] (so several gateways can run in one process, as the
 //! tests do); `/metrics` encodes it. Per-route handles are resolved once at start-up, so the

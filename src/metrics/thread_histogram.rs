@@ -7,7 +7,7 @@
 //! observation is two plain loads and stores; a scrape reads every shard. Envoy keeps its
 //! histograms per worker thread for the same reason. Counting a request with it
 //! (`RouteMetrics::request`) took 7.0 ns instead of 14.9 on one thread, 33.5 ns instead of
-//! 174.5 with two threads counting one route at once (BENCHMARKS.md).
+//! 174.5 with two threads counting one route at once (docs/architecture.md "The hot path").
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

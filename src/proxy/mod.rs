@@ -131,10 +131,10 @@ impl Live {
     }
 }
 
-/// Whether a downstream peer at `ip` may use the gateway: `ip` (an IPv4-mapped IPv6 address
-/// counts as its IPv4 address) is inside one of `allowed_clients` (`server.allowed_clients`,
-/// README "Proxy behaviour"; loopback only by default). Linear in the number of CIDRs, which is
-/// a handful in practice.
+/// Whether a downstream peer at `ip` may use the gateway: `ip` (an IPv4-mapped IPv6 address counts
+/// as its IPv4 address) is inside one of `allowed_clients` (`server.allowed_clients`,
+/// docs/proxy-behaviour.md "Admission"; loopback only by default). Linear in the number of CIDRs,
+/// which is a handful in practice.
 #[inline]
 pub fn client_allowed(allowed_clients: &[IpNet], ip: IpAddr) -> bool {
     let ip = ip.to_canonical();
@@ -645,9 +645,9 @@ pub(crate) struct RequestRecord<'a> {
     pub authorization_len: usize,
 }
 
-/// Metrics and the access log for a finished request (README "Metrics"), and the warning for an
-/// upstream 431: the only per-request logging, shared by pingora-proxy's `logging` phase and
-/// the fast path.
+/// Metrics and the access log for a finished request (docs/operations.md "Metrics", "Logging"), and
+/// the warning for an upstream 431: the only per-request logging, shared by pingora-proxy's
+/// `logging` phase and the fast path.
 pub(crate) fn record_request(r: &RequestRecord<'_>) {
     let elapsed = r.started.elapsed();
     let route_name = r.route.map(|r| r.name.as_str()).unwrap_or("-");

@@ -1,8 +1,8 @@
 //! Routes compiled for the request path, and the per-listener route table.
 //!
-//! Matching (README "Proxy behaviour"): a route's own `listen`, else `host`, else the longest
-//! `path_prefix` on a path-segment boundary. Lookup is one hash probe per path segment, whatever
-//! the number of routes.
+//! Matching (docs/proxy-behaviour.md "Routing"): a route's own `listen`, else `host`, else the
+//! longest `path_prefix` on a path-segment boundary. Lookup is one hash probe per path segment,
+//! whatever the number of routes.
 
 use std::collections::HashMap;
 use std::sync::Arc;

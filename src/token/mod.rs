@@ -341,7 +341,7 @@ impl TokenSource {
     /// The current token if it is usable at `now`, through a connection's `cache`: while
     /// nothing newer was published the cached token is used as it is (one atomic load), else
     /// the current one is loaded into the cache. The fast path's per-request lookup: no
-    /// arc-swap guard, no reference count taken (BENCHMARKS.md).
+    /// arc-swap guard, no reference count taken (docs/architecture.md "The hot path").
     #[inline]
     pub fn usable_cached<'c>(
         &self,
@@ -402,7 +402,8 @@ impl TokenSource {
     }
 
     /// The upstream answered 401 (RFC 6750 §3.1 `invalid_token`) to a request sent with the
-    /// token of `generation`: the one policy of both proxy paths (README "Token lifecycle").
+    /// token of `generation`: the one policy of both proxy paths (docs/token-lifecycle.md
+    /// "Upstream 401").
     /// Returns whether to replay the request once with the next token ([`TokenSource::token`]).
     ///
     /// * [`Sent::Replay`]: the replay was refused too. No loop: the 401 goes to the client and
@@ -425,7 +426,7 @@ impl TokenSource {
     }
 
     /// Drops the token of `generation` after the upstream rejected it (RFC 6750 §3.1
-    /// `invalid_token`) and wakes the refresher (README "Token lifecycle": only that
+    /// `invalid_token`) and wakes the refresher (docs/token-lifecycle.md "Upstream 401": only that
     /// generation, one refresh however many requests saw the 401), for a request that is
     /// replayed with the next token. A newer token is left alone, and so is one held
     /// ([`Rejection::Kept`]): refused on a replay ([`TokenSource::refused_on_replay`]) or as

@@ -1,4 +1,5 @@
-//! The `tokengate` binary: exit codes and messages of `check`, `token` (README "Command line").
+//! The `tokengate` binary: exit codes and messages of `check`, `token` (docs/operations.md
+//! "Command line").
 
 use crate::common;
 

@@ -1,7 +1,7 @@
-//! Config reload (README "Reloading the config": SIGHUP reloads config, secrets and key files; a
-//! new config that fails validation is rejected and the running one keeps serving). In-process
-//! through `GatewayHandle::reload` (what the SIGHUP handler calls), and once through the real
-//! binary and a real SIGHUP.
+//! Config reload (docs/operations.md "Reloading the config (SIGHUP)": SIGHUP reloads config,
+//! secrets and key files; a new config that fails validation is rejected and the running one keeps
+//! serving). In-process through `GatewayHandle::reload` (what the SIGHUP handler calls), and once
+//! through the real binary and a real SIGHUP.
 
 use crate::common;
 

@@ -4,7 +4,7 @@
 //! available) and fails, listing `file:line`, for wording that refers to work sessions,
 //! internal runs, internal issue numbers, the build machine, or documents that are not in the
 //! repository. Behaviour is attributed to its public source instead: an RFC section, the
-//! vendor documentation by title, or the README.
+//! vendor documentation by title, or the README and the manual in docs/.
 //!
 //! Skipped: `vendor/` (third-party code), `Cargo.lock`, `target/`, `fuzz/corpus/`, binary
 //! files, files over 2 MB, and this file itself — its patterns necessarily spell out the

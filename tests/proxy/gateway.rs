@@ -1,5 +1,6 @@
 //! End to end through the gateway: sandbox authorization servers and API on loopback, the real
-//! gateway in front (README "Proxy behaviour", "Token lifecycle", "Admin endpoints").
+//! gateway in front (docs/proxy-behaviour.md, docs/token-lifecycle.md, docs/operations.md
+//! "Admin endpoints").
 
 use crate::common;
 

@@ -1,4 +1,4 @@
-//! Token lifecycle scenarios under real-world failure (README "Token lifecycle"), each against the
+//! Token lifecycle scenarios under real-world failure (docs/token-lifecycle.md), each against the
 //! sandbox servers with their fault knobs. Every scenario is an `async fn` that panics on a failed
 //! assertion and returns the secrets it saw (client secrets, assertions, access tokens), so that
 //! `tests/log_hygiene.rs` can drive them all under one capturing subscriber and check the logs. The

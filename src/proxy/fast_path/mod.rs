@@ -17,12 +17,12 @@
 //! upstream the same request (same header hygiene, same field order; `tests/` runs both) and
 //! count and log requests the same way.
 //!
-//! What the fast path saves against pingora-proxy (BENCHMARKS.md: ~42 → ~19 µs of proxy CPU
-//! per request): no per-request session, context and header maps, no futures and channels
-//! joining two proxy halves; the upstream request written from the client's bytes into one
-//! buffer; one upstream connection held by the client connection while it is busy (no pool
-//! lookup and no idle-watch task per request); one timer per connection; the response head
-//! copied with three fields changed.
+//! What the fast path saves against pingora-proxy (docs/architecture.md "The hot path":
+//! ~42 → ~19 µs of proxy CPU per request): no per-request session, context and header maps, no
+//! futures and channels joining two proxy halves; the upstream request written from the client's
+//! bytes into one buffer; one upstream connection held by the client connection while it is busy
+//! (no pool lookup and no idle-watch task per request); one timer per connection; the response
+//! head copied with three fields changed.
 
 use std::io;
 use std::sync::Arc;

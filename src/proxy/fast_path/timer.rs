@@ -9,9 +9,10 @@ use std::time::Duration;
 pub(super) const TIMER_TICK: Duration = Duration::from_secs(1);
 
 /// One timer per connection for all its read and write timeouts, instead of a timer entry
-/// registered and dropped per operation (which cost ~1 µs per request: BENCHMARKS.md). It is
-/// re-armed only when it fires (at most once per [`TIMER_TICK`] while something waits) or when
-/// an operation's deadline is nearer than its next firing, so a timeout fires on time.
+/// registered and dropped per operation (which cost ~1 µs per request: docs/architecture.md
+/// "The hot path"). It is re-armed only when it fires (at most once per [`TIMER_TICK`] while
+/// something waits) or when an operation's deadline is nearer than its next firing, so a timeout
+/// fires on time.
 #[derive(Default)]
 pub(super) struct Timer {
     sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,

@@ -41,7 +41,7 @@ pub enum GatewayError {
 }
 
 impl GatewayError {
-    /// The error code in the gateway's JSON error body (README "Proxy behaviour").
+    /// The error code in the gateway's JSON error body (docs/proxy-behaviour.md "Gateway errors").
     pub fn code(&self) -> &'static str {
         match self {
             GatewayError::NoRoute => "no_route",
