@@ -178,30 +178,29 @@ pub fn run(listen: Option<SocketAddr>, admin: Option<SocketAddr>) -> Result<(), 
     let demo = Demo::start(&runtime, listen, admin)?;
     let listen = demo.gateway.listen[0];
     let admin = demo.gateway.admin;
-    println!();
-    println!("tokengate demo is running (sandbox only; nothing leaves this machine)");
-    println!("  gateway        http://{listen}  (routes /drillster/ and /driftrock/)");
-    println!("  admin          http://{admin}   (/metrics /healthz /readyz /status)");
-    println!(
-        "  Drillster-like token endpoint  {}",
-        demo.sandbox.drillster.token_endpoint()
-    );
-    println!(
-        "  Driftrock-like token endpoint  {}",
-        demo.sandbox.driftrock.token_endpoint()
-    );
-    println!("  sandbox API    {}", demo.sandbox.api.base_url());
-    println!(
-        "  config         {}",
+    let mut banner = format!(
+        "\ntokengate demo is running (sandbox only; nothing leaves this machine)\n\
+         \x20 gateway        http://{listen}  (routes /drillster/ and /driftrock/)\n\
+         \x20 admin          http://{admin}   (/metrics /healthz /readyz /status)\n\
+         \x20 Drillster-like token endpoint  {}\n\
+         \x20 Driftrock-like token endpoint  {}\n\
+         \x20 sandbox API    {}\n\
+         \x20 config         {}\n\n\
+         Try (the API echoes what it received: your Authorization, Cookie and access_token are \
+         gone, the gateway's Bearer token is there):\n",
+        demo.sandbox.drillster.token_endpoint(),
+        demo.sandbox.driftrock.token_endpoint(),
+        demo.sandbox.api.base_url(),
         demo.dir.path().join("tokengate-demo.toml").display()
     );
-    println!();
-    println!("Try (the API echoes what it received: your Authorization, Cookie and access_token are gone, the gateway's Bearer token is there):");
     for line in curl_lines(listen, admin) {
-        println!("  {line}");
+        banner.push_str("  ");
+        banner.push_str(&line);
+        banner.push('\n');
     }
-    println!();
-    println!("Ctrl-C to stop.");
+    banner.push_str("\nCtrl-C to stop.\n");
+    // A closed standard output (`tokengate demo | head`) does not stop the demo.
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), banner.as_bytes());
     runtime
         .block_on(async {
             tokio::select! {

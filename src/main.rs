@@ -2,6 +2,7 @@
 //! starts; maps errors to exit codes: 0 success, 1 runtime failure, 2 bad usage or bad config.
 
 use std::io::IsTerminal as _;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::SystemTime;
@@ -153,12 +154,12 @@ fn check(path: &std::path::Path, fetch: bool) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    println!(
+    say(format_args!(
         "{}: OK ({} route{})",
         path.display(),
         config.routes.len(),
         if config.routes.len() == 1 { "" } else { "s" }
-    );
+    ));
     if !fetch {
         return ExitCode::SUCCESS;
     }
@@ -175,14 +176,17 @@ fn check(path: &std::path::Path, fetch: bool) -> ExitCode {
                 .map_err(|e| e.to_string())
         });
         match result {
-            Ok(token) => println!(
+            Ok(token) => say(format_args!(
                 "routes[{i}] {}: token obtained, expires in {} s",
                 route.name,
                 token.lifetime.as_secs()
-            ),
+            )),
             Err(e) => {
                 ok = false;
-                println!("routes[{i}] {}: token request failed: {e}", route.name);
+                say(format_args!(
+                    "routes[{i}] {}: token request failed: {e}",
+                    route.name
+                ));
             }
         }
     }
@@ -226,14 +230,26 @@ fn token(path: &std::path::Path, route_name: &str, subject: Option<String>) -> E
     });
     match result {
         Ok(token) => {
-            println!("{}", token.value);
-            ExitCode::SUCCESS
+            let mut out = std::io::stdout().lock();
+            match writeln!(out, "{}", token.value).and_then(|()| out.flush()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tokengate: cannot write the token to standard output: {e}");
+                    ExitCode::from(1)
+                }
+            }
         }
         Err(e) => {
             eprintln!("tokengate: route {route_name}: {e}");
             ExitCode::from(1)
         }
     }
+}
+
+/// One line of a report on standard output. A reader that went away (`tokengate check … | head
+/// -1`) ends the report, not the process: the exit code still says how the checks went.
+fn say(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
 fn client_for(route: &tokengate::config::RouteConfig) -> Result<TokenClient, String> {

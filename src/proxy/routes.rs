@@ -59,7 +59,12 @@ impl Route {
     #[inline]
     pub fn allows(&self, method: &Method) -> bool {
         match &self.allow_methods {
-            None => method != Method::TRACE && method != Method::CONNECT,
+            // Any letter case: a method is case-sensitive (RFC 9110 §9.1), but some servers
+            // read `trace` as TRACE.
+            None => {
+                let m = method.as_str();
+                !m.eq_ignore_ascii_case("TRACE") && !m.eq_ignore_ascii_case("CONNECT")
+            }
             Some(list) => list.iter().any(|m| m == method),
         }
     }

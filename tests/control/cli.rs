@@ -92,6 +92,28 @@ fn check_accepts_a_good_config() {
     );
 }
 
+/// A reader that went away before the report (`tokengate check … | true`) is no crash: the
+/// exit code still says how the check went (0 here, 2 for a bad config), never a panic's 101.
+#[test]
+fn check_with_a_closed_standard_output_exits_with_its_own_code() {
+    let dir = TempDir::new("closed-stdout");
+    let good = dir.write("good.toml", &good_config(&common::demo_key_path()));
+    let bad = dir.write("bad.toml", "[server]\nlisten = 5\n");
+    for (path, code) in [(&good, 0), (&bad, 2)] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_tokengate"))
+            .args(["check", "-c", path.to_str().unwrap()])
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .expect("run tokengate");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
 #[test]
 fn check_rejects_bad_configs_naming_the_key() {
     let dir = TempDir::new("bad");

@@ -205,8 +205,12 @@ async fn trace_and_connect_are_refused_by_default() {
         proxy_support::route_setting(&t, "driftrock", "allow_methods = [\"GET\", \"TRACE\"]")
     })
     .await;
-    for extra in EACH_PATH {
-        let trace = format!("TRACE /drillster/t HTTP/1.1\r\nHost: gw\r\n{extra}\r\n");
+    // In any letter case: some servers read `trace` as TRACE.
+    for (extra, method) in EACH_PATH
+        .iter()
+        .flat_map(|e| [(e, "TRACE"), (e, "trace"), (e, "Connect")])
+    {
+        let trace = format!("{method} /drillster/t HTTP/1.1\r\nHost: gw\r\n{extra}\r\n");
         let a = send(rig.gw.addr(), trace.as_bytes()).await;
         assert_refused(&a, 405, "method_not_allowed");
         let allow = a.header("allow").expect("Allow");
