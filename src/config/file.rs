@@ -1,22 +1,23 @@
 //! The file layer: serde structs that mirror the config file's TOML keys exactly
 //! (docs/configuration.md).
 //!
-//! Every struct has `deny_unknown_fields` so a misspelt key is an error, not a silently ignored
-//! setting. Every field is optional here: presence, defaults and cross-key rules are checked in
-//! `load.rs`, which can then say which key is missing and how to fix it. Durations and byte sizes
-//! are parsed here (with their own error messages) because their syntax is all there is to them.
+//! Every field is optional here: presence, defaults and cross-key rules are checked in
+//! `validate/`, which can then say which key is missing and how to fix it. A key that is not a
+//! field is not an error to serde here: `deserialize.rs` collects every one of them with
+//! `serde_ignored` and reports them all, each with the valid keys of its table. Durations and
+//! byte sizes are parsed here (with their own error messages) because their syntax is all there
+//! is to them.
 //!
-//! `${VAR}` expansion has already happened when these are deserialized (see `load.rs`).
+//! `${VAR}` expansion has already happened when these are deserialized (see `expand.rs`).
 
 use std::fmt;
 use std::time::Duration;
 
-use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 /// The whole file.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct FileConfig {
     pub server: Option<ServerFile>,
     pub log: Option<LogFile>,
@@ -25,7 +26,6 @@ pub(super) struct FileConfig {
 
 /// `[server]`.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct ServerFile {
     pub listen: Option<OneOrMany>,
     pub admin_listen: Option<String>,
@@ -37,7 +37,6 @@ pub(super) struct ServerFile {
 
 /// `[log]`.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct LogFile {
     pub format: Option<String>,
     pub level: Option<String>,
@@ -45,7 +44,6 @@ pub(super) struct LogFile {
 
 /// One `[[routes]]` table.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct RouteFile {
     pub name: Option<String>,
     pub path_prefix: Option<String>,
@@ -64,7 +62,6 @@ pub(super) struct RouteFile {
 
 /// `[routes.auth]`.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct AuthFile {
     pub grant: Option<String>,
     pub token_endpoint: Option<String>,
@@ -87,34 +84,17 @@ pub(super) struct AuthFile {
     pub token_timeout: Option<DurationValue>,
 }
 
-/// `listen`: one address or an array of them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `listen`: one address or an array of them. An array holding something other than strings
+/// is reported by `deserialize.rs` naming the element, which this enum cannot (serde tries
+/// each variant on the whole value).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "expected an address or an array of addresses, e.g. \"127.0.0.1:8080\""
+)]
 pub(super) enum OneOrMany {
     One(String),
     Many(Vec<String>),
-}
-
-impl<'de> Deserialize<'de> for OneOrMany {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = OneOrMany;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(r#"an address or an array of addresses, e.g. "127.0.0.1:8080""#)
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<OneOrMany, E> {
-                Ok(OneOrMany::One(v.to_string()))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<OneOrMany, A::Error> {
-                let mut all = Vec::new();
-                while let Some(item) = seq.next_element::<String>()? {
-                    all.push(item);
-                }
-                Ok(OneOrMany::Many(all))
-            }
-        }
-        deserializer.deserialize_any(V)
-    }
 }
 
 /// A humantime duration string such as `"5s"`, `"10m"` or `"1h 30m"`.
@@ -246,6 +226,12 @@ mod tests {
         assert_eq!(l.l, OneOrMany::One("a".into()));
         let l: L = toml::from_str(r#"l = ["a", "b"]"#).expect("many");
         assert_eq!(l.l, OneOrMany::Many(vec!["a".into(), "b".into()]));
-        assert!(toml::from_str::<L>("l = 5").is_err());
+        let e = toml::from_str::<L>("l = 5").expect_err("a number");
+        assert!(
+            e.message()
+                .starts_with("expected an address or an array of addresses"),
+            "{}",
+            e.message()
+        );
     }
 }

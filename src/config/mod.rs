@@ -1,10 +1,20 @@
 //! Configuration: the TOML file layer and the validated internal model.
 //!
-//! The file layer (`file.rs`, serde structs with `deny_unknown_fields`) is the stable user
-//! interface described in docs/configuration.md; the types in this module are what the rest of
-//! the crate sees.
+//! The file layer (`file.rs`, serde structs) is the stable user interface described in
+//! docs/configuration.md; the types in this module are what the rest of the crate sees.
 //! [`Config::load`] reads a file, expands `${VAR}` and `*_file` secrets, reads key files and
 //! validates every key, reporting all problems at once ([`ConfigErrors`]).
+//!
+//! | module | concern |
+//! | --- | --- |
+//! | `load.rs` | the pipeline: [`Config::load`], [`Config::from_toml_str`] |
+//! | `file.rs` | serde structs mirroring the file's keys |
+//! | `expand.rs` | `${VAR}` expansion |
+//! | `deserialize.rs` | tree → file structs: unknown keys, wrong types, table shapes |
+//! | `diagnostics.rs` | key paths, lines, "did you mean", message wording |
+//! | `validate/` | one module per section: server and log, routes, upstream, auth, secrets |
+//! | `defaults.rs` | defaults and bounds of the keys |
+//! | `error.rs` | [`ConfigError`], [`ConfigErrors`] |
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -16,9 +26,16 @@ use url::Url;
 
 use crate::oauth::key_file::ServiceAccountKey;
 
+mod defaults;
+mod deserialize;
+mod diagnostics;
 mod error;
+mod expand;
 mod file;
 mod load;
+#[cfg(test)]
+mod test_support;
+mod validate;
 
 pub use error::{ConfigError, ConfigErrors};
 

@@ -1,0 +1,35 @@
+//! Defaults and bounds of the config keys (docs/configuration.md): what a key means when the
+//! file leaves it out, and the limits validation holds values to.
+
+use std::time::Duration;
+
+/// Default `server.listen`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default `server.admin_listen`.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+/// Default `server.allowed_clients`: loopback only.
+pub const DEFAULT_ALLOWED_CLIENTS: &[&str] = &["127.0.0.0/8", "::1/128"];
+/// Default `server.grace_period`.
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(10);
+/// Default `server.replay_body_limit` (64 KiB).
+pub const DEFAULT_REPLAY_BODY_LIMIT: usize = 64 * 1024;
+/// Largest `server.replay_body_limit`, bytes: pingora-proxy keeps at most this much of a
+/// request body for a retry, so a larger limit could not take effect.
+pub const MAX_REPLAY_BODY_LIMIT: usize = crate::proxy::RETRY_BUFFER_LIMIT;
+/// Default `routes.connect_timeout`.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default `routes.read_timeout`.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default `routes.auth.assertion_lifetime`.
+pub const DEFAULT_ASSERTION_LIFETIME: Duration = Duration::from_secs(300);
+/// Upper bound of `routes.auth.assertion_lifetime`: "Drillster: Service accounts" puts `exp`
+/// at most one hour ahead.
+pub const MAX_ASSERTION_LIFETIME: Duration = Duration::from_secs(3600);
+/// Default `routes.auth.default_token_lifetime`.
+pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(300);
+/// Default `routes.auth.refresh_ratio`.
+pub const DEFAULT_REFRESH_RATIO: f64 = 0.8;
+/// Default `routes.auth.min_time_left`.
+pub const DEFAULT_MIN_TIME_LEFT: Duration = Duration::from_secs(10);
+/// Default `routes.auth.token_timeout`.
+pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);

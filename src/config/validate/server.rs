@@ -1,0 +1,234 @@
+//! `[server]` and `[log]`: listeners, the admin listener, the client allowlist, process-wide
+//! knobs and the log format and filter.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+
+use super::Validator;
+use crate::config::defaults::{
+    DEFAULT_ADMIN_LISTEN, DEFAULT_ALLOWED_CLIENTS, DEFAULT_GRACE_PERIOD, DEFAULT_LISTEN,
+    DEFAULT_REPLAY_BODY_LIMIT, MAX_REPLAY_BODY_LIMIT,
+};
+use crate::config::file::{LogFile, OneOrMany, ServerFile};
+use crate::config::{LogConfig, LogFormat, ServerConfig};
+
+impl Validator<'_> {
+    /// `[server]`. Listener addresses must be distinct (port 0 excepted), the admin listener
+    /// apart from the proxy's.
+    pub(super) fn server(&mut self, s: ServerFile) -> ServerConfig {
+        let listen_entries: Vec<(String, String)> = match s.listen {
+            None => vec![("server.listen".to_string(), DEFAULT_LISTEN.to_string())],
+            Some(OneOrMany::One(a)) => vec![("server.listen".to_string(), a)],
+            Some(OneOrMany::Many(all)) => all
+                .into_iter()
+                .enumerate()
+                .map(|(i, a)| (format!("server.listen[{i}]"), a))
+                .collect(),
+        };
+        let mut listen: Vec<SocketAddr> = Vec::new();
+        let mut seen: HashMap<SocketAddr, String> = HashMap::new();
+        for (key, text) in listen_entries {
+            let Some(addr) = self.socket_addr(&key, &text) else {
+                continue;
+            };
+            if let Some(first) = seen.get(&addr) {
+                if addr.port() != 0 {
+                    let first = first.clone();
+                    self.r.push(
+                        &key,
+                        format!("\"{text}\" is listed twice (also {first}); remove one"),
+                    );
+                    continue;
+                }
+            }
+            seen.insert(addr, key);
+            listen.push(addr);
+        }
+
+        let admin_text = s
+            .admin_listen
+            .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.to_string());
+        let admin_listen = self
+            .socket_addr("server.admin_listen", &admin_text)
+            .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9090)));
+        if admin_listen.port() != 0 && listen.contains(&admin_listen) {
+            self.r.push(
+                "server.admin_listen",
+                format!(
+                    "\"{admin_text}\" is also a proxy listener in server.listen; give the admin \
+                     listener an address of its own, e.g. \"{DEFAULT_ADMIN_LISTEN}\""
+                ),
+            );
+        }
+
+        let allowed_clients = match s.allowed_clients {
+            None => DEFAULT_ALLOWED_CLIENTS
+                .iter()
+                .filter_map(|c| c.parse::<IpNet>().ok())
+                .collect(),
+            Some(list) if list.is_empty() => {
+                self.r.push(
+                    "server.allowed_clients",
+                    "is empty, so no client could use the proxy; list CIDRs such as \
+                     \"127.0.0.0/8\", or remove the key for loopback only",
+                );
+                Vec::new()
+            }
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| self.cidr(&format!("server.allowed_clients[{i}]"), c))
+                .collect(),
+        };
+
+        let threads = match s.threads {
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            Some(n) if n >= 1 => usize::try_from(n).unwrap_or(1),
+            Some(n) => {
+                self.r.push(
+                    "server.threads",
+                    format!("{n} is not a thread count; use 1 or more, or remove the key for one per CPU"),
+                );
+                1
+            }
+        };
+
+        let grace_period = s.grace_period.map_or(DEFAULT_GRACE_PERIOD, |d| d.0);
+        let replay_body_limit = match s.replay_body_limit {
+            None => DEFAULT_REPLAY_BODY_LIMIT,
+            Some(b) if b.0 <= MAX_REPLAY_BODY_LIMIT as u64 => b.0 as usize,
+            Some(b) => {
+                self.r.push(
+                    "server.replay_body_limit",
+                    format!(
+                        "{} bytes is more than a replay can keep: at most \"64KiB\" (pingora-proxy \
+                         keeps at most 64 KiB of a request body for a retry)",
+                        b.0
+                    ),
+                );
+                DEFAULT_REPLAY_BODY_LIMIT
+            }
+        };
+
+        ServerConfig {
+            listen,
+            admin_listen,
+            allowed_clients,
+            threads,
+            grace_period,
+            replay_body_limit,
+        }
+    }
+
+    /// An `IP:port` (host names are not resolved).
+    pub(super) fn socket_addr(&mut self, key: &str, text: &str) -> Option<SocketAddr> {
+        match text.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.r.push(
+                    key,
+                    format!(
+                        "\"{text}\" is not a socket address; write IP:port, e.g. \
+                         \"127.0.0.1:8080\" or \"[::1]:8080\" (host names are not resolved)"
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    /// A CIDR, or a single address as its /32 or /128; host bits are cleared.
+    fn cidr(&mut self, key: &str, text: &str) -> Option<IpNet> {
+        let parsed = if text.contains('/') {
+            text.parse::<IpNet>().ok().map(|n| n.trunc())
+        } else {
+            text.parse::<IpAddr>().ok().map(IpNet::from)
+        };
+        if parsed.is_none() {
+            self.r.push(
+                key,
+                format!(
+                    "\"{text}\" is not a CIDR; write e.g. \"10.0.0.0/8\", \"fd00::/8\" or a \
+                     single address such as \"10.1.2.3\""
+                ),
+            );
+        }
+        parsed
+    }
+
+    /// `[log]`.
+    pub(super) fn log(&mut self, l: LogFile) -> LogConfig {
+        let format = match l.format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                self.r.push(
+                    "log.format",
+                    format!("unknown log format \"{other}\"; expected \"text\" or \"json\""),
+                );
+                LogFormat::Text
+            }
+        };
+        let level = l.level.unwrap_or_else(|| "info".to_string());
+        if let Some(problem) = log_level_problem(&level) {
+            self.r.push("log.level", problem);
+        }
+        LogConfig { format, level }
+    }
+}
+
+/// Why `level` is not a usable `tracing` EnvFilter directive, if it is not.
+fn log_level_problem(level: &str) -> Option<String> {
+    const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+    let fix = "expected one of trace, debug, info, warn, error, off, or an EnvFilter directive \
+               such as \"info,tokengate=debug\"";
+    if level.trim().is_empty() {
+        return Some(format!("is empty; {fix}"));
+    }
+    // A lone word is a *target* name to EnvFilter (enabling everything for that target only),
+    // which is almost always a misspelt level.
+    let single_word = !level.contains([',', '=', ':', '[']);
+    if single_word && !LEVELS.contains(&level.trim().to_ascii_lowercase().as_str()) {
+        return Some(format!("unknown log level {level:?}; {fix}"));
+    }
+    match tracing_subscriber::EnvFilter::try_new(level) {
+        Ok(_) => None,
+        Err(e) => Some(format!("{level:?} is not a valid filter ({e}); {fix}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::test_support::{cc_route, errors, has, load};
+
+    #[test]
+    fn log_levels() {
+        assert!(log_level_problem("info").is_none());
+        assert!(log_level_problem("WARN").is_none());
+        assert!(log_level_problem("info,tokengate=debug").is_none());
+        assert!(log_level_problem("verbose").is_some());
+        assert!(log_level_problem("").is_some());
+        assert!(log_level_problem("info,tokengate=loud").is_some());
+    }
+
+    #[test]
+    fn replay_body_limit_is_at_most_what_pingora_keeps() {
+        let text = |v: &str| format!("[server]\nreplay_body_limit = \"{v}\"\n{}", cc_route(""));
+        assert_eq!(
+            load(&text("64KiB")).unwrap().server.replay_body_limit,
+            65536
+        );
+        assert_eq!(load(&text("0B")).unwrap().server.replay_body_limit, 0);
+        let errs = errors(&text("1MiB"));
+        assert!(
+            has(
+                &errs,
+                "server.replay_body_limit: 1048576 bytes is more than a replay can keep"
+            ),
+            "{errs:?}"
+        );
+    }
+}
