@@ -27,7 +27,7 @@ use crate::oauth::TokenClient;
 use crate::proxy::fast_path::ListenerApp;
 use crate::proxy::routes::{normalise_prefix, Route, RouteTable};
 use crate::proxy::{Live, SharedState};
-use crate::token::{lock, FirstToken, RenewalPolicy, TokenSource};
+use crate::token::{FirstToken, RenewalPolicy, TokenSource};
 
 /// Why the gateway could not start (exit code 1).
 #[derive(Debug, thiserror::Error)]
@@ -352,7 +352,10 @@ pub struct Reloader {
     live: Arc<Live>,
     metrics: Arc<Metrics>,
     runtime: tokio::runtime::Handle,
-    /// Serialises reloads.
+    /// Serialises reloads. std's Mutex, and its poisoning propagates: a reload that panicked
+    /// may have swapped the live state without recording it here, and a later reload compared
+    /// against this record could keep a token source the live routes no longer match. The
+    /// panic ends only the reload task; the gateway keeps serving, and a restart reloads.
     running: Mutex<Running>,
 }
 
@@ -362,9 +365,19 @@ struct Running {
 }
 
 impl Reloader {
+    /// The running config and sources.
+    ///
+    /// # Panics
+    /// When an earlier reload panicked while holding them (see [`Reloader`]'s `running`).
+    fn running(&self) -> std::sync::MutexGuard<'_, Running> {
+        self.running
+            .lock()
+            .expect("an earlier config reload panicked; restart tokengate to reload")
+    }
+
     /// The config served now.
     pub fn config(&self) -> Config {
-        lock(&self.running).config.clone()
+        self.running().config.clone()
     }
 
     /// Reloads from the file the running config came from, and logs the outcome in one line
@@ -376,7 +389,7 @@ impl Reloader {
     /// # Errors
     /// [`ReloadError`]; the running config keeps serving.
     pub fn reload_from_file(&self) -> Result<ReloadSummary, ReloadError> {
-        let path = lock(&self.running).config.source.clone();
+        let path = self.running().config.source.clone();
         let result = match path {
             Some(path) => Config::load(&path)
                 .map_err(ReloadError::from)
@@ -406,7 +419,7 @@ impl Reloader {
     /// [`ReloadError::NeedsRestart`], [`ReloadError::Build`] or [`ReloadError::TokenRefused`];
     /// nothing changes then.
     pub fn apply(&self, config: Config) -> Result<ReloadSummary, ReloadError> {
-        let mut running = lock(&self.running);
+        let mut running = self.running();
         if let Some(key) = needs_restart(&running.config, &config) {
             return Err(ReloadError::NeedsRestart { key });
         }

@@ -12,13 +12,17 @@
 //! No HTTP details live here: fetching is behind [`TokenFetcher`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
 use backon::BackoffBuilder;
 use http::HeaderValue;
+// parking_lot, not std: every critical section below is a copy or a few field assignments
+// that cannot panic half-way, so there is no poisoned state to guard against, and the request
+// path (invalidate on an upstream 401) needs no poison handling at all.
+use parking_lot::Mutex;
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
@@ -450,7 +454,7 @@ impl TokenSource {
             return Rejection::Superseded;
         };
         {
-            let mut r = lock(&self.refusals);
+            let mut r = self.refusals.lock();
             match r.hold {
                 Some((held, until)) if held == generation && now < until => {
                     return Rejection::Kept;
@@ -474,7 +478,7 @@ impl TokenSource {
         let dropped = matches!((&*prev, &cur), (Some(a), Some(b)) if Arc::ptr_eq(a, b));
         if dropped {
             self.published.fetch_add(1, Ordering::Release);
-            let mut d = lock(&self.dropped);
+            let mut d = self.dropped.lock();
             d.push(hash_token(tok.authorization.as_bytes()));
             if d.len() > 16 {
                 d.remove(0);
@@ -499,7 +503,7 @@ impl TokenSource {
     fn refused_on_replay_at(&self, generation: u64, now: Instant) {
         let current = self.current.load();
         if current.as_ref().is_some_and(|t| t.generation == generation) {
-            lock(&self.refusals).hold = Some((generation, now + REFUSED_TOKEN_HOLD));
+            self.refusals.lock().hold = Some((generation, now + REFUSED_TOKEN_HOLD));
         }
     }
 
@@ -560,7 +564,7 @@ impl TokenSource {
 
     /// A snapshot for `/status` and `/readyz`.
     pub fn status(&self) -> SourceStatus {
-        let mut s = lock(&self.status).clone();
+        let mut s = self.status.lock().clone();
         s.usable = self.usable_now(Instant::now()).is_some();
         let backoff = self.backoff_remaining();
         s.next_attempt_at = (!backoff.is_zero()).then(|| SystemTime::now() + backoff);
@@ -658,7 +662,7 @@ impl TokenSource {
 
     fn was_dropped(&self, token: &AccessToken) -> bool {
         let h = hash_token(format!("Bearer {}", token.value).as_bytes());
-        lock(&self.dropped).contains(&h)
+        self.dropped.lock().contains(&h)
     }
 
     /// Publishes `token`, whose response arrived at `obtained_at` after `took`.
@@ -682,7 +686,7 @@ impl TokenSource {
             }
         };
         authorization.set_sensitive(true);
-        let generation = lock(&self.status).generation + 1;
+        let generation = self.status.lock().generation + 1;
         let expires_at_wall = SystemTime::now() + lifetime - obtained_at.elapsed();
         self.current.store(Some(Arc::new(Token {
             authorization,
@@ -696,7 +700,7 @@ impl TokenSource {
         self.published.fetch_add(1, Ordering::Release);
         self.next_attempt_ms.store(0, Ordering::Relaxed);
         {
-            let mut s = lock(&self.status);
+            let mut s = self.status.lock();
             s.generation = generation;
             s.token_expires_at = Some(expires_at_wall);
             s.last_refresh = Some(SystemTime::now());
@@ -723,7 +727,7 @@ impl TokenSource {
         self.next_attempt_ms
             .store(next.as_millis() as u64, Ordering::Relaxed);
         let failures = {
-            let mut s = lock(&self.status);
+            let mut s = self.status.lock();
             s.consecutive_failures = s.consecutive_failures.saturating_add(1);
             s.last_error = Some(e.message.clone());
             s.last_error_at = Some(SystemTime::now());
@@ -781,11 +785,6 @@ fn hash_token(bytes: &[u8]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     bytes.hash(&mut h);
     h.finish()
-}
-
-/// Locks a mutex; a poisoned lock (a panic elsewhere) still yields the data.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
