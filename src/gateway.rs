@@ -1,5 +1,6 @@
 //! Assembles a running gateway from a validated [`Config`]: token sources and their refresher
-//! runtime, compiled routes, one pingora proxy service per listener, the admin service.
+//! runtime, compiled routes (`proxy::route_compile`), one pingora proxy service per listener,
+//! the admin service; applies a reloaded config (SIGHUP) and handles the shutdown signals.
 //!
 //! [`run`] blocks until a shutdown signal (the `run` command); [`GatewayHandle::start`] runs the
 //! same thing on a thread and stops it on drop (`demo` and the tests).
@@ -10,13 +11,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use http::{HeaderValue, Method};
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use pingora::services::listening::Service;
-use pingora::upstreams::peer::HttpPeer;
-use pingora::utils::tls::{parse_x509, WrappedX509};
 use tokio::sync::mpsc;
 
 use crate::admin::AdminApp;
@@ -25,7 +23,8 @@ use crate::files;
 use crate::metrics::Metrics;
 use crate::oauth::TokenClient;
 use crate::proxy::fast_path::ListenerApp;
-use crate::proxy::routes::{normalise_prefix, Route, RouteTable};
+use crate::proxy::route_compile::compile_route;
+use crate::proxy::routes::RouteTable;
 use crate::proxy::{Live, SharedState};
 use crate::token::{FirstToken, RenewalPolicy, TokenSource};
 
@@ -777,117 +776,4 @@ fn wait_listening(addr: SocketAddr) -> Result<(), StartError> {
         std::thread::sleep(delay);
         delay = (delay * 2).min(Duration::from_millis(50));
     }
-}
-
-fn compile_route(
-    index: usize,
-    rc: &RouteConfig,
-    token: Arc<TokenSource>,
-    ca_pem: Option<&[u8]>,
-    metrics: &Metrics,
-) -> Result<Route, StartError> {
-    let up = &rc.upstream;
-    // Resolved once at start (pingora peers hold a socket address); pingora's own resolution
-    // would panic on a name that does not resolve.
-    let resolve_error = |reason: String| StartError::Resolve {
-        index,
-        route: rc.name.clone(),
-        host: up.host.clone(),
-        port: up.port,
-        reason,
-    };
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(up.host.as_str(), up.port))
-        .map_err(|e| resolve_error(e.to_string()))?
-        .next()
-        .ok_or_else(|| resolve_error("no address".into()))?;
-    let mut peer = HttpPeer::new(addr, up.tls, up.host.clone());
-    peer.options.connection_timeout = Some(rc.connect_timeout);
-    peer.options.total_connection_timeout = Some(rc.connect_timeout * 2);
-    peer.options.read_timeout = Some(rc.read_timeout);
-    peer.options.write_timeout = Some(rc.read_timeout);
-    peer.options.idle_timeout = Some(Duration::from_secs(60));
-    peer.options.verify_cert = true;
-    peer.options.verify_hostname = true;
-    if let Some(pem) = ca_pem {
-        peer.options.ca = Some(trust_roots(index, pem)?);
-        // pingora's connection-reuse key does not cover the CA list: without this, a connection
-        // verified against this route's private CA could be reused by a route that does not
-        // trust it (same address and SNI). Routes with the same CA file still share connections.
-        peer.group_key = ca_group_key(pem);
-    }
-    // The policy decides every upstream request field; pingora's own sanitising is off.
-    peer.options.http_upstream_request_policy =
-        pingora::upstreams::peer::HttpUpstreamRequestPolicy::preserve();
-    let allow_header = match &rc.allow_methods {
-        Some(m) => {
-            let joined = m.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
-            HeaderValue::from_str(&joined).ok()
-        }
-        None => Some(HeaderValue::from_static(Route::DEFAULT_ALLOW)),
-    };
-    let host_header = HeaderValue::from_str(&up.authority)
-        .map_err(|_| StartError::Internal(format!("routes[{index}].upstream: invalid host")))?;
-    Ok(Route {
-        index,
-        name: rc.name.clone(),
-        prefix: normalise_prefix(&rc.path_prefix),
-        strip_prefix: rc.strip_prefix,
-        base_path: up.base_path.trim_end_matches('/').to_string(),
-        peer,
-        host_header,
-        allow_methods: rc.allow_methods.clone(),
-        allow_header,
-        strip_headers: rc.strip_headers.to_vec(),
-        strip_folded: rc
-            .strip_headers
-            .iter()
-            .map(|h| crate::proxy::policy::fields::fold_name(h.as_str()))
-            .collect(),
-        forward_cookies: rc.forward_cookies,
-        token,
-        metrics: metrics.route(&rc.name),
-    })
-}
-
-/// A connection-pool key for peers trusting the CA file with contents `pem` (never 0, the key
-/// of peers with the default trust store).
-fn ca_group_key(pem: &[u8]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    pem.hash(&mut h);
-    h.finish().max(1)
-}
-
-/// System roots plus the route's `ca_file` certificates (extra trust roots, docs/configuration.md
-/// "[[routes]]"). pingora's per-peer CA list replaces the default store, so the system roots are
-/// included here.
-fn trust_roots(index: usize, pem: &[u8]) -> Result<Arc<[WrappedX509]>, StartError> {
-    let mut ders: Vec<Vec<u8>> = rustls_native_certs::load_native_certs()
-        .certs
-        .into_iter()
-        .map(|c| c.to_vec())
-        .collect();
-    let mut extra = 0;
-    for block in pem::parse_many(pem).map_err(|e| StartError::CaFile {
-        index,
-        reason: format!("not PEM: {e}"),
-    })? {
-        if block.tag() == "CERTIFICATE" {
-            ders.push(block.contents().to_vec());
-            extra += 1;
-        }
-    }
-    if extra == 0 {
-        return Err(StartError::CaFile {
-            index,
-            reason: "no CERTIFICATE block".into(),
-        });
-    }
-    // parse_x509 panics on invalid DER, so check each certificate first.
-    let valid: Vec<WrappedX509> = ders
-        .into_iter()
-        .filter(|d| x509_parser::parse_x509_certificate(d).is_ok())
-        .map(|d| WrappedX509::new(d, parse_x509))
-        .collect();
-    Ok(valid.into())
 }

@@ -21,6 +21,7 @@
 pub mod downstream;
 pub mod fast_path;
 pub mod policy;
+pub(crate) mod route_compile;
 pub mod routes;
 
 use std::net::IpAddr;
