@@ -241,8 +241,8 @@ pub(super) fn type_error_message(
     message.to_string()
 }
 
-/// What `value` is, in the words serde uses for an unexpected value (`integer `5``), then in
-/// TOML's (`table`, `array`).
+/// What `value` is, in the words serde uses for an unexpected value (``integer `5` ``), then
+/// in TOML's (`table`, `array`).
 pub(super) fn found(value: &DeValue<'_>) -> String {
     let unexpected = match value {
         DeValue::String(s) => Unexpected::Str(s),
