@@ -421,7 +421,9 @@ fn route_of(
         allow_methods: None,
         allow_header: None,
         strip_headers: vec![HeaderName::from_static("x-api-key")],
-        strip_folded: vec![tokengate::proxy::policy::fields::fold_name("x-api-key")],
+        strip_folded: [tokengate::proxy::policy::fields::fold_name("x-api-key")]
+            .into_iter()
+            .collect(),
         forward_cookies: false,
         token: source,
         metrics: metrics.route(&rc.name),

@@ -60,11 +60,11 @@ impl DownstreamHead {
     pub fn parse(raw: Bytes) -> Result<Self, GatewayError> {
         let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
         let mut req = httparse::Request::new(&mut []);
-        match req.parse_with_uninit_headers(&raw, &mut storage) {
-            Ok(httparse::Status::Complete(_)) => {}
+        let head_len = match req.parse_with_uninit_headers(&raw, &mut storage) {
+            Ok(httparse::Status::Complete(n)) => n,
             Err(httparse::Error::TooManyHeaders) => return Err(GatewayError::HeaderTooLarge),
             _ => return Err(GatewayError::BadRequest("malformed request head")),
-        }
+        };
         let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version)
         else {
             return Err(GatewayError::BadRequest("incomplete request line"));
@@ -77,9 +77,6 @@ impl DownstreamHead {
         let method = Method::from_bytes(method.as_bytes())
             .map_err(|_| GatewayError::BadRequest("invalid method"))?;
         let form = policy::target_form(&method, target.as_bytes())?;
-        if !policy::target::crlf_only(&raw) {
-            return Err(GatewayError::BadRequest("bare LF in the request head"));
-        }
         let offset = |s: &[u8]| {
             let start = s.as_ptr() as usize - raw.as_ptr() as usize;
             start..start + s.len()
@@ -90,6 +87,14 @@ impl DownstreamHead {
             let class = classify(h.name.as_bytes());
             scan.field(i, class, h.value);
             fields.push((offset(h.name.as_bytes()), offset(h.value), class));
+        }
+        // The head must end its lines in CRLF (httparse also takes a bare LF).
+        if !policy::target::crlf_lines(
+            &raw[..head_len],
+            line_start,
+            fields.iter().map(|f| f.0.start),
+        ) {
+            return Err(GatewayError::BadRequest("bare LF in the request head"));
         }
         let http11 = version == 1;
         let facts = scan.finish(if http11 {

@@ -43,7 +43,7 @@ pub struct Route {
     /// Extra credential headers to remove.
     pub strip_headers: Vec<HeaderName>,
     /// `strip_headers` folded for the policy's comparison (case and `_`/`-` alike).
-    pub strip_folded: Vec<Box<[u8]>>,
+    pub strip_folded: crate::proxy::policy::fields::FoldedNames,
     /// Forward `Cookie`.
     pub forward_cookies: bool,
     /// Where the access token comes from.

@@ -114,7 +114,8 @@ pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
         return Parsed::Refuse(GatewayError::BadRequest("incomplete request line"));
     };
     // From the method on: empty lines before the request line are ignored (RFC 9112 §2.2).
-    if !policy::target::request_line_ok(&buf[offset_in(buf, method.as_bytes()).start..]) {
+    let line_start = offset_in(buf, method.as_bytes()).start;
+    if !policy::target::request_line_ok(&buf[line_start..]) {
         return Parsed::Refuse(GatewayError::BadRequest("malformed request line"));
     }
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
@@ -141,7 +142,11 @@ pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
         });
     }
     // The head must end its lines in CRLF (httparse also takes a bare LF).
-    if !policy::target::crlf_only(&buf[..head_len]) {
+    if !policy::target::crlf_lines(
+        &buf[..head_len],
+        line_start,
+        fields.iter().map(|f| f.name.start),
+    ) {
         return Parsed::Refuse(GatewayError::BadRequest("bare LF in the request head"));
     }
     let http_version = if version == 1 {
@@ -278,8 +283,7 @@ pub(super) fn write_upstream_request(
             Action::Drop => {}
             Action::Put(set) => {
                 let out = w.out();
-                out.extend_from_slice(set.name().as_bytes());
-                out.extend_from_slice(b": ");
+                out.extend_from_slice(set.line_start().as_bytes());
                 policy::write_value(set, &view, &req.facts, &fw, out);
                 out.extend_from_slice(b"\r\n");
             }
@@ -287,8 +291,7 @@ pub(super) fn write_upstream_request(
     }
     let out = w.out();
     for set in plan.added() {
-        out.extend_from_slice(set.name().as_bytes());
-        out.extend_from_slice(b": ");
+        out.extend_from_slice(set.line_start().as_bytes());
         policy::write_value(set, &view, &req.facts, &fw, out);
         out.extend_from_slice(b"\r\n");
     }

@@ -330,17 +330,24 @@ pub enum Set {
 impl Set {
     /// The field name as the gateway spells it.
     pub fn name(self) -> &'static str {
+        let line = self.line_start();
+        &line[..line.len() - 2]
+    }
+
+    /// The start of the field line in HTTP/1.1: the name, `:` and one space.
+    #[inline]
+    pub fn line_start(self) -> &'static str {
         match self {
-            Set::Authorization => "Authorization",
-            Set::ForwardedHost => "X-Forwarded-Host",
-            Set::Host => "Host",
-            Set::ForwardedProto => "X-Forwarded-Proto",
-            Set::ForwardedFor => "X-Forwarded-For",
-            Set::RequestId => "X-Request-Id",
-            Set::ContentLength => "Content-Length",
-            Set::TransferEncoding => "Transfer-Encoding",
-            Set::ConnectionUpgrade => "Connection",
-            Set::UpgradeWebSocket => "Upgrade",
+            Set::Authorization => "Authorization: ",
+            Set::ForwardedHost => "X-Forwarded-Host: ",
+            Set::Host => "Host: ",
+            Set::ForwardedProto => "X-Forwarded-Proto: ",
+            Set::ForwardedFor => "X-Forwarded-For: ",
+            Set::RequestId => "X-Request-Id: ",
+            Set::ContentLength => "Content-Length: ",
+            Set::TransferEncoding => "Transfer-Encoding: ",
+            Set::ConnectionUpgrade => "Connection: ",
+            Set::UpgradeWebSocket => "Upgrade: ",
         }
     }
 
@@ -518,7 +525,7 @@ fn removed<F: Fields + ?Sized>(fields: &F, i: usize, route: &Route, facts: &Requ
         return false;
     }
     let name = fields.name(i);
-    fields::among(name, &route.strip_folded) || (facts.nominations > 0 && nominated(fields, name))
+    route.strip_folded.contains(name) || (facts.nominations > 0 && nominated(fields, name))
 }
 
 /// `path?query` of an absolute-form target.
@@ -558,7 +565,7 @@ pub fn write_value<F: Fields + ?Sized>(
         Set::ForwardedProto => out.extend_from_slice(b"http"),
         Set::ForwardedFor => {
             // The client's fields as one list (RFC 9110 §5.3), unless the route strips them.
-            if !fields::among(b"x-forwarded-for", &fw.route.strip_folded) {
+            if !fw.route.strip_folded.contains(b"x-forwarded-for") {
                 for i in 0..fields.count() {
                     if fields.class(i) == FieldName::XForwardedFor {
                         out.extend_from_slice(fields.value(i));

@@ -571,3 +571,44 @@ fn trace_and_connect_need_the_route_to_allow_them() {
         Some(GatewayError::NoRoute)
     );
 }
+
+/// The look at line starts agrees with the count over every byte, for a bare LF at the end of
+/// any line of heads httparse accepts: the request line, any field line (empty values too),
+/// the empty line, and empty lines before the request line.
+#[test]
+fn crlf_lines_agrees_with_counting_every_byte() {
+    let lines: &[&[u8]] = &[
+        b"GET /a?b=c HTTP/1.1",
+        b"Host: gw",
+        b"X-Empty:",
+        b"X-Spaces:   ",
+        b"Accept: */*",
+    ];
+    let mut checked = 0;
+    for leading in [&b""[..], b"\r\n", b"\n", b"\r\n\n"] {
+        // Bit i set: line i ends in a bare LF (the last bit is the empty line).
+        for bare in 0u32..1 << (lines.len() + 1) {
+            let mut head = leading.to_vec();
+            for (i, line) in lines.iter().chain([&&b""[..]]).enumerate() {
+                head.extend_from_slice(line);
+                head.extend_from_slice(if bare & 1 << i != 0 { b"\n" } else { b"\r\n" });
+            }
+            let mut fields = [httparse::EMPTY_HEADER; 8];
+            let mut req = httparse::Request::new(&mut fields);
+            let Ok(httparse::Status::Complete(n)) = req.parse(&head) else {
+                continue;
+            };
+            let at = |s: &[u8]| s.as_ptr() as usize - head.as_ptr() as usize;
+            let starts: Vec<usize> = req.headers.iter().map(|h| at(h.name.as_bytes())).collect();
+            let line_start = at(req.method.unwrap().as_bytes());
+            assert_eq!(
+                target::crlf_lines(&head[..n], line_start, starts),
+                target::crlf_only(&head[..n]),
+                "{:?}",
+                String::from_utf8_lossy(&head)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 100, "only {checked} heads parsed");
+}
