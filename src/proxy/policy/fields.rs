@@ -305,13 +305,17 @@ impl FoldedNames {
     }
 
     /// Whether `name` is in the list, ignoring case and `_`/`-` (as [`names_match`]).
-    #[inline]
+    #[inline(always)]
     pub fn contains(&self, name: &[u8]) -> bool {
-        self.lengths & length_bit(name.len()) != 0
-            && self
-                .names
-                .iter()
-                .any(|f| f.len() == name.len() && name_match(name, f) != Match::No)
+        self.lengths & length_bit(name.len()) != 0 && self.compare(name)
+    }
+
+    /// The names of `name`'s length compared (most fields never get here).
+    #[inline(never)]
+    fn compare(&self, name: &[u8]) -> bool {
+        self.names
+            .iter()
+            .any(|f| f.len() == name.len() && name_match(name, f) != Match::No)
     }
 }
 

@@ -88,6 +88,8 @@ pub struct RequestFacts {
     pub host: Option<usize>,
     /// Index of the first `X-Request-Id` field.
     pub request_id: Option<usize>,
+    /// An `X-Forwarded-For` field is present (its values lead the gateway's).
+    pub forwarded_for: bool,
     /// The body length from `Content-Length` (a list of one number repeated counts as it).
     pub content_length: Option<u64>,
     /// One `Content-Length` field in canonical form (digits, no leading zero): sent as it came.
@@ -139,6 +141,10 @@ impl RequestScan {
             }
             FieldName::XRequestId => {
                 f.request_id.get_or_insert(i);
+                None
+            }
+            FieldName::XForwardedFor => {
+                f.forwarded_for = true;
                 None
             }
             FieldName::ContentLength => {
@@ -565,7 +571,7 @@ pub fn write_value<F: Fields + ?Sized>(
         Set::ForwardedProto => out.extend_from_slice(b"http"),
         Set::ForwardedFor => {
             // The client's fields as one list (RFC 9110 §5.3), unless the route strips them.
-            if !fw.route.strip_folded.contains(b"x-forwarded-for") {
+            if facts.forwarded_for && !fw.route.strip_folded.contains(b"x-forwarded-for") {
                 for i in 0..fields.count() {
                     if fields.class(i) == FieldName::XForwardedFor {
                         out.extend_from_slice(fields.value(i));

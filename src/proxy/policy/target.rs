@@ -89,7 +89,7 @@ pub fn crlf_only(head: &[u8]) -> bool {
 /// is left to look at is the empty lines before the request line (`request_line_start`,
 /// rare), the field lines' starts (`field_starts`) and the head's end (the last line and the
 /// empty line).
-#[inline]
+#[inline(always)]
 pub fn crlf_lines(
     head: &[u8],
     request_line_start: usize,
