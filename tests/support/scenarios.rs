@@ -490,8 +490,11 @@ type FetchRecord = Result<(), (&'static str, String)>;
 
 #[async_trait::async_trait]
 impl tokengate::token::TokenFetcher for Recording {
-    async fn fetch(&self) -> Result<tokengate::oauth::AccessToken, tokengate::oauth::FetchError> {
-        let r = self.inner.fetch(SystemTime::now()).await;
+    async fn fetch(
+        &self,
+        now: SystemTime,
+    ) -> Result<tokengate::oauth::AccessToken, tokengate::oauth::FetchError> {
+        let r = self.inner.fetch(now).await;
         let recorded = match &r {
             Ok(_) => Ok(()),
             Err(e) => Err((e.outcome.label(), e.message.clone())),
