@@ -683,17 +683,10 @@ where
     Fut: std::future::Future<Output = T>,
     T: PartialEq + std::fmt::Debug,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    let (p, w) = (&probe, &want);
+    if !common::poll_until(Duration::from_secs(10), || async move { p().await == *w }).await {
         let got = probe().await;
-        if got == want {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still {got:?}, wanted {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        assert_eq!(got, want, "not within 10 s");
     }
 }
 
@@ -765,16 +758,15 @@ key_file = "{key}"
             r.map(|r| r.status().as_u16()).unwrap_or(0)
         }
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while healthz().await != 200 {
-        assert!(
-            child.0.try_wait().unwrap().is_none(),
-            "exited while starting"
-        );
-        assert!(tokio::time::Instant::now() < deadline, "not up in 60 s");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let process = std::cell::RefCell::new(&mut child.0);
+    let exited = || process.borrow_mut().try_wait().unwrap().is_some();
+    let up = common::poll_until(Duration::from_secs(60), || async {
+        exited() || healthz().await == 200
+    })
+    .await;
     let up_after = spawned.elapsed();
+    assert!(!exited(), "exited while starting");
+    assert!(up, "not up in 60 s");
     // Caught while the config was still being read, not only once the gateway was built.
     assert!(
         caught_after * 4 < up_after,

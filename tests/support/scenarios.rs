@@ -22,6 +22,7 @@ use tokengate::token::{RenewalPolicy, TokenSource};
 use tokengate_sandbox::{keys, AuthServer, CannedResponse, Echo, JsonField, Sandbox};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub use crate::common::eventually;
 use crate::common::{config_for, free_addr, TestGateway};
 
 /// Secrets a scenario handled; none may appear in any log line.
@@ -144,19 +145,6 @@ pub fn unix_now() -> f64 {
 pub async fn expires_in(gw: &TestGateway, route: &str) -> f64 {
     let t = token_status(gw, route).await;
     t["expires_at"].as_f64().expect("expires_at") - unix_now()
-}
-
-/// Polls `cond` every 20 ms until it holds; panics with `what` after `limit`.
-pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The `exp` claim of a JWT access token.
