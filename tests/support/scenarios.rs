@@ -1058,31 +1058,41 @@ pub async fn short_tokens_renew_ahead_of_expiry_without_looping() -> Seen {
 
 /// A renewal is in flight (the server will hand back its cached token) when the upstream
 /// rejects that token: the dropped token is not put back; the request is replayed once with a
-/// new one.
+/// new one. The renewal is held at the token endpoint until the request waits for it.
 pub async fn fetch_in_flight_cannot_restore_a_dropped_token() -> Seen {
     let sandbox = Sandbox::builder()
         .token_lifetime(Duration::from_secs(60))
         .start()
         .await
         .unwrap();
-    let gw = TestGateway::start(config_for(&sandbox, |t| {
-        with_auth(t, "drillster", "refresh_ratio = 0.05")
-    }))
-    .await;
+    let gw = Arc::new(
+        TestGateway::start(config_for(&sandbox, |t| {
+            with_auth(t, "drillster", "refresh_ratio = 0.05")
+        }))
+        .await,
+    );
     gw.ready().await;
     let first = upstream_auth(&gw, "/drillster/x").await;
-    sandbox
-        .drillster
-        .faults()
-        .set_latency(Duration::from_millis(1500));
+    sandbox.drillster.faults().hold();
     sandbox.drillster.reissue_next(1);
     eventually(Duration::from_secs(10), "renewal in flight", || async {
-        sandbox.drillster.requests() == 2
+        sandbox.drillster.faults().held() == 1
     })
     .await;
-    sandbox.drillster.faults().set_latency(Duration::ZERO);
     sandbox.registry.revoke_all();
-    let replayed = upstream_auth(&gw, "/drillster/x").await;
+    let waited = gw.waited_requests();
+    let request = {
+        let gw = Arc::clone(&gw);
+        tokio::spawn(async move { upstream_auth(&gw, "/drillster/x").await })
+    };
+    eventually(
+        Duration::from_secs(10),
+        "the request waits for a token",
+        || async { gw.waited_requests() > waited },
+    )
+    .await;
+    sandbox.drillster.faults().release();
+    let replayed = request.await.unwrap();
     assert_ne!(replayed, first, "the dropped token came back");
     assert_eq!(
         sandbox.drillster.requests(),
@@ -1095,6 +1105,7 @@ pub async fn fetch_in_flight_cannot_restore_a_dropped_token() -> Seen {
         "the re-issued token was never published"
     );
     assert_eq!(upstream_auth(&gw, "/drillster/x").await, replayed);
+    let gw = Arc::try_unwrap(gw).ok().expect("sole owner");
     finish(gw, sandbox).await
 }
 
