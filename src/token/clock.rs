@@ -4,9 +4,9 @@
 //!   is [`tokio::time::Instant`]: the system's monotonic clock in the gateway, and tokio's
 //!   paused clock in tests that pause it (`#[tokio::test(start_paused = true)]`), so a test
 //!   can let hours of a token's life pass at once. Reading it costs what
-//!   [`std::time::Instant::now`] costs; tokio's `test-util` feature, a dev-dependency feature
-//!   and so on in tests and benches but not in the gateway binary, adds one atomic load while
-//!   no clock in the process was ever paused.
+//!   [`std::time::Instant::now`] costs plus one atomic load: tokio's `test-util` feature is on
+//!   in every build (pingora-core depends on tokio-test), and while no clock in the process was
+//!   ever paused, as in the gateway, tokio reads the system clock after that load.
 //! * Wall-clock time — an assertion's `iat`/`exp` (RFC 7523 §3), `/status` timestamps, the
 //!   expiry gauge — comes from a [`Clock`] each [`super::TokenSource`] holds: the system clock
 //!   in the gateway, or one that advances with tokio's clock in tests.
