@@ -261,7 +261,7 @@ struct InstantFetcher;
 
 #[async_trait]
 impl TokenFetcher for InstantFetcher {
-    async fn fetch(&self) -> Result<AccessToken, FetchError> {
+    async fn fetch(&self, _now: std::time::SystemTime) -> Result<AccessToken, FetchError> {
         Ok(AccessToken {
             value: format!("eyJhbGciOiJSUzI1NiJ9.{}.sig", "t".repeat(800)),
             lifetime: Duration::from_secs(3600),
@@ -288,7 +288,7 @@ fn token_source() -> (Arc<TokenSource>, tokio::runtime::Runtime) {
     // The refresher lives as long as the runtime.
     let _refresher = source.spawn_refresher(runtime.handle());
     let deadline = Instant::now() + Duration::from_secs(10);
-    while source.usable_now(Instant::now()).is_none() {
+    while source.usable_now(tokio::time::Instant::now()).is_none() {
         assert!(Instant::now() < deadline, "no token within 10 s");
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -298,7 +298,7 @@ fn token_source() -> (Arc<TokenSource>, tokio::runtime::Runtime) {
 fn token_lookup(c: &mut Criterion) {
     let (source, _runtime) = token_source();
     c.bench_function("token_usable_now", |b| {
-        b.iter(|| source.usable_now(black_box(Instant::now())))
+        b.iter(|| source.usable_now(black_box(tokio::time::Instant::now())))
     });
 }
 
@@ -329,7 +329,7 @@ fn per_request(c: &mut Criterion) {
     ] {
         group.bench_function(name, |b| {
             b.iter(|| {
-                let started = Instant::now();
+                let started = tokio::time::Instant::now();
                 let id = ids.next();
                 assert!(client_allowed(&allowed, black_box(client)));
                 let head = match DownstreamHead::parse(black_box(raw.clone())) {

@@ -131,7 +131,7 @@ impl AdminApp {
         let without_token: Vec<&str> = state
             .routes
             .iter()
-            .filter(|r| r.token.usable_now(std::time::Instant::now()).is_none())
+            .filter(|r| r.token.usable_now(tokio::time::Instant::now()).is_none())
             .map(|r| r.name.as_str())
             .collect();
         let not_accepting = self.listeners.not_accepting().await;

@@ -9,11 +9,17 @@
 //!   next result, so concurrent requests share one fetch (single flight).
 //! * Tokens carry a generation number, so an upstream 401 drops only the token it was sent with.
 //!
-//! No HTTP details live here: fetching is behind [`TokenFetcher`].
+//! No HTTP details live here: fetching is behind [`TokenFetcher`]. Time comes from tokio's
+//! clock and the source's wall [`Clock`] (see [`clock`]), never from the system directly, so
+//! tests can run the whole lifecycle on tokio's paused clock.
+
+pub mod clock;
+#[cfg(test)]
+mod paused_clock_tests;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use async_trait::async_trait;
@@ -25,6 +31,9 @@ use http::HeaderValue;
 use parking_lot::Mutex;
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+pub use clock::Clock;
 
 use crate::metrics::TokenMetrics;
 use crate::oauth::{AccessToken, FetchError, FetchOutcome};
@@ -33,14 +42,15 @@ use crate::oauth::{AccessToken, FetchError, FetchOutcome};
 /// production).
 #[async_trait]
 pub trait TokenFetcher: Send + Sync + 'static {
-    /// One token request.
-    async fn fetch(&self) -> Result<AccessToken, FetchError>;
+    /// One token request, made at the wall-clock time `now` (the source's [`Clock`]; an
+    /// RFC 7523 assertion's `iat` and `exp` count from it).
+    async fn fetch(&self, now: SystemTime) -> Result<AccessToken, FetchError>;
 }
 
 #[async_trait]
 impl TokenFetcher for crate::oauth::TokenClient {
-    async fn fetch(&self) -> Result<AccessToken, FetchError> {
-        crate::oauth::TokenClient::fetch(self, SystemTime::now()).await
+    async fn fetch(&self, now: SystemTime) -> Result<AccessToken, FetchError> {
+        crate::oauth::TokenClient::fetch(self, now).await
     }
 }
 
@@ -80,7 +90,8 @@ impl Default for RenewalPolicy {
     }
 }
 
-/// A published access token. Cheap to read; never logged.
+/// A published access token. Cheap to read; never logged. Its instants are on tokio's clock
+/// ([`tokio::time::Instant`], see [`clock`]).
 pub struct Token {
     authorization: HeaderValue,
     /// Increases by one with every token a source publishes.
@@ -228,6 +239,8 @@ pub struct TokenSource {
     fetcher: Box<dyn TokenFetcher>,
     policy: RenewalPolicy,
     metrics: TokenMetrics,
+    /// Wall-clock time for assertions and status; monotonic time is tokio's clock.
+    clock: Clock,
     /// Wakes the refresher (a waiter needs a token, or a token was dropped).
     wake: Notify,
     /// Attempt results for waiters.
@@ -291,12 +304,25 @@ pub enum Rejection {
 }
 
 impl TokenSource {
-    /// Creates a source. Call [`TokenSource::spawn_refresher`] to start renewing.
+    /// Creates a source on the system's wall clock. Call [`TokenSource::spawn_refresher`] to
+    /// start renewing.
     pub fn new(
         name: impl Into<String>,
         fetcher: Box<dyn TokenFetcher>,
         policy: RenewalPolicy,
         metrics: TokenMetrics,
+    ) -> Arc<Self> {
+        Self::with_clock(name, fetcher, policy, metrics, Clock::system())
+    }
+
+    /// [`TokenSource::new`] with the wall clock `clock` (for tests on tokio's paused clock:
+    /// [`Clock::following_tokio`]).
+    pub fn with_clock(
+        name: impl Into<String>,
+        fetcher: Box<dyn TokenFetcher>,
+        policy: RenewalPolicy,
+        metrics: TokenMetrics,
+        clock: Clock,
     ) -> Arc<Self> {
         let max_waiters = policy.max_waiters;
         Arc::new(TokenSource {
@@ -306,6 +332,7 @@ impl TokenSource {
             fetcher,
             policy,
             metrics,
+            clock,
             wake: Notify::new(),
             attempts: watch::channel(Attempt::None).0,
             waiters: Semaphore::new(max_waiters),
@@ -389,7 +416,7 @@ impl TokenSource {
         if let Some(t) = self.usable_now(Instant::now()) {
             return Ok(t);
         }
-        let deadline = tokio::time::Instant::now() + self.policy.max_wait;
+        let deadline = Instant::now() + self.policy.max_wait;
         self.wake.notify_one();
         loop {
             match tokio::time::timeout_at(deadline, rx.changed()).await {
@@ -518,7 +545,7 @@ impl TokenSource {
     /// secret).
     pub async fn verify(&self) -> Result<FirstToken, FetchError> {
         let started = Instant::now();
-        let result = self.fetcher.fetch().await;
+        let result = self.fetcher.fetch(self.clock.wall()).await;
         let took = started.elapsed();
         match result {
             Ok(token) => {
@@ -567,7 +594,7 @@ impl TokenSource {
         let mut s = self.status.lock().clone();
         s.usable = self.usable_now(Instant::now()).is_some();
         let backoff = self.backoff_remaining();
-        s.next_attempt_at = (!backoff.is_zero()).then(|| SystemTime::now() + backoff);
+        s.next_attempt_at = (!backoff.is_zero()).then(|| self.clock.wall() + backoff);
         s
     }
 
@@ -601,7 +628,7 @@ impl TokenSource {
             let wake_at = due.max(self.epoch + self.backoff_until());
             if wake_at > now {
                 tokio::select! {
-                    _ = tokio::time::sleep_until(wake_at.into()) => {}
+                    _ = tokio::time::sleep_until(wake_at) => {}
                     _ = self.wake.notified() => {}
                 }
                 continue;
@@ -609,7 +636,7 @@ impl TokenSource {
             attempt_no += 1;
             let drops_before = self.drops.load(Ordering::SeqCst);
             let started = Instant::now();
-            let result = self.fetcher.fetch().await;
+            let result = self.fetcher.fetch(self.clock.wall()).await;
             let took = started.elapsed();
             match result {
                 Ok(token)
@@ -687,7 +714,8 @@ impl TokenSource {
         };
         authorization.set_sensitive(true);
         let generation = self.status.lock().generation + 1;
-        let expires_at_wall = SystemTime::now() + lifetime - obtained_at.elapsed();
+        let wall = self.clock.wall();
+        let expires_at_wall = wall + lifetime - obtained_at.elapsed();
         self.current.store(Some(Arc::new(Token {
             authorization,
             generation,
@@ -703,7 +731,7 @@ impl TokenSource {
             let mut s = self.status.lock();
             s.generation = generation;
             s.token_expires_at = Some(expires_at_wall);
-            s.last_refresh = Some(SystemTime::now());
+            s.last_refresh = Some(wall);
             s.consecutive_failures = 0;
         }
         if !self.is_retired() {
@@ -730,7 +758,7 @@ impl TokenSource {
             let mut s = self.status.lock();
             s.consecutive_failures = s.consecutive_failures.saturating_add(1);
             s.last_error = Some(e.message.clone());
-            s.last_error_at = Some(SystemTime::now());
+            s.last_error_at = Some(self.clock.wall());
             s.consecutive_failures
         };
         self.metrics.fetched(e.outcome, took);
@@ -800,7 +828,7 @@ mod tests {
 
     #[async_trait]
     impl TokenFetcher for Scripted {
-        async fn fetch(&self) -> Result<AccessToken, FetchError> {
+        async fn fetch(&self, _now: SystemTime) -> Result<AccessToken, FetchError> {
             if self.hang {
                 std::future::pending::<()>().await;
             }
@@ -946,7 +974,9 @@ mod tests {
             .is_none());
     }
 
-    #[tokio::test]
+    /// On tokio's paused clock: the three admitted waiters give up at exactly `max_wait`, the
+    /// other seven are refused at once.
+    #[tokio::test(start_paused = true)]
     async fn waiters_are_bounded_and_time_out() {
         let policy = RenewalPolicy {
             max_wait: Duration::from_millis(300),
@@ -965,16 +995,20 @@ mod tests {
                 })
             })
             .collect();
-        let mut fast = 0;
+        let mut waited = Vec::new();
         for t in tasks {
             let (failed, at) = t.await.unwrap();
             assert!(failed);
-            if at - started < Duration::from_millis(200) {
-                fast += 1;
-            }
-            assert!(at - started < Duration::from_secs(3), "bounded wait");
+            waited.push(at - started);
         }
-        assert_eq!(fast, 7, "only 3 may wait; the rest are refused at once");
+        let at_once = waited.iter().filter(|w| w.is_zero()).count();
+        assert_eq!(at_once, 7, "only 3 may wait; the rest are refused at once");
+        let bounded = waited.iter().filter(|w| **w == Duration::from_millis(300));
+        assert_eq!(
+            bounded.count(),
+            3,
+            "the waiters give up at max_wait: {waited:?}"
+        );
     }
 
     #[test]

@@ -975,6 +975,45 @@ async fn latency_hang_and_closed_connections() {
     server.shutdown().await.expect("no handler panics");
 }
 
+/// Held requests wait, counted, until released, then are answered as usual; `reset` releases
+/// too.
+#[tokio::test]
+async fn held_requests_wait_until_released() {
+    let server = AuthServer::driftrock().start().await.expect("server");
+    let authorization = basic_authorization(DRIFTROCK_CLIENT_ID, DRIFTROCK_CLIENT_SECRET);
+    let send = || {
+        let request = client()
+            .post(server.token_endpoint())
+            .header(AUTHORIZATION, &authorization)
+            .form(&[("grant_type", "client_credentials")]);
+        tokio::spawn(async move { request.send().await.expect("answer").status() })
+    };
+    server.faults().hold();
+    let held: Vec<_> = (0..3).map(|_| send()).collect();
+    crate::common::eventually(Duration::from_secs(10), "three held requests", || async {
+        server.faults().held() == 3
+    })
+    .await;
+    assert_eq!(server.successes(), 0, "none answered while held");
+    assert!(held.iter().all(|t| !t.is_finished()));
+    server.faults().release();
+    for t in held {
+        assert_eq!(t.await.expect("task"), StatusCode::OK);
+    }
+    assert_eq!((server.faults().held(), server.successes()), (0, 3));
+
+    server.faults().hold();
+    let held = send();
+    crate::common::eventually(Duration::from_secs(10), "a held request", || async {
+        server.faults().held() == 1
+    })
+    .await;
+    server.faults().reset();
+    assert_eq!(held.await.expect("task"), StatusCode::OK);
+    assert_eq!(server.faults().held(), 0);
+    server.shutdown().await.expect("no handler panics");
+}
+
 // ---------------------------------------------------------------------------------------------
 // harness
 

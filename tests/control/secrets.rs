@@ -7,7 +7,7 @@
 use crate::common;
 use crate::proxy_support;
 
-use common::{demo_key_path, free_addr};
+use common::{demo_key_path, free_addr, poll_until};
 use proxy_support::{send, BinaryGateway};
 use tokengate_sandbox::{keys, CannedResponse, RawApi, Sandbox};
 
@@ -79,14 +79,11 @@ async fn large_tokens_sent_whole_and_431_logged_with_size_only() {
         assert!(r.header("tokengate-error").is_none());
 
         // The log line comes from the `logging` phase, after the response: wait for it.
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-        let log = loop {
-            let log = gw.log();
-            if log.contains("upstream answered 431") || tokio::time::Instant::now() > deadline {
-                break log;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        };
+        poll_until(std::time::Duration::from_secs(5), || async {
+            gw.log().contains("upstream answered 431")
+        })
+        .await;
+        let log = gw.log();
         let line = log
             .lines()
             .find(|l| l.contains("upstream answered 431"))
@@ -365,10 +362,10 @@ async fn client_errors_are_not_logged_as_errors_and_raw_heads_never() {
             .filter(|l| l.contains("path=\"/drillster/echo\""))
             .count()
     };
-    let started = std::time::Instant::now();
-    while logged(&gw.log()) < 2 && started.elapsed() < std::time::Duration::from_secs(10) {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    poll_until(std::time::Duration::from_secs(10), || async {
+        logged(&gw.log()) >= 2
+    })
+    .await;
     let log = gw.log();
     let refused = log
         .lines()

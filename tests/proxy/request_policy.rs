@@ -40,7 +40,7 @@ struct Unused;
 
 #[async_trait]
 impl TokenFetcher for Unused {
-    async fn fetch(&self) -> Result<AccessToken, FetchError> {
+    async fn fetch(&self, _now: std::time::SystemTime) -> Result<AccessToken, FetchError> {
         Ok(AccessToken {
             value: "unused".into(),
             lifetime: Duration::from_secs(60),

@@ -13,6 +13,38 @@ use tokengate::gateway::GatewayHandle;
 use tokengate_sandbox::{Echo, Sandbox};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Polls `cond` every 20 ms until it holds or `limit` has passed; whether it held. Tests wait
+/// this way for an event (a token request arrived, a token was published, a line was logged),
+/// never for a fixed time; `limit` is only a generous bound for a loaded machine.
+pub async fn poll_until<F, Fut>(limit: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// [`poll_until`] that panics with `what` when `cond` does not hold within `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    assert!(
+        poll_until(limit, cond).await,
+        "not within {limit:?}: {what}"
+    );
+}
+
 /// A free loopback port for a gateway listener (bound, then released for the gateway to take),
 /// taken below the kernel's ephemeral port range: servers that bind port 0 (the sandbox, the
 /// raw API) and outgoing connections only get ephemeral ports, so nothing else in the test
@@ -89,19 +121,15 @@ impl TestGateway {
     /// route holds a usable token.
     pub async fn ready(&self) {
         let client = reqwest::Client::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Ok(r) = client.get(format!("{}/readyz", self.admin)).send().await {
-                if r.status() == 200 {
-                    return;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "gateway not ready in 15 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let url = format!("{}/readyz", self.admin);
+        eventually(Duration::from_secs(15), "gateway ready", || async {
+            client
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
     }
 
     /// The `/metrics` text.

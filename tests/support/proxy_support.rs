@@ -11,7 +11,7 @@ use tokengate_sandbox::{keys, RawApi, Sandbox};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::common::{config_for, TestGateway};
+use crate::common::{config_for, poll_until, TestGateway};
 
 /// The sandbox (auth servers + hyper echo API), a [`RawApi`] on the same registry, and a gateway
 /// whose two demo routes (`/drillster`, `/driftrock`, both stripped) forward to the `RawApi`.
@@ -264,22 +264,22 @@ impl BinaryGateway {
             log_path,
         };
         let client = reqwest::Client::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(r) = client.get(format!("http://{admin}/readyz")).send().await {
-                if r.status() == 200 {
-                    if let Err(e) = TcpStream::connect(listen).await {
-                        panic!("/readyz answered 200 but the proxy listener {listen} refused: {e}");
-                    }
-                    break;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "binary gateway not ready in 20 s; log:\n{}",
-                gw.log()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
+        let url = format!("http://{admin}/readyz");
+        let ready = poll_until(Duration::from_secs(20), || async {
+            client
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        assert!(
+            ready,
+            "binary gateway not ready in 20 s; log:\n{}",
+            gw.log()
+        );
+        if let Err(e) = TcpStream::connect(listen).await {
+            panic!("/readyz answered 200 but the proxy listener {listen} refused: {e}");
         }
         gw
     }

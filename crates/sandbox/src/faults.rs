@@ -1,19 +1,21 @@
 //! Runtime fault injection for the sandbox servers: slow, hanging, dropped and canned answers.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 use http_body_util::Full;
+use tokio::sync::watch;
 
 use super::server::{Reply, Resp};
 
 /// Fault knobs of one sandbox endpoint, changeable at any time through a shared handle.
 ///
-/// Each request that reaches the endpoint first waits the configured [latency](Self::set_latency),
-/// then, in this order of precedence: hangs forever if [hang](Self::set_hang) is on, closes the
+/// Each request that reaches the endpoint first waits while the endpoint is
+/// [held](Self::hold), then waits the configured [latency](Self::set_latency), then, in this order of precedence: hangs forever if [hang](Self::set_hang) is on, closes the
 /// connection without an answer if [close](Self::set_close_connection) is on, answers with the
 /// next [scripted response](Self::respond_with_sequence) if any is left, with the
 /// [canned response](Self::respond_with) if one is armed, and otherwise answers normally.
@@ -26,10 +28,15 @@ use super::server::{Reply, Resp};
 #[derive(Clone, Default)]
 pub struct Faults {
     state: Arc<Mutex<FaultState>>,
+    /// Requests waiting at the hold now.
+    held: Arc<AtomicUsize>,
 }
 
 #[derive(Default)]
 struct FaultState {
+    /// `true` while held; requests at the hold wait for `false` (or for the sender to go, on
+    /// [`Faults::reset`]).
+    hold: watch::Sender<bool>,
     latency: Duration,
     hang: bool,
     close_connection: bool,
@@ -56,7 +63,10 @@ pub(crate) enum FaultAction {
 impl std::fmt::Debug for Faults {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = self.lock();
+        let hold = *s.hold.borrow();
         f.debug_struct("Faults")
+            .field("hold", &hold)
+            .field("held", &self.held())
             .field("latency", &s.latency)
             .field("hang", &s.hang)
             .field("close_connection", &s.close_connection)
@@ -66,6 +76,45 @@ impl std::fmt::Debug for Faults {
 }
 
 impl Faults {
+    /// Holds every request that arrives from now on before it is handled (before latency and
+    /// every other fault), until [`release`](Self::release): a test can make "requests wait for
+    /// this answer" certain instead of racing them. [`held`](Self::held) tells when a request
+    /// is waiting.
+    pub fn hold(&self) {
+        self.lock().hold.send_replace(true);
+    }
+
+    /// Lets the held requests, and every later one, go on.
+    pub fn release(&self) {
+        self.lock().hold.send_replace(false);
+    }
+
+    /// How many requests are waiting at the [hold](Self::hold) right now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
+    }
+
+    /// Waits while the endpoint is held (counted in [`held`](Self::held)).
+    pub(crate) async fn pass_hold(&self) {
+        let mut open = {
+            let s = self.lock();
+            if !*s.hold.borrow() {
+                return;
+            }
+            s.hold.subscribe()
+        };
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.held.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.held);
+        // An error: `reset` replaced the knobs, which releases.
+        let _ = open.wait_for(|held| !held).await;
+    }
+
     /// Delays every answer (normal or canned) by `latency`; `Duration::ZERO` turns it off.
     pub fn set_latency(&self, latency: Duration) {
         self.lock().latency = latency;
@@ -129,7 +178,7 @@ impl Faults {
         self.clear_response();
     }
 
-    /// Turns every fault off.
+    /// Turns every fault off (and releases held requests).
     pub fn reset(&self) {
         *self.lock() = FaultState::default();
     }
@@ -164,9 +213,10 @@ impl Faults {
     }
 }
 
-/// Applies `faults` to one request: waits the latency, then `Some(reply)` if a fault decides the
+/// Applies `faults` to one request: waits while held, waits the latency, then `Some(reply)` if a fault decides the
 /// answer, `None` if the request should be handled normally.
 pub(crate) async fn apply(faults: &Faults) -> Option<Reply> {
+    faults.pass_hold().await;
     let (latency, action) = faults.next_action();
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;

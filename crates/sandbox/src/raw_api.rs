@@ -114,7 +114,7 @@ fn lossy_pairs<S: serde::Serializer>(h: &[(String, Vec<u8>)], s: S) -> Result<S:
 ///
 /// Per request, in order:
 /// 1. The head is read (at most [`RAW_API_MAX_HEAD`] bytes, else 431) and recorded.
-/// 2. [`Faults`] apply (latency, hang, close, canned answer). A canned answer to a request with
+/// 2. [`Faults`] apply (hold, latency, hang, close, canned answer). A canned answer to a request with
 ///    `Expect: 100-continue` is sent at once, without reading the body, and the connection is
 ///    closed (RFC 9110 §10.1.1: a server may answer finally instead of 100).
 /// 3. The token is checked: exactly one `Authorization: Bearer <token>` known to the
@@ -457,6 +457,7 @@ where
         let has_body = !matches!(framing, Framing::None | Framing::Length(0));
 
         // 2. Faults.
+        state.faults.pass_hold().await;
         let (latency, action) = state.faults.next_action();
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;

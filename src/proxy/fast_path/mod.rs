@@ -341,7 +341,7 @@ fn admit(
     c: &mut Conn,
     req: &Plain,
     body_limit: usize,
-    now: Instant,
+    now: tokio::time::Instant,
 ) -> Option<Admitted> {
     if !c.allowed || req.body_len > body_limit {
         return None;
@@ -358,7 +358,11 @@ fn admit(
 
 /// The route's token usable at `now`, taken out of the connection's cache for one request
 /// (given back with [`TokenCache::put_back`]).
-fn take_token(route: &Route, tokens: &mut TokenCache, now: Instant) -> Option<Arc<Token>> {
+fn take_token(
+    route: &Route,
+    tokens: &mut TokenCache,
+    now: tokio::time::Instant,
+) -> Option<Arc<Token>> {
     route.token.usable_cached(tokens, now)?;
     tokens.take()
 }
@@ -434,7 +438,10 @@ pub fn own_work(
     response: &[u8],
     scratch: &mut Scratch,
 ) -> Option<(usize, usize)> {
-    let started = Instant::now();
+    // One clock read: tokio's instant for the token (its clock, see `token::clock`), the same
+    // instant as std's for the request's duration.
+    let now = tokio::time::Instant::now();
+    let started = now.into_std();
     let c = &mut scratch.0;
     c.buf.clear();
     c.buf.extend_from_slice(request);
@@ -445,7 +452,7 @@ pub fn own_work(
         return None;
     }
     let limit = state.replay_body_limit.min(super::RETRY_BUFFER_LIMIT);
-    let admitted = admit(table, state, c, &req, limit, started)?;
+    let admitted = admit(table, state, c, &req, limit, now)?;
     let route = &state.routes[admitted.index];
     let request_id = RequestId::of(&c.buf, &req, state);
     let ctx = RequestCtx {
@@ -598,16 +605,12 @@ impl ListenerApp {
                 c.check_client(&current.state);
             }
             let state = &*current.state;
-            let started = Instant::now();
+            let now = tokio::time::Instant::now();
+            let started = now.into_std();
             let body_limit = state.replay_body_limit.min(super::RETRY_BUFFER_LIMIT);
-            let Some(Admitted { index, mut token }) = admit(
-                &state.tables[self.slot],
-                state,
-                c,
-                &req,
-                body_limit,
-                started,
-            ) else {
+            let Some(Admitted { index, mut token }) =
+                admit(&state.tables[self.slot], state, c, &req, body_limit, now)
+            else {
                 return Outcome::Delegate;
             };
             let route = &state.routes[index];
@@ -628,7 +631,8 @@ impl ListenerApp {
                 // A slow body can outlast the token picked when the head arrived: the one sent
                 // is the one current when the request leaves (pingora waits for a token).
                 c.tokens.put_back(token);
-                let Some(current) = take_token(route, &mut c.tokens, Instant::now()) else {
+                let Some(current) = take_token(route, &mut c.tokens, tokio::time::Instant::now())
+                else {
                     return Outcome::Delegate;
                 };
                 token = current;
