@@ -1,6 +1,6 @@
 //! No secret in any log line (docs/security.md "Secrets in logs, errors and metrics"): every log
 //! line written while the token lifecycle, upstream 401, key file and discovery scenarios of
-//! `tests/support/scenarios.rs` run — tokengate's own events at `trace`, the dependencies'
+//! `tests/support/scenarios/` run — tokengate's own events at `trace`, the dependencies'
 //! (pingora's `log` records through tracing-log, reqwest, hyper) at `debug`, except
 //! `pingora_proxy`, whose debug events dump raw message bodies, at `info` — is captured, and none
 //! contains a client secret, private key material, an assertion or an access token.
@@ -10,7 +10,7 @@
 
 #[path = "support/common.rs"]
 mod common;
-#[path = "support/scenarios.rs"]
+#[path = "support/scenarios/mod.rs"]
 mod scenarios;
 
 use std::io;

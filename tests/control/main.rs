@@ -11,7 +11,7 @@
 mod common;
 #[path = "../support/proxy_support.rs"]
 mod proxy_support;
-#[path = "../support/scenarios.rs"]
+#[path = "../support/scenarios/mod.rs"]
 mod scenarios;
 
 mod cli;

@@ -1,7 +1,7 @@
 //! Token lifecycle under real-world failure: token responses parsed leniently, failed fetches
 //! classified and backed off, outages, timeouts, Retry-After, single flight, short tokens, with
 //! readiness and gauges checked during outages — against the sandbox servers with their fault knobs
-//! (scenarios in `tests/support/scenarios.rs`).
+//! (scenarios in `tests/support/scenarios/`).
 
 use crate::scenarios;
 
