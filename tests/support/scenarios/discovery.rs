@@ -34,7 +34,7 @@ pub async fn discovery_rfc8414_first_and_cached() -> Seen {
         .assertion_claims()
         .unwrap();
     assert_eq!(claims["aud"], sandbox.drillster.token_endpoint());
-    eventually(Duration::from_secs(10), "three renewals", || async {
+    eventually(Duration::from_secs(60), "three renewals", || async {
         sandbox.drillster.successes() >= 4
     })
     .await;
