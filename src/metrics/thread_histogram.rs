@@ -11,7 +11,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use pingora_prometheus::prometheus::core::{Collector, Desc};
@@ -72,7 +74,7 @@ impl ThreadHistogramVec {
     /// The series of label value `value`, created on first use.
     pub(super) fn with_label_value(&self, value: &str) -> ThreadHistogram {
         let family = &self.0;
-        let mut series = family.series.lock().unwrap_or_else(|e| e.into_inner());
+        let mut series = family.series.lock();
         series
             .entry(value.to_string())
             .or_insert_with(|| ThreadHistogram {
@@ -130,7 +132,7 @@ impl Collector for ThreadHistogramVec {
 
     fn collect(&self) -> Vec<proto::MetricFamily> {
         let family = &self.0;
-        let series = family.series.lock().unwrap_or_else(|e| e.into_inner());
+        let series = family.series.lock();
         let mut out = proto::MetricFamily::default();
         out.set_name(family.desc.fq_name.clone());
         out.set_help(family.desc.help.clone());

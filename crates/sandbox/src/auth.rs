@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -457,11 +459,7 @@ impl AuthServer {
     /// Adds a live secret for client `id` (registering the client if it is new); the client's
     /// other secrets stay live (Drillster: Registering your client application).
     pub fn add_client_secret(&self, id: &str, secret: &str) {
-        let mut clients = self
-            .state
-            .clients
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut clients = self.state.clients.lock();
         clients
             .entry(id.to_owned())
             .or_default()
@@ -473,11 +471,7 @@ impl AuthServer {
     /// application, "Deleting a client secret will make it unavailable immediately"). Returns
     /// whether it was live.
     pub fn delete_client_secret(&self, id: &str, secret: &str) -> bool {
-        let mut clients = self
-            .state
-            .clients
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut clients = self.state.clients.lock();
         match clients.get_mut(id) {
             Some(live) => {
                 let before = live.len();
@@ -492,11 +486,7 @@ impl AuthServer {
     /// from now on (`invalid_grant`, "unknown kid"); tokens already issued stay valid. Returns
     /// whether it was registered.
     pub fn delete_key(&self, kid: &str) -> bool {
-        let mut keys = self
-            .state
-            .keys
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut keys = self.state.keys.lock();
         keys.remove(kid).is_some()
     }
 
@@ -624,11 +614,7 @@ impl AuthServer {
 
     /// The paths of the metadata (discovery) requests received, oldest first.
     pub fn discovery_paths(&self) -> Vec<String> {
-        self.state
-            .discovery_paths
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.state.discovery_paths.lock().clone()
     }
 
     /// Handler panics caught so far (each was answered with a 500). Tests may assert it is 0;
@@ -789,15 +775,12 @@ impl Handler for AuthState {
 
 impl AuthState {
     fn settings(&self) -> MutexGuard<'_, Settings> {
-        self.settings.lock().unwrap_or_else(PoisonError::into_inner)
+        self.settings.lock()
     }
 
     async fn metadata(&self, method: &Method, path: &str) -> Reply {
         self.discovery_requests.fetch_add(1, Ordering::SeqCst);
-        self.discovery_paths
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(path.to_owned());
+        self.discovery_paths.lock().push(path.to_owned());
         if let Some(reply) = faults::apply(&self.discovery_faults).await {
             return reply;
         }
@@ -934,11 +917,7 @@ impl AuthState {
         let mut settings = self.settings();
         let now = unix_now().as_secs();
         let reissued = if settings.reissue > 0 {
-            let last = self
-                .last_token
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone();
+            let last = self.last_token.lock().clone();
             last.filter(|(_, exp)| *exp > now)
         } else {
             None
@@ -965,10 +944,7 @@ impl AuthState {
                         error: "server_error",
                         description: e.to_string(),
                     })?;
-                *self
-                    .last_token
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = Some((token.clone(), exp));
+                *self.last_token.lock() = Some((token.clone(), exp));
                 (token, ceil_secs(settings.token_lifetime))
             }
         };
@@ -1073,7 +1049,7 @@ impl AuthState {
                 (Some(id), Some(secret)) => (id.to_owned(), secret.to_owned()),
             },
         };
-        let clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        let clients = self.clients.lock();
         match clients.get(&id) {
             None => Err(OAuthError::invalid_client("unknown client")),
             Some(live) if !live.contains(&secret) => {
@@ -1096,12 +1072,12 @@ impl AuthState {
             max_lifetime: self.max_assertion_lifetime.as_secs_f64(),
         };
         let verified = {
-            let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+            let keys = self.keys.lock();
             jwt_bearer::verify(assertion, &keys, &self.token_endpoint, rules)
         }
         .map_err(|r| OAuthError::invalid_grant(&r))?;
         if let Some(jti) = verified.jti {
-            let mut used = self.used_jti.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut used = self.used_jti.lock();
             // An expired assertion is refused on exp anyway, so its jti need not be kept.
             used.retain(|_, exp| *exp > now - skew);
             if used.insert(jti, verified.exp).is_some() {

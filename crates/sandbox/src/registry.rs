@@ -2,7 +2,9 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
@@ -224,11 +226,7 @@ impl TokenRegistry {
     }
 
     fn tokens(&self) -> MutexGuard<'_, HashMap<String, IssuedToken>> {
-        // A poisoned lock only means a test thread panicked elsewhere; the map stays consistent.
-        self.inner
-            .tokens
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.inner.tokens.lock()
     }
 }
 

@@ -6,7 +6,9 @@ use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -60,19 +62,12 @@ impl Health {
     fn record_panic(&self, server: &str, message: String) {
         tracing::error!(server, panic = %message, "sandbox handler panicked");
         self.panics.fetch_add(1, Ordering::SeqCst);
-        let mut first = self
-            .first_panic
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut first = self.first_panic.lock();
         first.get_or_insert(message);
     }
 
     fn first_panic(&self) -> String {
-        self.first_panic
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .unwrap_or_default()
+        self.first_panic.lock().clone().unwrap_or_default()
     }
 }
 
