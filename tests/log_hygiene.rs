@@ -13,43 +13,12 @@ mod common;
 #[path = "support/scenarios/mod.rs"]
 mod scenarios;
 
-use std::io;
-use std::sync::{Arc, Mutex};
-
 use scenarios::{self as s, Seen};
 use tokengate_sandbox::{basic_authorization, form_encode, keys};
-use tracing_subscriber::fmt::MakeWriter;
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-struct CaptureWriter(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for CaptureWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Capture {
-    type Writer = CaptureWriter;
-
-    fn make_writer(&'a self) -> CaptureWriter {
-        CaptureWriter(Arc::clone(&self.0))
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_secret_token_key_or_assertion_in_any_log_line() {
-    let capture = Capture::default();
+    let capture = common::LogCapture::default();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(
             // pingora_proxy's debug events dump raw message bodies (the echo API echoes the

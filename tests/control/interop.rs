@@ -7,21 +7,19 @@
 
 use crate::common;
 
-use std::io;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use http::StatusCode;
-use serde_json::Value;
 use tokengate::config::{AuthConfig, Config};
 use tokengate::oauth::{FetchOutcome, TokenClient};
 use tokengate_sandbox::{
     basic_authorization, keys, AuthServer, BasicDecoding, CannedResponse, ContentCoding, Echo,
     ResponseFormat, Sandbox,
 };
-use tracing_subscriber::fmt::MakeWriter;
 
-use common::{config_for, TestGateway};
+use crate::scenarios::token_status;
+use common::{config_for, LogCapture, TestGateway};
 
 // ---------------------------------------------------------------------------------------------
 // building blocks
@@ -70,23 +68,6 @@ async fn upstream_auth(gw: &TestGateway, path: &str) -> String {
         .to_string()
 }
 
-/// `/status`'s `token` object of `route`.
-async fn token_status(gw: &TestGateway, route: &str) -> Value {
-    let v: Value = reqwest::get(format!("{}/status", gw.admin))
-        .await
-        .expect("status")
-        .json()
-        .await
-        .expect("status JSON");
-    v["routes"]
-        .as_array()
-        .expect("routes")
-        .iter()
-        .find(|r| r["name"] == route)
-        .unwrap_or_else(|| panic!("no route {route} in {v}"))["token"]
-        .clone()
-}
-
 /// Every log line of this test binary (a process-wide subscriber, installed once).
 fn captured_logs() -> &'static Arc<Mutex<Vec<u8>>> {
     static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
@@ -94,7 +75,7 @@ fn captured_logs() -> &'static Arc<Mutex<Vec<u8>>> {
         let logs = Arc::new(Mutex::new(Vec::new()));
         tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::new("warn,tokengate=info"))
-            .with_writer(Capture(Arc::clone(&logs)))
+            .with_writer(LogCapture(Arc::clone(&logs)))
             .with_ansi(false)
             .try_init()
             .expect("the only subscriber in this binary");
@@ -108,31 +89,6 @@ fn log_lines() -> Vec<String> {
         .lines()
         .map(str::to_owned)
         .collect()
-}
-
-#[derive(Clone)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Capture {
-    type Writer = Capture;
-
-    fn make_writer(&'a self) -> Capture {
-        self.clone()
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

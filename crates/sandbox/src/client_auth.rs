@@ -10,7 +10,7 @@ pub enum BasicDecoding {
     /// the secret are each `application/x-www-form-urlencoded`-decoded (`+` is a space, `%XX` a
     /// byte; a malformed `%` escape fails). The client must have encoded them first, so id
     /// `dr/client 7` with secret `s3cr+t/%41:y=z` arrives as
-    /// `dr%2Fclient+7:s3cr%2Bt%2F%2541%3Ay%3Dz` or `dr%2Fclient%207:…`. What the OAuth 2.0 spec
+    /// `dr%2Fclient+7:s3cr%2Bt%2F%2541%3Ay%3Dz` or `dr%2Fclient%207:…`. What RFC 6749 §2.3.1
     /// requires, and what Keycloak and Spring Authorization Server do.
     #[default]
     Form,
