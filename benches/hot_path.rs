@@ -426,6 +426,8 @@ fn route_of(
             .collect(),
         forward_cookies: false,
         token: source,
+        subjects: None,
+        subject_header: None,
         metrics: metrics.route(&rc.name),
     }
 }

@@ -18,7 +18,7 @@ use pingora::services::listening::Service;
 use tokio::sync::mpsc;
 
 use crate::admin::AdminApp;
-use crate::config::{AuthConfig, Config, ConfigErrors, RouteConfig};
+use crate::config::{AuthConfig, Config, ConfigErrors, RouteConfig, SubjectsConfig};
 use crate::files;
 use crate::metrics::Metrics;
 use crate::oauth::TokenClient;
@@ -26,7 +26,9 @@ use crate::proxy::fast_path::ListenerApp;
 use crate::proxy::route_compile::compile_route;
 use crate::proxy::routes::RouteTable;
 use crate::proxy::{Live, SharedState};
+use crate::token::subjects::SubjectTokens;
 use crate::token::{FirstToken, RenewalPolicy, TokenSource};
+use crate::token_listener::TokenApp;
 
 /// Why the gateway could not start (exit code 1).
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +91,7 @@ impl Built {
             .enable_all()
             .build()
             .map_err(|e| StartError::Internal(format!("token runtime: {e}")))?;
-        let (state, sources) = build_state(&config, &metrics, &[])?;
+        let (state, sources) = build_state(&config, &metrics, &[], token_runtime.handle())?;
         let sources = start_refreshers(sources, token_runtime.handle());
         let live = Arc::new(Live::new(state));
         let reloader = Arc::new(Reloader {
@@ -139,6 +141,15 @@ impl Built {
         );
         admin_svc.add_tcp(&config.server.admin_listen.to_string());
         server.add_service(admin_svc);
+        if let Some(addr) = config.server.token_listen {
+            let app = TokenApp::new(Arc::clone(&self.live), config.server.token_clients.clone());
+            let mut svc = Service::new(
+                "tokengate token listener".to_string(),
+                pingora::apps::http_app::HttpServer::new_app(app),
+            );
+            svc.add_tcp(&addr.to_string());
+            server.add_service(svc);
+        }
         Ok(server)
     }
 }
@@ -187,6 +198,8 @@ struct RunningSource {
     ca_pem: Option<Vec<u8>>,
     connect_timeout: Duration,
     source: Arc<TokenSource>,
+    /// The route's per-user tokens (`[routes.subjects]`), kept with the source.
+    subjects: Option<Arc<SubjectTokens>>,
     /// `None` until [`start_refreshers`] ran, or a kept source's handle moved over from the
     /// running entry (a source built for a reload that failed never starts).
     refresher: Option<tokio::task::JoinHandle<()>>,
@@ -209,6 +222,7 @@ fn build_state(
     config: &Config,
     metrics: &Arc<Metrics>,
     running: &[RunningSource],
+    runtime: &tokio::runtime::Handle,
 ) -> Result<(SharedState, Vec<RunningSource>), StartError> {
     let mut routes = Vec::with_capacity(config.routes.len());
     let mut sources = Vec::with_capacity(config.routes.len());
@@ -224,14 +238,30 @@ fn build_state(
             ),
             None => None,
         };
-        let source = match running.iter().find(|r| r.builds_same(rc, &ca_pem)) {
+        let kept = running.iter().find(|r| r.builds_same(rc, &ca_pem));
+        let source = match kept {
             Some(kept) => Arc::clone(&kept.source),
             None => new_source(index, rc, ca_pem.as_deref(), metrics)?,
+        };
+        // Kept with the source (same credentials); reloaded settings apply after the swap
+        // ([`Reloader::apply`]).
+        let subjects = match (&rc.subjects, kept.and_then(|k| k.subjects.as_ref())) {
+            (None, _) => None,
+            (Some(_), Some(kept)) => Some(Arc::clone(kept)),
+            (Some(settings), None) => Some(new_subjects(
+                index,
+                rc,
+                settings,
+                ca_pem.as_deref(),
+                metrics,
+                runtime,
+            )?),
         };
         routes.push(compile_route(
             index,
             rc,
             Arc::clone(&source),
+            subjects.clone(),
             ca_pem.as_deref(),
             metrics,
         )?);
@@ -240,6 +270,7 @@ fn build_state(
             ca_pem,
             connect_timeout: rc.connect_timeout,
             source,
+            subjects,
             refresher: None,
         });
     }
@@ -271,20 +302,54 @@ fn new_source(
         index,
         reason: e.to_string(),
     })?;
-    let policy = RenewalPolicy {
+    Ok(TokenSource::new(
+        rc.name.clone(),
+        Box::new(client),
+        renewal_policy(rc),
+        metrics.token(&rc.name),
+    ))
+}
+
+/// The per-user token cache of route `index` (`[routes.subjects]` `settings`).
+fn new_subjects(
+    index: usize,
+    rc: &RouteConfig,
+    settings: &SubjectsConfig,
+    ca_pem: Option<&[u8]>,
+    metrics: &Metrics,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Arc<SubjectTokens>, StartError> {
+    let client = TokenClient::new(
+        rc.auth.clone(),
+        ca_pem,
+        rc.connect_timeout,
+        rc.auth.token_timeout,
+    )
+    .map_err(|e| StartError::CaFile {
+        index,
+        reason: e.to_string(),
+    })?;
+    Ok(SubjectTokens::new(
+        rc.name.clone(),
+        client,
+        renewal_policy(rc),
+        settings.clone(),
+        metrics.token(&rc.name).without_gauges(),
+        metrics.subject_tokens(&rc.name),
+        runtime.clone(),
+    ))
+}
+
+/// The renewal settings of route `rc`'s token sources.
+fn renewal_policy(rc: &RouteConfig) -> RenewalPolicy {
+    RenewalPolicy {
         refresh_ratio: rc.auth.refresh_ratio,
         min_time_left: rc.auth.min_time_left,
         // A waiting request gives up shortly after the fetch it waits for must have
         // ended (token_timeout bounds the whole fetch, discovery included).
         max_wait: rc.auth.token_timeout + Duration::from_secs(1),
         ..RenewalPolicy::default()
-    };
-    Ok(TokenSource::new(
-        rc.name.clone(),
-        Box::new(client),
-        policy,
-        metrics.token(&rc.name),
-    ))
+    }
 }
 
 /// Starts the refresher of every source in `sources` that has none yet (each fetches its
@@ -422,7 +487,8 @@ impl Reloader {
         if let Some(key) = needs_restart(&running.config, &config) {
             return Err(ReloadError::NeedsRestart { key });
         }
-        let (state, mut sources) = build_state(&config, &self.metrics, &running.sources)?;
+        let (state, mut sources) =
+            build_state(&config, &self.metrics, &running.sources, &self.runtime)?;
         let fresh: Vec<(usize, Arc<TokenSource>)> = sources
             .iter()
             .enumerate()
@@ -447,6 +513,13 @@ impl Reloader {
         }
         let sources = start_refreshers(sources, &self.runtime);
         self.live.replace(state);
+        // Reloaded `allow`, `header_clients` and `max_cached` take effect now; subjects no
+        // longer allowed lose their tokens.
+        for (s, rc) in sources.iter().zip(&config.routes) {
+            if let (Some(cache), Some(settings)) = (&s.subjects, &rc.subjects) {
+                cache.update(settings.clone());
+            }
+        }
         let old = std::mem::replace(&mut running.sources, sources);
         let (kept, replaced): (Vec<_>, Vec<_>) = old.into_iter().partition(|s| {
             running
@@ -543,6 +616,10 @@ fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
         Some("server.listen")
     } else if old.server.admin_listen != new.server.admin_listen {
         Some("server.admin_listen")
+    } else if old.server.token_listen != new.server.token_listen
+        || old.server.token_clients != new.server.token_clients
+    {
+        Some("server.token_listen")
     } else if old.server.threads != new.server.threads {
         Some("server.threads")
     } else if old.server.grace_period != new.server.grace_period {
@@ -632,6 +709,9 @@ pub fn check_listeners(config: &Config) -> Result<(), StartError> {
         .map(|a| ("server.listen".to_string(), *a))
         .collect();
     addrs.push(("server.admin_listen".into(), config.server.admin_listen));
+    if let Some(a) = config.server.token_listen {
+        addrs.push(("server.token_listen".into(), a));
+    }
     for (i, r) in config.routes.iter().enumerate() {
         if let Some(a) = r.listen {
             addrs.push((format!("routes[{i}].listen"), a));
@@ -690,6 +770,8 @@ pub struct GatewayHandle {
     pub listen: Vec<SocketAddr>,
     /// Admin listener address.
     pub admin: SocketAddr,
+    /// Token listener address (`server.token_listen`).
+    pub token: Option<SocketAddr>,
 }
 
 impl GatewayHandle {
@@ -698,6 +780,7 @@ impl GatewayHandle {
         let mut listen = config.server.listen.clone();
         listen.extend(config.routes.iter().filter_map(|r| r.listen));
         let admin = config.server.admin_listen;
+        let token = config.server.token_listen;
         check_listeners(&config)?;
         let built = Built::new(config)?;
         let (live, reloader) = (Arc::clone(&built.live), Arc::clone(&built.reloader));
@@ -719,8 +802,14 @@ impl GatewayHandle {
             reloader,
             listen,
             admin,
+            token,
         };
-        for addr in handle.listen.iter().chain(std::iter::once(&handle.admin)) {
+        for addr in handle
+            .listen
+            .iter()
+            .chain(std::iter::once(&handle.admin))
+            .chain(&handle.token)
+        {
             wait_listening(*addr)?;
         }
         Ok(handle)

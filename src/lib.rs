@@ -31,3 +31,4 @@ pub mod metrics;
 pub mod oauth;
 pub mod proxy;
 pub mod token;
+pub mod token_listener;

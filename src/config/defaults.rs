@@ -9,6 +9,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 /// Default `server.allowed_clients`: loopback only.
 pub const DEFAULT_ALLOWED_CLIENTS: &[&str] = &["127.0.0.0/8", "::1/128"];
+/// Default `server.token_clients`: loopback only.
+pub const DEFAULT_TOKEN_CLIENTS: &[&str] = &["127.0.0.0/8", "::1/128"];
+/// Default `routes.subjects.max_cached`: per-subject tokens kept per route.
+pub const DEFAULT_MAX_CACHED_SUBJECTS: usize = 10_000;
 /// Default `server.grace_period`.
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(10);
 /// Default `server.replay_body_limit` (64 KiB).

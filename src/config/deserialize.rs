@@ -16,7 +16,7 @@ use toml::Spanned;
 use super::diagnostics::{
     found, leaf, render_path, type_error_message, unknown_key_message, Report, Seg,
 };
-use super::file::{AuthFile, FileConfig, LogFile, RouteFile, ServerFile};
+use super::file::{AuthFile, FileConfig, LogFile, RouteFile, ServerFile, SubjectsFile};
 
 /// Most unknown keys and wrong types reported in one run: one typo repeated in every route of
 /// a large file would bury everything else (and each wrong type costs one more pass over the
@@ -119,6 +119,9 @@ fn keys_of(path: &[Seg]) -> &'static [&'static str] {
         [Seg::Key(k), Seg::Index(_)] if k == "routes" => serde_introspect::<RouteFile>(),
         [Seg::Key(k), Seg::Index(_), Seg::Key(a)] if k == "routes" && a == "auth" => {
             serde_introspect::<AuthFile>()
+        }
+        [Seg::Key(k), Seg::Index(_), Seg::Key(a)] if k == "routes" && a == "subjects" => {
+            serde_introspect::<SubjectsFile>()
         }
         _ => &[],
     }

@@ -33,6 +33,8 @@ pub(super) struct ServerFile {
     pub threads: Option<i64>,
     pub grace_period: Option<DurationValue>,
     pub replay_body_limit: Option<ByteSizeValue>,
+    pub token_listen: Option<String>,
+    pub token_clients: Option<Vec<String>>,
 }
 
 /// `[log]`.
@@ -58,6 +60,16 @@ pub(super) struct RouteFile {
     pub ca_file: Option<String>,
     pub strip_headers: Option<Vec<String>>,
     pub auth: Option<AuthFile>,
+    pub subjects: Option<SubjectsFile>,
+}
+
+/// `[routes.subjects]`: per-user tokens.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct SubjectsFile {
+    pub allow: Option<Vec<String>>,
+    pub header: Option<String>,
+    pub header_clients: Option<Vec<String>>,
+    pub max_cached: Option<i64>,
 }
 
 /// `[routes.auth]`.

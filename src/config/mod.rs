@@ -98,6 +98,11 @@ pub struct ServerConfig {
     /// Request bodies up to this many bytes are kept for one replay after an upstream 401.
     /// Default 64 KiB.
     pub replay_body_limit: usize,
+    /// The token listener for trusted backends: `GET /v1/token/{route}?subject={id}` hands out
+    /// per-user tokens (docs/per-user-tokens.md). `None`: no such listener.
+    pub token_listen: Option<SocketAddr>,
+    /// CIDRs whose clients may use the token listener. Default: `127.0.0.0/8` and `::1/128`.
+    pub token_clients: Vec<IpNet>,
 }
 
 /// `[log]`.
@@ -148,6 +153,56 @@ pub struct RouteConfig {
     pub strip_headers: Vec<http::HeaderName>,
     /// `[routes.auth]`.
     pub auth: AuthConfig,
+    /// `[routes.subjects]` (`jwt_bearer` routes only): per-user tokens.
+    pub subjects: Option<SubjectsConfig>,
+}
+
+/// Longest subject accepted, in bytes.
+pub const MAX_SUBJECT_LEN: usize = 256;
+
+/// Whether `subject` is made only of what a Drillster user id, an e-mail address or a
+/// third-party id uses (`A-Z a-z 0-9 . _ @ + -`), 1 to [`MAX_SUBJECT_LEN`] bytes. Anything
+/// else is refused before any `allow` pattern runs.
+pub fn subject_chars_ok(subject: &[u8]) -> bool {
+    !subject.is_empty()
+        && subject.len() <= MAX_SUBJECT_LEN
+        && subject
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'+' | b'-'))
+}
+
+/// `[routes.subjects]`: which managed users (the assertion's `sub`, RFC 7523 §3; "Drillster:
+/// Service accounts": a user id, an e-mail address or a third-party id) the route may obtain
+/// tokens for, and who may ask.
+#[derive(Debug, Clone)]
+pub struct SubjectsConfig {
+    /// The `allow` patterns as written (for messages and reload comparisons).
+    pub allow_patterns: Vec<String>,
+    /// The `allow` patterns, each anchored as `^(?:…)$`: a subject is allowed when one
+    /// matches it whole.
+    pub allow: regex::RegexSet,
+    /// The request field naming the subject on the proxy listener; `None`: only the token
+    /// listener hands out per-user tokens.
+    pub header: Option<http::HeaderName>,
+    /// Clients trusted to send `header`; within `server.allowed_clients`.
+    pub header_clients: Vec<IpNet>,
+    /// Per-subject tokens kept (least recently used evicted). Default 10,000.
+    pub max_cached: usize,
+}
+
+impl SubjectsConfig {
+    /// Whether `subject` may have a token: its characters pass [`subject_chars_ok`] and one
+    /// `allow` pattern matches it whole.
+    pub fn allows(&self, subject: &[u8]) -> bool {
+        subject_chars_ok(subject)
+            && std::str::from_utf8(subject).is_ok_and(|s| self.allow.is_match(s))
+    }
+
+    /// Whether the client at `ip` may name a subject with `header`.
+    pub fn header_client(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.header_clients.iter().any(|n| n.contains(&ip))
+    }
 }
 
 /// A parsed `upstream` URL: scheme, host, optional port and base path.

@@ -33,6 +33,8 @@ pub struct Metrics {
     upstream_unauthorized: IntCounterVec,
     denied: IntCounterVec,
     config_reloads: IntCounterVec,
+    subject_tokens: IntGaugeVec,
+    vended_tokens: IntCounterVec,
 }
 
 /// Why a request was refused before routing finished (`tokengate_denied_total{reason}`).
@@ -50,6 +52,9 @@ pub enum DenyReason {
     HeaderTooLarge,
     /// A transfer coding the gateway does not implement: 501.
     NotImplemented,
+    /// A per-user token asked for a subject outside `[routes.subjects]` `allow`, or by a
+    /// client not trusted to name one: 403.
+    SubjectNotAllowed,
 }
 
 impl DenyReason {
@@ -62,6 +67,7 @@ impl DenyReason {
             DenyReason::BadRequest => "bad_request",
             DenyReason::HeaderTooLarge => "request_header_too_large",
             DenyReason::NotImplemented => "not_implemented",
+            DenyReason::SubjectNotAllowed => "subject_not_allowed",
         }
     }
 }
@@ -202,6 +208,18 @@ impl Metrics {
                 "Configuration reloads (SIGHUP) by outcome (success, error).",
                 &["outcome"],
             ),
+            subject_tokens: gauge_vec(
+                &r,
+                "tokengate_subject_tokens",
+                "Per-user tokens cached, by route (never labelled by subject).",
+                &["route"],
+            ),
+            vended_tokens: counter_vec(
+                &r,
+                "tokengate_vended_tokens_total",
+                "Tokens handed out by the token listener, by route.",
+                &["route"],
+            ),
             registry: r,
         };
         let build = gauge_vec(
@@ -218,6 +236,7 @@ impl Metrics {
             DenyReason::BadRequest,
             DenyReason::HeaderTooLarge,
             DenyReason::NotImplemented,
+            DenyReason::SubjectNotAllowed,
         ] {
             m.denied.with_label_values(&[reason.label()]);
         }
@@ -273,6 +292,16 @@ impl Metrics {
                 .upstream_unauthorized
                 .with_label_values(&[route, "passed_through"]),
         }
+    }
+
+    /// `tokengate_subject_tokens{route}`: per-user tokens cached for the route.
+    pub fn subject_tokens(&self, route: &str) -> IntGauge {
+        self.subject_tokens.with_label_values(&[route])
+    }
+
+    /// `tokengate_vended_tokens_total{route}`: tokens the token listener handed out.
+    pub fn vended_tokens(&self, route: &str) -> IntCounter {
+        self.vended_tokens.with_label_values(&[route])
     }
 
     /// Per-route handles for a token source.
@@ -367,6 +396,15 @@ impl TokenMetrics {
     /// Sets the consecutive-failures gauge.
     pub fn set_consecutive_failures(&self, n: u32) {
         self.failures.set(i64::from(n));
+    }
+
+    /// The same handles with the expiry and failure gauges registered nowhere: for per-subject
+    /// sources, whose token requests count in the route's counters but whose tokens must not
+    /// move the route's own token gauges.
+    pub fn without_gauges(mut self) -> Self {
+        self.expiry = IntGauge::new("detached_expiry", "detached").expect("static metric");
+        self.failures = IntGauge::new("detached_failures", "detached").expect("static metric");
+        self
     }
 
     /// Handles registered nowhere, for tools (`tokengate token`) and tests that need no export.

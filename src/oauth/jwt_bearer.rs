@@ -76,6 +76,18 @@ pub fn build_assertion(
         .map_err(|e| AssertionError(e.kind_description()))
 }
 
+/// The `jti` claim of an assertion [`build_assertion`] made (its claims part decoded, the
+/// signature not checked): an identifier for the audit log, no secret. `None` when absent.
+pub fn assertion_id(assertion: &str) -> Option<String> {
+    use base64::Engine as _;
+    let claims = assertion.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(claims)
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    v.get("jti")?.as_str().map(str::to_string)
+}
+
 /// Token request form parameters ("Requesting the access token" in Drillster: Service
 /// accounts; RFC 7523 §2.1).
 /// Client authentication parameters are added by the caller.

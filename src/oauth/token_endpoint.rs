@@ -180,6 +180,20 @@ impl TokenClient {
         self
     }
 
+    /// A client for the same route that requests tokens for `subject` (RFC 7523 §3 `sub`: a
+    /// user the organisation manages, "Drillster: Service accounts"), sharing this client's
+    /// HTTP connections and discovered token endpoint.
+    pub fn for_subject(&self, subject: &str) -> Self {
+        TokenClient {
+            http: self.http.clone(),
+            auth: self.auth.clone(),
+            subject: Some(subject.to_string()),
+            endpoint: self.endpoint.clone(),
+            request_timeout: self.request_timeout,
+            echoes: self.echoes.clone(),
+        }
+    }
+
     /// The grant settings this client uses.
     pub fn auth(&self) -> &AuthConfig {
         &self.auth
@@ -213,6 +227,19 @@ impl TokenClient {
     /// The whole fetch, discovery included, ends after the request timeout with a
     /// [`FetchOutcome::NetworkError`].
     pub async fn fetch(&self, now: SystemTime) -> Result<AccessToken, FetchError> {
+        self.fetch_identified(now).await.map(|(token, _)| token)
+    }
+
+    /// [`TokenClient::fetch`], also returning the `jti` of the assertion the token was obtained
+    /// with (RFC 7519 §4.1.7; `None` for the client credentials grant), for the audit log.
+    /// The `jti` identifies the assertion, it is no secret.
+    ///
+    /// # Errors
+    /// As [`TokenClient::fetch`].
+    pub async fn fetch_identified(
+        &self,
+        now: SystemTime,
+    ) -> Result<(AccessToken, Option<String>), FetchError> {
         let deadline = tokio::time::Instant::now() + self.request_timeout;
         let endpoint = self.token_endpoint_by(deadline).await?.clone();
         match tokio::time::timeout_at(deadline, self.request_token(endpoint, now)).await {
@@ -231,8 +258,12 @@ impl TokenClient {
         &self,
         endpoint: Url,
         now: SystemTime,
-    ) -> Result<AccessToken, FetchError> {
+    ) -> Result<(AccessToken, Option<String>), FetchError> {
         let (mut form, basic) = self.request_parts(endpoint.as_str(), now)?;
+        let jti = form
+            .iter()
+            .find(|(k, _)| *k == "assertion")
+            .and_then(|(_, a)| jwt_bearer::assertion_id(a));
         if basic.is_none() {
             // client_secret_post (RFC 6749 §2.3.1), or a public client sending only its id.
             form.push(("client_id", self.auth.client_id.clone()));
@@ -291,7 +322,7 @@ impl TokenClient {
             &secrets,
         );
         match parsed {
-            Ok(token) if status.is_success() => Ok(token),
+            Ok(token) if status.is_success() => Ok((token, jti)),
             Ok(_) => Err(FetchError {
                 outcome: FetchOutcome::HttpError,
                 message: format!("token endpoint answered HTTP {status} with a token body"),

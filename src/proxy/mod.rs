@@ -207,6 +207,9 @@ pub struct RequestCtx {
     head: Option<DownstreamHead>,
     /// The upstream request's plan (kept for a replay).
     plan: Plan,
+    /// A managed user's token source when the request names a subject
+    /// ([`policy::Subject::User`]); `None`: the route's own.
+    subject_source: Option<Arc<crate::token::TokenSource>>,
 }
 
 impl RequestCtx {
@@ -250,6 +253,7 @@ impl ProxyHttp for Gateway {
             authorization_len: 0,
             head: None,
             plan: Plan::default(),
+            subject_source: None,
         }
     }
 
@@ -311,6 +315,36 @@ impl ProxyHttp for Gateway {
         };
         ctx.head = head.ok();
 
+        // Whose token: decided by the policy, once, as on the fast path.
+        let decision = match &ctx.head {
+            Some(h) => match policy::subject(h, route, client_ip) {
+                policy::Subject::Route => None,
+                policy::Subject::User(v) => Some(std::str::from_utf8(v).ok().map(str::to_string)),
+                policy::Subject::Refused => Some(None),
+            },
+            None => None,
+        };
+        if let Some(decision) = decision {
+            let found = match (decision, route.subjects.as_ref()) {
+                (Some(subject), Some(subjects)) => subjects.token(&subject, client_ip).await,
+                _ => Ok(None),
+            };
+            let err = match found {
+                Ok(Some((source, authorization, generation))) => {
+                    ctx.subject_source = Some(source);
+                    ctx.authorization = Some(authorization);
+                    ctx.generation = generation;
+                    return Ok(false);
+                }
+                Ok(None) => GatewayError::SubjectNotAllowed,
+                Err(unavailable) => GatewayError::TokenUnavailable {
+                    retry_after: unavailable.retry_after,
+                },
+            };
+            session.set_keepalive(None);
+            return self.refuse(session, ctx, err, Some(route)).await;
+        }
+
         match route.token.token().await {
             Ok((authorization, generation)) => {
                 ctx.authorization = Some(authorization);
@@ -354,7 +388,13 @@ impl ProxyHttp for Gateway {
             Some(a) => a,
             // A replay after an upstream 401: the refreshed token (one refresh is shared by every
             // request that saw the 401). Never forward without a token.
-            None => match route.token.token().await {
+            None => match ctx
+                .subject_source
+                .as_ref()
+                .unwrap_or(&route.token)
+                .token()
+                .await
+            {
                 Ok((a, generation)) => {
                     ctx.generation = generation;
                     a
@@ -421,7 +461,8 @@ impl ProxyHttp for Gateway {
                 replayable: self.replayable(session, ctx),
             }
         };
-        if !route.token.upstream_refused(ctx.generation, sent) {
+        let source = ctx.subject_source.as_ref().unwrap_or(&route.token);
+        if !source.upstream_refused(ctx.generation, sent) {
             route.metrics.unauthorized(false);
             return Ok(());
         }

@@ -13,6 +13,7 @@ use crate::config::RouteConfig;
 use crate::gateway::StartError;
 use crate::metrics::Metrics;
 use crate::proxy::routes::{normalise_prefix, Route};
+use crate::token::subjects::SubjectTokens;
 use crate::token::TokenSource;
 
 /// Compiles route `index` (`routes[index]` in the config), its requests authorised by `token`.
@@ -28,6 +29,7 @@ pub(crate) fn compile_route(
     index: usize,
     rc: &RouteConfig,
     token: Arc<TokenSource>,
+    subjects: Option<Arc<SubjectTokens>>,
     ca_pem: Option<&[u8]>,
     metrics: &Metrics,
 ) -> Result<Route, StartError> {
@@ -70,6 +72,8 @@ pub(crate) fn compile_route(
         }
         None => Some(HeaderValue::from_static(Route::DEFAULT_ALLOW)),
     };
+    // The subject field is the gateway's to read and never reaches the upstream.
+    let subject_header = rc.subjects.as_ref().and_then(|s| s.header.as_ref());
     let host_header = HeaderValue::from_str(&up.authority)
         .map_err(|_| StartError::Internal(format!("routes[{index}].upstream: invalid host")))?;
     Ok(Route {
@@ -86,10 +90,15 @@ pub(crate) fn compile_route(
         strip_folded: rc
             .strip_headers
             .iter()
+            .chain(subject_header)
             .map(|h| crate::proxy::policy::fields::fold_name(h.as_str()))
             .collect(),
         forward_cookies: rc.forward_cookies,
         token,
+        subject_header: subject_header
+            .filter(|_| subjects.is_some())
+            .map(|h| crate::proxy::policy::fields::fold_name(h.as_str())),
+        subjects,
         metrics: metrics.route(&rc.name),
     })
 }

@@ -48,6 +48,12 @@ pub struct Route {
     pub forward_cookies: bool,
     /// Where the access token comes from.
     pub token: Arc<TokenSource>,
+    /// `[routes.subjects]`: per-user tokens (docs/per-user-tokens.md).
+    pub subjects: Option<Arc<crate::token::subjects::SubjectTokens>>,
+    /// `[routes.subjects]` `header`, folded as [`crate::proxy::policy::fields::fold_name`]
+    /// folds it (also in `strip_folded`: the field never reaches the upstream). `None`: the
+    /// route reads no subject from requests, and no request pays for looking.
+    pub subject_header: Option<Box<[u8]>>,
     /// Request-path metric handles.
     pub metrics: RouteMetrics,
 }

@@ -36,6 +36,8 @@ use tokio::time::Instant;
 pub use clock::Clock;
 
 use crate::metrics::TokenMetrics;
+
+pub mod subjects;
 use crate::oauth::{AccessToken, FetchError, FetchOutcome};
 
 /// Obtains access tokens for one credential identity ([`crate::oauth::TokenClient`] in

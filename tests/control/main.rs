@@ -23,5 +23,6 @@ mod reload;
 mod repository_language;
 mod sandbox;
 mod secrets;
+mod subjects;
 mod token_lifecycle;
 mod upstream_401;

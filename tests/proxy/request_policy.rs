@@ -77,6 +77,8 @@ fn state(strip: &[&str], forward_cookies: bool, strip_prefix: bool) -> SharedSta
             RenewalPolicy::default(),
             TokenMetrics::detached(),
         ),
+        subjects: None,
+        subject_header: None,
         metrics: metrics.route("api"),
     };
     SharedState::new(

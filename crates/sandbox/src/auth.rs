@@ -366,6 +366,7 @@ impl AuthServerBuilder {
             discovery_requests: AtomicU64::new(0),
             recent: Recent::new(),
             used_jti: Mutex::new(HashMap::new()),
+            managed_users: Mutex::new(None),
         });
         let server = bound.serve(state.clone());
         Ok(AuthServer { server, state })
@@ -532,6 +533,18 @@ impl AuthServer {
         self.state.recent.all()
     }
 
+    /// Drillster: from now on issue tokens only for these accounts (the assertion's `sub`: the
+    /// service account and the users the organisation manages, "Drillster: Service
+    /// accounts"); any other `sub` gets 400 `invalid_grant` (unknown user). `None`: any `sub`.
+    pub fn set_managed_users(&self, users: Option<&[&str]>) {
+        *self
+            .state
+            .managed_users
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) =
+            users.map(|u| u.iter().map(|s| s.to_string()).collect());
+    }
+
     /// Changes the lifetime of tokens issued from now on.
     pub fn set_token_lifetime(&self, lifetime: Duration) {
         self.state.settings().token_lifetime = lifetime;
@@ -670,6 +683,8 @@ struct AuthState {
     discovery_requests: AtomicU64,
     recent: Recent<RecordedRequest>,
     used_jti: Mutex<HashMap<String, f64>>,
+    /// Drillster: the accounts tokens may be issued for (`sub`); `None`: any.
+    managed_users: Mutex<Option<Vec<String>>>,
     /// The most recently issued access token and its `exp` (for `reissue_next`).
     last_token: Mutex<Option<(String, u64)>>,
     discovery_paths: Mutex<Vec<String>>,
@@ -1082,6 +1097,19 @@ impl AuthState {
             used.retain(|_, exp| *exp > now - skew);
             if used.insert(jti, verified.exp).is_some() {
                 return Err(OAuthError::invalid_grant(&AssertionRejection::ReusedJti));
+            }
+        }
+        let managed = self
+            .managed_users
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(users) = managed.as_ref() {
+            if !users.contains(&verified.subject) {
+                return Err(OAuthError {
+                    status: StatusCode::BAD_REQUEST,
+                    error: "invalid_grant",
+                    description: "unknown user".into(),
+                });
             }
         }
         Ok(verified.subject)

@@ -6,6 +6,7 @@ mod auth;
 mod routes;
 mod secrets;
 mod server;
+mod subjects;
 mod upstream;
 
 use std::path::{Path, PathBuf};

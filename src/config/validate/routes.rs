@@ -53,7 +53,7 @@ impl Validator<'_> {
                     names.insert(name.clone(), i);
                 }
             }
-            let Some(rc) = self.route(&p, route) else {
+            let Some(rc) = self.route(&p, route, server) else {
                 continue;
             };
             match rc.listen {
@@ -122,7 +122,7 @@ impl Validator<'_> {
     }
 
     /// One route, `p` being its key (`routes[i]`).
-    fn route(&mut self, p: &str, route: RouteFile) -> Option<RouteConfig> {
+    fn route(&mut self, p: &str, route: RouteFile, server: &ServerConfig) -> Option<RouteConfig> {
         let name = match route.name {
             None => {
                 self.r.push(
@@ -210,6 +210,10 @@ impl Validator<'_> {
             }
             Some(a) => self.auth(&format!("{p}.auth"), a),
         };
+        let subjects = route.subjects.and_then(|s| {
+            let grant = auth.as_ref().map(|a| &a.grant);
+            self.subjects(p, s, grant, &strip_headers, server)
+        });
 
         Some(RouteConfig {
             name,
@@ -225,6 +229,7 @@ impl Validator<'_> {
             ca_file,
             strip_headers,
             auth: auth?,
+            subjects,
         })
     }
 

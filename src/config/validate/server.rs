@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use super::Validator;
 use crate::config::defaults::{
     DEFAULT_ADMIN_LISTEN, DEFAULT_ALLOWED_CLIENTS, DEFAULT_GRACE_PERIOD, DEFAULT_LISTEN,
-    DEFAULT_REPLAY_BODY_LIMIT, MAX_REPLAY_BODY_LIMIT,
+    DEFAULT_REPLAY_BODY_LIMIT, DEFAULT_TOKEN_CLIENTS, MAX_REPLAY_BODY_LIMIT,
 };
 use crate::config::file::{LogFile, OneOrMany, ServerFile};
 use crate::config::{LogConfig, LogFormat, ServerConfig};
@@ -112,6 +112,41 @@ impl Validator<'_> {
             }
         };
 
+        let token_listen = s
+            .token_listen
+            .and_then(|t| self.socket_addr("server.token_listen", &t));
+        if let Some(addr) = token_listen.filter(|a| a.port() != 0) {
+            if listen.contains(&addr) || addr == admin_listen {
+                self.r.push(
+                    "server.token_listen",
+                    format!(
+                        "\"{addr}\" is also a proxy or admin listener; give the token listener \
+                         an address of its own, e.g. \"127.0.0.1:9091\""
+                    ),
+                );
+            }
+        }
+        let token_clients = match s.token_clients {
+            None => DEFAULT_TOKEN_CLIENTS
+                .iter()
+                .filter_map(|c| c.parse::<IpNet>().ok())
+                .collect(),
+            Some(list) if list.is_empty() => {
+                self.r.push(
+                    "server.token_clients",
+                    "is empty, so no client could use the token listener; list the CIDRs of \
+                     the trusted backends, e.g. \"10.1.0.0/24\", or remove the key for loopback \
+                     only",
+                );
+                Vec::new()
+            }
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| self.cidr(&format!("server.token_clients[{i}]"), c))
+                .collect(),
+        };
+
         ServerConfig {
             listen,
             admin_listen,
@@ -119,6 +154,8 @@ impl Validator<'_> {
             threads,
             grace_period,
             replay_body_limit,
+            token_listen,
+            token_clients,
         }
     }
 
@@ -140,7 +177,7 @@ impl Validator<'_> {
     }
 
     /// A CIDR, or a single address as its /32 or /128; host bits are cleared.
-    fn cidr(&mut self, key: &str, text: &str) -> Option<IpNet> {
+    pub(super) fn cidr(&mut self, key: &str, text: &str) -> Option<IpNet> {
         let parsed = if text.contains('/') {
             text.parse::<IpNet>().ok().map(|n| n.trunc())
         } else {

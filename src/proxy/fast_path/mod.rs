@@ -352,6 +352,19 @@ fn admit(
     if !route.allows(&req.method) {
         return None;
     }
+    // A request naming a managed user (or refused for naming one) is pingora-proxy's to serve
+    // or refuse; the policy decides which, once. A route without a subject field pays nothing.
+    if route.subject_header.is_some() {
+        let view = request::FieldsIn {
+            buf: &c.buf,
+            fields: &c.fields,
+        };
+        if crate::proxy::policy::subject(&view, route, c.client_ip)
+            != crate::proxy::policy::Subject::Route
+        {
+            return None;
+        }
+    }
     let token = take_token(route, &mut c.tokens, now)?;
     Some(Admitted { index, token })
 }

@@ -38,6 +38,10 @@ pub enum GatewayError {
     HeaderTooLarge,
     /// 501 `not_implemented`: a transfer coding other than `chunked` (RFC 9112 §6.1).
     NotImplemented,
+    /// 403 `subject_not_allowed`: a per-user token for a subject outside the route's
+    /// `[routes.subjects]` `allow`, a subject field from a client outside `header_clients`,
+    /// or a subject field given twice or empty (docs/per-user-tokens.md).
+    SubjectNotAllowed,
 }
 
 impl GatewayError {
@@ -53,6 +57,7 @@ impl GatewayError {
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::HeaderTooLarge => "request_header_too_large",
             GatewayError::NotImplemented => "not_implemented",
+            GatewayError::SubjectNotAllowed => "subject_not_allowed",
         }
     }
 
@@ -68,6 +73,7 @@ impl GatewayError {
             GatewayError::BadRequest(_) => 400,
             GatewayError::HeaderTooLarge => 431,
             GatewayError::NotImplemented => 501,
+            GatewayError::SubjectNotAllowed => 403,
         }
     }
 
@@ -80,6 +86,7 @@ impl GatewayError {
             GatewayError::BadRequest(_) => Some(DenyReason::BadRequest),
             GatewayError::HeaderTooLarge => Some(DenyReason::HeaderTooLarge),
             GatewayError::NotImplemented => Some(DenyReason::NotImplemented),
+            GatewayError::SubjectNotAllowed => Some(DenyReason::SubjectNotAllowed),
             _ => None,
         }
     }
@@ -101,6 +108,9 @@ impl GatewayError {
             GatewayError::HeaderTooLarge => "the request head is too large".into(),
             GatewayError::NotImplemented => {
                 "transfer coding not implemented; only chunked is accepted".into()
+            }
+            GatewayError::SubjectNotAllowed => {
+                "no token for this subject: not allowed for this route or this client".into()
             }
         }
     }

@@ -297,6 +297,53 @@ pub fn admit<'r>(
     Ok(route)
 }
 
+/// Which account's token a request carries (docs/per-user-tokens.md): decided here once for
+/// both proxy paths ([`subject`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Subject<'a> {
+    /// The route's own token (its configured `sub`, or the client credentials grant's).
+    Route,
+    /// A token for this managed user (RFC 7523 §3 `sub`): the value of the route's subject
+    /// field, allowed by `[routes.subjects]` `allow`, from a client in `header_clients`.
+    User(&'a [u8]),
+    /// 403 `subject_not_allowed`: the subject field from a client outside `header_clients`,
+    /// more than once, empty, or naming a subject outside `allow`. Never the route's token.
+    Refused,
+}
+
+/// The subject decision for an admitted request on `route` from the client at `client`:
+/// [`Subject::Route`] at once when the route reads no subject field (no pass over the
+/// fields), else one pass comparing names with the route's `header` (any case, `_` as `-`,
+/// as the plan's strip list compares it: the plan drops the field).
+pub fn subject<'f, F: Fields + ?Sized>(
+    fields: &'f F,
+    route: &Route,
+    client: Option<std::net::IpAddr>,
+) -> Subject<'f> {
+    let (Some(header), Some(subjects)) = (route.subject_header.as_deref(), &route.subjects) else {
+        return Subject::Route;
+    };
+    let mut found: Option<&[u8]> = None;
+    for i in 0..fields.count() {
+        let name = fields.name(i);
+        if name.len() == header.len() && fields::names_match(name, header) {
+            if found.is_some() {
+                return Subject::Refused;
+            }
+            found = Some(fields.value(i));
+        }
+    }
+    let Some(value) = found else {
+        return Subject::Route;
+    };
+    let trusted = client.is_some_and(|ip| subjects.header_client(ip));
+    if trusted && subjects.allows(value) {
+        Subject::User(value)
+    } else {
+        Subject::Refused
+    }
+}
+
 /// What happens to one client field on its way upstream.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Action {

@@ -70,6 +70,8 @@ pub(crate) fn route(settings: RouteSpec<'_>) -> Route {
             RenewalPolicy::default(),
             TokenMetrics::detached(),
         ),
+        subjects: None,
+        subject_header: None,
         metrics: Metrics::new().route("r"),
     }
 }
