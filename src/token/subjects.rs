@@ -21,13 +21,15 @@ use std::net::IpAddr;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
 
 use async_trait::async_trait;
 use http::HeaderValue;
 use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
-use prometheus::IntGauge;
+use pingora_prometheus::prometheus::IntGauge;
 use tokio::task::JoinHandle;
 
 use super::{RenewalPolicy, TokenFetcher, TokenSource, Unavailable};
@@ -289,9 +291,9 @@ struct AuditedFetcher {
 
 #[async_trait]
 impl TokenFetcher for AuditedFetcher {
-    async fn fetch(&self) -> Result<AccessToken, FetchError> {
-        let (token, jti) = self.client.fetch_identified(SystemTime::now()).await?;
-        let expires = SystemTime::now() + token.lifetime;
+    async fn fetch(&self, now: SystemTime) -> Result<AccessToken, FetchError> {
+        let (token, jti) = self.client.fetch_identified(now).await?;
+        let expires = now + token.lifetime;
         let caller = *self.caller.lock();
         tracing::info!(
             target: "tokengate::audit",

@@ -537,12 +537,7 @@ impl AuthServer {
     /// service account and the users the organisation manages, "Drillster: Service
     /// accounts"); any other `sub` gets 400 `invalid_grant` (unknown user). `None`: any `sub`.
     pub fn set_managed_users(&self, users: Option<&[&str]>) {
-        *self
-            .state
-            .managed_users
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) =
-            users.map(|u| u.iter().map(|s| s.to_string()).collect());
+        *self.state.managed_users.lock() = users.map(|u| u.iter().map(|s| s.to_string()).collect());
     }
 
     /// Changes the lifetime of tokens issued from now on.
@@ -1099,10 +1094,7 @@ impl AuthState {
                 return Err(OAuthError::invalid_grant(&AssertionRejection::ReusedJti));
             }
         }
-        let managed = self
-            .managed_users
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let managed = self.managed_users.lock();
         if let Some(users) = managed.as_ref() {
             if !users.contains(&verified.subject) {
                 return Err(OAuthError {

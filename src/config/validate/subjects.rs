@@ -165,11 +165,11 @@ impl Validator<'_> {
             );
             return None;
         }
-        let stripped: Vec<Box<[u8]>> = strip_headers
+        let stripped: fields::FoldedNames = strip_headers
             .iter()
             .map(|s| fold_name(s.as_str()))
             .collect();
-        if fields::among(name.as_str().as_bytes(), &stripped) {
+        if stripped.contains(name.as_str().as_bytes()) {
             self.r.push(
                 &k,
                 format!(
