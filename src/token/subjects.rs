@@ -300,7 +300,7 @@ impl TokenFetcher for AuditedFetcher {
             route = %self.route,
             subject = %self.subject,
             caller = %caller.map_or_else(|| "-".to_string(), |ip| ip.to_string()),
-            jti = jti.as_deref().unwrap_or("-"),
+            jti = %jti.as_deref().unwrap_or("-"),
             expires = %humantime::format_rfc3339_seconds(expires),
             "per-user access token obtained"
         );
