@@ -512,14 +512,15 @@ impl Reloader {
             }
         }
         let sources = start_refreshers(sources, &self.runtime);
-        self.live.replace(state);
-        // Reloaded `allow`, `header_clients` and `max_cached` take effect now; subjects no
-        // longer allowed lose their tokens.
+        // Reloaded `allow`, `header_clients` and `max_cached` take effect now, before the new
+        // routes serve (a narrowed setting is never served after the swap); subjects no longer
+        // allowed lose their tokens.
         for (s, rc) in sources.iter().zip(&config.routes) {
             if let (Some(cache), Some(settings)) = (&s.subjects, &rc.subjects) {
                 cache.update(settings.clone());
             }
         }
+        self.live.replace(state);
         let old = std::mem::replace(&mut running.sources, sources);
         let (kept, replaced): (Vec<_>, Vec<_>) = old.into_iter().partition(|s| {
             running
