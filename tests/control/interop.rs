@@ -69,7 +69,7 @@ async fn upstream_auth(gw: &TestGateway, path: &str) -> String {
 }
 
 /// Every log line of this test binary (a process-wide subscriber, installed once).
-fn captured_logs() -> &'static Arc<Mutex<Vec<u8>>> {
+pub(crate) fn captured_logs() -> &'static Arc<Mutex<Vec<u8>>> {
     static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
     LOGS.get_or_init(|| {
         let logs = Arc::new(Mutex::new(Vec::new()));
@@ -83,7 +83,7 @@ fn captured_logs() -> &'static Arc<Mutex<Vec<u8>>> {
     })
 }
 
-fn log_lines() -> Vec<String> {
+pub(crate) fn log_lines() -> Vec<String> {
     let logs = captured_logs().lock().unwrap_or_else(|p| p.into_inner());
     String::from_utf8_lossy(&logs)
         .lines()

@@ -23,6 +23,7 @@ mod reload;
 mod repository_language;
 mod sandbox;
 mod secrets;
+mod subject_cache;
 mod subjects;
 mod token_lifecycle;
 mod upstream_401;

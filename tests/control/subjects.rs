@@ -10,25 +10,48 @@ use common::{config_for, free_addr, TestGateway};
 use tokengate_sandbox::keys::DEMO_SERVICE_ACCOUNT_ID;
 use tokengate_sandbox::{Echo, Sandbox};
 
-const USERS: &[&str] = &["ann@example.com", "bob@example.com"];
+pub(crate) const USERS: &[&str] = &["ann@example.com", "bob@example.com"];
+
+/// The Drillster route's `[routes.subjects]` in most tests here.
+pub(crate) const SUBJECTS: &str = "allow = [\"[^@]+@example\\\\.com\"]\nheader = \"Tokengate-Subject\"\nheader_clients = [\"127.0.0.1/32\"]\nmax_cached = 100\n";
+
+/// The demo config text with a token listener at `token_listen`, `server_extra` in `[server]`
+/// and `subjects` as the Drillster route's `[routes.subjects]`.
+pub(crate) fn with_subjects(
+    text: String,
+    token_listen: std::net::SocketAddr,
+    server_extra: &str,
+    subjects: &str,
+) -> String {
+    let text = text.replace(
+        "grace_period = \"0s\"\n",
+        &format!("grace_period = \"0s\"\ntoken_listen = \"{token_listen}\"\n{server_extra}"),
+    );
+    text.replace(
+        "\n[[routes]]\nname = \"driftrock\"",
+        &format!("\n[routes.subjects]\n{subjects}\n[[routes]]\nname = \"driftrock\""),
+    )
+}
 
 /// The demo config with a token listener and `[routes.subjects]` on the Drillster route.
 fn subjects_config(sandbox: &Sandbox) -> (tokengate::config::Config, std::net::SocketAddr) {
+    subjects_config_with(sandbox, "", SUBJECTS)
+}
+
+/// [`subjects_config`] with `server_extra` in `[server]` and `subjects` as `[routes.subjects]`.
+pub(crate) fn subjects_config_with(
+    sandbox: &Sandbox,
+    server_extra: &str,
+    subjects: &str,
+) -> (tokengate::config::Config, std::net::SocketAddr) {
     let token_listen = free_addr();
     let config = config_for(sandbox, |t| {
-        let t = t.replace(
-            "grace_period = \"0s\"\n",
-            &format!("grace_period = \"0s\"\ntoken_listen = \"{token_listen}\"\n"),
-        );
-        t.replace(
-            "\n[[routes]]\nname = \"driftrock\"",
-            "\n[routes.subjects]\nallow = [\"[^@]+@example\\\\.com\"]\nheader = \"Tokengate-Subject\"\nheader_clients = [\"127.0.0.1/32\"]\nmax_cached = 100\n\n[[routes]]\nname = \"driftrock\"",
-        )
+        with_subjects(t, token_listen, server_extra, subjects)
     });
     (config, token_listen)
 }
 
-fn managed(sandbox: &Sandbox) {
+pub(crate) fn managed(sandbox: &Sandbox) {
     let mut users = USERS.to_vec();
     users.push(DEMO_SERVICE_ACCOUNT_ID);
     users.push("carol@example.com");
@@ -70,6 +93,9 @@ async fn token_listener_hands_out_per_user_tokens_and_refuses_the_rest() {
         "ann@example.com.evil.org",
         "mallory@evil.org",
         "ann%0A@example.com",
+        // Matches the pattern, but a space is no character of a user id or e-mail address.
+        "ann%20bob@example.com",
+        "x@example.com%00",
         "",
     ] {
         let r = client.get(url("drillster", bad)).send().await.unwrap();
@@ -213,6 +239,116 @@ async fn a_subject_field_is_honoured_only_when_trusted_once_and_allowed() {
     assert!(
         metrics.contains("tokengate_denied_total{reason=\"subject_not_allowed\"} 3"),
         "{metrics}"
+    );
+    gw.stop().await;
+}
+
+/// Another loopback address: a client inside the default `allowed_clients` that the tests'
+/// `token_clients` and `header_clients` leave out.
+const OTHER_CLIENT: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+
+#[tokio::test]
+async fn the_token_listener_answers_only_token_clients() {
+    let sandbox = Sandbox::start().await.unwrap();
+    managed(&sandbox);
+    let (config, token_listen) =
+        subjects_config_with(&sandbox, "token_clients = [\"127.0.0.2/32\"]\n", SUBJECTS);
+    let gw = TestGateway::start(config).await;
+    gw.ready().await;
+    let request = b"GET /v1/token/drillster?subject=ann@example.com HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+    let before = sandbox.drillster.requests();
+
+    // 127.0.0.1 is outside token_clients: refused before any token request.
+    let r = common::raw_request(token_listen, request).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        r.header("tokengate-error").as_deref(),
+        Some("client_not_allowed")
+    );
+    assert!(!String::from_utf8_lossy(&r.body).contains("access_token"));
+    assert_eq!(sandbox.drillster.requests(), before, "no token request");
+
+    // 127.0.0.2 is inside.
+    let r = common::raw_request_from(OTHER_CLIENT, token_listen, request).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("cache-control").as_deref(), Some("no-store"));
+    let body = r.json();
+    let claims = sandbox
+        .drillster
+        .registry()
+        .get(body["access_token"].as_str().unwrap());
+    assert!(claims.is_some_and(|t| t.subject == "ann@example.com"));
+
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains("tokengate_denied_total{reason=\"client_not_allowed\"} 1"),
+        "{metrics}"
+    );
+    gw.stop().await;
+}
+
+/// The subject field from a client inside `allowed_clients` but outside `header_clients` is
+/// refused, never served with the service account's token; requests without the field are
+/// served as before on both proxy paths, and a trusted client's field is served as that user.
+#[tokio::test]
+async fn the_subject_field_is_refused_from_untrusted_clients_and_optional_on_both_paths() {
+    let sandbox = Sandbox::start().await.unwrap();
+    managed(&sandbox);
+    let (config, _) = subjects_config(&sandbox);
+    let gw = TestGateway::start(config).await;
+    gw.ready().await;
+    let before = sandbox.drillster.requests();
+
+    let r = common::raw_request_from(
+        OTHER_CLIENT,
+        gw.addr(),
+        b"GET /drillster/x HTTP/1.1\r\nHost: a\r\nTokengate-Subject: ann@example.com\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        r.header("tokengate-error").as_deref(),
+        Some("subject_not_allowed")
+    );
+    assert_eq!(sandbox.drillster.requests(), before, "no token request");
+
+    // Without the field: the service account, on the fast path and on pingora-proxy's (a
+    // field nominated by `Connection` is one only pingora-proxy removes).
+    for from in [OTHER_CLIENT, "127.0.0.1".parse().unwrap()] {
+        for connection in [
+            "Connection: close\r\n",
+            "Connection: close, X-Hop\r\nX-Hop: 1\r\n",
+        ] {
+            let req = format!("GET /drillster/x HTTP/1.1\r\nHost: a\r\n{connection}\r\n");
+            let r = common::raw_request_from(from, gw.addr(), req.as_bytes()).await;
+            assert_eq!(r.status, 200, "{from} {connection}");
+            let echo = r.echo();
+            assert_eq!(echo.subject.as_deref(), Some(DEMO_SERVICE_ACCOUNT_ID));
+            assert!(echo.header("x-hop").is_none());
+        }
+    }
+    // With the field from a trusted client, on either path: the user.
+    for connection in [
+        "Connection: close\r\n",
+        "Connection: close, X-Hop\r\nX-Hop: 1\r\n",
+    ] {
+        let req = format!(
+            "GET /drillster/x HTTP/1.1\r\nHost: a\r\nTokengate-Subject: bob@example.com\r\n{connection}\r\n"
+        );
+        let r = common::raw_request(gw.addr(), req.as_bytes()).await;
+        assert_eq!(r.status, 200, "{connection}");
+        let echo = r.echo();
+        assert_eq!(echo.subject.as_deref(), Some("bob@example.com"));
+        assert!(
+            echo.header("tokengate-subject").is_none(),
+            "the field is removed"
+        );
+        assert_eq!(echo.authorization_count, 1);
+    }
+    assert_eq!(
+        sandbox.drillster.requests(),
+        before + 1,
+        "one token request: bob's"
     );
     gw.stop().await;
 }

@@ -205,7 +205,24 @@ impl RawResponse {
 
 /// Sends `request` (raw bytes, should say `Connection: close`) and reads the whole answer.
 pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> RawResponse {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    raw_exchange(s, request).await
+}
+
+/// [`raw_request`] from the local address `from` (e.g. `127.0.0.2`, another loopback address:
+/// a client the gateway tells apart from `127.0.0.1`).
+pub async fn raw_request_from(
+    from: std::net::IpAddr,
+    addr: SocketAddr,
+    request: &[u8],
+) -> RawResponse {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind(SocketAddr::new(from, 0)).expect("bind");
+    let s = socket.connect(addr).await.expect("connect");
+    raw_exchange(s, request).await
+}
+
+async fn raw_exchange(mut s: tokio::net::TcpStream, request: &[u8]) -> RawResponse {
     s.write_all(request).await.expect("write");
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
