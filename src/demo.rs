@@ -27,6 +27,11 @@ pub enum DemoError {
     Start(#[from] StartError),
 }
 
+/// The users the demo's sandbox manages besides its service account ("Drillster: Service
+/// accounts": tokens may be issued for any account the organisation manages); the demo's
+/// `[routes.subjects]` allows them.
+pub const DEMO_USERS: &[&str] = &["ann@example.com", "bob@example.com"];
+
 /// The demo's gateway config for a running sandbox: route `drillster` (JWT bearer grant) under
 /// `/drillster/` and route `driftrock` (client credentials, form-encoded Basic) under
 /// `/driftrock/`, both stripping their prefix and forwarding to the sandbox API.
@@ -37,13 +42,50 @@ pub fn config_toml(
     admin: SocketAddr,
     key_file: &Path,
 ) -> String {
+    config_text(sandbox, listen, admin, key_file, None)
+}
+
+/// [`config_toml`] with per-user tokens (docs/per-user-tokens.md): a token listener at
+/// `token_listen` for loopback clients, and `[routes.subjects]` on the `drillster` route
+/// allowing e-mail addresses at `example.com` (the [`DEMO_USERS`]), named on the proxy
+/// listener with the `Tokengate-Subject` field by loopback clients.
+pub fn config_toml_with_subjects(
+    sandbox: &Sandbox,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    token_listen: SocketAddr,
+    key_file: &Path,
+) -> String {
+    config_text(sandbox, listen, admin, key_file, Some(token_listen))
+}
+
+fn config_text(
+    sandbox: &Sandbox,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    key_file: &Path,
+    token_listen: Option<SocketAddr>,
+) -> String {
+    let (server_extra, subjects) = match token_listen {
+        Some(t) => (
+            format!("token_listen = \"{t}\"\ntoken_clients = [\"127.0.0.0/8\", \"::1/128\"]\n"),
+            concat!(
+                "\n[routes.subjects]\n",
+                "allow = [\"[^@]+@example\\\\.com\"]\n",
+                "header = \"Tokengate-Subject\"\n",
+                "header_clients = [\"127.0.0.0/8\", \"::1/128\"]\n",
+                "max_cached = 1000\n",
+            ),
+        ),
+        None => (String::new(), ""),
+    };
     format!(
         r#"# tokengate demo configuration (sandbox only: every credential here is public)
 [server]
 listen = "{listen}"
 admin_listen = "{admin}"
 grace_period = "0s"
-
+{server_extra}
 [log]
 level = "info"
 
@@ -59,7 +101,7 @@ token_endpoint = "{drillster}"
 client_id = "{drillster_id}"
 client_secret = "{drillster_secret}"
 key_file = "{key_file}"
-
+{subjects}
 [[routes]]
 name = "driftrock"
 path_prefix = "/driftrock"
@@ -83,14 +125,22 @@ client_secret = "{driftrock_secret}"
     )
 }
 
-/// The `curl` lines the demo prints; the first answers 200 with the sandbox API's echo.
-pub fn curl_lines(listen: SocketAddr, admin: SocketAddr) -> Vec<String> {
+/// The `curl` lines the demo prints; the first answers 200 with the sandbox API's echo. The
+/// two with `ann@example.com` fetch a managed user's access token from the token listener (as
+/// a backend does to start Drillster's embedded Player for that user) and call the sandbox API
+/// as that user through the proxy listener (the echo's `subject` is the user).
+pub fn curl_lines(listen: SocketAddr, admin: SocketAddr, token_listen: SocketAddr) -> Vec<String> {
+    let user = DEMO_USERS[0];
     vec![
         format!(
             "curl -s -H 'Authorization: Basic bGVnYWN5OnBhc3N3b3Jk' http://{listen}/drillster/api/2.1.1/user"
         ),
         format!(
             "curl -s -X POST -H 'Cookie: session=legacy' -d '{{\"event\":\"demo\"}}' 'http://{listen}/driftrock/v2/event?access_token=leaked&page=2'"
+        ),
+        format!("curl -s 'http://{token_listen}/v1/token/drillster?subject={user}'"),
+        format!(
+            "curl -s -H 'Tokengate-Subject: {user}' http://{listen}/drillster/api/2.1.1/user"
         ),
         format!("curl -s http://{listen}/elsewhere"),
         format!("curl -s http://{admin}/status"),
@@ -125,14 +175,19 @@ impl Drop for DemoDir {
 }
 
 impl Demo {
-    /// Starts everything on `runtime`. `listen`/`admin` default to 127.0.0.1:8080/9090, or
-    /// ephemeral ports when those are taken.
+    /// Starts everything on `runtime`. `listen`/`admin`/`token_listen` default to
+    /// 127.0.0.1:8080/9090/9091, or ephemeral ports when those are taken. The sandbox's
+    /// Drillster-like server manages [`DEMO_USERS`].
     pub fn start(
         runtime: &tokio::runtime::Runtime,
         listen: Option<SocketAddr>,
         admin: Option<SocketAddr>,
+        token_listen: Option<SocketAddr>,
     ) -> Result<Demo, DemoError> {
         let sandbox = runtime.block_on(Sandbox::start())?;
+        let mut managed = vec![keys::DEMO_SERVICE_ACCOUNT_ID];
+        managed.extend_from_slice(DEMO_USERS);
+        sandbox.drillster.set_managed_users(Some(&managed));
         let dir = std::env::temp_dir().join(format!("tokengate-demo-{}", std::process::id()));
         std::fs::create_dir_all(&dir)
             .map_err(|e| DemoError::Io(format!("{}: {e}", dir.display())))?;
@@ -141,7 +196,8 @@ impl Demo {
         write_private(&key_file, keys::DEMO_KEY_JSON)?;
         let listen = listen.unwrap_or_else(|| free_or_ephemeral("127.0.0.1:8080"));
         let admin = admin.unwrap_or_else(|| free_or_ephemeral("127.0.0.1:9090"));
-        let toml = config_toml(&sandbox, listen, admin, &key_file);
+        let token_listen = token_listen.unwrap_or_else(|| free_or_ephemeral("127.0.0.1:9091"));
+        let toml = config_toml_with_subjects(&sandbox, listen, admin, token_listen, &key_file);
         let config_path = dir.path().join("tokengate-demo.toml");
         write_private(&config_path, &toml)?;
         let config = Config::from_toml_str(&toml, Some(&config_path), &|_| None)?;
@@ -156,7 +212,11 @@ impl Demo {
 
 /// Runs the demo until Ctrl-C (SIGINT), SIGTERM, SIGHUP or SIGQUIT, then stops everything and
 /// removes its scratch directory.
-pub fn run(listen: Option<SocketAddr>, admin: Option<SocketAddr>) -> Result<(), DemoError> {
+pub fn run(
+    listen: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+    token_listen: Option<SocketAddr>,
+) -> Result<(), DemoError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -175,25 +235,28 @@ pub fn run(listen: Option<SocketAddr>, admin: Option<SocketAddr>) -> Result<(), 
             stop(SignalKind::quit())?,
         )
     };
-    let demo = Demo::start(&runtime, listen, admin)?;
+    let demo = Demo::start(&runtime, listen, admin, token_listen)?;
     let listen = demo.gateway.listen[0];
     let admin = demo.gateway.admin;
+    let token_listen = demo.gateway.token.unwrap_or(listen);
     let mut banner = format!(
         "\ntokengate demo is running (sandbox only; nothing leaves this machine)\n\
          \x20 gateway        http://{listen}  (routes /drillster/ and /driftrock/)\n\
          \x20 admin          http://{admin}   (/metrics /healthz /readyz /status)\n\
+         \x20 token listener http://{token_listen}  (/v1/token/drillster?subject=…; users {})\n\
          \x20 Drillster-like token endpoint  {}\n\
          \x20 Driftrock-like token endpoint  {}\n\
          \x20 sandbox API    {}\n\
          \x20 config         {}\n\n\
          Try (the API echoes what it received: your Authorization, Cookie and access_token are \
-         gone, the gateway's Bearer token is there):\n",
+         gone, the gateway's Bearer token is there; as a user, the token's subject is that user):\n",
+        DEMO_USERS.join(", "),
         demo.sandbox.drillster.token_endpoint(),
         demo.sandbox.driftrock.token_endpoint(),
         demo.sandbox.api.base_url(),
         demo.dir.path().join("tokengate-demo.toml").display()
     );
-    for line in curl_lines(listen, admin) {
+    for line in curl_lines(listen, admin, token_listen) {
         banner.push_str("  ");
         banner.push_str(&line);
         banner.push('\n');

@@ -68,6 +68,10 @@ enum Command {
         /// Admin listener (default 127.0.0.1:9090, or an ephemeral port when that is taken).
         #[arg(long)]
         admin_listen: Option<std::net::SocketAddr>,
+        /// Token listener for per-user tokens (default 127.0.0.1:9091, or an ephemeral port
+        /// when that is taken).
+        #[arg(long)]
+        token_listen: Option<std::net::SocketAddr>,
     },
 }
 
@@ -106,7 +110,8 @@ fn main() -> ExitCode {
         Command::Demo {
             listen,
             admin_listen,
-        } => demo(listen, admin_listen),
+            token_listen,
+        } => demo(listen, admin_listen, token_listen),
     }
 }
 
@@ -114,12 +119,13 @@ fn main() -> ExitCode {
 fn demo(
     listen: Option<std::net::SocketAddr>,
     admin_listen: Option<std::net::SocketAddr>,
+    token_listen: Option<std::net::SocketAddr>,
 ) -> ExitCode {
     init_logging(&LogConfig {
         format: LogFormat::Text,
         level: "info".into(),
     });
-    match tokengate::demo::run(listen, admin_listen) {
+    match tokengate::demo::run(listen, admin_listen, token_listen) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tokengate demo: {e}");
@@ -133,6 +139,7 @@ fn demo(
 fn demo(
     _listen: Option<std::net::SocketAddr>,
     _admin_listen: Option<std::net::SocketAddr>,
+    _token_listen: Option<std::net::SocketAddr>,
 ) -> ExitCode {
     eprintln!(
         "tokengate demo: this binary was built without the `demo` feature \

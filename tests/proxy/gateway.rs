@@ -469,15 +469,18 @@ async fn admin_listener_follows_the_clients_connection_wishes() {
 }
 
 #[test]
-fn demo_first_curl_line_answers_200() {
+fn demo_curl_lines_answer_as_the_service_account_and_as_a_managed_user() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let demo = tokengate::demo::Demo::start(
         &runtime,
         Some(common::free_addr()),
         Some(common::free_addr()),
+        Some(common::free_addr()),
     )
     .unwrap();
-    let lines = tokengate::demo::curl_lines(demo.gateway.listen[0], demo.gateway.admin);
+    let token_listen = demo.gateway.token.expect("the demo has a token listener");
+    let lines =
+        tokengate::demo::curl_lines(demo.gateway.listen[0], demo.gateway.admin, token_listen);
     // The first line is: curl -s -H 'Authorization: Basic …' http://LISTEN/drillster/…
     let url = lines[0].split_whitespace().last().unwrap().to_string();
     assert!(url.ends_with("/drillster/api/2.1.1/user"), "{url}");
@@ -496,6 +499,45 @@ fn demo_first_curl_line_answers_200() {
         echo.header("authorization"),
         Some("Basic bGVnYWN5OnBhc3N3b3Jk")
     );
+
+    // The per-user lines: a managed user's token from the token listener, and a call as that
+    // user (curl -s 'URL', and curl -s -H 'Tokengate-Subject: USER' URL).
+    let token_line = lines.iter().find(|l| l.contains("/v1/token/")).unwrap();
+    let token_url = token_line.split('\'').nth(1).unwrap().to_string();
+    let user_line = lines
+        .iter()
+        .find(|l| l.contains("Tokengate-Subject"))
+        .unwrap();
+    let user = user_line.split('\'').nth(1).unwrap();
+    let (name, user) = user.split_once(": ").unwrap();
+    let user_url = user_line.split_whitespace().last().unwrap().to_string();
+    let (token, echo): (serde_json::Value, Echo) = runtime.block_on(async {
+        let client = reqwest::Client::new();
+        let r = client.get(&token_url).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let token = r.json().await.unwrap();
+        let r = client
+            .get(&user_url)
+            .header(name, user)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        (token, r.json().await.unwrap())
+    });
+    assert_eq!(token["subject"], user);
+    let issued = demo
+        .sandbox
+        .drillster
+        .registry()
+        .get(token["access_token"].as_str().unwrap());
+    assert!(issued.is_some_and(|t| t.subject == user));
+    assert_eq!(echo.subject.as_deref(), Some(user));
+    assert_eq!(
+        echo.header("authorization"),
+        Some(format!("Bearer {}", token["access_token"].as_str().unwrap()).as_str())
+    );
+    assert!(echo.header("tokengate-subject").is_none());
     drop(demo);
 }
 
