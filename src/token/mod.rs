@@ -234,6 +234,9 @@ enum Attempt {
 /// One credential identity's token: the published value, its refresher and its status.
 pub struct TokenSource {
     name: String,
+    /// The managed user a per-user source obtains tokens for (docs/per-user-tokens.md), named
+    /// in its log lines so they are not taken for the route's own token; `None`: the route's.
+    subject: Option<String>,
     current: ArcSwapOption<Token>,
     /// Bumped after every change of `current` (a new token, a dropped one): lets a
     /// [`TokenCache`] tell with one atomic load that its copy is still the current one.
@@ -326,9 +329,40 @@ impl TokenSource {
         metrics: TokenMetrics,
         clock: Clock,
     ) -> Arc<Self> {
+        Self::build(name.into(), None, fetcher, policy, metrics, clock)
+    }
+
+    /// [`TokenSource::new`] for route `name`'s tokens for the managed user `subject`
+    /// ([`subjects::SubjectTokens`]); its log lines name the subject.
+    pub fn for_subject(
+        name: impl Into<String>,
+        subject: impl Into<String>,
+        fetcher: Box<dyn TokenFetcher>,
+        policy: RenewalPolicy,
+        metrics: TokenMetrics,
+    ) -> Arc<Self> {
+        Self::build(
+            name.into(),
+            Some(subject.into()),
+            fetcher,
+            policy,
+            metrics,
+            Clock::system(),
+        )
+    }
+
+    fn build(
+        name: String,
+        subject: Option<String>,
+        fetcher: Box<dyn TokenFetcher>,
+        policy: RenewalPolicy,
+        metrics: TokenMetrics,
+        clock: Clock,
+    ) -> Arc<Self> {
         let max_waiters = policy.max_waiters;
         Arc::new(TokenSource {
-            name: name.into(),
+            name,
+            subject,
             current: ArcSwapOption::empty(),
             published: AtomicU64::new(0),
             fetcher,
@@ -650,9 +684,10 @@ impl TokenSource {
                     // and ask again at once; waiters keep waiting for that answer.
                     self.metrics.fetched(FetchOutcome::Success, took);
                     tracing::info!(
-                        route = %self.name,
-                        "token fetched while the upstream rejected that same token; fetching again"
-                    );
+                                route = %self.name,
+                    subject = self.subject.as_deref().map(tracing::field::display),
+                                "token fetched while the upstream rejected that same token; fetching again"
+                            );
                 }
                 Ok(token) if self.was_dropped(&token) => {
                     self.record_failure(
@@ -742,6 +777,7 @@ impl TokenSource {
         }
         tracing::info!(
             route = %self.name,
+            subject = self.subject.as_deref().map(tracing::field::display),
             generation,
             lifetime_s = lifetime.as_secs_f64(),
             took_ms = took.as_millis() as u64,
@@ -770,6 +806,7 @@ impl TokenSource {
         let still_valid = self.usable_now(Instant::now()).is_some();
         tracing::warn!(
             route = %self.name,
+            subject = self.subject.as_deref().map(tracing::field::display),
             outcome = e.outcome.label(),
             consecutive_failures = failures,
             retry_in_ms = delay.as_millis() as u64,

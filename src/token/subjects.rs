@@ -168,8 +168,9 @@ impl SubjectTokens {
             subject: subject.to_string(),
             caller: Arc::clone(&caller),
         };
-        let source = TokenSource::new(
+        let source = TokenSource::for_subject(
             self.route.clone(),
+            subject,
             Box::new(fetcher),
             self.policy.clone(),
             self.metrics.clone(),
