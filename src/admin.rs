@@ -160,7 +160,7 @@ impl AdminApp {
             .zip(&state.route_info)
             .map(|(r, info)| {
                 let s = r.token.status();
-                json!({
+                let mut route = json!({
                     "name": r.name,
                     "upstream": info.upstream,
                     "grant": info.grant,
@@ -175,7 +175,12 @@ impl AdminApp {
                         "last_error": s.last_error,
                         "last_error_at": s.last_error_at.map(unix),
                     }
-                })
+                });
+                // Per-user tokens cached (`[routes.subjects]`); never which subjects.
+                if let Some(subjects) = &r.subjects {
+                    route["subject_tokens"] = json!(subjects.cached());
+                }
+                route
             })
             .collect();
         json!({"version": env!("CARGO_PKG_VERSION"), "routes": routes})

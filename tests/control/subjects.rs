@@ -141,6 +141,18 @@ async fn token_listener_hands_out_per_user_tokens_and_refuses_the_rest() {
         !metrics.contains("ann@example.com"),
         "no metric names a subject"
     );
+    let status = reqwest::get(format!("{}/status", gw.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    // ann, bob, and zed backing off.
+    assert_eq!(v["routes"][0]["subject_tokens"], 3, "{status}");
+    assert!(v["routes"][1].get("subject_tokens").is_none());
+    assert!(!status.contains("ann@example.com"), "{status}");
+    assert!(!status.contains(&token), "{status}");
     gw.stop().await;
 }
 
