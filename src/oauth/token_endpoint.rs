@@ -3,6 +3,7 @@
 //! deflate, br`, no redirects), decodes the answer's content coding and classifies it. Also
 //! RFC 8414 discovery when the route names an `issuer` instead of a `token_endpoint`.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::{
@@ -99,15 +100,19 @@ type RequestParts = (Vec<(&'static str, String)>, Option<String>);
 /// Token endpoint client for one route (one credential identity's grant settings).
 pub struct TokenClient {
     http: reqwest::Client,
-    auth: AuthConfig,
+    /// Shared with the clients [`TokenClient::for_subject`] makes (one copy of the key and
+    /// secrets per route, however many subjects).
+    auth: Arc<AuthConfig>,
     /// Overrides the assertion subject (the `token` command's `--subject`).
     subject: Option<String>,
-    endpoint: OnceCell<Url>,
+    /// The token endpoint, given or discovered once; shared with [`TokenClient::for_subject`]'s
+    /// clients.
+    endpoint: Arc<OnceCell<Url>>,
     /// Bounds one whole [`TokenClient::fetch`], discovery included.
     request_timeout: Duration,
     /// The spellings of the client credentials a token endpoint's error might echo, never
     /// shown ([`echoed_forms`]); built once, as the credentials are fixed.
-    echoes: Vec<String>,
+    echoes: Arc<[String]>,
 }
 
 impl TokenClient {
@@ -166,11 +171,11 @@ impl TokenClient {
         }
         Ok(TokenClient {
             http,
-            auth,
+            auth: Arc::new(auth),
             subject: None,
-            endpoint,
+            endpoint: Arc::new(endpoint),
             request_timeout,
-            echoes,
+            echoes: echoes.into(),
         })
     }
 
@@ -182,15 +187,15 @@ impl TokenClient {
 
     /// A client for the same route that requests tokens for `subject` (RFC 7523 §3 `sub`: a
     /// user the organisation manages, "Drillster: Service accounts"), sharing this client's
-    /// HTTP connections and discovered token endpoint.
+    /// HTTP connections, settings and key, and token endpoint (discovered once for all).
     pub fn for_subject(&self, subject: &str) -> Self {
         TokenClient {
             http: self.http.clone(),
-            auth: self.auth.clone(),
+            auth: Arc::clone(&self.auth),
             subject: Some(subject.to_string()),
-            endpoint: self.endpoint.clone(),
+            endpoint: Arc::clone(&self.endpoint),
             request_timeout: self.request_timeout,
-            echoes: self.echoes.clone(),
+            echoes: Arc::clone(&self.echoes),
         }
     }
 
