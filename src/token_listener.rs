@@ -96,10 +96,19 @@ impl TokenApp {
                 ))
             }
         };
-        let expires_in = source
+        // The current token when it is the one obtained or a newer one (a renewal may have
+        // published one meanwhile): its expiry is known. Else (dropped meanwhile after an
+        // upstream 401) the one obtained, with no time promised.
+        let now = tokio::time::Instant::now();
+        let (authorization, expires_at) = match source
             .current()
-            .filter(|t| t.generation == generation)
-            .and_then(|t| t.expires_at_wall.duration_since(SystemTime::now()).ok())
+            .filter(|t| t.generation >= generation && t.is_usable(now))
+        {
+            Some(t) => (t.authorization().clone(), Some(t.expires_at_wall)),
+            None => (authorization, None),
+        };
+        let expires_in = expires_at
+            .and_then(|e| e.duration_since(SystemTime::now()).ok())
             .map_or(0, |d| d.as_secs());
         let token = authorization
             .to_str()
