@@ -211,7 +211,7 @@ impl SubjectTokens {
     }
 
     /// The current token of `subject` when one is cached and usable now, without creating a
-    /// source or waiting: the fast path's lookup.
+    /// source or waiting. Counts as a use of the subject (its token is renewed, not dropped).
     pub fn usable_now(&self, subject: &str) -> Option<(Arc<TokenSource>, HeaderValue, u64)> {
         let now_ms = self.epoch.elapsed().as_millis() as u64;
         let source = {
