@@ -1,6 +1,6 @@
 //! No secret in any log line (docs/security.md "Secrets in logs, errors and metrics"): every log
-//! line written while the token lifecycle, upstream 401, key file and discovery scenarios of
-//! `tests/support/scenarios/` run — tokengate's own events at `trace`, the dependencies'
+//! line written while the token lifecycle, upstream 401, key file, discovery and per-user token
+//! scenarios of `tests/support/scenarios/` run — tokengate's own events at `trace`, the dependencies'
 //! (pingora's `log` records through tracing-log, reqwest, hyper) at `debug`, except
 //! `pingora_proxy`, whose debug events dump raw message bodies, at `info` — is captured, and none
 //! contains a client secret, private key material, an assertion or an access token.
@@ -62,6 +62,7 @@ async fn no_secret_token_key_or_assertion_in_any_log_line() {
         seen.extend(s::discovery_falls_back_to_openid_configuration().await);
         seen.extend(s::discovery_rejects_issuer_mismatch().await);
         seen.extend(s::discovery_hang_is_bounded_by_token_timeout().await);
+        seen.extend(s::per_user_tokens_on_both_listeners_with_a_401_and_a_refused_user().await);
         seen
     };
     let (mut seen, b) = tokio::join!(lane_a, lane_b);
@@ -99,6 +100,7 @@ async fn no_secret_token_key_or_assertion_in_any_log_line() {
         "unauthorized_client",
         "client not allowed to use this grant",
         "access token obtained",
+        "per-user access token obtained",
     ] {
         assert!(logs.contains(expected), "no log line mentions {expected:?}");
     }

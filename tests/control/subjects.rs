@@ -364,3 +364,10 @@ async fn the_subject_field_is_refused_from_untrusted_clients_and_optional_on_bot
     );
     gw.stop().await;
 }
+
+/// Per-user tokens on both listeners with an upstream 401 and a refused user (the scenario
+/// `tests/log_hygiene.rs` also runs, checking every log line for tokens and assertions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_user_tokens_on_both_listeners_with_a_401_and_a_refused_user() {
+    crate::scenarios::per_user_tokens_on_both_listeners_with_a_401_and_a_refused_user().await;
+}

@@ -2,8 +2,8 @@
 //! sandbox servers with their fault knobs. Every scenario is an `async fn` that panics on a failed
 //! assertion and returns the secrets it saw (client secrets, assertions, access tokens), so that
 //! `tests/log_hygiene.rs` can drive them all under one capturing subscriber and check the logs. The
-//! thin `#[tokio::test]` wrappers live in `token_lifecycle.rs`, `discovery.rs`, `keys_and_clock.rs`
-//! and `upstream_401.rs`.
+//! thin `#[tokio::test]` wrappers live in `token_lifecycle.rs`, `discovery.rs`, `keys_and_clock.rs`,
+//! `upstream_401.rs` and `subjects.rs`.
 #![allow(dead_code)]
 
 use std::collections::BTreeSet;
@@ -187,3 +187,5 @@ mod key_files;
 pub use key_files::*;
 mod discovery;
 pub use discovery::*;
+mod per_user;
+pub use per_user::*;
