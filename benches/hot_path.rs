@@ -522,6 +522,107 @@ fn fast_path_request(c: &mut Criterion) {
     group.finish();
 }
 
+/// A request for a managed user's cached token against one for the route's own token, on the
+/// same route (`[routes.subjects]`, the demo's settings) through the same fast path: the
+/// subject decision, the per-user cache lookup and the field's removal are the difference. The
+/// user's token comes from a sandbox authorization server on loopback, obtained once before
+/// the measurement; the route's own from the bench's instant fetcher.
+fn per_user_request(c: &mut Criterion) {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => panic!("runtime: {e}"),
+    };
+    let sandbox = runtime
+        .block_on(tokengate_sandbox::Sandbox::start())
+        .unwrap_or_else(|e| panic!("sandbox: {e}"));
+    let key = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("crates/sandbox/src/keys/demo-key.json");
+    let any: std::net::SocketAddr = ([127, 0, 0, 1], 9).into();
+    let toml = tokengate::demo::config_toml_with_subjects(&sandbox, any, any, any, &key);
+    let config = Config::from_toml_str(&toml, None, &|_| None)
+        .unwrap_or_else(|e| panic!("demo config: {e}"));
+    let rc = &config.routes[0];
+    let Some(settings) = rc.subjects.clone() else {
+        panic!("the demo's drillster route has [routes.subjects]");
+    };
+    let client = tokengate::oauth::TokenClient::new(
+        rc.auth.clone(),
+        None,
+        rc.connect_timeout,
+        rc.auth.token_timeout,
+    )
+    .unwrap_or_else(|e| panic!("token client: {e}"));
+    let metrics = Metrics::new();
+    let subjects = tokengate::token::subjects::SubjectTokens::new(
+        rc.name.clone(),
+        client,
+        RenewalPolicy::default(),
+        settings,
+        TokenMetrics::detached(),
+        metrics.subject_tokens(&rc.name),
+        runtime.handle().clone(),
+    );
+    let user = tokengate::demo::DEMO_USERS[0];
+    if let Err(e) = runtime.block_on(subjects.token(user, None)) {
+        panic!("no token for {user}: {e:?}");
+    }
+    let (source, _refresher_runtime) = token_source();
+    let mut route = route_of(0, rc, source, &metrics);
+    let header = tokengate::proxy::policy::fields::fold_name("Tokengate-Subject");
+    route.strip_folded = [fold("x-api-key"), header.clone()].into_iter().collect();
+    route.subject_header = Some(header);
+    route.subjects = Some(subjects);
+    let table = RouteTable::shared(config.routes.iter().enumerate().take(1));
+    let state = SharedState::new(
+        vec![route],
+        config.server.allowed_clients.clone(),
+        65536,
+        metrics,
+    );
+    let client = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let request = |subject: &str| {
+        format!(
+            "GET /drillster/api/2.1.1/user?x=1 HTTP/1.1\r\nHost: gw\r\nUser-Agent: legacy/1.0\r\n\
+             Accept: application/json\r\n{subject}X-Request-Id: 7d9f2c\r\n\r\n"
+        )
+        .into_bytes()
+    };
+    let mut group = c.benchmark_group("per_user");
+    let subject_field = format!("Tokengate-Subject: {user}\r\n");
+    for (name, request) in [
+        ("route_token", request("")),
+        ("cached_user_token", request(&subject_field)),
+    ] {
+        let mut scratch = Scratch::new(&state, client);
+        if own_work(&table, &state, &request, RESPONSE_HEAD, &mut scratch).is_none() {
+            panic!("{name}: the fast path did not take the request");
+        }
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                own_work(
+                    &table,
+                    &state,
+                    black_box(&request),
+                    black_box(RESPONSE_HEAD),
+                    &mut scratch,
+                )
+            })
+        });
+    }
+    group.finish();
+    drop(state);
+    let _ = runtime.block_on(sandbox.shutdown());
+}
+
+/// A field name folded as routes hold their strip lists.
+fn fold(name: &str) -> Box<[u8]> {
+    tokengate::proxy::policy::fields::fold_name(name)
+}
+
 /// The request's bytes arriving in the connection's buffer, then [`http1_parse`]: `own_work`
 /// copies the request into its buffer where a socket read would have put it, and that copy is
 /// the kernel's work in the gateway, not tokengate's code.
@@ -562,7 +663,8 @@ criterion_group!(
     query_rewrite,
     token_lookup,
     per_request,
-    fast_path_request
+    fast_path_request,
+    per_user_request
 );
 /// `cargo bench --bench hot_path -- --own-code-best`: tokengate's own code per request on the
 /// fast path as the best of 40 paired rounds (5,000 requests through `own_work`, then the

@@ -211,13 +211,21 @@ impl SubjectTokens {
     }
 
     /// The current token of `subject` when one is cached and usable now, without creating a
-    /// source or waiting. Counts as a use of the subject (its token is renewed, not dropped).
-    pub fn usable_now(&self, subject: &str) -> Option<(Arc<TokenSource>, HeaderValue, u64)> {
+    /// source or waiting. Counts as a use of the subject by `caller` (its token is renewed, not
+    /// dropped, and the next audit line names that caller).
+    pub fn usable_now(
+        &self,
+        subject: &str,
+        caller: Option<IpAddr>,
+    ) -> Option<(Arc<TokenSource>, HeaderValue, u64)> {
         let now_ms = self.epoch.elapsed().as_millis() as u64;
         let source = {
             let mut cache = self.cache.lock();
             let e = cache.get(subject)?;
             e.last_used_ms.store(now_ms, Ordering::Relaxed);
+            if caller.is_some() {
+                *e.caller.lock() = caller;
+            }
             Arc::clone(&e.source)
         };
         let (a, g) = source.usable_now(Instant::now())?;

@@ -100,7 +100,7 @@ async fn a_thousand_subjects_keep_at_most_max_cached_tokens_least_recently_used_
                 .subjects
                 .as_ref()
                 .unwrap()
-                .usable_now(&format!("u{i}@example.com"))
+                .usable_now(&format!("u{i}@example.com"), None)
                 .is_some()
         })
         .expect("a recent subject is cached");
@@ -272,7 +272,7 @@ async fn a_user_token_is_renewed_while_in_use_and_dropped_when_not() {
     }
     let subjects = Arc::clone(gw.handle.state().routes[0].subjects.as_ref().unwrap());
     let (source, _, _) = subjects
-        .usable_now("ann@example.com")
+        .usable_now("ann@example.com", None)
         .expect("ann's token is cached");
     assert_eq!(
         source.waited_requests(),
@@ -412,11 +412,11 @@ async fn a_reload_changes_allow_header_clients_and_max_cached_and_drops_disallow
     assert_eq!(metric(&gw.metrics().await, CACHED), 1.0);
     let subjects = Arc::clone(gw.handle.state().routes[0].subjects.as_ref().unwrap());
     assert!(
-        subjects.usable_now("bob@example.com").is_none(),
+        subjects.usable_now("bob@example.com", None).is_none(),
         "bob's token dropped"
     );
     assert!(
-        subjects.usable_now("ann@example.com").is_some(),
+        subjects.usable_now("ann@example.com", None).is_some(),
         "ann was the most recently used"
     );
     assert_eq!(sandbox.drillster.requests(), requests, "no token request");

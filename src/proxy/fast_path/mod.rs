@@ -42,6 +42,7 @@ use pingora::server::ShutdownWatch;
 use pingora::upstreams::peer::Peer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf};
 
+mod admission;
 mod request;
 mod response;
 mod timer;
@@ -54,7 +55,8 @@ use super::{
     SharedState, MAX_REQUEST_ID,
 };
 use crate::metrics::UpstreamErrorKind;
-use crate::token::{Sent, Token, TokenCache};
+use crate::token::{Sent, TokenCache, TokenSource};
+use admission::{admit, Admitted};
 use request::{parse_request, write_upstream_request, Field, Parsed, Plain};
 use response::{parse_response, ChunkedEnd, Framing, ResponseHead};
 use timer::Timer;
@@ -325,61 +327,6 @@ struct RequestCtx<'a> {
     started: Instant,
 }
 
-/// A request the fast path forwards: its route and the access token it carries, taken out of
-/// the connection's [`TokenCache`] for the length of the request.
-struct Admitted {
-    index: usize,
-    token: Arc<Token>,
-}
-
-/// The admission decisions [`Gateway::request_filter`] makes, for a plain request: the client
-/// is allowed, the body fits the replay limit, a route matches, the method is allowed and a
-/// token is usable now. `None`: pingora-proxy decides (and answers any refusal).
-fn admit(
-    table: &RouteTable,
-    state: &SharedState,
-    c: &mut Conn,
-    req: &Plain,
-    body_limit: usize,
-    now: tokio::time::Instant,
-) -> Option<Admitted> {
-    if !c.allowed || req.body_len > body_limit {
-        return None;
-    }
-    let path = &c.buf[req.target.start..req.path_end];
-    let index = table.lookup(Some(&c.buf[req.host.clone()]), path)?;
-    let route = &state.routes[index];
-    if !route.allows(&req.method) {
-        return None;
-    }
-    // A request naming a managed user (or refused for naming one) is pingora-proxy's to serve
-    // or refuse; the policy decides which, once. A route without a subject field pays nothing.
-    if route.subject_header.is_some() {
-        let view = request::FieldsIn {
-            buf: &c.buf,
-            fields: &c.fields,
-        };
-        if crate::proxy::policy::subject(&view, route, c.client_ip)
-            != crate::proxy::policy::Subject::Route
-        {
-            return None;
-        }
-    }
-    let token = take_token(route, &mut c.tokens, now)?;
-    Some(Admitted { index, token })
-}
-
-/// The route's token usable at `now`, taken out of the connection's cache for one request
-/// (given back with [`TokenCache::put_back`]).
-fn take_token(
-    route: &Route,
-    tokens: &mut TokenCache,
-    now: tokio::time::Instant,
-) -> Option<Arc<Token>> {
-    route.token.usable_cached(tokens, now)?;
-    tokens.take()
-}
-
 /// A request's `X-Request-Id` value held inline: the client's (1 to [`MAX_REQUEST_ID`] visible
 /// ASCII bytes) or a generated one (32 hex digits). No allocation per request.
 pub(super) struct RequestId {
@@ -477,7 +424,7 @@ pub fn own_work(
         keepalive: !req.close,
         started,
     };
-    write_upstream_request(c, &ctx, admitted.token.authorization());
+    write_upstream_request(c, &ctx, admitted.grant.authorization());
     let sent = c.out.len();
     let head = parse_response(
         response,
@@ -488,7 +435,7 @@ pub fn own_work(
     )
     .ok()??;
     route.metrics.request(head.status, started.elapsed());
-    c.tokens.put_back(admitted.token);
+    admitted.grant.release(&mut c.tokens);
     Some((sent, c.out.len()))
 }
 
@@ -621,7 +568,7 @@ impl ListenerApp {
             let now = tokio::time::Instant::now();
             let started = now.into_std();
             let body_limit = state.replay_body_limit.min(super::RETRY_BUFFER_LIMIT);
-            let Some(Admitted { index, mut token }) =
+            let Some(Admitted { index, mut grant }) =
                 admit(&state.tables[self.slot], state, c, &req, body_limit, now)
             else {
                 return Outcome::Delegate;
@@ -643,12 +590,11 @@ impl ListenerApp {
                 }
                 // A slow body can outlast the token picked when the head arrived: the one sent
                 // is the one current when the request leaves (pingora waits for a token).
-                c.tokens.put_back(token);
-                let Some(current) = take_token(route, &mut c.tokens, tokio::time::Instant::now())
-                else {
+                let now = tokio::time::Instant::now();
+                let Some(current) = grant.renew(route, &mut c.tokens, now) else {
                     return Outcome::Delegate;
                 };
-                token = current;
+                grant = current;
             }
             let request_id = RequestId::of(&c.buf, &req, state);
             let ctx = RequestCtx {
@@ -661,11 +607,18 @@ impl ListenerApp {
                 started,
             };
             // The size the 431 warning reports (a replayed token is as long, give or take).
-            let authorization_len = token.authorization().len();
+            let authorization_len = grant.authorization().len();
             let (exchange, generation, error) = self
-                .exchange(down, c, &ctx, token.authorization(), token.generation)
+                .exchange(
+                    down,
+                    c,
+                    &ctx,
+                    grant.source(route),
+                    grant.authorization(),
+                    grant.generation(),
+                )
                 .await;
-            c.tokens.put_back(token);
+            grant.release(&mut c.tokens);
             let (status, keep) = match exchange {
                 Exchange::Done { status, keepalive } => (status, keepalive),
                 Exchange::Broken { status } => (status, false),
@@ -700,6 +653,7 @@ impl ListenerApp {
         down: &mut Stream,
         c: &mut Conn,
         ctx: &RequestCtx<'_>,
+        source: &TokenSource,
         authorization: &HeaderValue,
         mut generation: u64,
     ) -> (Exchange, u64, Option<&'static str>) {
@@ -743,7 +697,7 @@ impl ListenerApp {
                 } else {
                     Sent::First { replayable: true }
                 };
-                if !route.token.upstream_refused(generation, sent) {
+                if !source.upstream_refused(generation, sent) {
                     route.metrics.unauthorized(false);
                 } else {
                     // One replay with the next token (one renewal is shared by every request
@@ -752,7 +706,7 @@ impl ListenerApp {
                     replayed = true;
                     attempts = 0;
                     drop(up);
-                    match route.token.token().await {
+                    match source.token().await {
                         Ok((a, g)) => (renewed, generation) = (Some(a), g),
                         Err(unavailable) => {
                             let err = GatewayError::TokenUnavailable {
