@@ -358,7 +358,12 @@ async fn broken_upstream_responses_get_one_behaviour() {
         let raw = format!("GET /scripted/ws HTTP/1.1\r\nHost: gw\r\n{extra}\r\n");
         let a = send(rig.gw.addr(), raw.as_bytes()).await;
         assert_refused(&a, 502, "upstream_unreachable");
-        assert_eq!(a.header("connection").as_deref(), Some("close"), "{}", a.head);
+        assert_eq!(
+            a.header("connection").as_deref(),
+            Some("close"),
+            "{}",
+            a.head
+        );
     }
     rig.stop().await;
 

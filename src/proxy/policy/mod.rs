@@ -191,8 +191,9 @@ impl RequestScan {
             }
             _ => None,
         };
-        if self.error.is_none() {
-            self.error = error;
+        // Most fields refuse nothing: no store for them.
+        if let Some(e) = error {
+            self.error.get_or_insert(e);
         }
     }
 
