@@ -347,7 +347,7 @@ async fn underscore_spellings_and_proxy_are_removed() {
 /// went out).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_upstream_responses_get_one_behaviour() {
-    // An unasked 101: 502 on both paths.
+    // An unasked 101: 502 on both paths, and the connection closes (the client asked to keep it).
     let up = Scripted::start(
         vec![b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"],
         None,
@@ -355,10 +355,15 @@ async fn broken_upstream_responses_get_one_behaviour() {
     .await;
     let rig = rig_with(&up).await;
     for extra in EACH_PATH {
-        let raw =
-            format!("GET /scripted/ws HTTP/1.1\r\nHost: gw\r\n{extra}Connection: close\r\n\r\n");
+        let raw = format!("GET /scripted/ws HTTP/1.1\r\nHost: gw\r\n{extra}\r\n");
         let a = send(rig.gw.addr(), raw.as_bytes()).await;
         assert_refused(&a, 502, "upstream_unreachable");
+        assert_eq!(
+            a.header("connection").as_deref(),
+            Some("close"),
+            "{}",
+            a.head
+        );
     }
     rig.stop().await;
 

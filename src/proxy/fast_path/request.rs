@@ -115,7 +115,11 @@ pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
     };
     // From the method on: empty lines before the request line are ignored (RFC 9112 §2.2).
     let line_start = offset_in(buf, method.as_bytes()).start;
-    if !policy::target::request_line_ok(&buf[line_start..]) {
+    if !policy::target::parsed_request_line_ok(
+        &buf[line_start..],
+        method.as_bytes(),
+        target.as_bytes(),
+    ) {
         return Parsed::Refuse(GatewayError::BadRequest("malformed request line"));
     }
     let Ok(method) = Method::from_bytes(method.as_bytes()) else {
@@ -281,19 +285,12 @@ pub(super) fn write_upstream_request(
         match *action {
             Action::Keep => w.keep(f.name.clone(), f.value.clone()),
             Action::Drop => {}
-            Action::Put(set) => {
-                let out = w.out();
-                out.extend_from_slice(set.line_start().as_bytes());
-                policy::write_value(set, &view, &req.facts, &fw, out);
-                out.extend_from_slice(b"\r\n");
-            }
+            Action::Put(set) => policy::write_line(set, &view, &req.facts, &fw, w.out()),
         }
     }
     let out = w.out();
     for set in plan.added() {
-        out.extend_from_slice(set.line_start().as_bytes());
-        policy::write_value(set, &view, &req.facts, &fw, out);
-        out.extend_from_slice(b"\r\n");
+        policy::write_line(set, &view, &req.facts, &fw, out);
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(&buf[req.head_len..req.head_len + req.body_len]);

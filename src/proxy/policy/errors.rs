@@ -210,6 +210,8 @@ impl ErrorResponse {
 
     /// Writes the response through pingora-proxy's session.
     pub async fn write(self, session: &mut Session) -> Result<()> {
+        // As `write_h1`: the connection closes after a gateway error, and the head says so.
+        session.set_keepalive(None);
         let mut resp = ResponseHeader::build(self.status, Some(self.fields.len()))?;
         for (name, value) in self.fields {
             resp.insert_header(name, value)?;

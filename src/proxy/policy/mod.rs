@@ -191,8 +191,9 @@ impl RequestScan {
             }
             _ => None,
         };
-        if self.error.is_none() {
-            self.error = error;
+        // Most fields refuse nothing: no store for them.
+        if let Some(e) = error {
+            self.error.get_or_insert(e);
         }
     }
 
@@ -389,7 +390,7 @@ impl Set {
 
     /// The start of the field line in HTTP/1.1: the name, `:` and one space.
     #[inline]
-    pub fn line_start(self) -> &'static str {
+    pub const fn line_start(self) -> &'static str {
         match self {
             Set::Authorization => "Authorization: ",
             Set::ForwardedHost => "X-Forwarded-Host: ",
@@ -403,6 +404,37 @@ impl Set {
             Set::UpgradeWebSocket => "Upgrade: ",
         }
     }
+
+    /// [`Set::line_start`] of every field, zero-padded to [`LINE_START_WIDTH`] bytes, with its
+    /// length: [`write_line`] copies a fixed width (a few register moves, where a copy of
+    /// unknown length is a call) and cuts the padding off again.
+    const PADDED_LINE_STARTS: [([u8; LINE_START_WIDTH], usize); 10] = {
+        let all = [
+            Set::Authorization,
+            Set::ForwardedHost,
+            Set::Host,
+            Set::ForwardedProto,
+            Set::ForwardedFor,
+            Set::RequestId,
+            Set::ContentLength,
+            Set::TransferEncoding,
+            Set::ConnectionUpgrade,
+            Set::UpgradeWebSocket,
+        ];
+        let mut table = [([0u8; LINE_START_WIDTH], 0); 10];
+        let mut i = 0;
+        while i < all.len() {
+            let line = all[i].line_start().as_bytes();
+            let mut j = 0;
+            while j < line.len() {
+                table[all[i] as usize].0[j] = line[j];
+                j += 1;
+            }
+            table[all[i] as usize].1 = line.len();
+            i += 1;
+        }
+        table
+    };
 
     /// Order of the gateway's fields that take no client field's place.
     const APPENDED: [Set; 8] = [
@@ -596,6 +628,26 @@ fn nominated<F: Fields + ?Sized>(fields: &F, name: &[u8]) -> bool {
     (0..fields.count())
         .filter(|&i| fields.class(i) == FieldName::Connection)
         .any(|i| list(fields.value(i)).any(|o| fields::names_match(o, name)))
+}
+
+/// Room for the longest [`Set::line_start`] (`Transfer-Encoding: `, 19 bytes).
+const LINE_START_WIDTH: usize = 24;
+
+/// Writes the gateway's field `set` as an HTTP/1.1 field line (`Name: value` CRLF) into `out`.
+#[inline(always)]
+pub fn write_line<F: Fields + ?Sized>(
+    set: Set,
+    fields: &F,
+    facts: &RequestFacts,
+    fw: &Forwarding<'_>,
+    out: &mut Vec<u8>,
+) {
+    let (padded, len) = &Set::PADDED_LINE_STARTS[set as usize];
+    let start = out.len();
+    out.extend_from_slice(padded);
+    out.truncate(start + len);
+    write_value(set, fields, facts, fw, out);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Writes the value of the gateway's field `set` into `out`.

@@ -68,6 +68,18 @@ pub fn request_line_ok(head: &[u8]) -> bool {
         && (version == b"HTTP/1.1" || version == b"HTTP/1.0")
 }
 
+/// [`request_line_ok`] for a request line httparse (default configuration) has already parsed
+/// into `method` and `target`, without a second pass over the line: httparse took a token
+/// method, one space, a target of `!`..`~` and bytes from 0x80 on, one space and `HTTP/1.0` or
+/// `HTTP/1.1`, then an LF with or without a CR. What is left to check is a target of visible
+/// ASCII and the CR. `line` starts at the method.
+#[inline]
+pub fn parsed_request_line_ok(line: &[u8], method: &[u8], target: &[u8]) -> bool {
+    // `method SP target SP HTTP/1.x`, then the CR.
+    let cr = method.len() + 1 + target.len() + 1 + b"HTTP/1.1".len();
+    target.is_ascii() && line.get(cr) == Some(&b'\r')
+}
+
 /// Whether every line of a request head (whose CRs a strict parser already placed: only
 /// before an LF) ends in CRLF: as many CRs as LFs. A bare LF ends a line for some parsers and
 /// not for others (RFC 9112 §2.2), so the gateway refuses it. Counted per block of at most
@@ -271,9 +283,6 @@ pub fn strip_access_token(query: &[u8]) -> Option<Vec<u8>> {
 /// neither.
 #[inline]
 fn may_hold_access_token(query: &[u8]) -> bool {
-    if memchr::memchr(b'%', query).is_some() {
-        return true;
-    }
     let around = |i: usize| {
         i >= 6
             && query[i - 6..i].eq_ignore_ascii_case(b"access")
@@ -281,8 +290,12 @@ fn may_hold_access_token(query: &[u8]) -> bool {
                 .get(i + 1..i + 6)
                 .is_some_and(|t| t.eq_ignore_ascii_case(b"token"))
     };
-    memchr::memchr3_iter(b'_', b'.', b'+', query).any(around)
-        || memchr::memchr_iter(b'[', query).any(around)
+    // One pass: queries are short, and a byte loop costs less than several memchr set-ups.
+    query.iter().enumerate().any(|(i, &b)| match b {
+        b'%' => true,
+        b'_' | b'.' | b'+' | b'[' => around(i),
+        _ => false,
+    })
 }
 
 /// Whether the parameter `pair` (`name` or `name=value`) is `access_token`, as
@@ -428,6 +441,44 @@ mod tests {
             b"GET /\xc3\xa9 HTTP/1.1\r\n",
         ] {
             assert!(!request_line_ok(bad), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    /// The shortcut after httparse agrees with the full check on every line httparse takes.
+    #[test]
+    fn parsed_request_lines_agree_with_the_full_check() {
+        let mut lines: Vec<Vec<u8>> = [
+            &b"GET / HTTP/1.1\r\n\r\n"[..],
+            b"GET  /a HTTP/1.1\r\n\r\n",
+            b"GET /a  HTTP/1.1\r\n\r\n",
+            b"GET /a HTTP/1.1\n\r\n",
+            b"GET /a HTTP/1.0\r\n\r\n",
+            b"OPTIONS * HTTP/1.1\r\n\r\n",
+            b"GET http://gw/a?b HTTP/1.1\r\n\r\n",
+        ]
+        .iter()
+        .map(|l| l.to_vec())
+        .collect();
+        for b in 0..=255u8 {
+            for at in [0, 4, 5, 6, 14, 15] {
+                let mut l = b"GET /ab HTTP/1.1\r\n\r\n".to_vec();
+                l.insert(at, b);
+                lines.push(l);
+            }
+        }
+        for line in &lines {
+            let mut fields = [httparse::EMPTY_HEADER; 4];
+            let mut req = httparse::Request::new(&mut fields);
+            if !matches!(req.parse(line), Ok(httparse::Status::Complete(_))) {
+                continue;
+            }
+            let (method, target) = (req.method.unwrap(), req.path.unwrap());
+            assert_eq!(
+                parsed_request_line_ok(line, method.as_bytes(), target.as_bytes()),
+                request_line_ok(line),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
         }
     }
 
