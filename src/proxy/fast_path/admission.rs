@@ -34,6 +34,7 @@ pub(super) enum Grant {
 
 impl Grant {
     /// `Bearer <access token>`.
+    #[inline]
     pub(super) fn authorization(&self) -> &HeaderValue {
         match self {
             Grant::Route(token) => token.authorization(),
@@ -42,6 +43,7 @@ impl Grant {
     }
 
     /// The token's generation at its source (an upstream 401 drops that generation only).
+    #[inline]
     pub(super) fn generation(&self) -> u64 {
         match self {
             Grant::Route(token) => token.generation,
@@ -51,6 +53,7 @@ impl Grant {
 
     /// The source that issued the token: where an upstream 401 goes, and the next token after
     /// it comes from (RFC 6750 §3.1).
+    #[inline]
     pub(super) fn source<'a>(&'a self, route: &'a Route) -> &'a TokenSource {
         match self {
             Grant::Route(_) => &route.token,
@@ -59,6 +62,7 @@ impl Grant {
     }
 
     /// Gives the route's token back to the connection's cache.
+    #[inline]
     pub(super) fn release(self, tokens: &mut TokenCache) {
         if let Grant::Route(token) = self {
             tokens.put_back(token);
@@ -143,6 +147,7 @@ pub(super) fn admit(
 
 /// The route's token usable at `now`, taken out of the connection's cache for one request
 /// (given back with [`TokenCache::put_back`]).
+#[inline]
 pub(super) fn take_token(
     route: &Route,
     tokens: &mut TokenCache,
