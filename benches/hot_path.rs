@@ -541,8 +541,11 @@ fn per_user_request(c: &mut Criterion) {
         .unwrap_or_else(|e| panic!("sandbox: {e}"));
     let key = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("crates/sandbox/src/keys/demo-key.json");
-    let any: std::net::SocketAddr = ([127, 0, 0, 1], 9).into();
-    let toml = tokengate::demo::config_toml_with_subjects(&sandbox, any, any, any, &key);
+    // Listeners the config names but the bench never opens.
+    let [listen, admin, token_listen] =
+        [9, 10, 11].map(|port| std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    let toml =
+        tokengate::demo::config_toml_with_subjects(&sandbox, listen, admin, token_listen, &key);
     let config = Config::from_toml_str(&toml, None, &|_| None)
         .unwrap_or_else(|e| panic!("demo config: {e}"));
     let rc = &config.routes[0];
