@@ -228,12 +228,31 @@ fn token(path: &std::path::Path, route_name: &str, subject: Option<String>) -> E
     let Some(rt) = runtime() else {
         return ExitCode::from(1);
     };
+    // A per-user token obtained here is audited like one the gateway obtains, on standard error.
+    let _audit = subject.as_ref().map(|_| {
+        let audit = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(std::io::stderr)
+            .with_filter(Targets::new().with_target("tokengate::audit", LevelFilter::INFO));
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(audit))
+    });
     let result = rt.block_on(async {
-        let client = client_for(route)?.with_subject(subject);
-        client
-            .fetch(SystemTime::now())
+        let client = client_for(route)?.with_subject(subject.clone());
+        let now = SystemTime::now();
+        let (token, jti) = client
+            .fetch_identified(now)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        if let Some(subject) = &subject {
+            tokengate::token::subjects::audit_obtained(
+                route_name,
+                subject,
+                None,
+                jti.as_deref(),
+                now + token.lifetime,
+            );
+        }
+        Ok::<_, String>(token)
     });
     match result {
         Ok(token) => {

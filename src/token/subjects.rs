@@ -302,17 +302,36 @@ struct AuditedFetcher {
 impl TokenFetcher for AuditedFetcher {
     async fn fetch(&self, now: SystemTime) -> Result<AccessToken, FetchError> {
         let (token, jti) = self.client.fetch_identified(now).await?;
-        let expires = now + token.lifetime;
         let caller = *self.caller.lock();
-        tracing::info!(
-            target: "tokengate::audit",
-            route = %self.route,
-            subject = %self.subject,
-            caller = %caller.map_or_else(|| "-".to_string(), |ip| ip.to_string()),
-            jti = %jti.as_deref().unwrap_or("-"),
-            expires = %humantime::format_rfc3339_seconds(expires),
-            "per-user access token obtained"
+        audit_obtained(
+            &self.route,
+            &self.subject,
+            caller,
+            jti.as_deref(),
+            now + token.lifetime,
         );
         Ok(token)
     }
+}
+
+/// The audit line of a per-user access token obtained (docs/per-user-tokens.md "Audit"): one
+/// `info` line on target `tokengate::audit` with the route, the subject (the assertion's `sub`,
+/// RFC 7523 §3), the client that asked (`-`: none, e.g. `tokengate token --subject`), the
+/// assertion's `jti` and the token's expiry. Never the token or the assertion.
+pub fn audit_obtained(
+    route: &str,
+    subject: &str,
+    caller: Option<IpAddr>,
+    jti: Option<&str>,
+    expires: SystemTime,
+) {
+    tracing::info!(
+        target: "tokengate::audit",
+        route = %route,
+        subject = %subject,
+        caller = %caller.map_or_else(|| "-".to_string(), |ip| ip.to_string()),
+        jti = %jti.unwrap_or("-"),
+        expires = %humantime::format_rfc3339_seconds(expires),
+        "per-user access token obtained"
+    );
 }

@@ -306,6 +306,25 @@ async fn token_and_check_fetch_against_the_sandbox() {
             .unwrap()["sub"],
         "user-42"
     );
+    // The per-user token obtained is one audit line on standard error, without the token.
+    let user_token = String::from_utf8(out.stdout.clone()).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let audit: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("tokengate::audit"))
+        .collect();
+    assert_eq!(audit.len(), 1, "{stderr}");
+    for field in [
+        "per-user access token obtained",
+        "route=drillster",
+        "subject=user-42",
+        "caller=-",
+        "jti=",
+        "expires=",
+    ] {
+        assert!(audit[0].contains(field), "{field}: {stderr}");
+    }
+    assert!(!stderr.contains(user_token.trim()), "{stderr}");
 
     let out = tokio::task::spawn_blocking(move || tokengate(&["check", "-c", &p, "--fetch"]))
         .await
