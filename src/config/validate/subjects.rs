@@ -42,16 +42,20 @@ impl Validator<'_> {
             self.r.push(
                 &format!("{key}.allow"),
                 "no subject would be allowed; list regular expressions matched against the whole \
-                 subject, e.g. allow = [\"^[A-Za-z0-9_-]{22}$\"]",
+                 subject (anchored for you), e.g. allow = [\"[A-Za-z0-9_-]{22}\"]",
             );
         }
         let mut anchored = Vec::with_capacity(allow_patterns.len());
         for (i, pattern) in allow_patterns.iter().enumerate() {
             let a = format!("^(?:{pattern})$");
-            match regex::RegexBuilder::new(&a)
-                .size_limit(PATTERN_SIZE_LIMIT)
-                .build()
-            {
+            // The pattern must parse on its own too: one that closes the group around it
+            // (`a)|(b`) would otherwise escape the anchors.
+            let build = |p: &str| {
+                regex::RegexBuilder::new(p)
+                    .size_limit(PATTERN_SIZE_LIMIT)
+                    .build()
+            };
+            match build(pattern).and_then(|_| build(&a)) {
                 Ok(_) => anchored.push(a),
                 Err(e) => {
                     let why = match e {
@@ -63,7 +67,8 @@ impl Validator<'_> {
                         &format!("{key}.allow[{i}]"),
                         format!(
                             "{pattern:?} is not a regular expression ({why}); write e.g. \
-                             \"^[^@]+@example\\\\.com$\" (backslashes doubled in a TOML string)"
+                             \"[^@]+@example\\\\.com\" (matched against the whole subject; \
+                             backslashes doubled in a TOML string)"
                         ),
                     );
                 }
@@ -231,6 +236,16 @@ max_cached = 5"#,
                 &errs,
                 "routes[0].subjects.allow[0]: \"(x\" is not a regular expression"
             ),
+            "{errs:?}"
+        );
+        // A pattern that would close the anchoring group and match a prefix or suffix.
+        let errs = errors(&with_subjects(
+            jwt_route(DEMO_KEY, ""),
+            r#"allow = ["ann@example\\.com)|(bob"]"#,
+        ));
+        assert!(
+            has(&errs, "routes[0].subjects.allow[0]: ")
+                && has(&errs, "is not a regular expression"),
             "{errs:?}"
         );
         for h in [
