@@ -47,7 +47,12 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// One subject's source and when a request last asked for it.
 struct Entry {
     source: Arc<TokenSource>,
-    refresher: JoinHandle<()>,
+    /// Stopped when the entry goes, after [`Entry::linger`].
+    refresher: Option<JoinHandle<()>>,
+    /// Where the refresher's stop is scheduled.
+    runtime: tokio::runtime::Handle,
+    /// How long a request may wait for a token (`RenewalPolicy::max_wait`), and a second.
+    linger: Duration,
     /// Milliseconds since the cache's epoch of the last request for this subject.
     last_used_ms: AtomicU64,
     /// The address of the last client that asked (for the audit line).
@@ -56,8 +61,18 @@ struct Entry {
 
 impl Drop for Entry {
     fn drop(&mut self) {
-        self.refresher.abort();
+        // Evicted or swept: no renewals from now on, but a request already waiting for this
+        // subject still gets the token request in flight (or the one it wakes), as a replaced
+        // route's source does after a reload; the refresher stops once every waiter has had
+        // its answer or given up.
         self.source.retire();
+        if let Some(refresher) = self.refresher.take() {
+            let linger = self.linger;
+            self.runtime.spawn(async move {
+                tokio::time::sleep(linger).await;
+                refresher.abort();
+            });
+        }
     }
 }
 
@@ -178,7 +193,9 @@ impl SubjectTokens {
         let refresher = source.spawn_refresher(&self.runtime);
         let entry = Arc::new(Entry {
             source: Arc::clone(&source),
-            refresher,
+            refresher: Some(refresher),
+            runtime: self.runtime.clone(),
+            linger: self.policy.max_wait + Duration::from_secs(1),
             last_used_ms: AtomicU64::new(now_ms),
             caller,
         });

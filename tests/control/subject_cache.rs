@@ -64,6 +64,40 @@ async fn as_user(gw: &TestGateway, subject: &str) -> (u16, Option<String>, Optio
     (r.status, auth, echo.subject)
 }
 
+/// A subject evicted while a request waits for its first token: the token request in flight
+/// still answers that request (no 503 after the wait limit), and the cache stays at its size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_evicted_while_a_request_waits_still_gets_its_token() {
+    let sandbox = Sandbox::start().await.unwrap();
+    let (config, token_listen) = subjects_config_with(
+        &sandbox,
+        "",
+        "allow = [\"u[0-9]+@example\\\\.com\"]\nmax_cached = 1\n",
+    );
+    let gw = TestGateway::start(config).await;
+    gw.ready().await;
+    let faults = sandbox.drillster.faults();
+    faults.hold();
+    let first = tokio::spawn(async move { vend(token_listen, "u1@example.com").await });
+    eventually(Duration::from_secs(10), "u1's token request", || async {
+        faults.held() == 1
+    })
+    .await;
+    // u2 takes the only place: u1 is evicted with its request waiting.
+    let second = tokio::spawn(async move { vend(token_listen, "u2@example.com").await });
+    eventually(Duration::from_secs(10), "u2's token request", || async {
+        faults.held() == 2
+    })
+    .await;
+    faults.release();
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    assert_eq!(first.status, 200, "{}", first.head);
+    assert_eq!(second.status, 200, "{}", second.head);
+    let route = &gw.handle.state().routes[0];
+    assert_eq!(route.subjects.as_ref().unwrap().cached(), 1);
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_subjects_keep_at_most_max_cached_tokens_least_recently_used_evicted() {
     let sandbox = Sandbox::start().await.unwrap();
