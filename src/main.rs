@@ -225,6 +225,15 @@ fn token(path: &std::path::Path, route_name: &str, subject: Option<String>) -> E
         );
         return ExitCode::from(2);
     }
+    if let Some(subject) = &subject {
+        if !tokengate::config::subject_chars_ok(subject.as_bytes()) {
+            eprintln!(
+                "tokengate: --subject: {subject:?} is not a user id, e-mail address or third-party id \
+                 (1 to 256 bytes of letters, digits and . _ @ + -)"
+            );
+            return ExitCode::from(2);
+        }
+    }
     let Some(rt) = runtime() else {
         return ExitCode::from(1);
     };

@@ -406,6 +406,19 @@ async fn subject_on_a_client_credentials_route_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--subject"));
     assert_eq!(sandbox.driftrock.requests(), 0);
+    // A subject no id looks like never reaches an assertion.
+    for subject in ["", "ann\n@example.com", "a\"b", "ann @example.com"] {
+        let p = path.to_str().unwrap().to_string();
+        let out = tokio::task::spawn_blocking(move || {
+            tokengate(&["token", "-c", &p, "--route", "drillster", "--subject", subject])
+        })
+        .await
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{subject:?}: {stderr}");
+        assert!(stderr.contains("--subject"), "{stderr}");
+    }
+    assert_eq!(sandbox.drillster.requests(), 0);
     sandbox.shutdown().await.unwrap();
 }
 

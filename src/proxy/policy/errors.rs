@@ -95,11 +95,13 @@ impl GatewayError {
         match self {
             GatewayError::NoRoute => "no route matches this request".into(),
             GatewayError::ClientNotAllowed => {
-                "client address is not in server.allowed_clients".into()
+                "client address is not allowed on this listener (server.allowed_clients; \
+                 server.token_clients on the token listener)"
+                    .into()
             }
             GatewayError::MethodNotAllowed => "method not allowed on this route".into(),
             GatewayError::TokenUnavailable { retry_after } => format!(
-                "no valid access token is available; the token endpoint is failing (retry in {} s)",
+                "no valid access token is available; the token endpoint refused or failed the token request (retry in {} s)",
                 retry_after.as_secs().max(1)
             ),
             GatewayError::UpstreamUnreachable => "the upstream could not be reached".into(),
