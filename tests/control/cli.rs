@@ -410,7 +410,15 @@ async fn subject_on_a_client_credentials_route_is_a_usage_error() {
     for subject in ["", "ann\n@example.com", "a\"b", "ann @example.com"] {
         let p = path.to_str().unwrap().to_string();
         let out = tokio::task::spawn_blocking(move || {
-            tokengate(&["token", "-c", &p, "--route", "drillster", "--subject", subject])
+            tokengate(&[
+                "token",
+                "-c",
+                &p,
+                "--route",
+                "drillster",
+                "--subject",
+                subject,
+            ])
         })
         .await
         .unwrap();

@@ -62,7 +62,7 @@ impl Grant {
     }
 
     /// Gives the route's token back to the connection's cache.
-    #[inline]
+    #[inline(always)]
     pub(super) fn release(self, tokens: &mut TokenCache) {
         if let Grant::Route(token) = self {
             tokens.put_back(token);
