@@ -684,10 +684,10 @@ impl TokenSource {
                     // and ask again at once; waiters keep waiting for that answer.
                     self.metrics.fetched(FetchOutcome::Success, took);
                     tracing::info!(
-                                route = %self.name,
-                    subject = self.subject.as_deref().map(tracing::field::display),
-                                "token fetched while the upstream rejected that same token; fetching again"
-                            );
+                        route = %self.name,
+                        subject = self.subject.as_deref().map(tracing::field::display),
+                        "token fetched while the upstream rejected that same token; fetching again"
+                    );
                 }
                 Ok(token) if self.was_dropped(&token) => {
                     self.record_failure(
