@@ -285,14 +285,13 @@ fn build_state(
     Ok((state, sources))
 }
 
-/// A new token source for route `index` (not started).
-fn new_source(
+/// The token endpoint client of route `index`, trusting `ca_pem` besides the system roots.
+fn token_client(
     index: usize,
     rc: &RouteConfig,
     ca_pem: Option<&[u8]>,
-    metrics: &Metrics,
-) -> Result<Arc<TokenSource>, StartError> {
-    let client = TokenClient::new(
+) -> Result<TokenClient, StartError> {
+    TokenClient::new(
         rc.auth.clone(),
         ca_pem,
         rc.connect_timeout,
@@ -301,7 +300,17 @@ fn new_source(
     .map_err(|e| StartError::CaFile {
         index,
         reason: e.to_string(),
-    })?;
+    })
+}
+
+/// A new token source for route `index` (not started).
+fn new_source(
+    index: usize,
+    rc: &RouteConfig,
+    ca_pem: Option<&[u8]>,
+    metrics: &Metrics,
+) -> Result<Arc<TokenSource>, StartError> {
+    let client = token_client(index, rc, ca_pem)?;
     Ok(TokenSource::new(
         rc.name.clone(),
         Box::new(client),
@@ -319,16 +328,7 @@ fn new_subjects(
     metrics: &Metrics,
     runtime: &tokio::runtime::Handle,
 ) -> Result<Arc<SubjectTokens>, StartError> {
-    let client = TokenClient::new(
-        rc.auth.clone(),
-        ca_pem,
-        rc.connect_timeout,
-        rc.auth.token_timeout,
-    )
-    .map_err(|e| StartError::CaFile {
-        index,
-        reason: e.to_string(),
-    })?;
+    let client = token_client(index, rc, ca_pem)?;
     Ok(SubjectTokens::new(
         rc.name.clone(),
         client,

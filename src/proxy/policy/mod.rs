@@ -409,18 +409,14 @@ impl Set {
     /// length: [`write_line`] copies a fixed width (a few register moves, where a copy of
     /// unknown length is a call) and cuts the padding off again.
     const PADDED_LINE_STARTS: [([u8; LINE_START_WIDTH], usize); 10] = {
-        let all = [
-            Set::Authorization,
-            Set::ForwardedHost,
-            Set::Host,
-            Set::ForwardedProto,
-            Set::ForwardedFor,
-            Set::RequestId,
-            Set::ContentLength,
-            Set::TransferEncoding,
-            Set::ConnectionUpgrade,
-            Set::UpgradeWebSocket,
-        ];
+        // Every field: the appended ones and the two that only take a client field's place.
+        let mut all = [Set::ContentLength; 10];
+        let mut k = 0;
+        while k < Set::APPENDED.len() {
+            all[k] = Set::APPENDED[k];
+            k += 1;
+        }
+        all[9] = Set::TransferEncoding;
         let mut table = [([0u8; LINE_START_WIDTH], 0); 10];
         let mut i = 0;
         while i < all.len() {

@@ -614,3 +614,23 @@ fn crlf_lines_agrees_with_counting_every_byte() {
     }
     assert!(checked > 100, "only {checked} heads parsed");
 }
+
+/// Every gateway field line starts with its name as `Set::line_start` spells it.
+#[test]
+fn padded_line_starts_spell_every_field() {
+    for set in [
+        Set::Authorization,
+        Set::ForwardedHost,
+        Set::Host,
+        Set::ForwardedProto,
+        Set::ForwardedFor,
+        Set::RequestId,
+        Set::ContentLength,
+        Set::TransferEncoding,
+        Set::ConnectionUpgrade,
+        Set::UpgradeWebSocket,
+    ] {
+        let (padded, len) = &Set::PADDED_LINE_STARTS[set as usize];
+        assert_eq!(&padded[..*len], set.line_start().as_bytes(), "{set:?}");
+    }
+}
