@@ -409,14 +409,7 @@ impl Set {
     /// length: [`write_line`] copies a fixed width (a few register moves, where a copy of
     /// unknown length is a call) and cuts the padding off again.
     const PADDED_LINE_STARTS: [([u8; LINE_START_WIDTH], usize); 10] = {
-        // Every field: the appended ones and the two that only take a client field's place.
-        let mut all = [Set::ContentLength; 10];
-        let mut k = 0;
-        while k < Set::APPENDED.len() {
-            all[k] = Set::APPENDED[k];
-            k += 1;
-        }
-        all[9] = Set::TransferEncoding;
+        let all = Set::ALL;
         let mut table = [([0u8; LINE_START_WIDTH], 0); 10];
         let mut i = 0;
         while i < all.len() {
@@ -431,6 +424,20 @@ impl Set {
         }
         table
     };
+
+    /// Every field the gateway sets.
+    pub const ALL: [Set; 10] = [
+        Set::Authorization,
+        Set::ForwardedHost,
+        Set::Host,
+        Set::ForwardedProto,
+        Set::ForwardedFor,
+        Set::RequestId,
+        Set::ContentLength,
+        Set::TransferEncoding,
+        Set::ConnectionUpgrade,
+        Set::UpgradeWebSocket,
+    ];
 
     /// Order of the gateway's fields that take no client field's place.
     const APPENDED: [Set; 8] = [
