@@ -109,9 +109,11 @@ pub fn crlf_lines(
 ) -> bool {
     (request_line_start == 0 || crlf_only(&head[..request_line_start]))
         && head.ends_with(b"\r\n\r\n")
-        && field_starts
-            .into_iter()
-            .all(|start| start >= 2 && head[start - 2] == b'\r')
+        // Every start looked at, no early exit: one branch-free pass over a few fields is
+        // cheaper than a branch per field.
+        && field_starts.into_iter().fold(true, |ok, start| {
+            ok & (start.checked_sub(2).and_then(|i| head.get(i)) == Some(&b'\r'))
+        })
 }
 
 /// Whether an absolute-form `target`'s authority is exactly `host` (the `Host` field, when

@@ -166,10 +166,12 @@ pub async fn hanging_token_endpoint_times_out_and_waiters_get_503() -> Seen {
     let (ready, _) = readyz(&gw).await;
     assert_eq!(ready, 503);
     // One fetch at a time, each bounded: the next starts only after the last timed out (1 s)
-    // and the backoff (at least 0.5 s); a little slack for the request's way to the server.
+    // and the backoff (at least 0.5 s). Arrivals, not starts, are what the server sees: a
+    // request delayed on its way by a loaded machine shortens the gap after it, so the bound
+    // keeps 0.5 s of slack and still fails for two fetches at once or one without its timeout.
     let gaps = arrival_gaps(&sandbox.drillster, since);
     assert!(
-        gaps.iter().all(|g| *g >= Duration::from_millis(1200)),
+        gaps.iter().all(|g| *g >= Duration::from_millis(1000)),
         "{gaps:?}"
     );
 
