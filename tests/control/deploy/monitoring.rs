@@ -461,6 +461,41 @@ fn every_query_names_only_metrics_of_the_contract() {
 }
 
 #[test]
+fn dashboard_panels_use_the_data_source_variable_and_fit_the_grid() {
+    let path = deploy_dir().join("grafana/tokengate.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).expect("dashboard JSON");
+    assert_eq!(dashboard["uid"], "tokengate");
+    let variables = dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating");
+    assert!(variables.iter().any(|v| v["name"] == "datasource"
+        && v["type"] == "datasource"
+        && v["query"] == "prometheus"));
+    let mut ids = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        let title = panel["title"].as_str().expect("title");
+        assert!(
+            ids.insert(panel["id"].as_u64().expect("id")),
+            "{title}: id twice"
+        );
+        let grid = &panel["gridPos"];
+        let (x, w) = (grid["x"].as_u64().unwrap(), grid["w"].as_u64().unwrap());
+        assert!(x + w <= 24, "{title}: wider than the grid");
+        if panel["type"] == "row" {
+            continue;
+        }
+        // Imported dashboards resolve their data source through the variable, not a fixed uid.
+        assert_eq!(panel["datasource"]["uid"], "${datasource}", "{title}");
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{title}: no query");
+        for target in targets {
+            assert_eq!(target["datasource"]["uid"], "${datasource}", "{title}");
+        }
+    }
+}
+
+#[test]
 fn the_gateway_exports_and_documents_only_metrics_of_the_contract() {
     let exported = exported_names();
     assert!(exported.len() >= 10, "{exported:?}");
