@@ -197,7 +197,7 @@ fn the_validator_rejects_a_manifest_with_an_unknown_field() {
     );
     let _ = std::fs::remove_dir_all(&dir);
     assert!(!out.status.success(), "accepted:\n{}", both(&out));
-    assert!(both(&out).contains("replica"), "{}", both(&out));
+    assert!(both(&out).contains("'replica'"), "{}", both(&out));
 }
 
 #[test]
