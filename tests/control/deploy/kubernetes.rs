@@ -80,7 +80,7 @@ fn container_port(container: &Value, name: &str) -> u64 {
 }
 
 /// The config file the ConfigMap carries: (its key, its TOML text).
-fn configmap_toml() -> (String, String) {
+pub(super) fn configmap_toml() -> (String, String) {
     let cm = resource("ConfigMap");
     let data = at(&cm, "data").as_mapping().expect("ConfigMap data");
     assert_eq!(data.len(), 1, "the ConfigMap holds one file");
@@ -363,7 +363,7 @@ impl Drop for TestSecrets {
 }
 
 /// The keys of the example Secret (the file names the Secret volume holds).
-fn example_secret_keys() -> BTreeSet<String> {
+pub(super) fn example_secret_keys() -> BTreeSet<String> {
     let secret = resource("Secret");
     let mut keys = BTreeSet::new();
     for field in ["stringData", "data"] {
@@ -374,11 +374,20 @@ fn example_secret_keys() -> BTreeSet<String> {
     keys
 }
 
+/// Where the Deployment mounts the Secret (no trailing `/`).
+pub(super) fn secret_mount_dir() -> String {
+    let secret_name = str_at(&resource("Secret"), "metadata.name").to_string();
+    mount_path_of(
+        &resource("Deployment"),
+        "secret",
+        "secretName",
+        &secret_name,
+    )
+}
+
 /// The ConfigMap's TOML with the Secret's mount path replaced by `dir`.
 fn with_secrets_in(toml_text: &str, dir: &Path) -> String {
-    let d = resource("Deployment");
-    let secret_name = str_at(&resource("Secret"), "metadata.name").to_string();
-    let mount = mount_path_of(&d, "secret", "secretName", &secret_name);
+    let mount = secret_mount_dir();
     let replaced = toml_text.replace(&format!("{mount}/"), &format!("{}/", dir.display()));
     assert_ne!(
         replaced, toml_text,

@@ -1,5 +1,6 @@
 //! The deployment artifacts in `deploy/`: the Kubernetes manifests (validated offline against
-//! the Kubernetes schemas, their config checked by `tokengate check`), the Prometheus alerting
+//! the Kubernetes schemas, their config checked by `tokengate check`, a secret and a config
+//! update applied through volumes laid out as the kubelet writes them), the Prometheus alerting
 //! rules with their unit tests, and the Grafana dashboard's queries.
 //!
 //! The external validators are required, not optional: a missing one fails the test with how
@@ -13,6 +14,7 @@ use serde_yaml::Value;
 
 mod kubernetes;
 mod monitoring;
+mod rotation;
 
 /// The repository's `deploy/` directory.
 fn deploy_dir() -> PathBuf {
