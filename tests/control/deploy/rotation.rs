@@ -51,6 +51,15 @@ impl AtomicVolume {
     }
 }
 
+/// A scratch directory, removed on drop (also when the test fails).
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// The credential files the Secret holds, with the sandbox's credentials.
 fn secret_files(driftrock_secret: &str) -> Vec<(String, String)> {
     let key = std::fs::read_to_string(demo_key_path()).unwrap();
@@ -77,9 +86,11 @@ fn secret_files(driftrock_secret: &str) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_secret_and_config_update_in_kubelet_volumes_applies_on_reload() {
     let sandbox = Sandbox::start().await.unwrap();
-    let root =
-        std::env::temp_dir().join(format!("tokengate-deploy-volumes-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
+    let scratch = Scratch(
+        std::env::temp_dir().join(format!("tokengate-deploy-volumes-{}", std::process::id())),
+    );
+    let root = &scratch.0;
+    let _ = std::fs::remove_dir_all(root);
     let (listen, admin) = (free_addr(), free_addr());
 
     // The ConfigMap's config, pointed at the sandbox and at loopback ports, its secrets read
@@ -175,5 +186,4 @@ async fn a_secret_and_config_update_in_kubelet_volumes_applies_on_reload() {
     assert_eq!(status(reqwest::Method::GET, "/driftrock/c").await, 200);
 
     gw.stop().await;
-    let _ = std::fs::remove_dir_all(&root);
 }
