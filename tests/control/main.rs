@@ -1,7 +1,7 @@
 //! Everything around the proxy: the token lifecycle against sandbox authorization servers
 //! (RFC 7523 and RFC 6749 §4.4 grants, discovery, interop, upstream 401), config loading and
-//! reload, secrets and key files, the command line, the sandbox servers themselves, and the
-//! repository's own wording.
+//! reload, secrets and key files, the command line, the sandbox servers themselves, the
+//! deployment artifacts in `deploy/`, and the repository's own wording.
 //!
 //! One test binary, so the gateway, pingora and the shared support in `tests/support/` are
 //! linked once for all of them. The interop tests install a process-wide log capture
@@ -16,6 +16,7 @@ mod scenarios;
 
 mod cli;
 mod config;
+mod deploy;
 mod discovery;
 mod interop;
 mod keys_and_clock;
