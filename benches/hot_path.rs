@@ -175,6 +175,7 @@ fn header_hygiene(c: &mut Criterion) {
                 let fw = Forwarding {
                     route: &route,
                     client_ip: Some(b"192.168.30.40"),
+                    forward_entries: None,
                     authorization: authorization.as_bytes(),
                     request_id: id.as_bytes(),
                 };
@@ -344,6 +345,7 @@ fn per_request(c: &mut Criterion) {
                 let fw = Forwarding {
                     route: &route,
                     client_ip: Some(b"192.168.30.40"),
+                    forward_entries: None,
                     authorization: authorization.as_bytes(),
                     request_id: id.as_bytes(),
                 };

@@ -280,6 +280,7 @@ fn build_state(
         config.server.replay_body_limit,
         Arc::clone(metrics),
     );
+    state.trusted_proxies = config.server.trusted_proxies.clone();
     state.tables = listeners(config).into_iter().map(|l| l.table).collect();
     state.route_info = crate::admin::route_info(config);
     Ok((state, sources))
@@ -376,7 +377,7 @@ pub enum ReloadError {
     #[error("{0}")]
     Config(#[from] ConfigErrors),
     /// A key that only a restart can change was changed.
-    #[error("{key}: changed, but takes effect only on restart (listeners, threads, grace period and logging are fixed at start); restart to apply it")]
+    #[error("{key}: changed, but takes effect only on restart (listeners, threads, shutdown delay, grace period and logging are fixed at start); restart to apply it")]
     NeedsRestart {
         /// The config key.
         key: &'static str,
@@ -625,6 +626,8 @@ fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
         Some("server.threads")
     } else if old.server.grace_period != new.server.grace_period {
         Some("server.grace_period")
+    } else if old.server.shutdown_delay != new.server.shutdown_delay {
+        Some("server.shutdown_delay")
     } else if old.log.level != new.log.level || old.log.format != new.log.format {
         Some("log")
     } else if layout(old) != layout(new) {

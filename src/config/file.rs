@@ -32,6 +32,8 @@ pub(super) struct ServerFile {
     pub allowed_clients: Option<Vec<String>>,
     pub threads: Option<i64>,
     pub grace_period: Option<DurationValue>,
+    pub shutdown_delay: Option<DurationValue>,
+    pub trusted_proxies: Option<Vec<String>>,
     pub replay_body_limit: Option<ByteSizeValue>,
     pub token_listen: Option<String>,
     pub token_clients: Option<Vec<String>>,

@@ -93,8 +93,15 @@ pub struct ServerConfig {
     pub allowed_clients: Vec<IpNet>,
     /// Proxy worker threads. Default: number of CPUs.
     pub threads: usize,
-    /// How long in-flight requests may drain after SIGTERM/SIGINT. Default 10 s.
+    /// How long in-flight requests may drain after SIGTERM/SIGINT, once the listeners stopped
+    /// accepting. Default 10 s, at most 1 h.
     pub grace_period: Duration,
+    /// How long the listeners keep accepting and serving after SIGTERM/SIGINT while `/readyz`
+    /// answers 503, so load balancers stop sending first. Default 5 s, at most 10 min.
+    pub shutdown_delay: Duration,
+    /// CIDRs of load balancers whose `X-Forwarded-For` names the client
+    /// (docs/proxy-behaviour.md "Client address"). Default: none.
+    pub trusted_proxies: Vec<IpNet>,
     /// Request bodies up to this many bytes are kept for one replay after an upstream 401.
     /// Default 64 KiB.
     pub replay_body_limit: usize,

@@ -66,6 +66,9 @@ pub struct SharedState {
     pub tables: Vec<RouteTable>,
     /// `server.allowed_clients`.
     pub allowed_clients: Vec<IpNet>,
+    /// `server.trusted_proxies`: peers whose `X-Forwarded-For` names the client
+    /// ([`policy::client`]).
+    pub trusted_proxies: Vec<IpNet>,
     /// Metric handles.
     pub metrics: Arc<Metrics>,
     /// `server.replay_body_limit`, bytes.
@@ -87,6 +90,7 @@ impl SharedState {
             routes,
             tables: Vec::new(),
             allowed_clients,
+            trusted_proxies: Vec::new(),
             replay_body_limit,
             metrics,
             request_ids: RequestIds::new(),
@@ -210,6 +214,9 @@ pub struct RequestCtx {
     /// A managed user's token source when the request names a subject
     /// ([`policy::Subject::User`]); `None`: the route's own.
     subject_source: Option<Arc<crate::token::TokenSource>>,
+    /// The client address ([`policy::client::client_address`]); `None` when the peer has no IP
+    /// address.
+    client: Option<policy::client::ClientAddress>,
 }
 
 impl RequestCtx {
@@ -254,6 +261,7 @@ impl ProxyHttp for Gateway {
             head: None,
             plan: Plan::default(),
             subject_source: None,
+            client: None,
         }
     }
 
@@ -264,16 +272,23 @@ impl ProxyHttp for Gateway {
             // 100 or 103 on; a 101 cannot happen, a 1.0 request is no upgrade).
             session.as_mut().set_ignore_info_resp(true);
         }
-        let client_ip = session
+        let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        let allowed = client_ip.is_some_and(|ip| client_allowed(&state.allowed_clients, ip));
         // The head as the bytes pingora received, read as the fast path reads them.
         let head = match session.as_downstream().as_http1() {
             Some(h1) => DownstreamHead::parse(h1.get_headers_raw_bytes()),
             None => Err(GatewayError::BadRequest("not an HTTP/1 request")),
         };
+        // Who the client is: the peer, or whom a trusted proxy's X-Forwarded-For names (an
+        // unreadable head is judged by its peer).
+        ctx.client = peer.map(|peer| match &head {
+            Ok(h) => policy::client::client_address(peer, &state.trusted_proxies, h),
+            Err(_) => policy::client::ClientAddress::peer(peer),
+        });
+        let client_ip = ctx.client.map(|c| c.ip);
+        let allowed = client_ip.is_some_and(|ip| client_allowed(&state.allowed_clients, ip));
         // The client's first `X-Request-Id` when usable, else a new one (as on the fast path).
         let client_id = head
             .as_ref()
@@ -375,7 +390,7 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_request_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -410,16 +425,14 @@ impl ProxyHttp for Gateway {
         };
 
         ctx.authorization_len = authorization.len();
-        let client_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_canonical().to_string().into_bytes());
+        let client_ip = ctx.client.map(|c| c.ip.to_string().into_bytes());
         let Some(head) = ctx.head.as_ref() else {
             return Error::e_explain(ErrorType::InternalError, "no request head");
         };
         let fw = Forwarding {
             route,
             client_ip: client_ip.as_deref(),
+            forward_entries: ctx.client.and_then(|c| c.forward_entries),
             authorization: authorization.as_bytes(),
             request_id: ctx.request_id.as_ref().map_or(b"-", |v| v.as_bytes()),
         };

@@ -344,6 +344,7 @@ fn via_pingora(
     let fw = Forwarding {
         route: &state.routes[0],
         client_ip: Some(client_ip.as_bytes()),
+        forward_entries: None,
         authorization: AUTHORIZATION.as_bytes(),
         request_id,
     };

@@ -213,9 +213,19 @@ struct Conn {
     fields: Vec<Field>,
     /// The upstream request's plan, reused across requests.
     plan: Plan,
+    /// The connection's peer address.
+    peer_ip: Option<std::net::IpAddr>,
+    /// The peer is inside `server.trusted_proxies`: each request's client address is decided
+    /// from its `X-Forwarded-For` ([`policy::client`]).
+    peer_trusted: bool,
+    /// The client address of the current request: the peer, or whom a trusted peer names.
     client_ip: Option<std::net::IpAddr>,
-    /// `client_ip` as `X-Forwarded-For` shows it (IPv4-mapped IPv6 as IPv4), formatted once.
+    /// `client_ip` as `X-Forwarded-For` shows it (IPv4-mapped IPv6 as IPv4), formatted once
+    /// per connection (per request from a trusted proxy).
     client_ip_text: Option<Vec<u8>>,
+    /// The client's `X-Forwarded-For` entries forwarded before `client_ip`
+    /// ([`policy::client::ClientAddress::forward_entries`]).
+    forward_entries: Option<usize>,
     allowed: bool,
     held: Option<Held>,
     timer: Timer,
@@ -236,9 +246,40 @@ impl Conn {
     /// Checks the client against `state.allowed_clients`: once per connection, and again
     /// after a reload.
     fn check_client(&mut self, state: &SharedState) {
+        self.peer_trusted = !state.trusted_proxies.is_empty()
+            && self
+                .peer_ip
+                .is_some_and(|ip| policy::client::is_trusted(&state.trusted_proxies, ip));
+        if self.client_ip != self.peer_ip {
+            self.client_ip = self.peer_ip;
+            self.client_ip_text = self
+                .peer_ip
+                .map(|ip| ip.to_canonical().to_string().into_bytes());
+        }
+        self.forward_entries = None;
         self.allowed = self
             .client_ip
             .is_some_and(|ip| client_allowed(&state.allowed_clients, ip));
+    }
+
+    /// Decides the client address of the request whose fields are in `self.fields`, from a
+    /// trusted peer (docs/proxy-behaviour.md "Client address"), and checks it against
+    /// `state.allowed_clients`.
+    fn judge_forwarded(&mut self, state: &SharedState) {
+        let Some(peer) = self.peer_ip else {
+            return;
+        };
+        let view = request::FieldsIn {
+            buf: &self.buf,
+            fields: &self.fields,
+        };
+        let client = policy::client::client_address(peer, &state.trusted_proxies, &view);
+        if self.client_ip != Some(client.ip) {
+            self.client_ip = Some(client.ip);
+            self.client_ip_text = Some(client.ip.to_string().into_bytes());
+        }
+        self.forward_entries = client.forward_entries;
+        self.allowed = client_allowed(&state.allowed_clients, client.ip);
     }
 
     fn new(down: &Stream) -> Self {
@@ -255,8 +296,11 @@ impl Conn {
             ubuf: Vec::with_capacity(READ_CHUNK),
             fields: Vec::with_capacity(32),
             plan: Plan::default(),
+            peer_ip: client_ip,
+            peer_trusted: false,
             client_ip,
             client_ip_text: client_ip.map(|ip| ip.to_canonical().to_string().into_bytes()),
+            forward_entries: None,
             allowed: false,
             held: None,
             timer: Timer::default(),
@@ -492,6 +536,10 @@ impl ListenerApp {
         err: GatewayError,
     ) {
         let started = Instant::now();
+        if c.peer_trusted {
+            // An unreadable head names no client: judged by its peer (as pingora's path does).
+            c.check_client(state);
+        }
         let err = if c.allowed {
             err
         } else {
@@ -563,6 +611,9 @@ impl ListenerApp {
                 *current = Current::load(&self.live);
                 c.tokens = TokenCache::default();
                 c.check_client(&current.state);
+            }
+            if c.peer_trusted {
+                c.judge_forwarded(&current.state);
             }
             let state = &*current.state;
             let now = tokio::time::Instant::now();

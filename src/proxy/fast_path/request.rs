@@ -262,6 +262,7 @@ pub(super) fn write_upstream_request(
         buf,
         fields,
         client_ip_text,
+        forward_entries,
         plan,
         ..
     } = c;
@@ -270,6 +271,7 @@ pub(super) fn write_upstream_request(
     let fw = Forwarding {
         route: ctx.route,
         client_ip: client_ip_text.as_deref(),
+        forward_entries: *forward_entries,
         authorization: authorization.as_bytes(),
         request_id: ctx.request_id.as_bytes(),
     };

@@ -100,6 +100,7 @@ fn planned_target(
     let fw = Forwarding {
         route,
         client_ip: Some(b"10.0.0.9"),
+        forward_entries: None,
         authorization: b"Bearer gateway",
         request_id: b"rid",
     };
