@@ -112,7 +112,9 @@ impl Built {
         let config = self.reloader.config();
         let mut conf = ServerConf {
             threads: config.server.threads.max(1),
-            grace_period_seconds: Some(config.server.grace_period.as_secs()),
+            // A backstop: `run`'s drain ends the process as soon as nothing is in flight, at
+            // the latest after `grace_period` (crate::shutdown).
+            grace_period_seconds: Some(config.server.grace_period.as_secs() + 2),
             graceful_shutdown_timeout_seconds: Some(1),
             ..ServerConf::default()
         };
@@ -658,13 +660,22 @@ pub fn run_with(built: Built, shutdown: Box<dyn ShutdownSignalWatch>) -> Result<
     Ok(())
 }
 
-/// Runs the gateway until SIGTERM or SIGINT (both drain for `server.grace_period`); SIGHUP
-/// reloads the config file ([`Reloader`]).
+/// Runs the gateway until SIGTERM or SIGINT, then drains ([`crate::shutdown`]: `/readyz`
+/// 503, serving on for `server.shutdown_delay`, listeners closed, in-flight requests given at
+/// most `server.grace_period`) and exits the process with 0; SIGHUP reloads the config file
+/// ([`Reloader`]).
 pub fn run(config: Config) -> Result<(), StartError> {
     check_listeners(&config)?;
+    let delay = config.server.shutdown_delay;
+    let grace = config.server.grace_period;
     let built = Built::new(config)?;
     reload_on_sighup(&built)?;
-    run_with(built, Box::new(UnixSignals))
+    let signals = UnixSignals {
+        live: Arc::clone(&built.live),
+        delay,
+        grace,
+    };
+    run_with(built, Box::new(signals))
 }
 
 /// Keeps SIGHUP from ending the process while it starts: SIGHUP's default action is to
@@ -731,8 +742,15 @@ pub fn check_listeners(config: &Config) -> Result<(), StartError> {
     Ok(())
 }
 
-/// SIGTERM and SIGINT: graceful terminate (docs/operations.md "Shutdown"). SIGQUIT: fast.
-struct UnixSignals;
+/// SIGTERM and SIGINT: the drain (docs/operations.md "Shutdown"). SIGQUIT: fast, also during
+/// the shutdown delay.
+struct UnixSignals {
+    live: Arc<Live>,
+    /// `server.shutdown_delay`.
+    delay: Duration,
+    /// `server.grace_period`.
+    grace: Duration,
+}
 
 #[async_trait]
 impl ShutdownSignalWatch for UnixSignals {
@@ -746,12 +764,56 @@ impl ShutdownSignalWatch for UnixSignals {
             tracing::error!("cannot install signal handlers; shutting down");
             return ShutdownSignal::FastShutdown;
         };
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+            _ = quit.recv() => return ShutdownSignal::FastShutdown,
+        };
+        self.live.drain.begin();
+        tracing::info!(
+            signal = name,
+            shutdown_delay_ms = self.delay.as_millis() as u64,
+            "shutting down: /readyz answers 503; serving on for the shutdown delay"
+        );
         tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM: draining"); ShutdownSignal::GracefulTerminate }
-            _ = int.recv() => { tracing::info!("SIGINT: draining"); ShutdownSignal::GracefulTerminate }
-            _ = quit.recv() => ShutdownSignal::FastShutdown,
+            _ = tokio::time::sleep(self.delay) => {}
+            _ = quit.recv() => return ShutdownSignal::FastShutdown,
         }
+        // pingora stops the listeners once this returns; the process exits when the drain
+        // ends (its own grace period, a little longer, is only a backstop).
+        self.live.drain.close();
+        let live = Arc::clone(&self.live);
+        let grace = self.grace;
+        let spawned = std::thread::Builder::new()
+            .name("tokengate-drain".into())
+            .spawn(move || drain_and_exit(&live, grace));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the drain; pingora's grace period applies");
+        }
+        ShutdownSignal::GracefulTerminate
     }
+}
+
+/// Waits until no request is in flight, for at most `grace`, then ends the process with 0.
+fn drain_and_exit(live: &Live, grace: Duration) {
+    let started = std::time::Instant::now();
+    tracing::info!(
+        in_flight = live.drain.in_flight(),
+        grace_period_ms = grace.as_millis() as u64,
+        "listeners closed; draining the requests in flight"
+    );
+    if live.drain.wait_idle(started + grace) {
+        tracing::info!(
+            drained_ms = started.elapsed().as_millis() as u64,
+            "no request in flight; exiting"
+        );
+    } else {
+        tracing::warn!(
+            in_flight = live.drain.in_flight(),
+            "grace period over with requests in flight; exiting"
+        );
+    }
+    std::process::exit(0);
 }
 
 struct ChannelSignal(tokio::sync::Mutex<mpsc::Receiver<()>>);

@@ -105,6 +105,8 @@ impl SharedState {
 pub struct Live {
     current: ArcSwap<SharedState>,
     generation: AtomicU64,
+    /// Shutdown state and requests in flight on both paths (kept across reloads).
+    pub drain: crate::shutdown::Drain,
 }
 
 impl Live {
@@ -113,6 +115,7 @@ impl Live {
         Live {
             current: ArcSwap::from_pointee(state),
             generation: AtomicU64::new(0),
+            drain: crate::shutdown::Drain::default(),
         }
     }
 
@@ -217,6 +220,8 @@ pub struct RequestCtx {
     /// The client address ([`policy::client::client_address`]); `None` when the peer has no IP
     /// address.
     client: Option<policy::client::ClientAddress>,
+    /// The request counts as in flight for the drain after SIGTERM while this lives.
+    _busy: crate::shutdown::BusyOwned,
 }
 
 impl RequestCtx {
@@ -262,6 +267,7 @@ impl ProxyHttp for Gateway {
             plan: Plan::default(),
             subject_source: None,
             client: None,
+            _busy: crate::shutdown::BusyOwned::new(Arc::clone(&self.live)),
         }
     }
 
@@ -574,6 +580,10 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let facts = downstream::apply_response_policy(response, ctx.request_id.as_ref())?;
+        if self.live.drain.closing() {
+            // Shutting down: this response closes the connection (docs/operations.md "Shutdown").
+            session.set_keepalive(None);
+        }
         if session.req_header().version < http::Version::HTTP_11 {
             // pingora-proxy frames a body of unknown length chunked (or keeps the upstream's
             // chunked); without `Transfer-Encoding` it writes the body as it comes and the close

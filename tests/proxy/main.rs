@@ -16,6 +16,7 @@ mod framing;
 mod gateway;
 mod request_policy;
 mod routing;
+mod shutdown;
 mod streaming;
 mod tls_upstream;
 mod trusted_network;

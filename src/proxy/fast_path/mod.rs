@@ -90,13 +90,33 @@ pub struct ListenerApp {
     slot: usize,
     connector: TransportConnector,
     slow: Arc<HttpProxy<Gateway>>,
+    /// `tokengate_connections`.
+    connections: pingora_prometheus::prometheus::IntGauge,
+}
+
+/// One open client connection in `tokengate_connections`, until dropped.
+struct OpenConnection<'a>(&'a pingora_prometheus::prometheus::IntGauge);
+
+impl<'a> OpenConnection<'a> {
+    fn new(gauge: &'a pingora_prometheus::prometheus::IntGauge) -> Self {
+        gauge.inc();
+        OpenConnection(gauge)
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl ListenerApp {
     /// The service for the listener whose route table is `live`'s `tables[slot]`.
     pub fn new(live: Arc<Live>, slot: usize, conf: &Arc<ServerConf>) -> Self {
         let slow = pingora::proxy::http_proxy(conf, Gateway::new(Arc::clone(&live), slot));
+        let connections = live.load().metrics.connections();
         ListenerApp {
+            connections,
             live,
             slot,
             connector: TransportConnector::new(Some(ConnectorOptions::from_server_conf(conf))),
@@ -130,6 +150,7 @@ impl ServerApp for ListenerApp {
         mut down: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let _open = OpenConnection::new(&self.connections);
         // Only a plain TCP stream can take back bytes already read.
         if !down.as_any().is::<L4Stream>() {
             return ServerApp::process_new(&self.slow, down, shutdown).await;
@@ -165,7 +186,15 @@ impl ServerApp for ListenerApp {
             // The connection comes back after that request when it can carry another, so one
             // unusual request (or a moment without a usable token) does not keep the client's
             // connection off the fast path.
-            let reused = HttpServerApp::process_new_http(&self.slow, session, shutdown).await?;
+            let reused = {
+                // In flight from here, so the drain after SIGTERM never sees a gap between the
+                // fast path and pingora-proxy's count.
+                let _busy = self.live.drain.busy();
+                HttpServerApp::process_new_http(&self.slow, session, shutdown).await?
+            };
+            if self.live.drain.closing() {
+                return None;
+            }
             let (stream, _pipelining_off) = reused.consume();
             down = stream;
             if !down.as_any().is::<L4Stream>() {
@@ -369,6 +398,17 @@ struct RequestCtx<'a> {
     request_id: &'a RequestId,
     keepalive: bool,
     started: Instant,
+    /// The gateway's shutdown state: a response written once it is closing says
+    /// `Connection: close`. `None` outside a running listener (benches, tests).
+    drain: Option<&'a crate::shutdown::Drain>,
+}
+
+impl RequestCtx<'_> {
+    /// Whether the client connection stays open after this response: the client asked for it
+    /// and the gateway is not closing its connections.
+    fn keeps_alive(&self) -> bool {
+        self.keepalive && !self.drain.is_some_and(|d| d.closing())
+    }
 }
 
 /// A request's `X-Request-Id` value held inline: the client's (1 to [`MAX_REQUEST_ID`] visible
@@ -467,6 +507,7 @@ pub fn own_work(
         request_id: &request_id,
         keepalive: !req.close,
         started,
+        drain: None,
     };
     write_upstream_request(c, &ctx, admitted.grant.authorization());
     let sent = c.out.len();
@@ -518,6 +559,7 @@ pub fn upstream_head(
         request_id: &request_id,
         keepalive: !req.close,
         started: Instant::now(),
+        drain: None,
     };
     write_upstream_request(c, &ctx, authorization);
     let out = &c.out;
@@ -604,6 +646,8 @@ impl ListenerApp {
                     Err(_) => return Outcome::Close,
                 }
             };
+            // In flight until this iteration ends (docs/operations.md "Shutdown").
+            let _busy = self.live.drain.busy();
             if self.live.generation() != current.generation {
                 // A config reload: from this request on, the new routes, tokens and allowlist.
                 // The held upstream connection and the cached token belong to the old ones.
@@ -656,6 +700,7 @@ impl ListenerApp {
                 request_id: &request_id,
                 keepalive: !req.close && !*shutdown.borrow(),
                 started,
+                drain: Some(&self.live.drain),
             };
             // The size the 431 warning reports (a replayed token is as long, give or take).
             let authorization_len = grant.authorization().len();
@@ -688,7 +733,7 @@ impl ListenerApp {
                 request_id: Some(request_id.as_str()),
                 authorization_len,
             });
-            if !keep {
+            if !keep || self.live.drain.closing() {
                 return Outcome::Close;
             }
             // Pipelined bytes (the next request) stay in front.
@@ -839,7 +884,7 @@ async fn read_response_head(
             &c.ubuf,
             head_request,
             ctx.request_id.as_bytes(),
-            ctx.keepalive,
+            ctx.keeps_alive(),
             &mut c.out,
         ) {
             Ok(Some(head)) => return Ok(head),
