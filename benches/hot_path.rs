@@ -21,6 +21,7 @@ use criterion::{criterion_group, BenchmarkId, Criterion};
 use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 use pingora::upstreams::peer::HttpPeer;
+use tokengate::proxy::upstream_dns::UpstreamAddress;
 
 use tokengate::config::Config;
 use tokengate::metrics::{Metrics, TokenMetrics};
@@ -418,7 +419,11 @@ fn route_of(
         prefix: normalise_prefix(&rc.path_prefix),
         strip_prefix: false,
         base_path: String::new(),
-        peer: HttpPeer::new("127.0.0.1:443", true, "api.example.com".to_string()),
+        upstream: UpstreamAddress::fixed(HttpPeer::new(
+            "127.0.0.1:443",
+            true,
+            "api.example.com".to_string(),
+        )),
         host_header: HeaderValue::from_static("api.example.com"),
         allow_methods: None,
         allow_header: None,

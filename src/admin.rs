@@ -202,6 +202,17 @@ impl AdminApp {
                         "last_error_at_rfc3339": s.last_error_at.map(rfc3339),
                     }
                 });
+                // The upstream name as last resolved (proxy::upstream_dns).
+                let dns = r.upstream.resolution();
+                route["upstream_dns"] = json!({
+                    "resolved": dns.peer.is_some(),
+                    "addresses": dns.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                    "resolved_at": dns.resolved_at.map(unix),
+                    "resolved_at_rfc3339": dns.resolved_at.map(rfc3339),
+                    "last_error": dns.error,
+                    "last_error_at": dns.failed_at.map(unix),
+                    "last_error_at_rfc3339": dns.failed_at.map(rfc3339),
+                });
                 // Per-user tokens cached (`[routes.subjects]`); never which subjects.
                 if let Some(subjects) = &r.subjects {
                     route["subject_tokens"] = json!(subjects.cached());

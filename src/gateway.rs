@@ -23,7 +23,7 @@ use crate::files;
 use crate::metrics::Metrics;
 use crate::oauth::TokenClient;
 use crate::proxy::fast_path::ListenerApp;
-use crate::proxy::route_compile::compile_route;
+use crate::proxy::route_compile::{compile_route, Unresolved};
 use crate::proxy::routes::RouteTable;
 use crate::proxy::{Live, SharedState};
 use crate::token::subjects::SubjectTokens;
@@ -91,7 +91,13 @@ impl Built {
             .enable_all()
             .build()
             .map_err(|e| StartError::Internal(format!("token runtime: {e}")))?;
-        let (state, sources) = build_state(&config, &metrics, &[], token_runtime.handle())?;
+        let (state, sources) = build_state(
+            &config,
+            &metrics,
+            &[],
+            token_runtime.handle(),
+            Unresolved::Tolerate,
+        )?;
         let sources = start_refreshers(sources, token_runtime.handle());
         let live = Arc::new(Live::new(state));
         let reloader = Arc::new(Reloader {
@@ -225,6 +231,7 @@ fn build_state(
     metrics: &Arc<Metrics>,
     running: &[RunningSource],
     runtime: &tokio::runtime::Handle,
+    unresolved: Unresolved,
 ) -> Result<(SharedState, Vec<RunningSource>), StartError> {
     let mut routes = Vec::with_capacity(config.routes.len());
     let mut sources = Vec::with_capacity(config.routes.len());
@@ -266,6 +273,8 @@ fn build_state(
             subjects.clone(),
             ca_pem.as_deref(),
             metrics,
+            config.server.hosts_file.as_deref(),
+            unresolved,
         )?);
         sources.push(RunningSource {
             auth: rc.auth.clone(),
@@ -275,6 +284,10 @@ fn build_state(
             subjects,
             refresher: None,
         });
+    }
+    // Each route's upstream name is followed while the route lives.
+    for route in &routes {
+        route.upstream.follow(runtime);
     }
     let mut state = SharedState::new(
         routes,
@@ -490,8 +503,13 @@ impl Reloader {
         if let Some(key) = needs_restart(&running.config, &config) {
             return Err(ReloadError::NeedsRestart { key });
         }
-        let (state, mut sources) =
-            build_state(&config, &self.metrics, &running.sources, &self.runtime)?;
+        let (state, mut sources) = build_state(
+            &config,
+            &self.metrics,
+            &running.sources,
+            &self.runtime,
+            Unresolved::Reject,
+        )?;
         let fresh: Vec<(usize, Arc<TokenSource>)> = sources
             .iter()
             .enumerate()

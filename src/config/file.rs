@@ -34,6 +34,7 @@ pub(super) struct ServerFile {
     pub grace_period: Option<DurationValue>,
     pub shutdown_delay: Option<DurationValue>,
     pub trusted_proxies: Option<Vec<String>>,
+    pub hosts_file: Option<String>,
     pub replay_body_limit: Option<ByteSizeValue>,
     pub token_listen: Option<String>,
     pub token_clients: Option<Vec<String>>,

@@ -36,8 +36,10 @@ mod load;
 #[cfg(test)]
 mod test_support;
 mod validate;
+mod warnings;
 
 pub use error::{ConfigError, ConfigErrors};
+pub use warnings::warnings;
 
 /// A secret string (client secret). `Debug` and `Display` never show the value.
 #[derive(Clone, PartialEq, Eq)]
@@ -102,6 +104,10 @@ pub struct ServerConfig {
     /// CIDRs of load balancers whose `X-Forwarded-For` names the client
     /// (docs/proxy-behaviour.md "Client address"). Default: none.
     pub trusted_proxies: Vec<IpNet>,
+    /// A hosts(5)-format file upstream names are resolved from instead of the system
+    /// resolver, re-read at each resolution (docs/proxy-behaviour.md "Upstream addresses").
+    /// `None`: the system resolver.
+    pub hosts_file: Option<PathBuf>,
     /// Request bodies up to this many bytes are kept for one replay after an upstream 401.
     /// Default 64 KiB.
     pub replay_body_limit: usize,

@@ -23,6 +23,7 @@ pub mod fast_path;
 pub mod policy;
 pub(crate) mod route_compile;
 pub mod routes;
+pub mod upstream_dns;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -388,10 +389,33 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let state = &ctx.state;
-        match ctx.route {
-            Some(i) => Ok(Box::new(state.routes[i].peer.clone())),
-            None => Error::e_explain(ErrorType::InternalError, "no route in upstream_peer"),
+        let Some(route) = ctx.route.map(|i| &state.routes[i]) else {
+            return Error::e_explain(ErrorType::InternalError, "no route in upstream_peer");
+        };
+        // The address the last background resolution found (proxy::upstream_dns); a name
+        // that never resolved is a connect failure: 502 `upstream_unreachable`.
+        match route.upstream.peer() {
+            Ok(peer) => Ok(Box::new((*peer).clone())),
+            Err(why) => Err(Error::explain(
+                ErrorType::ConnectNoRoute,
+                format!("upstream {} does not resolve: {why}", route.upstream.name()),
+            )
+            .into_up()),
         }
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        e: Box<Error>,
+    ) -> Box<Error> {
+        // Resolve the name again soon: the address may have moved.
+        if let Some(i) = ctx.route {
+            ctx.state.routes[i].upstream.connect_failed();
+        }
+        e
     }
 
     async fn upstream_request_filter(

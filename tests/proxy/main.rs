@@ -20,4 +20,5 @@ mod shutdown;
 mod streaming;
 mod tls_upstream;
 mod trusted_network;
+mod upstream_dns;
 mod websocket;

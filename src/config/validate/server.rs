@@ -101,6 +101,23 @@ impl Validator<'_> {
         let shutdown_delay = s.shutdown_delay.map_or(DEFAULT_SHUTDOWN_DELAY, |d| d.0);
         let shutdown_delay =
             self.at_most("server.shutdown_delay", shutdown_delay, MAX_SHUTDOWN_DELAY);
+        let hosts_file = s.hosts_file.and_then(|p| {
+            let resolved = self.resolve(&p);
+            match std::fs::read_to_string(&resolved) {
+                Ok(_) => Some(resolved),
+                Err(e) => {
+                    self.r.push(
+                        "server.hosts_file",
+                        format!(
+                            "cannot read \"{}\": {e}; point hosts_file at a file of \
+                             \"address name\" lines, or remove the key for the system resolver",
+                            resolved.display()
+                        ),
+                    );
+                    None
+                }
+            }
+        });
         let trusted_proxies = s
             .trusted_proxies
             .unwrap_or_default()
@@ -167,6 +184,7 @@ impl Validator<'_> {
             grace_period,
             shutdown_delay,
             trusted_proxies,
+            hosts_file,
             replay_body_limit,
             token_listen,
             token_clients,
@@ -330,6 +348,23 @@ mod shutdown_and_proxies_tests {
             ),
             "{errs:?}"
         );
+    }
+
+    #[test]
+    fn hosts_file_must_be_readable() {
+        let text = format!(
+            "[server]\nhosts_file = \"/nonexistent/tokengate-hosts\"\n{}",
+            cc_route("")
+        );
+        let errs = errors(&text);
+        assert!(
+            has(
+                &errs,
+                "server.hosts_file: cannot read \"/nonexistent/tokengate-hosts\""
+            ),
+            "{errs:?}"
+        );
+        assert!(load(&cc_route("")).unwrap().server.hosts_file.is_none());
     }
 
     #[test]

@@ -39,7 +39,6 @@ use pingora::protocols::Stream;
 use pingora::proxy::HttpProxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
-use pingora::upstreams::peer::Peer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf};
 
 mod admission;
@@ -212,12 +211,9 @@ impl ListenerApp {
     /// Returns a clean upstream connection to pingora's connection pool.
     fn release(&self, held: Option<Held>, state: &SharedState) {
         if let Some(held) = held.filter(|h| h.reusable) {
-            let peer = &state.routes[held.route].peer;
-            self.connector.release_stream(
-                held.stream,
-                peer.reuse_hash(),
-                peer.options.idle_timeout,
-            );
+            let options = state.routes[held.route].upstream.options();
+            self.connector
+                .release_stream(held.stream, held.reuse_hash, options.idle_timeout);
         }
     }
 }
@@ -257,6 +253,8 @@ struct Conn {
     forward_entries: Option<usize>,
     allowed: bool,
     held: Option<Held>,
+    /// The connection pool key of the upstream connection the current request uses.
+    up_reuse_hash: u64,
     timer: Timer,
     /// The token this connection's requests carry, reused while it is the current one.
     tokens: TokenCache,
@@ -265,6 +263,8 @@ struct Conn {
 /// An upstream connection the downstream connection keeps between requests.
 struct Held {
     route: usize,
+    /// The connection pool key of the address it was opened to.
+    reuse_hash: u64,
     stream: Stream,
     last_used: Instant,
     /// Clean after a complete response (nothing unread, no `Connection: close`).
@@ -332,6 +332,7 @@ impl Conn {
             forward_entries: None,
             allowed: false,
             held: None,
+            up_reuse_hash: 0,
             timer: Timer::default(),
             tokens: TokenCache::default(),
         }
@@ -767,6 +768,8 @@ impl ListenerApp {
                     Err(e) => {
                         let (kind, err) = super::classify_upstream_error(e.etype());
                         route.metrics.upstream_error(kind);
+                        // Resolve the name again soon: the address may have moved.
+                        route.upstream.connect_failed();
                         tracing::warn!(route = %route.name, error = %e, "upstream connect failed");
                         return fail(down, c, ctx, err, generation).await;
                     }
@@ -832,20 +835,37 @@ impl ListenerApp {
         ctx: &RequestCtx<'_>,
     ) -> pingora::Result<(Stream, bool)> {
         let idempotent = ctx.req.method.is_idempotent();
+        // The address the last background resolution found (proxy::upstream_dns).
+        let resolution = ctx.route.upstream.current();
+        let Some(peer) = resolution.peer.as_ref().map(Arc::clone) else {
+            let why = ctx.route.upstream.peer().err().unwrap_or_default();
+            return Err(pingora::Error::explain(
+                pingora::ErrorType::ConnectNoRoute,
+                format!(
+                    "upstream {} does not resolve: {why}",
+                    ctx.route.upstream.name()
+                ),
+            ));
+        };
+        let reuse_hash = resolution.reuse_hash;
+        drop(resolution);
         if let Some(mut held) = c.held.take() {
             // A request that cannot be retried checks every time; others only after the held
             // connection sat idle a while (a failure on a just-used one is retried).
             let alive = held.reusable
                 && ((idempotent && held.last_used.elapsed() < CHECK_IDLE_UPSTREAM_AFTER)
                     || !closed_while_idle(&mut held.stream));
-            if alive && held.route == ctx.index {
+            // A connection to an address the name no longer has is not reused.
+            if alive && held.route == ctx.index && held.reuse_hash == reuse_hash {
+                c.up_reuse_hash = reuse_hash;
                 return Ok((held.stream, true));
             }
             if alive {
                 self.release(Some(held), ctx.state);
             }
         }
-        self.connector.get_stream(&ctx.route.peer).await
+        c.up_reuse_hash = reuse_hash;
+        self.connector.get_stream(&*peer).await
     }
 }
 
@@ -857,7 +877,7 @@ async fn send(
     ctx: &RequestCtx<'_>,
     reused: bool,
 ) -> Result<ResponseHead, UpstreamFailure> {
-    let opts = &ctx.route.peer.options;
+    let opts = &ctx.route.upstream.options();
     let write = async {
         up.write_all(&c.out).await?;
         up.flush().await
@@ -903,7 +923,7 @@ async fn read_response_head(
         let n = c
             .timer
             .bounded(
-                ctx.route.peer.options.read_timeout,
+                ctx.route.upstream.options().read_timeout,
                 up.read_buf(&mut c.ubuf),
             )
             .await
@@ -929,7 +949,7 @@ async fn forward(
     ctx: &RequestCtx<'_>,
     mut head: ResponseHead,
 ) -> Exchange {
-    let read_timeout = ctx.route.peer.options.read_timeout;
+    let read_timeout = ctx.route.upstream.options().read_timeout;
     // Interim responses (103 Early Hints, an unasked 100) are forwarded as they come.
     while (100..200).contains(&head.status) {
         if write_down(down, &c.out).await.is_err() {
@@ -1009,6 +1029,7 @@ async fn forward(
     let until_close = head.framing == Framing::UntilClose;
     c.held = Some(Held {
         route: ctx.index,
+        reuse_hash: c.up_reuse_hash,
         stream: up,
         // The request's start stands in for the end of its use: no clock read per request.
         last_used: ctx.started,
