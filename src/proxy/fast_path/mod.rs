@@ -39,6 +39,7 @@ use pingora::protocols::Stream;
 use pingora::proxy::HttpProxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
+use pingora::upstreams::peer::Peer as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf};
 
 mod admission;
@@ -835,9 +836,13 @@ impl ListenerApp {
         ctx: &RequestCtx<'_>,
     ) -> pingora::Result<(Stream, bool)> {
         let idempotent = ctx.req.method.is_idempotent();
-        // The address the last background resolution found (proxy::upstream_dns).
-        let resolution = ctx.route.upstream.current();
-        let Some(peer) = resolution.peer.as_ref().map(Arc::clone) else {
+        // The address the last background resolution found (proxy::upstream_dns); its
+        // peer is cloned only for a new connection.
+        let (resolved, reuse_hash) = {
+            let resolution = ctx.route.upstream.current();
+            (resolution.peer.is_some(), resolution.reuse_hash)
+        };
+        if !resolved {
             let why = ctx.route.upstream.peer().err().unwrap_or_default();
             return Err(pingora::Error::explain(
                 pingora::ErrorType::ConnectNoRoute,
@@ -846,9 +851,7 @@ impl ListenerApp {
                     ctx.route.upstream.name()
                 ),
             ));
-        };
-        let reuse_hash = resolution.reuse_hash;
-        drop(resolution);
+        }
         if let Some(mut held) = c.held.take() {
             // A request that cannot be retried checks every time; others only after the held
             // connection sat idle a while (a failure on a just-used one is retried).
@@ -864,7 +867,12 @@ impl ListenerApp {
                 self.release(Some(held), ctx.state);
             }
         }
-        c.up_reuse_hash = reuse_hash;
+        let peer = ctx
+            .route
+            .upstream
+            .peer()
+            .map_err(|why| pingora::Error::explain(pingora::ErrorType::ConnectNoRoute, why))?;
+        c.up_reuse_hash = peer.reuse_hash();
         self.connector.get_stream(&*peer).await
     }
 }
