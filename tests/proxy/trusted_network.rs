@@ -220,3 +220,64 @@ async fn each_request_on_a_balancers_connection_is_judged_by_its_own_field() {
     }
     rig.stop().await;
 }
+
+/// `header_clients` judges the client address too: behind a trusted balancer, only the client
+/// the balancer names may act as a managed user, on both paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_clients_are_judged_by_the_address_a_trusted_balancer_names() {
+    let sandbox = tokengate_sandbox::Sandbox::start().await.unwrap();
+    let toml = tokengate::demo::config_toml_with_subjects(
+        &sandbox,
+        crate::common::free_addr(),
+        crate::common::free_addr(),
+        crate::common::free_addr(),
+        &crate::common::demo_key_path(),
+    )
+    .replace(
+        "header_clients = [\"127.0.0.0/8\", \"::1/128\"]",
+        "header_clients = [\"203.0.113.7\"]",
+    )
+    .replacen(
+        "[server]\n",
+        "[server]\nallowed_clients = [\"127.0.0.0/8\", \"203.0.113.0/24\"]\n\
+         trusted_proxies = [\"127.0.0.2\"]\n",
+        1,
+    );
+    let config = tokengate::config::Config::from_toml_str(&toml, None, &|_| None)
+        .unwrap_or_else(|e| panic!("{e}\n{toml}"));
+    let gw = crate::common::TestGateway::start(config).await;
+    gw.ready().await;
+    let user = tokengate::demo::DEMO_USERS[0];
+    // (source, X-Forwarded-For, expected status)
+    let cases: &[([u8; 4], &str, u16)] = &[
+        ([127, 0, 0, 2], "203.0.113.7", 200),
+        ([127, 0, 0, 2], "203.0.113.8", 403),
+        // Not through the balancer: the peer itself is judged, and it is no header client.
+        ([127, 0, 0, 1], "203.0.113.7", 403),
+    ];
+    for _round in 0..2 {
+        for pingora in [false, true] {
+            for (from, xff, status) in cases {
+                let fields = format!("X-Forwarded-For: {xff}\r\nTokengate-Subject: {user}\r\n");
+                let request = if pingora {
+                    format!(
+                        "POST /drillster/x HTTP/1.1\r\nHost: gw\r\n{fields}Transfer-Encoding: chunked\r\n\
+                         Connection: close\r\n\r\n0\r\n\r\n"
+                    )
+                } else {
+                    format!("GET /drillster/x HTTP/1.1\r\nHost: gw\r\n{fields}Connection: close\r\n\r\n")
+                };
+                let r = send_from(*from, gw.addr(), request.as_bytes()).await;
+                let what = format!("from {from:?} for {xff} (pingora-proxy: {pingora})");
+                assert_eq!(r.status, *status, "{what}: {}", r.head);
+                if *status == 200 {
+                    assert_eq!(r.json()["subject"], user, "{what}");
+                } else {
+                    assert_eq!(r.json()["error"], "subject_not_allowed", "{what}");
+                }
+            }
+        }
+    }
+    gw.stop().await;
+    sandbox.shutdown().await.unwrap();
+}
