@@ -50,14 +50,11 @@ pub mod wire;
 
 use super::policy::{self, ErrorResponse, GatewayError, Plan};
 use super::routes::{Route, RouteTable};
-use super::{
-    client_allowed, record_request, valid_request_id_bytes, Gateway, Live, RequestRecord,
-    SharedState, MAX_REQUEST_ID,
-};
+use super::{record_request, Gateway, Live, RequestRecord, SharedState};
 use crate::metrics::UpstreamErrorKind;
 use crate::token::{Sent, TokenCache, TokenSource};
 use admission::{admit, Admitted};
-use request::{parse_request, write_upstream_request, Field, Parsed, Plain};
+use request::{parse_request, write_upstream_request, Field, Parsed, Plain, RequestId};
 use response::{parse_response, ChunkedEnd, Framing, ResponseHead};
 use timer::Timer;
 
@@ -273,45 +270,6 @@ struct Held {
 }
 
 impl Conn {
-    /// Checks the client against `state.allowed_clients`: once per connection, and again
-    /// after a reload.
-    fn check_client(&mut self, state: &SharedState) {
-        self.peer_trusted = !state.trusted_proxies.is_empty()
-            && self
-                .peer_ip
-                .is_some_and(|ip| policy::client::is_trusted(&state.trusted_proxies, ip));
-        if self.client_ip != self.peer_ip {
-            self.client_ip = self.peer_ip;
-            self.client_ip_text = self
-                .peer_ip
-                .map(|ip| ip.to_canonical().to_string().into_bytes());
-        }
-        self.forward_entries = None;
-        self.allowed = self
-            .client_ip
-            .is_some_and(|ip| client_allowed(&state.allowed_clients, ip));
-    }
-
-    /// Decides the client address of the request whose fields are in `self.fields`, from a
-    /// trusted peer (docs/proxy-behaviour.md "Client address"), and checks it against
-    /// `state.allowed_clients`.
-    fn judge_forwarded(&mut self, state: &SharedState) {
-        let Some(peer) = self.peer_ip else {
-            return;
-        };
-        let view = request::FieldsIn {
-            buf: &self.buf,
-            fields: &self.fields,
-        };
-        let client = policy::client::client_address(peer, &state.trusted_proxies, &view);
-        if self.client_ip != Some(client.ip) {
-            self.client_ip = Some(client.ip);
-            self.client_ip_text = Some(client.ip.to_string().into_bytes());
-        }
-        self.forward_entries = client.forward_entries;
-        self.allowed = client_allowed(&state.allowed_clients, client.ip);
-    }
-
     fn new(down: &Stream) -> Self {
         let client_ip = down
             .get_socket_digest()
@@ -410,45 +368,6 @@ impl RequestCtx<'_> {
     /// and the gateway is not closing its connections.
     fn keeps_alive(&self) -> bool {
         self.keepalive && !self.drain.is_some_and(|d| d.closing())
-    }
-}
-
-/// A request's `X-Request-Id` value held inline: the client's (1 to [`MAX_REQUEST_ID`] visible
-/// ASCII bytes) or a generated one (32 hex digits). No allocation per request.
-pub(super) struct RequestId {
-    len: usize,
-    bytes: [u8; MAX_REQUEST_ID],
-}
-
-impl RequestId {
-    /// The client's `X-Request-Id` in `buf` when usable, else a new one from `state`.
-    fn of(buf: &[u8], req: &Plain, state: &SharedState) -> Self {
-        let mut id = RequestId {
-            len: 0,
-            bytes: [0; MAX_REQUEST_ID],
-        };
-        let client = req.request_id.as_ref().map(|r| &buf[r.clone()]);
-        let value = match client {
-            Some(v) if valid_request_id_bytes(v) => v,
-            _ => &state.request_ids.next_hex(),
-        };
-        id.bytes[..value.len()].copy_from_slice(value);
-        id.len = value.len();
-        id
-    }
-
-    pub(super) fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-
-    /// Visible ASCII, so always a `str`.
-    fn as_str(&self) -> &str {
-        std::str::from_utf8(self.as_bytes()).unwrap_or("-")
-    }
-
-    /// As a field value, for the gateway's own error responses (not the common path).
-    fn to_header_value(&self) -> HeaderValue {
-        HeaderValue::from_bytes(self.as_bytes()).unwrap_or_else(|_| HeaderValue::from_static("-"))
     }
 }
 
