@@ -32,7 +32,8 @@ COPY --from=build /usr/local/bin/tokengate /usr/local/bin/tokengate
 USER tokengate:tokengate
 # Proxy and admin listeners of conf/docker.toml.
 EXPOSE 8080 9090
-# SIGTERM drains in-flight requests for server.grace_period, then exits 0.
+# SIGTERM: /readyz 503 and serving for server.shutdown_delay, then in-flight requests drain
+# for at most server.grace_period; exit 0 as soon as none is left.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["tokengate"]
 CMD ["run", "-c", "/etc/tokengate/tokengate.toml"]

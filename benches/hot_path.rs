@@ -21,6 +21,7 @@ use criterion::{criterion_group, BenchmarkId, Criterion};
 use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 use pingora::upstreams::peer::HttpPeer;
+use tokengate::proxy::upstream_dns::UpstreamAddress;
 
 use tokengate::config::Config;
 use tokengate::metrics::{Metrics, TokenMetrics};
@@ -175,6 +176,7 @@ fn header_hygiene(c: &mut Criterion) {
                 let fw = Forwarding {
                     route: &route,
                     client_ip: Some(b"192.168.30.40"),
+                    forward_entries: None,
                     authorization: authorization.as_bytes(),
                     request_id: id.as_bytes(),
                 };
@@ -344,6 +346,7 @@ fn per_request(c: &mut Criterion) {
                 let fw = Forwarding {
                     route: &route,
                     client_ip: Some(b"192.168.30.40"),
+                    forward_entries: None,
                     authorization: authorization.as_bytes(),
                     request_id: id.as_bytes(),
                 };
@@ -416,7 +419,11 @@ fn route_of(
         prefix: normalise_prefix(&rc.path_prefix),
         strip_prefix: false,
         base_path: String::new(),
-        peer: HttpPeer::new("127.0.0.1:443", true, "api.example.com".to_string()),
+        upstream: UpstreamAddress::fixed(HttpPeer::new(
+            "127.0.0.1:443",
+            true,
+            "api.example.com".to_string(),
+        )),
         host_header: HeaderValue::from_static("api.example.com"),
         allow_methods: None,
         allow_header: None,

@@ -123,33 +123,55 @@ impl AdminApp {
         }
     }
 
-    /// 200 `{"ready":true}` when every route holds a usable access token (docs/operations.md
-    /// "Admin endpoints") and every proxy listener accepts connections; else 503 with
-    /// `routes_without_token` (route names) and `listeners_not_accepting` (addresses).
+    /// `/readyz` (docs/operations.md "Admin endpoints"): 200 `{"ready":true}` once every proxy
+    /// listener accepts connections and every route has obtained an access token at least once
+    /// since start; a later token outage keeps the replica ready (its requests get 503
+    /// `token_unavailable` with `Retry-After` from the gateway itself), and
+    /// `routes_without_usable_token` names the routes without a usable token now. 503 while
+    /// shutting down (`"shutting_down":true`), or with `routes_without_token` (never obtained
+    /// one) and `listeners_not_accepting` (addresses) naming what is missing.
     async fn readyz(&self) -> (StatusCode, Vec<u8>) {
-        let state = self.live.load();
-        let without_token: Vec<&str> = state
-            .routes
-            .iter()
-            .filter(|r| r.token.usable_now(tokio::time::Instant::now()).is_none())
-            .map(|r| r.name.as_str())
-            .collect();
-        let not_accepting = self.listeners.not_accepting().await;
-        if without_token.is_empty() && not_accepting.is_empty() {
+        if self.live.drain.draining() {
             return (
-                StatusCode::OK,
-                json!({"ready": true}).to_string().into_bytes(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"ready": false, "shutting_down": true})
+                    .to_string()
+                    .into_bytes(),
             );
         }
-        let mut body = json!({"ready": false, "routes_without_token": without_token});
+        let state = self.live.load();
+        let now = tokio::time::Instant::now();
+        let mut never: Vec<&str> = Vec::new();
+        let mut unusable: Vec<&str> = Vec::new();
+        for r in &state.routes {
+            if r.token.usable_now(now).is_some() {
+                continue;
+            }
+            if r.token.status().last_refresh.is_none() {
+                never.push(&r.name);
+            } else {
+                unusable.push(&r.name);
+            }
+        }
+        let not_accepting = self.listeners.not_accepting().await;
+        let ready = never.is_empty() && not_accepting.is_empty();
+        let mut body = json!({"ready": ready});
+        if !never.is_empty() {
+            body["routes_without_token"] = json!(never);
+        }
+        if !unusable.is_empty() {
+            body["routes_without_usable_token"] = json!(unusable);
+        }
         if !not_accepting.is_empty() {
             let addrs: Vec<String> = not_accepting.iter().map(|a| a.to_string()).collect();
             body["listeners_not_accepting"] = json!(addrs);
         }
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            body.to_string().into_bytes(),
-        )
+        let status = if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        (status, body.to_string().into_bytes())
     }
 
     fn status(&self) -> Vec<u8> {
@@ -169,12 +191,27 @@ impl AdminApp {
                         "usable": s.usable,
                         "generation": s.generation,
                         "expires_at": s.token_expires_at.map(unix),
+                        "expires_at_rfc3339": s.token_expires_at.map(rfc3339),
                         "last_refresh": s.last_refresh.map(unix),
+                        "last_refresh_rfc3339": s.last_refresh.map(rfc3339),
                         "consecutive_failures": s.consecutive_failures,
                         "next_attempt_at": s.next_attempt_at.map(unix),
+                        "next_attempt_at_rfc3339": s.next_attempt_at.map(rfc3339),
                         "last_error": s.last_error,
                         "last_error_at": s.last_error_at.map(unix),
+                        "last_error_at_rfc3339": s.last_error_at.map(rfc3339),
                     }
+                });
+                // The upstream name as last resolved (proxy::upstream_dns).
+                let dns = r.upstream.resolution();
+                route["upstream_dns"] = json!({
+                    "resolved": dns.peer.is_some(),
+                    "addresses": dns.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                    "resolved_at": dns.resolved_at.map(unix),
+                    "resolved_at_rfc3339": dns.resolved_at.map(rfc3339),
+                    "last_error": dns.error,
+                    "last_error_at": dns.failed_at.map(unix),
+                    "last_error_at_rfc3339": dns.failed_at.map(rfc3339),
                 });
                 // Per-user tokens cached (`[routes.subjects]`); never which subjects.
                 if let Some(subjects) = &r.subjects {
@@ -183,9 +220,13 @@ impl AdminApp {
                 route
             })
             .collect();
-        json!({"version": env!("CARGO_PKG_VERSION"), "routes": routes})
-            .to_string()
-            .into_bytes()
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "shutting_down": self.live.drain.draining(),
+            "routes": routes,
+        })
+        .to_string()
+        .into_bytes()
     }
 }
 
@@ -193,6 +234,11 @@ fn unix(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// `t` as an RFC 3339 UTC timestamp with whole seconds, e.g. `2026-12-03T17:55:17Z`.
+fn rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {

@@ -23,7 +23,7 @@ use crate::files;
 use crate::metrics::Metrics;
 use crate::oauth::TokenClient;
 use crate::proxy::fast_path::ListenerApp;
-use crate::proxy::route_compile::compile_route;
+use crate::proxy::route_compile::{compile_route, Unresolved};
 use crate::proxy::routes::RouteTable;
 use crate::proxy::{Live, SharedState};
 use crate::token::subjects::SubjectTokens;
@@ -91,7 +91,13 @@ impl Built {
             .enable_all()
             .build()
             .map_err(|e| StartError::Internal(format!("token runtime: {e}")))?;
-        let (state, sources) = build_state(&config, &metrics, &[], token_runtime.handle())?;
+        let (state, sources) = build_state(
+            &config,
+            &metrics,
+            &[],
+            token_runtime.handle(),
+            Unresolved::Tolerate,
+        )?;
         let sources = start_refreshers(sources, token_runtime.handle());
         let live = Arc::new(Live::new(state));
         let reloader = Arc::new(Reloader {
@@ -112,7 +118,9 @@ impl Built {
         let config = self.reloader.config();
         let mut conf = ServerConf {
             threads: config.server.threads.max(1),
-            grace_period_seconds: Some(config.server.grace_period.as_secs()),
+            // A backstop: `run`'s drain ends the process as soon as nothing is in flight, at
+            // the latest after `grace_period` (crate::shutdown).
+            grace_period_seconds: Some(config.server.grace_period.as_secs() + 2),
             graceful_shutdown_timeout_seconds: Some(1),
             ..ServerConf::default()
         };
@@ -223,6 +231,7 @@ fn build_state(
     metrics: &Arc<Metrics>,
     running: &[RunningSource],
     runtime: &tokio::runtime::Handle,
+    unresolved: Unresolved,
 ) -> Result<(SharedState, Vec<RunningSource>), StartError> {
     let mut routes = Vec::with_capacity(config.routes.len());
     let mut sources = Vec::with_capacity(config.routes.len());
@@ -264,6 +273,8 @@ fn build_state(
             subjects.clone(),
             ca_pem.as_deref(),
             metrics,
+            config.server.hosts_file.as_deref(),
+            unresolved,
         )?);
         sources.push(RunningSource {
             auth: rc.auth.clone(),
@@ -274,12 +285,17 @@ fn build_state(
             refresher: None,
         });
     }
+    // Each route's upstream name is followed while the route lives.
+    for route in &routes {
+        route.upstream.follow(runtime);
+    }
     let mut state = SharedState::new(
         routes,
         config.server.allowed_clients.clone(),
         config.server.replay_body_limit,
         Arc::clone(metrics),
     );
+    state.trusted_proxies = config.server.trusted_proxies.clone();
     state.tables = listeners(config).into_iter().map(|l| l.table).collect();
     state.route_info = crate::admin::route_info(config);
     Ok((state, sources))
@@ -376,7 +392,7 @@ pub enum ReloadError {
     #[error("{0}")]
     Config(#[from] ConfigErrors),
     /// A key that only a restart can change was changed.
-    #[error("{key}: changed, but takes effect only on restart (listeners, threads, grace period and logging are fixed at start); restart to apply it")]
+    #[error("{key}: changed, but takes effect only on restart (listeners, threads, shutdown delay, grace period and logging are fixed at start); restart to apply it")]
     NeedsRestart {
         /// The config key.
         key: &'static str,
@@ -487,8 +503,13 @@ impl Reloader {
         if let Some(key) = needs_restart(&running.config, &config) {
             return Err(ReloadError::NeedsRestart { key });
         }
-        let (state, mut sources) =
-            build_state(&config, &self.metrics, &running.sources, &self.runtime)?;
+        let (state, mut sources) = build_state(
+            &config,
+            &self.metrics,
+            &running.sources,
+            &self.runtime,
+            Unresolved::Reject,
+        )?;
         let fresh: Vec<(usize, Arc<TokenSource>)> = sources
             .iter()
             .enumerate()
@@ -625,6 +646,8 @@ fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
         Some("server.threads")
     } else if old.server.grace_period != new.server.grace_period {
         Some("server.grace_period")
+    } else if old.server.shutdown_delay != new.server.shutdown_delay {
+        Some("server.shutdown_delay")
     } else if old.log.level != new.log.level || old.log.format != new.log.format {
         Some("log")
     } else if layout(old) != layout(new) {
@@ -655,13 +678,22 @@ pub fn run_with(built: Built, shutdown: Box<dyn ShutdownSignalWatch>) -> Result<
     Ok(())
 }
 
-/// Runs the gateway until SIGTERM or SIGINT (both drain for `server.grace_period`); SIGHUP
-/// reloads the config file ([`Reloader`]).
+/// Runs the gateway until SIGTERM or SIGINT, then drains ([`crate::shutdown`]: `/readyz`
+/// 503, serving on for `server.shutdown_delay`, listeners closed, in-flight requests given at
+/// most `server.grace_period`) and exits the process with 0; SIGHUP reloads the config file
+/// ([`Reloader`]).
 pub fn run(config: Config) -> Result<(), StartError> {
     check_listeners(&config)?;
+    let delay = config.server.shutdown_delay;
+    let grace = config.server.grace_period;
     let built = Built::new(config)?;
     reload_on_sighup(&built)?;
-    run_with(built, Box::new(UnixSignals))
+    let signals = UnixSignals {
+        live: Arc::clone(&built.live),
+        delay,
+        grace,
+    };
+    run_with(built, Box::new(signals))
 }
 
 /// Keeps SIGHUP from ending the process while it starts: SIGHUP's default action is to
@@ -728,8 +760,15 @@ pub fn check_listeners(config: &Config) -> Result<(), StartError> {
     Ok(())
 }
 
-/// SIGTERM and SIGINT: graceful terminate (docs/operations.md "Shutdown"). SIGQUIT: fast.
-struct UnixSignals;
+/// SIGTERM and SIGINT: the drain (docs/operations.md "Shutdown"). SIGQUIT: fast, also during
+/// the shutdown delay.
+struct UnixSignals {
+    live: Arc<Live>,
+    /// `server.shutdown_delay`.
+    delay: Duration,
+    /// `server.grace_period`.
+    grace: Duration,
+}
 
 #[async_trait]
 impl ShutdownSignalWatch for UnixSignals {
@@ -743,12 +782,56 @@ impl ShutdownSignalWatch for UnixSignals {
             tracing::error!("cannot install signal handlers; shutting down");
             return ShutdownSignal::FastShutdown;
         };
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+            _ = quit.recv() => return ShutdownSignal::FastShutdown,
+        };
+        self.live.drain.begin();
+        tracing::info!(
+            signal = name,
+            shutdown_delay_ms = self.delay.as_millis() as u64,
+            "shutting down: /readyz answers 503; serving on for the shutdown delay"
+        );
         tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM: draining"); ShutdownSignal::GracefulTerminate }
-            _ = int.recv() => { tracing::info!("SIGINT: draining"); ShutdownSignal::GracefulTerminate }
-            _ = quit.recv() => ShutdownSignal::FastShutdown,
+            _ = tokio::time::sleep(self.delay) => {}
+            _ = quit.recv() => return ShutdownSignal::FastShutdown,
         }
+        // pingora stops the listeners once this returns; the process exits when the drain
+        // ends (its own grace period, a little longer, is only a backstop).
+        self.live.drain.close();
+        let live = Arc::clone(&self.live);
+        let grace = self.grace;
+        let spawned = std::thread::Builder::new()
+            .name("tokengate-drain".into())
+            .spawn(move || drain_and_exit(&live, grace));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the drain; pingora's grace period applies");
+        }
+        ShutdownSignal::GracefulTerminate
     }
+}
+
+/// Waits until no request is in flight, for at most `grace`, then ends the process with 0.
+fn drain_and_exit(live: &Live, grace: Duration) {
+    let started = std::time::Instant::now();
+    tracing::info!(
+        in_flight = live.drain.in_flight(),
+        grace_period_ms = grace.as_millis() as u64,
+        "listeners closed; draining the requests in flight"
+    );
+    if live.drain.wait_idle(started + grace) {
+        tracing::info!(
+            drained_ms = started.elapsed().as_millis() as u64,
+            "no request in flight; exiting"
+        );
+    } else {
+        tracing::warn!(
+            in_flight = live.drain.in_flight(),
+            "grace period over with requests in flight; exiting"
+        );
+    }
+    std::process::exit(0);
 }
 
 struct ChannelSignal(tokio::sync::Mutex<mpsc::Receiver<()>>);

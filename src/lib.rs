@@ -30,5 +30,6 @@ pub mod gateway;
 pub mod metrics;
 pub mod oauth;
 pub mod proxy;
+pub mod shutdown;
 pub mod token;
 pub mod token_listener;

@@ -88,6 +88,9 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             init_logging(&config.log);
+            for warning in tokengate::config::warnings(&config) {
+                tracing::warn!("{warning}");
+            }
             tracing::info!(
                 version = env!("CARGO_PKG_VERSION"),
                 routes = config.routes.len(),
@@ -167,6 +170,25 @@ fn check(path: &std::path::Path, fetch: bool) -> ExitCode {
         config.routes.len(),
         if config.routes.len() == 1 { "" } else { "s" }
     ));
+    for warning in tokengate::config::warnings(&config) {
+        say(format_args!("warning: {warning}"));
+    }
+    // `run` starts with an upstream that does not resolve (the route answers 502 until it
+    // does), so this is a warning too.
+    for (i, route) in config.routes.iter().enumerate() {
+        let up = &route.upstream;
+        if let Err(e) = tokengate::proxy::upstream_dns::resolve_blocking(
+            &up.host,
+            up.port,
+            config.server.hosts_file.as_deref(),
+        ) {
+            say(format_args!(
+                "warning: routes[{i}].upstream: {}:{} does not resolve ({e}); route {} would \
+                 answer 502 upstream_unreachable until it does",
+                up.host, up.port, route.name
+            ));
+        }
+    }
     if !fetch {
         return ExitCode::SUCCESS;
     }

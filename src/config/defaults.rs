@@ -15,6 +15,21 @@ pub const DEFAULT_TOKEN_CLIENTS: &[&str] = &["127.0.0.0/8", "::1/128"];
 pub const DEFAULT_MAX_CACHED_SUBJECTS: usize = 10_000;
 /// Default `server.grace_period`.
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(10);
+/// Largest `server.grace_period`: a drain longer than an hour only delays a restart.
+pub const MAX_GRACE_PERIOD: Duration = Duration::from_secs(3600);
+/// Default `server.shutdown_delay`: long enough for Kubernetes to take the pod out of its
+/// Service endpoints after the readiness probe fails.
+pub const DEFAULT_SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
+/// Largest `server.shutdown_delay`.
+pub const MAX_SHUTDOWN_DELAY: Duration = Duration::from_secs(600);
+/// Largest `routes.connect_timeout`.
+pub const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Largest `routes.read_timeout`.
+pub const MAX_READ_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Largest `routes.auth.token_timeout`.
+pub const MAX_TOKEN_TIMEOUT: Duration = Duration::from_secs(300);
+/// Largest `routes.auth.default_token_lifetime`.
+pub const MAX_DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Default `server.replay_body_limit` (64 KiB).
 pub const DEFAULT_REPLAY_BODY_LIMIT: usize = 64 * 1024;
 /// Largest `server.replay_body_limit`, bytes: pingora-proxy keeps at most this much of a

@@ -36,8 +36,10 @@ mod load;
 #[cfg(test)]
 mod test_support;
 mod validate;
+mod warnings;
 
 pub use error::{ConfigError, ConfigErrors};
+pub use warnings::warnings;
 
 /// A secret string (client secret). `Debug` and `Display` never show the value.
 #[derive(Clone, PartialEq, Eq)]
@@ -93,8 +95,19 @@ pub struct ServerConfig {
     pub allowed_clients: Vec<IpNet>,
     /// Proxy worker threads. Default: number of CPUs.
     pub threads: usize,
-    /// How long in-flight requests may drain after SIGTERM/SIGINT. Default 10 s.
+    /// How long in-flight requests may drain after SIGTERM/SIGINT, once the listeners stopped
+    /// accepting. Default 10 s, at most 1 h.
     pub grace_period: Duration,
+    /// How long the listeners keep accepting and serving after SIGTERM/SIGINT while `/readyz`
+    /// answers 503, so load balancers stop sending first. Default 5 s, at most 10 min.
+    pub shutdown_delay: Duration,
+    /// CIDRs of load balancers whose `X-Forwarded-For` names the client
+    /// (docs/proxy-behaviour.md "Client address"). Default: none.
+    pub trusted_proxies: Vec<IpNet>,
+    /// A hosts(5)-format file upstream names are resolved from instead of the system
+    /// resolver, re-read at each resolution (docs/proxy-behaviour.md "Upstream addresses").
+    /// `None`: the system resolver.
+    pub hosts_file: Option<PathBuf>,
     /// Request bodies up to this many bytes are kept for one replay after an upstream 401.
     /// Default 64 KiB.
     pub replay_body_limit: usize,

@@ -35,6 +35,7 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     subject_tokens: IntGaugeVec,
     vended_tokens: IntCounterVec,
+    connections: IntGauge,
 }
 
 /// Why a request was refused before routing finished (`tokengate_denied_total{reason}`).
@@ -220,6 +221,15 @@ impl Metrics {
                 "Tokens handed out by the token listener, by route.",
                 &["route"],
             ),
+            connections: {
+                let g = IntGauge::new(
+                    "tokengate_connections",
+                    "Open client connections on the proxy listeners.",
+                )
+                .expect("static metric definition");
+                register(&r, g.clone());
+                g
+            },
             registry: r,
         };
         let build = gauge_vec(
@@ -254,6 +264,11 @@ impl Metrics {
             tracing::error!(error = %e, "metrics encoding failed");
         }
         (buf, encoder.format_type().to_string())
+    }
+
+    /// `tokengate_connections`: open client connections on the proxy listeners (both paths).
+    pub fn connections(&self) -> IntGauge {
+        self.connections.clone()
     }
 
     /// Counts a refused request.

@@ -23,6 +23,7 @@ pub mod fast_path;
 pub mod policy;
 pub(crate) mod route_compile;
 pub mod routes;
+pub mod upstream_dns;
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,6 +67,9 @@ pub struct SharedState {
     pub tables: Vec<RouteTable>,
     /// `server.allowed_clients`.
     pub allowed_clients: Vec<IpNet>,
+    /// `server.trusted_proxies`: peers whose `X-Forwarded-For` names the client
+    /// ([`policy::client`]).
+    pub trusted_proxies: Vec<IpNet>,
     /// Metric handles.
     pub metrics: Arc<Metrics>,
     /// `server.replay_body_limit`, bytes.
@@ -87,6 +91,7 @@ impl SharedState {
             routes,
             tables: Vec::new(),
             allowed_clients,
+            trusted_proxies: Vec::new(),
             replay_body_limit,
             metrics,
             request_ids: RequestIds::new(),
@@ -101,6 +106,8 @@ impl SharedState {
 pub struct Live {
     current: ArcSwap<SharedState>,
     generation: AtomicU64,
+    /// Shutdown state and requests in flight on both paths (kept across reloads).
+    pub drain: crate::shutdown::Drain,
 }
 
 impl Live {
@@ -109,6 +116,7 @@ impl Live {
         Live {
             current: ArcSwap::from_pointee(state),
             generation: AtomicU64::new(0),
+            drain: crate::shutdown::Drain::default(),
         }
     }
 
@@ -210,6 +218,11 @@ pub struct RequestCtx {
     /// A managed user's token source when the request names a subject
     /// ([`policy::Subject::User`]); `None`: the route's own.
     subject_source: Option<Arc<crate::token::TokenSource>>,
+    /// The client address ([`policy::client::client_address`]); `None` when the peer has no IP
+    /// address.
+    client: Option<policy::client::ClientAddress>,
+    /// The request counts as in flight for the drain after SIGTERM while this lives.
+    _busy: crate::shutdown::BusyOwned,
 }
 
 impl RequestCtx {
@@ -254,6 +267,8 @@ impl ProxyHttp for Gateway {
             head: None,
             plan: Plan::default(),
             subject_source: None,
+            client: None,
+            _busy: crate::shutdown::BusyOwned::new(Arc::clone(&self.live)),
         }
     }
 
@@ -264,16 +279,23 @@ impl ProxyHttp for Gateway {
             // 100 or 103 on; a 101 cannot happen, a 1.0 request is no upgrade).
             session.as_mut().set_ignore_info_resp(true);
         }
-        let client_ip = session
+        let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        let allowed = client_ip.is_some_and(|ip| client_allowed(&state.allowed_clients, ip));
         // The head as the bytes pingora received, read as the fast path reads them.
         let head = match session.as_downstream().as_http1() {
             Some(h1) => DownstreamHead::parse(h1.get_headers_raw_bytes()),
             None => Err(GatewayError::BadRequest("not an HTTP/1 request")),
         };
+        // Who the client is: the peer, or whom a trusted proxy's X-Forwarded-For names (an
+        // unreadable head is judged by its peer).
+        ctx.client = peer.map(|peer| match &head {
+            Ok(h) => policy::client::client_address(peer, &state.trusted_proxies, h),
+            Err(_) => policy::client::ClientAddress::peer(peer),
+        });
+        let client_ip = ctx.client.map(|c| c.ip);
+        let allowed = client_ip.is_some_and(|ip| client_allowed(&state.allowed_clients, ip));
         // The client's first `X-Request-Id` when usable, else a new one (as on the fast path).
         let client_id = head
             .as_ref()
@@ -367,15 +389,38 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let state = &ctx.state;
-        match ctx.route {
-            Some(i) => Ok(Box::new(state.routes[i].peer.clone())),
-            None => Error::e_explain(ErrorType::InternalError, "no route in upstream_peer"),
+        let Some(route) = ctx.route.map(|i| &state.routes[i]) else {
+            return Error::e_explain(ErrorType::InternalError, "no route in upstream_peer");
+        };
+        // The address the last background resolution found (proxy::upstream_dns); a name
+        // that never resolved is a connect failure: 502 `upstream_unreachable`.
+        match route.upstream.peer() {
+            Ok(peer) => Ok(Box::new((*peer).clone())),
+            Err(why) => Err(Error::explain(
+                ErrorType::ConnectNoRoute,
+                format!("upstream {} does not resolve: {why}", route.upstream.name()),
+            )
+            .into_up()),
         }
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        e: Box<Error>,
+    ) -> Box<Error> {
+        // Resolve the name again soon: the address may have moved.
+        if let Some(i) = ctx.route {
+            ctx.state.routes[i].upstream.connect_failed();
+        }
+        e
     }
 
     async fn upstream_request_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -410,16 +455,14 @@ impl ProxyHttp for Gateway {
         };
 
         ctx.authorization_len = authorization.len();
-        let client_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_canonical().to_string().into_bytes());
+        let client_ip = ctx.client.map(|c| c.ip.to_string().into_bytes());
         let Some(head) = ctx.head.as_ref() else {
             return Error::e_explain(ErrorType::InternalError, "no request head");
         };
         let fw = Forwarding {
             route,
             client_ip: client_ip.as_deref(),
+            forward_entries: ctx.client.and_then(|c| c.forward_entries),
             authorization: authorization.as_bytes(),
             request_id: ctx.request_id.as_ref().map_or(b"-", |v| v.as_bytes()),
         };
@@ -561,6 +604,10 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let facts = downstream::apply_response_policy(response, ctx.request_id.as_ref())?;
+        if self.live.drain.closing() {
+            // Shutting down: this response closes the connection (docs/operations.md "Shutdown").
+            session.set_keepalive(None);
+        }
         if session.req_header().version < http::Version::HTTP_11 {
             // pingora-proxy frames a body of unknown length chunked (or keeps the upstream's
             // chunked); without `Transfer-Encoding` it writes the body as it comes and the close

@@ -13,18 +13,32 @@ use crate::config::RouteConfig;
 use crate::gateway::StartError;
 use crate::metrics::Metrics;
 use crate::proxy::routes::{normalise_prefix, Route};
+use crate::proxy::upstream_dns::UpstreamAddress;
 use crate::token::subjects::SubjectTokens;
 use crate::token::TokenSource;
 
+/// How [`compile_route`] treats an upstream host that does not resolve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unresolved {
+    /// At start: the route is built without a peer and answers 502 `upstream_unreachable`
+    /// until a background resolution succeeds.
+    Tolerate,
+    /// At a reload: the reload is rejected.
+    Reject,
+}
+
 /// Compiles route `index` (`routes[index]` in the config), its requests authorised by `token`.
-/// `ca_pem` is the content of the route's `ca_file`, read once by the caller.
+/// `ca_pem` is the content of the route's `ca_file`, read once by the caller; upstream names
+/// are resolved from `hosts_file` when given.
 ///
-/// Resolves the upstream host now (blocking).
+/// Resolves the upstream host now (blocking); the caller starts its background resolution
+/// ([`crate::proxy::upstream_dns::UpstreamAddress::follow`]).
 ///
 /// # Errors
-/// [`StartError::Resolve`] when the host does not resolve, [`StartError::CaFile`] when `ca_pem`
-/// holds no PEM certificate, [`StartError::Internal`] when the upstream authority is not a
-/// valid `Host` value.
+/// [`StartError::Resolve`] when the host does not resolve and `unresolved` is
+/// [`Unresolved::Reject`], [`StartError::CaFile`] when `ca_pem` holds no PEM certificate,
+/// [`StartError::Internal`] when the upstream authority is not a valid `Host` value.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn compile_route(
     index: usize,
     rc: &RouteConfig,
@@ -32,21 +46,13 @@ pub(crate) fn compile_route(
     subjects: Option<Arc<SubjectTokens>>,
     ca_pem: Option<&[u8]>,
     metrics: &Metrics,
+    hosts_file: Option<&std::path::Path>,
+    unresolved: Unresolved,
 ) -> Result<Route, StartError> {
     let up = &rc.upstream;
-    // Resolved once at start (pingora peers hold a socket address); pingora's own resolution
-    // would panic on a name that does not resolve.
-    let resolve_error = |reason: String| StartError::Resolve {
-        index,
-        route: rc.name.clone(),
-        host: up.host.clone(),
-        port: up.port,
-        reason,
-    };
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(up.host.as_str(), up.port))
-        .map_err(|e| resolve_error(e.to_string()))?
-        .next()
-        .ok_or_else(|| resolve_error("no address".into()))?;
+    // The address is filled in by each resolution (UpstreamAddress); pingora's own
+    // resolution would panic on a name that does not resolve.
+    let addr = std::net::SocketAddr::from(([0, 0, 0, 0], up.port));
     let mut peer = HttpPeer::new(addr, up.tls, up.host.clone());
     peer.options.connection_timeout = Some(rc.connect_timeout);
     peer.options.total_connection_timeout = Some(rc.connect_timeout * 2);
@@ -65,6 +71,29 @@ pub(crate) fn compile_route(
     // The policy decides every upstream request field; pingora's own sanitising is off.
     peer.options.http_upstream_request_policy =
         pingora::upstreams::peer::HttpUpstreamRequestPolicy::preserve();
+    let upstream = Arc::new(UpstreamAddress::new(
+        &up.host,
+        up.port,
+        peer,
+        hosts_file.map(std::path::Path::to_path_buf),
+    ));
+    if let Err(reason) = upstream.resolve_blocking() {
+        if unresolved == Unresolved::Reject {
+            return Err(StartError::Resolve {
+                index,
+                route: rc.name.clone(),
+                host: up.host.clone(),
+                port: up.port,
+                reason,
+            });
+        }
+        tracing::warn!(
+            route = %rc.name,
+            upstream = %upstream.name(),
+            error = %reason,
+            "upstream does not resolve; the route answers 502 until it does"
+        );
+    }
     let allow_header = match &rc.allow_methods {
         Some(m) => {
             let joined = m.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
@@ -82,7 +111,7 @@ pub(crate) fn compile_route(
         prefix: normalise_prefix(&rc.path_prefix),
         strip_prefix: rc.strip_prefix,
         base_path: up.base_path.trim_end_matches('/').to_string(),
-        peer,
+        upstream,
         host_header,
         allow_methods: rc.allow_methods.clone(),
         allow_header,

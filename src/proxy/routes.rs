@@ -14,7 +14,6 @@ type Map<V> = HashMap<String, V, foldhash::fast::RandomState>;
 type PrefixKeys<V> = HashMap<Vec<u8>, V, foldhash::fast::RandomState>;
 
 use http::{HeaderName, HeaderValue, Method};
-use pingora::upstreams::peer::HttpPeer;
 
 use crate::config::RouteConfig;
 use crate::metrics::RouteMetrics;
@@ -32,8 +31,9 @@ pub struct Route {
     pub strip_prefix: bool,
     /// Upstream base path without trailing `/`.
     pub base_path: String,
-    /// The upstream peer (address, TLS, SNI, timeouts, trust roots), cloned per request.
-    pub peer: HttpPeer,
+    /// The upstream: the peer new connections use (address, TLS, SNI, timeouts, trust
+    /// roots), its name re-resolved in the background (`proxy::upstream_dns`).
+    pub upstream: Arc<crate::proxy::upstream_dns::UpstreamAddress>,
     /// `Host` sent upstream.
     pub host_header: HeaderValue,
     /// Allowed methods (`None`: all but TRACE and CONNECT).

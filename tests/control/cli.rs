@@ -43,6 +43,7 @@ fn good_config(key_file: &Path) -> String {
         r#"[server]
 listen = "127.0.0.1:18080"
 admin_listen = "127.0.0.1:19090"
+hosts_file = {hosts:?}
 
 [[routes]]
 name = "drillster"
@@ -55,8 +56,17 @@ client_id = "874a16d4ac764ce4a545f0cca4584c63"
 client_secret = "not-a-real-secret"
 key_file = "{}"
 "#,
-        key_file.display()
+        key_file.display(),
+        hosts = cli_hosts_file().display().to_string(),
     )
+}
+
+/// A hosts file naming www.drillster.com (on loopback), so `check`, which resolves upstream
+/// names, never asks a DNS server.
+fn cli_hosts_file() -> PathBuf {
+    let path = std::env::temp_dir().join(format!("tokengate-cli-hosts-{}", std::process::id()));
+    std::fs::write(&path, "127.0.0.1 www.drillster.com\n").unwrap();
+    path
 }
 
 /// Runs `check` on `config` and asserts exit 2 with a message naming `key`.
@@ -346,25 +356,98 @@ async fn token_and_check_fetch_against_the_sandbox() {
     sandbox.shutdown().await.unwrap();
 }
 
+/// An upstream that does not resolve is a warning for `check` (exit 0) and no reason for
+/// `run` to stop: it starts, `/status` says why the route has no address.
 #[test]
-fn run_with_an_upstream_that_does_not_resolve_exits_1_with_a_message() {
+fn an_upstream_that_does_not_resolve_is_a_warning_and_run_starts_anyway() {
     let dir = TempDir::new("nodns");
+    let (listen, admin) = (common::free_addr(), common::free_addr());
     let config = good_config(&common::demo_key_path())
         .replace(
             "https://www.drillster.com\"",
             "https://no-such-host.invalid\"",
         )
-        .replace("127.0.0.1:18080", &common::free_addr().to_string())
-        .replace("127.0.0.1:19090", &common::free_addr().to_string());
+        // Nothing listens there: no token, and no request leaves loopback.
+        .replace(
+            "https://www.drillster.com/api/oauth/token",
+            "http://127.0.0.1:9/token",
+        )
+        .replace("127.0.0.1:18080", &listen.to_string())
+        .replace("127.0.0.1:19090", &admin.to_string())
+        .replace("[server]\n", "[server]\nshutdown_delay = \"0s\"\n");
     let path = dir.write("nodns.toml", &config);
-    let out = tokengate(&["run", "-c", path.to_str().unwrap()]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let out = tokengate(&["check", "-c", path.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(
-        stderr
-            .contains("routes[0] (drillster): upstream no-such-host.invalid:443 does not resolve"),
-        "{stderr}"
+        stdout.contains(
+            "warning: routes[0].upstream: no-such-host.invalid:443 does not resolve (no-such-host.invalid: no address in"
+        ),
+        "{stdout}"
     );
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .args(["run", "-c", path.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        let answer = std::net::TcpStream::connect(admin).ok().and_then(|mut s| {
+            use std::io::{Read, Write};
+            s.write_all(b"GET /status HTTP/1.0\r\n\r\n").ok()?;
+            let mut text = String::new();
+            s.read_to_string(&mut text).ok()?;
+            Some(text)
+        });
+        if let Some(text) = answer.filter(|t| t.starts_with("HTTP/1.1 200")) {
+            break text;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "run exited although only an upstream does not resolve"
+        );
+        assert!(std::time::Instant::now() < deadline, "no /status in 20 s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let body: serde_json::Value =
+        serde_json::from_str(status.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let dns = &body["routes"][0]["upstream_dns"];
+    assert_eq!(dns["resolved"], false, "{body}");
+    assert!(
+        dns["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-host.invalid: no address"),
+        "{body}"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let exit = child.wait().unwrap();
+    assert_eq!(exit.code(), Some(0));
+}
+
+/// A token endpoint over plain HTTP on a host that is not loopback is a warning naming what
+/// would travel in clear.
+#[test]
+fn check_warns_about_a_plain_http_token_endpoint() {
+    let dir = TempDir::new("plain-http");
+    let config = good_config(&common::demo_key_path()).replace(
+        "https://www.drillster.com/api/oauth/token",
+        "http://www.drillster.com/api/oauth/token",
+    );
+    let path = dir.write("plain.toml", &config);
+    let out = tokengate(&["check", "-c", path.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("warning: routes[0].auth.token_endpoint: \"http://www.drillster.com/api/oauth/token\" is plain HTTP")
+            && stdout.contains("the client secret (routes[0].auth.client_secret)"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("not-a-real-secret"), "{stdout}");
 }
 
 #[test]

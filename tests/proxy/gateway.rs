@@ -400,6 +400,20 @@ async fn admin_endpoints_report_without_secrets() {
     assert_eq!(v["routes"][0]["grant"], "jwt_bearer");
     assert_eq!(v["routes"][0]["token"]["usable"], true);
     assert!(v["routes"][0]["token"]["expires_at"].as_u64().unwrap() > 0);
+    // Every time also as RFC 3339, the same second.
+    let t = &v["routes"][0]["token"];
+    for key in ["expires_at", "last_refresh"] {
+        let text = t[format!("{key}_rfc3339")].as_str().unwrap();
+        assert!(text.ends_with('Z'), "{key}: {text}");
+        let parsed = humantime::parse_rfc3339(text).unwrap();
+        let unix = parsed
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert_eq!(unix, t[key].as_u64().unwrap(), "{key}");
+    }
+    assert_eq!(t["last_error_at_rfc3339"], serde_json::Value::Null);
+    assert_eq!(v["shutting_down"], false);
     let metrics = gw.metrics().await;
     for name in [
         "tokengate_requests_total{code=\"200\",route=\"drillster\"} 1",
@@ -611,4 +625,48 @@ async fn a_request_whose_client_left_is_counted_as_code_0() {
     assert!(metrics.contains("tokengate_request_duration_seconds_count{route=\"drillster\"} 2"));
     gw.stop().await;
     sandbox.shutdown().await.unwrap();
+}
+
+/// `tokengate_connections` counts open client connections on both paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_client_connections_are_counted() {
+    use tokio::io::AsyncWriteExt;
+    let sandbox = Sandbox::start().await.unwrap();
+    let gw = TestGateway::start(config_for(&sandbox, |t| t)).await;
+    gw.ready().await;
+    let open = |m: String| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("tokengate_connections "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    // The readiness probe's connections are gone.
+    assert!(
+        common::poll_until(Duration::from_secs(5), || async {
+            open(gw.metrics().await) == Some(0.0)
+        })
+        .await,
+        "{:?}",
+        open(gw.metrics().await)
+    );
+    let mut conns = Vec::new();
+    for request in [
+        &b"GET /drillster/a HTTP/1.1\r\nHost: gw\r\n\r\n"[..],
+        b"POST /drillster/b HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET /driftrock/c HTTP/1.1\r\nHost: gw\r\n\r\n",
+    ] {
+        let mut s = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let r = crate::proxy_support::read_answer(&mut s, &mut Vec::new()).await;
+        assert_eq!(r.status, 200, "{}", r.head);
+        conns.push(s);
+    }
+    assert_eq!(open(gw.metrics().await), Some(3.0));
+    drop(conns);
+    assert!(
+        common::poll_until(Duration::from_secs(5), || async {
+            open(gw.metrics().await) == Some(0.0)
+        })
+        .await,
+        "closed connections are no longer counted"
+    );
 }

@@ -21,6 +21,7 @@ use pingora::protocols::http::ServerSession;
 use pingora::upstreams::peer::HttpPeer;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestRunner};
+use tokengate::proxy::upstream_dns::UpstreamAddress;
 
 use tokengate::metrics::{Metrics, TokenMetrics};
 use tokengate::oauth::{AccessToken, FetchError};
@@ -64,7 +65,7 @@ fn state(strip: &[&str], forward_cookies: bool, strip_prefix: bool) -> SharedSta
         } else {
             String::new()
         },
-        peer: HttpPeer::new("127.0.0.1:9", false, "api.example".into()),
+        upstream: UpstreamAddress::fixed(HttpPeer::new("127.0.0.1:9", false, "api.example".into())),
         host_header: HeaderValue::from_static("api.example"),
         allow_methods: None,
         allow_header: None,
@@ -344,6 +345,7 @@ fn via_pingora(
     let fw = Forwarding {
         route: &state.routes[0],
         client_ip: Some(client_ip.as_bytes()),
+        forward_entries: None,
         authorization: AUTHORIZATION.as_bytes(),
         request_id,
     };

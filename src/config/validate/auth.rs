@@ -10,6 +10,7 @@ use url::Url;
 use crate::config::defaults::{
     DEFAULT_ASSERTION_LIFETIME, DEFAULT_MIN_TIME_LEFT, DEFAULT_REFRESH_RATIO,
     DEFAULT_TOKEN_LIFETIME, DEFAULT_TOKEN_TIMEOUT, MAX_ASSERTION_LIFETIME,
+    MAX_DEFAULT_TOKEN_LIFETIME, MAX_TOKEN_TIMEOUT,
 };
 use crate::config::file::AuthFile;
 use crate::config::{AuthConfig, BasicEncoding, ClientAuth, Grant, Secret, TokenEndpointLocation};
@@ -286,6 +287,11 @@ impl Validator<'_> {
             default_token_lifetime,
             DEFAULT_TOKEN_LIFETIME,
         );
+        let default_token_lifetime = self.at_most(
+            &format!("{p}.default_token_lifetime"),
+            default_token_lifetime,
+            MAX_DEFAULT_TOKEN_LIFETIME,
+        );
         let refresh_ratio = match refresh_ratio {
             None => DEFAULT_REFRESH_RATIO,
             Some(r) if r.is_finite() && r > 0.0 && r < 1.0 => r,
@@ -303,6 +309,11 @@ impl Validator<'_> {
             &format!("{p}.token_timeout"),
             token_timeout,
             DEFAULT_TOKEN_TIMEOUT,
+        );
+        let token_timeout = self.at_most(
+            &format!("{p}.token_timeout"),
+            token_timeout,
+            MAX_TOKEN_TIMEOUT,
         );
         let min_time_left = min_time_left.unwrap_or(DEFAULT_MIN_TIME_LEFT);
         if min_time_left >= default_token_lifetime {

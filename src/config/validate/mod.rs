@@ -69,6 +69,23 @@ impl<'r> Validator<'r> {
         }
     }
 
+    /// `value` when it is at most `max`; else reported under `key`, naming the bound, and
+    /// `max` is used.
+    fn at_most(&mut self, key: &str, value: Duration, max: Duration) -> Duration {
+        if value <= max {
+            return value;
+        }
+        self.r.push(
+            key,
+            format!(
+                "{} s is more than the most it may be, \"{}\"; use a shorter duration",
+                value.as_secs(),
+                humantime::format_duration(max)
+            ),
+        );
+        max
+    }
+
     /// A string that must not be blank when present (a blank one is reported and dropped).
     fn non_empty(&mut self, key: &str, value: Option<String>) -> Option<String> {
         match value {

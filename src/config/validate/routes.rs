@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use crate::config::defaults::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT};
+use crate::config::defaults::{
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT, MAX_CONNECT_TIMEOUT, MAX_READ_TIMEOUT,
+};
 use crate::config::file::RouteFile;
 use crate::config::{RouteConfig, ServerConfig};
 
@@ -187,6 +189,13 @@ impl Validator<'_> {
             route.read_timeout.map(|d| d.0),
             DEFAULT_READ_TIMEOUT,
         );
+        let connect_timeout = self.at_most(
+            &format!("{p}.connect_timeout"),
+            connect_timeout,
+            MAX_CONNECT_TIMEOUT,
+        );
+        let read_timeout =
+            self.at_most(&format!("{p}.read_timeout"), read_timeout, MAX_READ_TIMEOUT);
 
         let allow_methods = route
             .allow_methods

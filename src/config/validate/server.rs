@@ -9,7 +9,8 @@ use ipnet::IpNet;
 use super::Validator;
 use crate::config::defaults::{
     DEFAULT_ADMIN_LISTEN, DEFAULT_ALLOWED_CLIENTS, DEFAULT_GRACE_PERIOD, DEFAULT_LISTEN,
-    DEFAULT_REPLAY_BODY_LIMIT, DEFAULT_TOKEN_CLIENTS, MAX_REPLAY_BODY_LIMIT,
+    DEFAULT_REPLAY_BODY_LIMIT, DEFAULT_SHUTDOWN_DELAY, DEFAULT_TOKEN_CLIENTS, MAX_GRACE_PERIOD,
+    MAX_REPLAY_BODY_LIMIT, MAX_SHUTDOWN_DELAY,
 };
 use crate::config::file::{LogFile, OneOrMany, ServerFile};
 use crate::config::{LogConfig, LogFormat, ServerConfig};
@@ -96,6 +97,34 @@ impl Validator<'_> {
         };
 
         let grace_period = s.grace_period.map_or(DEFAULT_GRACE_PERIOD, |d| d.0);
+        let grace_period = self.at_most("server.grace_period", grace_period, MAX_GRACE_PERIOD);
+        let shutdown_delay = s.shutdown_delay.map_or(DEFAULT_SHUTDOWN_DELAY, |d| d.0);
+        let shutdown_delay =
+            self.at_most("server.shutdown_delay", shutdown_delay, MAX_SHUTDOWN_DELAY);
+        let hosts_file = s.hosts_file.and_then(|p| {
+            let resolved = self.resolve(&p);
+            match std::fs::read_to_string(&resolved) {
+                Ok(_) => Some(resolved),
+                Err(e) => {
+                    self.r.push(
+                        "server.hosts_file",
+                        format!(
+                            "cannot read \"{}\": {e}; point hosts_file at a file of \
+                             \"address name\" lines, or remove the key for the system resolver",
+                            resolved.display()
+                        ),
+                    );
+                    None
+                }
+            }
+        });
+        let trusted_proxies = s
+            .trusted_proxies
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| self.cidr(&format!("server.trusted_proxies[{i}]"), c))
+            .collect();
         let replay_body_limit = match s.replay_body_limit {
             None => DEFAULT_REPLAY_BODY_LIMIT,
             Some(b) if b.0 <= MAX_REPLAY_BODY_LIMIT as u64 => b.0 as usize,
@@ -153,6 +182,9 @@ impl Validator<'_> {
             allowed_clients,
             threads,
             grace_period,
+            shutdown_delay,
+            trusted_proxies,
+            hosts_file,
             replay_body_limit,
             token_listen,
             token_clients,
@@ -265,6 +297,102 @@ mod tests {
                 &errs,
                 "server.replay_body_limit: 1048576 bytes is more than a replay can keep"
             ),
+            "{errs:?}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod shutdown_and_proxies_tests {
+    use crate::config::test_support::{cc_route, errors, has, load};
+    use std::time::Duration;
+
+    #[test]
+    fn trusted_proxies_and_shutdown_delay_have_defaults_and_bounds() {
+        let c = load(&cc_route("")).unwrap();
+        assert!(c.server.trusted_proxies.is_empty());
+        assert_eq!(c.server.shutdown_delay, Duration::from_secs(5));
+
+        let text = format!(
+            "[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"fd00::1\"]\nshutdown_delay = \"0s\"\n{}",
+            cc_route("")
+        );
+        let c = load(&text).unwrap();
+        assert_eq!(c.server.trusted_proxies.len(), 2);
+        assert_eq!(c.server.shutdown_delay, Duration::ZERO);
+
+        let text = format!(
+            "[server]\ntrusted_proxies = [\"10.0.0.0/33\"]\ngrace_period = \"365days\"\n\
+             shutdown_delay = \"2h\"\n{}",
+            cc_route("")
+        );
+        let errs = errors(&text);
+        assert!(
+            has(
+                &errs,
+                "server.trusted_proxies[0]: \"10.0.0.0/33\" is not a CIDR"
+            ),
+            "{errs:?}"
+        );
+        assert!(
+            has(
+                &errs,
+                "server.grace_period: 31536000 s is more than the most it may be, \"1h\""
+            ),
+            "{errs:?}"
+        );
+        assert!(
+            has(
+                &errs,
+                "server.shutdown_delay: 7200 s is more than the most it may be, \"10m\""
+            ),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn hosts_file_must_be_readable() {
+        let text = format!(
+            "[server]\nhosts_file = \"/nonexistent/tokengate-hosts\"\n{}",
+            cc_route("")
+        );
+        let errs = errors(&text);
+        assert!(
+            has(
+                &errs,
+                "server.hosts_file: cannot read \"/nonexistent/tokengate-hosts\""
+            ),
+            "{errs:?}"
+        );
+        assert!(load(&cc_route("")).unwrap().server.hosts_file.is_none());
+    }
+
+    #[test]
+    fn route_durations_are_bounded() {
+        let route = cc_route("token_timeout = \"1h\"\ndefault_token_lifetime = \"30days\"\n")
+            .replacen(
+                "[routes.auth]",
+                "connect_timeout = \"1h\"\nread_timeout = \"2days\"\n[routes.auth]",
+                1,
+            );
+        let errs = errors(&route);
+        assert!(
+            has(&errs, "routes[0].auth.token_timeout: 3600 s is more than"),
+            "{errs:?}"
+        );
+        assert!(
+            has(
+                &errs,
+                "routes[0].auth.default_token_lifetime: 2592000 s is more than"
+            ),
+            "{errs:?}"
+        );
+        assert!(
+            has(&errs, "routes[0].connect_timeout: 3600 s is more than"),
+            "{errs:?}"
+        );
+        assert!(
+            has(&errs, "routes[0].read_timeout: 172800 s is more than"),
             "{errs:?}"
         );
     }

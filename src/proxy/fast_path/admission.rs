@@ -9,7 +9,7 @@ use super::request::{FieldsIn, Plain};
 use super::Conn;
 use crate::proxy::policy::{self, Subject};
 use crate::proxy::routes::{Route, RouteTable};
-use crate::proxy::SharedState;
+use crate::proxy::{client_allowed, SharedState};
 use crate::token::{Token, TokenCache, TokenSource};
 
 /// A request the fast path forwards: its route (an index into `SharedState::routes`) and the
@@ -155,4 +155,45 @@ pub(super) fn take_token(
 ) -> Option<Arc<Token>> {
     route.token.usable_cached(tokens, now)?;
     tokens.take()
+}
+
+impl Conn {
+    /// Checks the client against `state.allowed_clients`: once per connection, and again
+    /// after a reload.
+    pub(super) fn check_client(&mut self, state: &SharedState) {
+        self.peer_trusted = !state.trusted_proxies.is_empty()
+            && self
+                .peer_ip
+                .is_some_and(|ip| policy::client::is_trusted(&state.trusted_proxies, ip));
+        if self.client_ip != self.peer_ip {
+            self.client_ip = self.peer_ip;
+            self.client_ip_text = self
+                .peer_ip
+                .map(|ip| ip.to_canonical().to_string().into_bytes());
+        }
+        self.forward_entries = None;
+        self.allowed = self
+            .client_ip
+            .is_some_and(|ip| client_allowed(&state.allowed_clients, ip));
+    }
+
+    /// Decides the client address of the request whose fields are in `self.fields`, from a
+    /// trusted peer (docs/proxy-behaviour.md "Client address"), and checks it against
+    /// `state.allowed_clients`.
+    pub(super) fn judge_forwarded(&mut self, state: &SharedState) {
+        let Some(peer) = self.peer_ip else {
+            return;
+        };
+        let view = FieldsIn {
+            buf: &self.buf,
+            fields: &self.fields,
+        };
+        let client = policy::client::client_address(peer, &state.trusted_proxies, &view);
+        if self.client_ip != Some(client.ip) {
+            self.client_ip = Some(client.ip);
+            self.client_ip_text = Some(client.ip.to_string().into_bytes());
+        }
+        self.forward_entries = client.forward_entries;
+        self.allowed = client_allowed(&state.allowed_clients, client.ip);
+    }
 }

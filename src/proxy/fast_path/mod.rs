@@ -39,7 +39,7 @@ use pingora::protocols::Stream;
 use pingora::proxy::HttpProxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
-use pingora::upstreams::peer::Peer;
+use pingora::upstreams::peer::Peer as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf};
 
 mod admission;
@@ -50,14 +50,11 @@ pub mod wire;
 
 use super::policy::{self, ErrorResponse, GatewayError, Plan};
 use super::routes::{Route, RouteTable};
-use super::{
-    client_allowed, record_request, valid_request_id_bytes, Gateway, Live, RequestRecord,
-    SharedState, MAX_REQUEST_ID,
-};
+use super::{record_request, Gateway, Live, RequestRecord, SharedState};
 use crate::metrics::UpstreamErrorKind;
 use crate::token::{Sent, TokenCache, TokenSource};
 use admission::{admit, Admitted};
-use request::{parse_request, write_upstream_request, Field, Parsed, Plain};
+use request::{parse_request, write_upstream_request, Field, Parsed, Plain, RequestId};
 use response::{parse_response, ChunkedEnd, Framing, ResponseHead};
 use timer::Timer;
 
@@ -90,13 +87,33 @@ pub struct ListenerApp {
     slot: usize,
     connector: TransportConnector,
     slow: Arc<HttpProxy<Gateway>>,
+    /// `tokengate_connections`.
+    connections: pingora_prometheus::prometheus::IntGauge,
+}
+
+/// One open client connection in `tokengate_connections`, until dropped.
+struct OpenConnection<'a>(&'a pingora_prometheus::prometheus::IntGauge);
+
+impl<'a> OpenConnection<'a> {
+    fn new(gauge: &'a pingora_prometheus::prometheus::IntGauge) -> Self {
+        gauge.inc();
+        OpenConnection(gauge)
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl ListenerApp {
     /// The service for the listener whose route table is `live`'s `tables[slot]`.
     pub fn new(live: Arc<Live>, slot: usize, conf: &Arc<ServerConf>) -> Self {
         let slow = pingora::proxy::http_proxy(conf, Gateway::new(Arc::clone(&live), slot));
+        let connections = live.load().metrics.connections();
         ListenerApp {
+            connections,
             live,
             slot,
             connector: TransportConnector::new(Some(ConnectorOptions::from_server_conf(conf))),
@@ -130,6 +147,7 @@ impl ServerApp for ListenerApp {
         mut down: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let _open = OpenConnection::new(&self.connections);
         // Only a plain TCP stream can take back bytes already read.
         if !down.as_any().is::<L4Stream>() {
             return ServerApp::process_new(&self.slow, down, shutdown).await;
@@ -165,7 +183,15 @@ impl ServerApp for ListenerApp {
             // The connection comes back after that request when it can carry another, so one
             // unusual request (or a moment without a usable token) does not keep the client's
             // connection off the fast path.
-            let reused = HttpServerApp::process_new_http(&self.slow, session, shutdown).await?;
+            let reused = {
+                // In flight from here, so the drain after SIGTERM never sees a gap between the
+                // fast path and pingora-proxy's count.
+                let _busy = self.live.drain.busy();
+                HttpServerApp::process_new_http(&self.slow, session, shutdown).await?
+            };
+            if self.live.drain.closing() {
+                return None;
+            }
             let (stream, _pipelining_off) = reused.consume();
             down = stream;
             if !down.as_any().is::<L4Stream>() {
@@ -183,12 +209,9 @@ impl ListenerApp {
     /// Returns a clean upstream connection to pingora's connection pool.
     fn release(&self, held: Option<Held>, state: &SharedState) {
         if let Some(held) = held.filter(|h| h.reusable) {
-            let peer = &state.routes[held.route].peer;
-            self.connector.release_stream(
-                held.stream,
-                peer.reuse_hash(),
-                peer.options.idle_timeout,
-            );
+            let options = state.routes[held.route].upstream.options();
+            self.connector
+                .release_stream(held.stream, held.reuse_hash, options.idle_timeout);
         }
     }
 }
@@ -213,11 +236,23 @@ struct Conn {
     fields: Vec<Field>,
     /// The upstream request's plan, reused across requests.
     plan: Plan,
+    /// The connection's peer address.
+    peer_ip: Option<std::net::IpAddr>,
+    /// The peer is inside `server.trusted_proxies`: each request's client address is decided
+    /// from its `X-Forwarded-For` ([`policy::client`]).
+    peer_trusted: bool,
+    /// The client address of the current request: the peer, or whom a trusted peer names.
     client_ip: Option<std::net::IpAddr>,
-    /// `client_ip` as `X-Forwarded-For` shows it (IPv4-mapped IPv6 as IPv4), formatted once.
+    /// `client_ip` as `X-Forwarded-For` shows it (IPv4-mapped IPv6 as IPv4), formatted once
+    /// per connection (per request from a trusted proxy).
     client_ip_text: Option<Vec<u8>>,
+    /// The client's `X-Forwarded-For` entries forwarded before `client_ip`
+    /// ([`policy::client::ClientAddress::forward_entries`]).
+    forward_entries: Option<usize>,
     allowed: bool,
     held: Option<Held>,
+    /// The connection pool key of the upstream connection the current request uses.
+    up_reuse_hash: u64,
     timer: Timer,
     /// The token this connection's requests carry, reused while it is the current one.
     tokens: TokenCache,
@@ -226,6 +261,8 @@ struct Conn {
 /// An upstream connection the downstream connection keeps between requests.
 struct Held {
     route: usize,
+    /// The connection pool key of the address it was opened to.
+    reuse_hash: u64,
     stream: Stream,
     last_used: Instant,
     /// Clean after a complete response (nothing unread, no `Connection: close`).
@@ -233,14 +270,6 @@ struct Held {
 }
 
 impl Conn {
-    /// Checks the client against `state.allowed_clients`: once per connection, and again
-    /// after a reload.
-    fn check_client(&mut self, state: &SharedState) {
-        self.allowed = self
-            .client_ip
-            .is_some_and(|ip| client_allowed(&state.allowed_clients, ip));
-    }
-
     fn new(down: &Stream) -> Self {
         let client_ip = down
             .get_socket_digest()
@@ -255,10 +284,14 @@ impl Conn {
             ubuf: Vec::with_capacity(READ_CHUNK),
             fields: Vec::with_capacity(32),
             plan: Plan::default(),
+            peer_ip: client_ip,
+            peer_trusted: false,
             client_ip,
             client_ip_text: client_ip.map(|ip| ip.to_canonical().to_string().into_bytes()),
+            forward_entries: None,
             allowed: false,
             held: None,
+            up_reuse_hash: 0,
             timer: Timer::default(),
             tokens: TokenCache::default(),
         }
@@ -325,44 +358,16 @@ struct RequestCtx<'a> {
     request_id: &'a RequestId,
     keepalive: bool,
     started: Instant,
+    /// The gateway's shutdown state: a response written once it is closing says
+    /// `Connection: close`. `None` outside a running listener (benches, tests).
+    drain: Option<&'a crate::shutdown::Drain>,
 }
 
-/// A request's `X-Request-Id` value held inline: the client's (1 to [`MAX_REQUEST_ID`] visible
-/// ASCII bytes) or a generated one (32 hex digits). No allocation per request.
-pub(super) struct RequestId {
-    len: usize,
-    bytes: [u8; MAX_REQUEST_ID],
-}
-
-impl RequestId {
-    /// The client's `X-Request-Id` in `buf` when usable, else a new one from `state`.
-    fn of(buf: &[u8], req: &Plain, state: &SharedState) -> Self {
-        let mut id = RequestId {
-            len: 0,
-            bytes: [0; MAX_REQUEST_ID],
-        };
-        let client = req.request_id.as_ref().map(|r| &buf[r.clone()]);
-        let value = match client {
-            Some(v) if valid_request_id_bytes(v) => v,
-            _ => &state.request_ids.next_hex(),
-        };
-        id.bytes[..value.len()].copy_from_slice(value);
-        id.len = value.len();
-        id
-    }
-
-    pub(super) fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-
-    /// Visible ASCII, so always a `str`.
-    fn as_str(&self) -> &str {
-        std::str::from_utf8(self.as_bytes()).unwrap_or("-")
-    }
-
-    /// As a field value, for the gateway's own error responses (not the common path).
-    fn to_header_value(&self) -> HeaderValue {
-        HeaderValue::from_bytes(self.as_bytes()).unwrap_or_else(|_| HeaderValue::from_static("-"))
+impl RequestCtx<'_> {
+    /// Whether the client connection stays open after this response: the client asked for it
+    /// and the gateway is not closing its connections.
+    fn keeps_alive(&self) -> bool {
+        self.keepalive && !self.drain.is_some_and(|d| d.closing())
     }
 }
 
@@ -423,6 +428,7 @@ pub fn own_work(
         request_id: &request_id,
         keepalive: !req.close,
         started,
+        drain: None,
     };
     write_upstream_request(c, &ctx, admitted.grant.authorization());
     let sent = c.out.len();
@@ -474,6 +480,7 @@ pub fn upstream_head(
         request_id: &request_id,
         keepalive: !req.close,
         started: Instant::now(),
+        drain: None,
     };
     write_upstream_request(c, &ctx, authorization);
     let out = &c.out;
@@ -492,6 +499,10 @@ impl ListenerApp {
         err: GatewayError,
     ) {
         let started = Instant::now();
+        if c.peer_trusted {
+            // An unreadable head names no client: judged by its peer (as pingora's path does).
+            c.check_client(state);
+        }
         let err = if c.allowed {
             err
         } else {
@@ -556,6 +567,8 @@ impl ListenerApp {
                     Err(_) => return Outcome::Close,
                 }
             };
+            // In flight until this iteration ends (docs/operations.md "Shutdown").
+            let _busy = self.live.drain.busy();
             if self.live.generation() != current.generation {
                 // A config reload: from this request on, the new routes, tokens and allowlist.
                 // The held upstream connection and the cached token belong to the old ones.
@@ -563,6 +576,9 @@ impl ListenerApp {
                 *current = Current::load(&self.live);
                 c.tokens = TokenCache::default();
                 c.check_client(&current.state);
+            }
+            if c.peer_trusted {
+                c.judge_forwarded(&current.state);
             }
             let state = &*current.state;
             let now = tokio::time::Instant::now();
@@ -605,6 +621,7 @@ impl ListenerApp {
                 request_id: &request_id,
                 keepalive: !req.close && !*shutdown.borrow(),
                 started,
+                drain: Some(&self.live.drain),
             };
             // The size the 431 warning reports (a replayed token is as long, give or take).
             let authorization_len = grant.authorization().len();
@@ -637,7 +654,7 @@ impl ListenerApp {
                 request_id: Some(request_id.as_str()),
                 authorization_len,
             });
-            if !keep {
+            if !keep || self.live.drain.closing() {
                 return Outcome::Close;
             }
             // Pipelined bytes (the next request) stay in front.
@@ -671,6 +688,8 @@ impl ListenerApp {
                     Err(e) => {
                         let (kind, err) = super::classify_upstream_error(e.etype());
                         route.metrics.upstream_error(kind);
+                        // Resolve the name again soon: the address may have moved.
+                        route.upstream.connect_failed();
                         tracing::warn!(route = %route.name, error = %e, "upstream connect failed");
                         return fail(down, c, ctx, err, generation).await;
                     }
@@ -736,20 +755,44 @@ impl ListenerApp {
         ctx: &RequestCtx<'_>,
     ) -> pingora::Result<(Stream, bool)> {
         let idempotent = ctx.req.method.is_idempotent();
+        // The address the last background resolution found (proxy::upstream_dns); its
+        // peer is cloned only for a new connection.
+        let (resolved, reuse_hash) = {
+            let resolution = ctx.route.upstream.current();
+            (resolution.peer.is_some(), resolution.reuse_hash)
+        };
+        if !resolved {
+            let why = ctx.route.upstream.peer().err().unwrap_or_default();
+            return Err(pingora::Error::explain(
+                pingora::ErrorType::ConnectNoRoute,
+                format!(
+                    "upstream {} does not resolve: {why}",
+                    ctx.route.upstream.name()
+                ),
+            ));
+        }
         if let Some(mut held) = c.held.take() {
             // A request that cannot be retried checks every time; others only after the held
             // connection sat idle a while (a failure on a just-used one is retried).
             let alive = held.reusable
                 && ((idempotent && held.last_used.elapsed() < CHECK_IDLE_UPSTREAM_AFTER)
                     || !closed_while_idle(&mut held.stream));
-            if alive && held.route == ctx.index {
+            // A connection to an address the name no longer has is not reused.
+            if alive && held.route == ctx.index && held.reuse_hash == reuse_hash {
+                c.up_reuse_hash = reuse_hash;
                 return Ok((held.stream, true));
             }
             if alive {
                 self.release(Some(held), ctx.state);
             }
         }
-        self.connector.get_stream(&ctx.route.peer).await
+        let peer = ctx
+            .route
+            .upstream
+            .peer()
+            .map_err(|why| pingora::Error::explain(pingora::ErrorType::ConnectNoRoute, why))?;
+        c.up_reuse_hash = peer.reuse_hash();
+        self.connector.get_stream(&*peer).await
     }
 }
 
@@ -761,7 +804,7 @@ async fn send(
     ctx: &RequestCtx<'_>,
     reused: bool,
 ) -> Result<ResponseHead, UpstreamFailure> {
-    let opts = &ctx.route.peer.options;
+    let opts = &ctx.route.upstream.options();
     let write = async {
         up.write_all(&c.out).await?;
         up.flush().await
@@ -788,7 +831,7 @@ async fn read_response_head(
             &c.ubuf,
             head_request,
             ctx.request_id.as_bytes(),
-            ctx.keepalive,
+            ctx.keeps_alive(),
             &mut c.out,
         ) {
             Ok(Some(head)) => return Ok(head),
@@ -807,7 +850,7 @@ async fn read_response_head(
         let n = c
             .timer
             .bounded(
-                ctx.route.peer.options.read_timeout,
+                ctx.route.upstream.options().read_timeout,
                 up.read_buf(&mut c.ubuf),
             )
             .await
@@ -833,7 +876,7 @@ async fn forward(
     ctx: &RequestCtx<'_>,
     mut head: ResponseHead,
 ) -> Exchange {
-    let read_timeout = ctx.route.peer.options.read_timeout;
+    let read_timeout = ctx.route.upstream.options().read_timeout;
     // Interim responses (103 Early Hints, an unasked 100) are forwarded as they come.
     while (100..200).contains(&head.status) {
         if write_down(down, &c.out).await.is_err() {
@@ -913,6 +956,7 @@ async fn forward(
     let until_close = head.framing == Framing::UntilClose;
     c.held = Some(Held {
         route: ctx.index,
+        reuse_hash: c.up_reuse_hash,
         stream: up,
         // The request's start stands in for the end of its use: no clock read per request.
         last_used: ctx.started,

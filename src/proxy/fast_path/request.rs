@@ -14,6 +14,7 @@ use crate::proxy::policy::{
     self, uri_bytes, Action, FieldName, Fields, Forwarding, GatewayError, RequestFacts,
     RequestScan, Upgrade,
 };
+use crate::proxy::{valid_request_id_bytes, SharedState, MAX_REQUEST_ID};
 
 /// One request field: byte ranges into `Conn::buf`, and its class in the policy's table.
 #[derive(Clone, Debug)]
@@ -262,6 +263,7 @@ pub(super) fn write_upstream_request(
         buf,
         fields,
         client_ip_text,
+        forward_entries,
         plan,
         ..
     } = c;
@@ -270,6 +272,7 @@ pub(super) fn write_upstream_request(
     let fw = Forwarding {
         route: ctx.route,
         client_ip: client_ip_text.as_deref(),
+        forward_entries: *forward_entries,
         authorization: authorization.as_bytes(),
         request_id: ctx.request_id.as_bytes(),
     };
@@ -294,6 +297,45 @@ pub(super) fn write_upstream_request(
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(&buf[req.head_len..req.head_len + req.body_len]);
+}
+
+/// A request's `X-Request-Id` value held inline: the client's (1 to [`MAX_REQUEST_ID`] visible
+/// ASCII bytes) or a generated one (32 hex digits). No allocation per request.
+pub(in crate::proxy) struct RequestId {
+    len: usize,
+    bytes: [u8; MAX_REQUEST_ID],
+}
+
+impl RequestId {
+    /// The client's `X-Request-Id` in `buf` when usable, else a new one from `state`.
+    pub(super) fn of(buf: &[u8], req: &Plain, state: &SharedState) -> Self {
+        let mut id = RequestId {
+            len: 0,
+            bytes: [0; MAX_REQUEST_ID],
+        };
+        let client = req.request_id.as_ref().map(|r| &buf[r.clone()]);
+        let value = match client {
+            Some(v) if valid_request_id_bytes(v) => v,
+            _ => &state.request_ids.next_hex(),
+        };
+        id.bytes[..value.len()].copy_from_slice(value);
+        id.len = value.len();
+        id
+    }
+
+    pub(super) fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
+    /// Visible ASCII, so always a `str`.
+    pub(super) fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or("-")
+    }
+
+    /// As a field value, for the gateway's own error responses (not the common path).
+    pub(super) fn to_header_value(&self) -> HeaderValue {
+        HeaderValue::from_bytes(self.as_bytes()).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    }
 }
 
 #[cfg(test)]

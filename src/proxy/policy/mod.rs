@@ -22,6 +22,7 @@
 //! Everything here is pure: no I/O, no clock, no shared state; it is tested without a network
 //! (`tests/proxy/request_policy.rs` runs both serialisers over generated requests).
 
+pub mod client;
 pub mod errors;
 pub mod fields;
 pub mod response;
@@ -463,6 +464,9 @@ pub struct Forwarding<'a> {
     /// The client's address as `X-Forwarded-For` shows it (IPv4-mapped IPv6 as IPv4); `None`
     /// when the peer has no IP address.
     pub client_ip: Option<&'a [u8]>,
+    /// How many entries of the client's `X-Forwarded-For` list come before `client_ip`
+    /// ([`client::ClientAddress::forward_entries`]): `None`, all of them.
+    pub forward_entries: Option<usize>,
     /// `Bearer <access token>`.
     pub authorization: &'a [u8],
     /// The request id (the client's when usable, else generated).
@@ -674,11 +678,18 @@ pub fn write_value<F: Fields + ?Sized>(
         Set::ForwardedFor => {
             // The client's fields as one list (RFC 9110 §5.3), unless the route strips them.
             if facts.forwarded_for && !fw.route.strip_folded.contains(b"x-forwarded-for") {
-                for i in 0..fields.count() {
-                    if fields.class(i) == FieldName::XForwardedFor {
-                        out.extend_from_slice(fields.value(i));
-                        out.extend_from_slice(b", ");
+                match fw.forward_entries {
+                    None => {
+                        for i in 0..fields.count() {
+                            if fields.class(i) == FieldName::XForwardedFor {
+                                out.extend_from_slice(fields.value(i));
+                                out.extend_from_slice(b", ");
+                            }
+                        }
                     }
+                    // From a trusted proxy: the entries up to the client's (docs/proxy-behaviour.md
+                    // "Client address").
+                    Some(n) => client::write_entries(fields, n, out),
                 }
             }
             out.extend_from_slice(fw.client_ip.unwrap_or_default());

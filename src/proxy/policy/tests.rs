@@ -1,5 +1,6 @@
 use std::time::Duration;
 
+use crate::proxy::upstream_dns::UpstreamAddress;
 use async_trait::async_trait;
 use http::{HeaderName, HeaderValue, Method};
 use pingora::upstreams::peer::HttpPeer;
@@ -54,7 +55,11 @@ pub(crate) fn route(settings: RouteSpec<'_>) -> Route {
         prefix: settings.prefix.into(),
         strip_prefix: settings.strip_prefix,
         base_path: settings.base_path.into(),
-        peer: HttpPeer::new("127.0.0.1:80", false, "api.example".into()),
+        upstream: UpstreamAddress::fixed(HttpPeer::new(
+            "127.0.0.1:80",
+            false,
+            "api.example".into(),
+        )),
         host_header: HeaderValue::from_static("api.example"),
         allow_methods: None,
         allow_header: None,
@@ -100,6 +105,7 @@ fn planned_target(
     let fw = Forwarding {
         route,
         client_ip: Some(b"10.0.0.9"),
+        forward_entries: None,
         authorization: b"Bearer gateway",
         request_id: b"rid",
     };

@@ -8,8 +8,8 @@ const EXPIRY: &str = "tokengate_token_expiry_timestamp_seconds{route=\"drillster
 
 /// 20 s tokens renewed at 30 % of their life, token endpoint failing (500) before the first
 /// renewal: the cached token until it is no longer usable (at 13 s), then 503
-/// `token_unavailable` with `Retry-After` and nothing forwarded; `/readyz` 503 and the gauges
-/// tell the story; recovery without a restart. (When the token stops being usable, exactly:
+/// `token_unavailable` with `Retry-After` and nothing forwarded; `/readyz` stays 200 naming the
+/// route without a usable token, and the gauges tell the story; recovery without a restart. (When the token stops being usable, exactly:
 /// `token::paused_clock_tests`.)
 pub async fn outage_serves_cached_token_then_503_then_recovers() -> Seen {
     let sandbox = Sandbox::builder()
@@ -79,12 +79,16 @@ pub async fn outage_serves_cached_token_then_503_then_recovers() -> Seen {
             "200 after 503 while failing"
         );
     }
+    // The route had a token once: the replica stays ready (its requests get 503 from the
+    // gateway itself), and /readyz names the route without a usable token.
     let (ready, body) = readyz(&gw).await;
-    assert_eq!(ready, 503);
+    assert_eq!(ready, 200, "{body}");
+    assert_eq!(body["ready"], true);
     assert_eq!(
-        body["routes_without_token"],
+        body["routes_without_usable_token"],
         serde_json::json!(["drillster"])
     );
+    assert_eq!(body.get("routes_without_token"), None, "{body}");
     eventually(
         Duration::from_secs(15),
         "a second failed renewal",
@@ -111,9 +115,14 @@ pub async fn outage_serves_cached_token_then_503_then_recovers() -> Seen {
 
     sandbox.drillster.faults().stop_failing();
     eventually(Duration::from_secs(20), "recovery", || async {
-        readyz(&gw).await.0 == 200
+        token_status(&gw, "drillster").await["usable"] == true
     })
     .await;
+    let (ready, body) = readyz(&gw).await;
+    assert_eq!(
+        (ready, body.get("routes_without_usable_token")),
+        (200, None)
+    );
     let fresh = upstream_auth(&gw, "/drillster/x").await;
     assert_ne!(fresh, first);
     let m = gw.metrics().await;
@@ -246,7 +255,13 @@ pub async fn retry_after_429_is_honoured_and_valid_token_kept() -> Seen {
     let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((20..=30).contains(&retry), "Retry-After {retry}");
     assert_eq!(sandbox.drillster.requests(), 2);
-    assert_eq!(readyz(&gw).await.0, 503);
+    // The route had a token: still ready, naming the route without a usable one.
+    let (ready, body) = readyz(&gw).await;
+    assert_eq!(ready, 200, "{body}");
+    assert_eq!(
+        body["routes_without_usable_token"],
+        serde_json::json!(["drillster"])
+    );
     finish(gw, sandbox).await
 }
 

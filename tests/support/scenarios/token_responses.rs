@@ -379,7 +379,7 @@ pub async fn absurd_expires_in_is_clamped_and_idle_gateway_sends_fresh_token() -
         if i == 0 {
             // Out of the backoff the negative case left.
             eventually(Duration::from_secs(40), "recovery", || async {
-                readyz(&gw).await.0 == 200
+                token_status(&gw, "driftrock").await["usable"] == true
             })
             .await;
         }
