@@ -176,6 +176,10 @@ impl AdminApp {
                         "last_error_at": s.last_error_at.map(unix),
                     }
                 });
+                // `[cluster]`: where the token came from and whether the store answers.
+                if let Some(fleet) = &s.fleet {
+                    route["fleet"] = json!(fleet);
+                }
                 // Per-user tokens cached (`[routes.subjects]`); never which subjects.
                 if let Some(subjects) = &r.subjects {
                     route["subject_tokens"] = json!(subjects.cached());
