@@ -31,8 +31,9 @@ use crate::oauth::AccessToken;
 /// lost while its holder still waits for an answer.
 pub const LEASE_MARGIN: Duration = Duration::from_secs(1);
 
-/// Adopted tokens are renewed up to this much after the fleet's renewal time (random), so the
-/// replica that obtained the token usually renews it and the others find its successor.
+/// Adopted tokens are renewed up to this much (and at most 5 % of what is left of the token)
+/// after the fleet's renewal time, at random, so the replica that obtained the token usually
+/// renews it and the others find its successor.
 const ADOPT_JITTER: Duration = Duration::from_secs(2);
 
 /// A token source's place in the fleet: the store, its identity's names and what it holds.
@@ -230,7 +231,10 @@ impl TokenSource {
     fn adopt(&self, link: &FleetLink, s: Stored) -> Before {
         let now_ms = unix_ms(self.clock.wall());
         let lifetime = Duration::from_millis(s.token.expires_at_ms.saturating_sub(now_ms));
-        let jitter = ADOPT_JITTER.mul_f64(rand::random::<f64>());
+        // Short tokens: the jitter stays a small part of what is left.
+        let jitter = ADOPT_JITTER
+            .min(lifetime / 20)
+            .mul_f64(rand::random::<f64>());
         let refresh_after =
             Duration::from_millis(s.token.refresh_at_ms.saturating_sub(now_ms)) + jitter;
         let token = AccessToken {

@@ -17,6 +17,7 @@ mod scenarios;
 mod cli;
 mod config;
 mod discovery;
+mod fleet;
 mod interop;
 mod keys_and_clock;
 mod reload;
