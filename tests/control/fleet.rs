@@ -262,7 +262,11 @@ impl Load {
                 tasks.push(tokio::spawn(async move {
                     let mut n = i;
                     while !stop.load(Ordering::Relaxed) {
-                        let route = if n % 2 == 0 { "drillster" } else { "driftrock" };
+                        let route = if n.is_multiple_of(2) {
+                            "drillster"
+                        } else {
+                            "driftrock"
+                        };
                         n += 1;
                         let ok = client
                             .get(format!("{base}/{route}/fleet"))
@@ -300,7 +304,7 @@ async fn burst(replicas: &[Replica], total: usize) -> u64 {
     let client = reqwest::Client::new();
     let calls = (0..total).map(|i| {
         let base = format!("http://{}", replicas[i % replicas.len()].listen);
-        let route = if (i / replicas.len()) % 2 == 0 {
+        let route = if (i / replicas.len()).is_multiple_of(2) {
             "drillster"
         } else {
             "driftrock"
