@@ -127,9 +127,32 @@ impl Replica {
         redis: Option<&str>,
         extra_auth: &str,
     ) -> Replica {
+        Self::start_as(dir, n, sandbox, redis, extra_auth, false)
+    }
+
+    /// [`Replica::start`]; `subjects`: with per-user tokens on the `drillster` route (named by
+    /// the `Tokengate-Subject` field).
+    fn start_as(
+        dir: &Path,
+        n: usize,
+        sandbox: &Sandbox,
+        redis: Option<&str>,
+        extra_auth: &str,
+        subjects: bool,
+    ) -> Replica {
         let (listen, admin) = (free_addr(), free_addr());
-        let mut toml = tokengate::demo::config_toml(sandbox, listen, admin, &demo_key_path())
-            .replace("[routes.auth]\n", &format!("[routes.auth]\n{extra_auth}\n"));
+        let base = if subjects {
+            tokengate::demo::config_toml_with_subjects(
+                sandbox,
+                listen,
+                admin,
+                free_addr(),
+                &demo_key_path(),
+            )
+        } else {
+            tokengate::demo::config_toml(sandbox, listen, admin, &demo_key_path())
+        };
+        let mut toml = base.replace("[routes.auth]\n", &format!("[routes.auth]\n{extra_auth}\n"));
         toml = toml.replace("[server]\n", "[server]\nthreads = 1\n");
         if let Some(url) = redis {
             let key = dir.join("cluster.key");
@@ -371,6 +394,90 @@ async fn fleet_cold_start_makes_one_token_request_per_route() {
         assert!(!status.contains(&token));
     }
     assert_eq!(replicas[0].metric("tokengate_cluster_up", &[]).await, 1.0);
+}
+
+/// The shared token is revoked: whichever replicas meet the upstream's 401 drop that
+/// generation fleet-wide, one token request per route replaces it, and every request succeeds
+/// (replayed with the new token).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_401_is_answered_by_one_refresh_for_the_fleet() {
+    let sandbox = Sandbox::start().await.expect("sandbox");
+    let redis = Redis::start();
+    let dir = Dir::new();
+    let replicas = start_fleet(&dir, 3, &sandbox, Some(&redis.url()), "").await;
+    for r in &replicas {
+        eventually(Duration::from_secs(20), "replica ready", || r.ready()).await;
+    }
+    assert_eq!(token_requests(&sandbox), 2);
+    assert_eq!(sandbox.registry.revoke_all(), 2);
+    let failed = burst(&replicas, 120).await;
+    assert_eq!(failed, 0, "{}", logs(&replicas));
+    assert_eq!(
+        (sandbox.drillster.requests(), sandbox.driftrock.requests()),
+        (2, 2),
+        "one refresh per route for the fleet\n{}",
+        logs(&replicas)
+    );
+    let mut replayed = 0.0;
+    for r in &replicas {
+        replayed += r
+            .metric(
+                "tokengate_upstream_unauthorized_total",
+                &["action=\"replayed\""],
+            )
+            .await;
+    }
+    assert!(
+        replayed >= 3.0,
+        "each replica met the revoked token: {replayed}"
+    );
+}
+
+/// Per-user tokens are credential identities of their own: three replicas asked for one
+/// managed user at once make one token request for that user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_shares_per_user_tokens() {
+    let sandbox = Sandbox::start().await.expect("sandbox");
+    let redis = Redis::start();
+    let dir = Dir::new();
+    let replicas: Vec<Replica> = (0..3)
+        .map(|i| Replica::start_as(&dir.0, i, &sandbox, Some(&redis.url()), "", true))
+        .collect();
+    for r in &replicas {
+        eventually(Duration::from_secs(20), "replica ready", || r.ready()).await;
+    }
+    let user = tokengate::demo::DEMO_USERS[0];
+    let client = reqwest::Client::new();
+    let calls = (0..60).map(|i| {
+        let url = format!("http://{}/drillster/me", replicas[i % 3].listen);
+        let client = client.clone();
+        async move {
+            client
+                .get(url)
+                .header("Tokengate-Subject", user)
+                .timeout(Duration::from_secs(20))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        }
+    });
+    let ok = futures_util::future::join_all(calls).await;
+    assert!(ok.iter().all(|ok| *ok), "{}", logs(&replicas));
+    let for_user = sandbox
+        .drillster
+        .recent_requests()
+        .iter()
+        .filter(|r| {
+            r.assertion_claims()
+                .is_some_and(|c| c["sub"].as_str() == Some(user))
+        })
+        .count();
+    assert_eq!(for_user, 1, "{}", logs(&replicas));
+    assert_eq!(
+        sandbox.drillster.requests(),
+        2,
+        "the route's own and the user's"
+    );
 }
 
 /// Tokens live 4–5 s and are renewed at 72–80 % of that: over 20 s each route sees about six
