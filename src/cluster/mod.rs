@@ -11,9 +11,10 @@
 //! | `{prefix}:lease:{id}` | the owner id of the replica obtaining a token now (`SET NX PX`) |
 //! | `{prefix}:chan:{id}` | a pub/sub channel: a token was published or a lease released |
 //!
-//! Redis is never needed to serve: every operation is bounded by `cluster.timeout`, and after a
-//! failure the store counts as down (`tokengate_cluster_up` 0) and is skipped, without waiting,
-//! until a background `PING` answers again.
+//! Redis is never needed to serve: every operation is bounded by `cluster.timeout` (a connect by
+//! [`CONNECT_BUDGET`] when longer), and after a failure the store counts as down
+//! (`tokengate_cluster_up` 0) and is skipped, without waiting, until a background `PING` answers
+//! again. At start, operations wait for the first `PING` (connected, refused or timed out).
 
 pub mod seal;
 
@@ -32,6 +33,11 @@ use seal::Sealer;
 
 /// How often the store is pinged (sets `tokengate_cluster_up`; brings a down store back).
 const PING_EVERY: Duration = Duration::from_secs(1);
+
+/// How long a connect (TCP, TLS, `AUTH`) may take, when longer than `cluster.timeout`: a TLS
+/// handshake can take longer than a command. At start, token sources wait for the first
+/// connect up to this long, so replicas starting together share their first tokens.
+pub const CONNECT_BUDGET: Duration = Duration::from_secs(2);
 
 /// Deletes `KEYS[1]` when it still holds `ARGV[1]` (compare-and-delete), and then announces on
 /// `KEYS[2]`. A lease is released only by its owner; a token is invalidated only while it is
@@ -109,6 +115,8 @@ pub struct Fleet {
     timeout: Duration,
     /// Whether the last operation or ping succeeded. While false, operations fail at once.
     up: AtomicBool,
+    /// True once the first ping has finished (either way); operations wait for it.
+    settled: tokio::sync::watch::Sender<bool>,
     metrics: ClusterMetrics,
     /// This replica's lease owner id.
     owner: String,
@@ -143,7 +151,7 @@ impl Fleet {
         let client = redis::Client::open(config.redis.expose())
             .map_err(|_| FleetError(format!("\"{}\" is not a Redis URL", config.redis_display)))?;
         let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout))
+            .set_connection_timeout(Some(config.timeout.max(CONNECT_BUDGET)))
             .set_response_timeout(Some(config.timeout))
             .set_number_of_retries(1)
             .set_max_delay(config.timeout);
@@ -156,7 +164,8 @@ impl Fleet {
             sealer: Sealer::new(&config.encryption_key.0),
             prefix: config.key_prefix.clone(),
             timeout: config.timeout,
-            up: AtomicBool::new(true),
+            up: AtomicBool::new(false),
+            settled: tokio::sync::watch::channel(false).0,
             metrics,
             owner: uuid::Uuid::new_v4().simple().to_string(),
             display: config.redis_display.clone(),
@@ -281,6 +290,7 @@ impl Fleet {
     /// Releases the lease of `key` if this replica still owns it (compare-and-delete), and
     /// announces it so waiting replicas look again at once.
     pub async fn release(&self, key: &FleetKey) {
+        self.settle().await;
         if !self.is_up() {
             return;
         }
@@ -349,6 +359,7 @@ impl Fleet {
     /// Subscribes to `key`'s channel. Subscribe first, then read the token: a publication
     /// between the two is then never missed.
     pub async fn subscribe(&self, key: &FleetKey) -> Result<Subscription, StoreDown> {
+        self.settle().await;
         if !self.is_up() {
             return Err(StoreDown);
         }
@@ -373,6 +384,7 @@ impl Fleet {
         op: ClusterOp,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreDown> {
+        self.settle().await;
         if !self.is_up() {
             self.metrics.op(op, ClusterOutcome::Error);
             return Err(StoreDown);
@@ -394,6 +406,16 @@ impl Fleet {
         }
     }
 
+    /// Waits for the first ping (at start only; at once afterwards).
+    async fn settle(&self) {
+        if *self.settled.borrow() {
+            return;
+        }
+        let mut rx = self.settled.subscribe();
+        let budget = CONNECT_BUDGET + self.timeout * 2;
+        let _ = tokio::time::timeout(budget, rx.wait_for(|done| *done)).await;
+    }
+
     fn mark_down(&self) {
         if self.up.swap(false, Ordering::Relaxed) {
             tracing::warn!(
@@ -407,18 +429,27 @@ impl Fleet {
     async fn ping(&self) {
         let mut conn = self.conn.clone();
         let cmd = redis::cmd("PING").to_owned();
+        // A ping may have to reconnect: the connect budget, then the command's timeout.
+        let budget = self.timeout.max(CONNECT_BUDGET) + self.timeout;
         let ok = matches!(
-            tokio::time::timeout(self.timeout * 2, cmd.query_async::<String>(&mut conn)).await,
+            tokio::time::timeout(budget, cmd.query_async::<String>(&mut conn)).await,
             Ok(Ok(_))
         );
+        let first = !*self.settled.borrow();
         if ok {
-            if !self.up.swap(true, Ordering::Relaxed) {
+            if !self.up.swap(true, Ordering::Relaxed) && !first {
                 tracing::info!(redis = %self.display, "fleet store answers again; sharing tokens");
             }
             self.metrics.set_up(true);
+        } else if first {
+            tracing::warn!(
+                redis = %self.display,
+                "fleet store unreachable at start; each token is obtained by this gateway alone until it answers"
+            );
         } else {
             self.mark_down();
         }
+        self.settled.send_replace(true);
     }
 }
 

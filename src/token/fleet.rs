@@ -9,7 +9,8 @@
 //! 2. The stored token is adopted when it is not the one this source already holds, is not
 //!    due for renewal and was not refused here.
 //! 3. Else the source takes the lease (`SET NX PX`, owner id, `token_timeout` plus
-//!    [`LEASE_MARGIN`]) and fetches; the token is published (`SET PX` to its expiry, and an
+//!    [`LEASE_MARGIN`]), looks once more (the previous holder may just have published), and
+//!    fetches; the token is published (`SET PX` to its expiry, and an
 //!    announcement on the channel) and the lease released (compare-and-delete).
 //! 4. When another replica holds the lease, the source subscribes to the channel, then looks
 //!    again (no lost wakeup), and waits for announcements until `token_timeout`: a published
@@ -137,7 +138,7 @@ impl TokenSource {
         let ttl = link.token_timeout + LEASE_MARGIN;
         match link.fleet.lease(&link.key, ttl).await {
             Err(_) => return Before::Fetch { leased: false },
-            Ok(true) => return Before::Fetch { leased: true },
+            Ok(true) => return self.leased(link).await,
             Ok(false) => {}
         }
         let deadline = Instant::now() + link.token_timeout;
@@ -154,7 +155,7 @@ impl TokenSource {
             // failed): take over rather than wait out the timeout.
             match link.fleet.lease(&link.key, ttl).await {
                 Err(_) => return Before::Fetch { leased: false },
-                Ok(true) => return Before::Fetch { leased: true },
+                Ok(true) => return self.leased(link).await,
                 Ok(false) => {}
             }
             if !sub.next(deadline).await {
@@ -169,6 +170,20 @@ impl TokenSource {
                 );
                 return Before::Fetch { leased: false };
             }
+        }
+    }
+
+    /// The lease is taken. A holder publishes before it releases, so a lease taken just after
+    /// another replica released it may come with that replica's token: look once more.
+    async fn leased(&self, link: &FleetLink) -> Before {
+        match link.fleet.get(&link.key).await {
+            Ok(Some(s)) if self.adoptable(link, &s) => {
+                let adopted = self.adopt(link, s);
+                link.fleet.release(&link.key).await;
+                adopted
+            }
+            Err(_) => Before::Fetch { leased: false },
+            Ok(_) => Before::Fetch { leased: true },
         }
     }
 

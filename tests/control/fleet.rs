@@ -20,6 +20,8 @@ use super::common::{demo_key_path, eventually, free_addr};
 struct Redis {
     port: u16,
     child: Option<Child>,
+    /// TLS only (`--tls-port`), with these extra arguments.
+    tls: Option<Vec<String>>,
 }
 
 impl Redis {
@@ -27,22 +29,60 @@ impl Redis {
         let mut r = Redis {
             port: free_addr().port(),
             child: None,
+            tls: None,
+        };
+        r.spawn();
+        r
+    }
+
+    /// TLS only, with the certificate chain and key files given, requiring `password`.
+    fn start_tls(cert: &Path, key: &Path, password: &str) -> Redis {
+        let tls = [
+            "--tls-cert-file",
+            &cert.display().to_string(),
+            "--tls-key-file",
+            &key.display().to_string(),
+            "--tls-ca-cert-file",
+            &cert.display().to_string(),
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            password,
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut r = Redis {
+            port: free_addr().port(),
+            child: None,
+            tls: Some(tls),
         };
         r.spawn();
         r
     }
 
     fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+        let port = self.port.to_string();
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        match &self.tls {
+            None => cmd.args(["--port", &port]),
+            Some(tls) => cmd.args(["--port", "0", "--tls-port", &port]).args(tls),
+        };
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is installed (.ci/run installs it)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.pong() {
+        loop {
+            let up = match self.tls {
+                None => self.pong(),
+                Some(_) => std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok(),
+            };
+            if up {
+                break;
+            }
             assert!(Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -127,7 +167,7 @@ impl Replica {
         redis: Option<&str>,
         extra_auth: &str,
     ) -> Replica {
-        Self::start_as(dir, n, sandbox, redis, extra_auth, false)
+        Self::start_as(dir, n, sandbox, redis, extra_auth, false, &[])
     }
 
     /// [`Replica::start`]; `subjects`: with per-user tokens on the `drillster` route (named by
@@ -139,6 +179,7 @@ impl Replica {
         redis: Option<&str>,
         extra_auth: &str,
         subjects: bool,
+        env: &[(&str, &str)],
     ) -> Replica {
         let (listen, admin) = (free_addr(), free_addr());
         let base = if subjects {
@@ -165,7 +206,7 @@ impl Replica {
                 .expect("key file");
             }
             toml.push_str(&format!(
-                "\n[cluster]\nredis = \"{url}\"\nencryption_key_file = \"{}\"\ntimeout = \"300ms\"\n",
+                "\n[cluster]\nredis = \"{url}\"\nencryption_key_file = \"{}\"\ntimeout = \"1s\"\n",
                 key.display()
             ));
         }
@@ -175,6 +216,7 @@ impl Replica {
         let child = Command::new(env!("CARGO_BIN_EXE_tokengate"))
             .args(["run", "-c"])
             .arg(&config)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log"))
             .spawn()
@@ -396,6 +438,63 @@ async fn fleet_cold_start_makes_one_token_request_per_route() {
     assert_eq!(replicas[0].metric("tokengate_cluster_up", &[]).await, 1.0);
 }
 
+/// `rediss://` with a password from the environment: replicas trusting the server's CA (through
+/// `SSL_CERT_FILE`, read by the system trust store loader) share one token over TLS, and the
+/// password is in no log line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_over_tls_with_a_password() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let dir = Dir::new();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "tokengate fleet test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let mut leaf =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    leaf.use_authority_key_identifier_extension = true;
+    leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf_cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
+    let (ca_path, cert_path, key_path) = (
+        dir.0.join("ca.pem"),
+        dir.0.join("redis.pem"),
+        dir.0.join("redis.key"),
+    );
+    std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+    std::fs::write(&cert_path, format!("{}{}", leaf_cert.pem(), ca_cert.pem())).unwrap();
+    std::fs::write(&key_path, leaf_key.serialize_pem()).unwrap();
+    let password = "fleet-test-password-9f3b";
+    let redis = Redis::start_tls(&cert_path, &key_path, password);
+    let sandbox = Sandbox::start().await.expect("sandbox");
+    let url = format!("rediss://:${{REDIS_PASSWORD}}@127.0.0.1:{}/0", redis.port);
+    let ca = ca_path.display().to_string();
+    let env = [("SSL_CERT_FILE", ca.as_str()), ("REDIS_PASSWORD", password)];
+    let replicas: Vec<Replica> = (0..2)
+        .map(|i| Replica::start_as(&dir.0, i, &sandbox, Some(&url), "", false, &env))
+        .collect();
+    for r in &replicas {
+        eventually(Duration::from_secs(20), "replica ready", || r.ready()).await;
+    }
+    assert_eq!(burst(&replicas, 40).await, 0, "{}", logs(&replicas));
+    assert_eq!(
+        (sandbox.drillster.requests(), sandbox.driftrock.requests()),
+        (1, 1),
+        "one token request per route over TLS\n{}",
+        logs(&replicas)
+    );
+    assert_eq!(replicas[0].metric("tokengate_cluster_up", &[]).await, 1.0);
+    let (_, status) = replicas[0].get("/status").await.expect("status");
+    assert!(!status.contains(password), "{status}");
+    assert!(!logs(&replicas).contains(password));
+}
+
 /// The shared token is revoked: whichever replicas meet the upstream's 401 drop that
 /// generation fleet-wide, one token request per route replaces it, and every request succeeds
 /// (replayed with the new token).
@@ -441,7 +540,7 @@ async fn fleet_shares_per_user_tokens() {
     let redis = Redis::start();
     let dir = Dir::new();
     let replicas: Vec<Replica> = (0..3)
-        .map(|i| Replica::start_as(&dir.0, i, &sandbox, Some(&redis.url()), "", true))
+        .map(|i| Replica::start_as(&dir.0, i, &sandbox, Some(&redis.url()), "", true, &[]))
         .collect();
     for r in &replicas {
         eventually(Duration::from_secs(20), "replica ready", || r.ready()).await;
