@@ -431,7 +431,11 @@ mod tests {
 
     #[test]
     fn keys_of_each_table() {
-        assert_eq!(keys_of(&[]), ["server", "log", "routes"]);
+        assert_eq!(keys_of(&[]), ["server", "log", "cluster", "routes"]);
+        assert_eq!(
+            keys_of(&[Seg::Key("cluster".into())]),
+            ["redis", "key_prefix", "encryption_key_file", "timeout"]
+        );
         let auth = [
             Seg::Key("routes".into()),
             Seg::Index(3),
