@@ -18,7 +18,7 @@ use pingora::services::listening::Service;
 use tokio::sync::mpsc;
 
 use crate::admin::AdminApp;
-use crate::cluster::Fleet;
+use crate::cluster::{Fleet, FleetStore};
 use crate::config::{AuthConfig, Config, ConfigErrors, RouteConfig, SubjectsConfig};
 use crate::files;
 use crate::metrics::Metrics;
@@ -337,11 +337,8 @@ fn new_source(
     );
     if let Some(fleet) = fleet {
         let key = fleet.key(&rc.name, &rc.auth, None);
-        source.join_fleet(FleetLink::new(
-            Arc::clone(fleet),
-            key,
-            rc.auth.token_timeout,
-        ));
+        let store: Arc<dyn FleetStore> = fleet.clone();
+        source.join_fleet(FleetLink::new(store, key, rc.auth.token_timeout));
     }
     Ok(source)
 }

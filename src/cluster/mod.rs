@@ -60,6 +60,16 @@ pub struct FleetKey {
 }
 
 impl FleetKey {
+    /// The names of identity `id` under `prefix`: `{prefix}:token:{id}`, `{prefix}:lease:{id}`,
+    /// `{prefix}:chan:{id}`.
+    pub fn new(prefix: &str, id: &str) -> FleetKey {
+        FleetKey {
+            token: format!("{prefix}:token:{id}"),
+            lease: format!("{prefix}:lease:{id}"),
+            channel: format!("{prefix}:chan:{id}"),
+        }
+    }
+
     /// The key naming the shared token (also the sealed value's associated data).
     pub fn token_key(&self) -> &str {
         &self.token
@@ -105,6 +115,39 @@ pub struct Stored {
 /// Redis did not answer in time, refused the command, or is known to be down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreDown;
+
+/// What the fleet protocol (`token/fleet.rs`) needs of a store: [`Fleet`] on Redis in
+/// production; the token lifecycle's tests use one in memory.
+#[async_trait::async_trait]
+pub trait FleetStore: Send + Sync + 'static {
+    /// Whether the store answered the last operation.
+    fn is_up(&self) -> bool;
+    /// The shared token of `key`; `Ok(None)`: none, or one that does not open.
+    async fn get(&self, key: &FleetKey) -> Result<Option<Stored>, StoreDown>;
+    /// Takes the lease of `key` for `ttl`; `Ok(false)`: another replica holds it.
+    async fn lease(&self, key: &FleetKey, ttl: Duration) -> Result<bool, StoreDown>;
+    /// Releases the lease of `key` if this replica holds it, and announces it.
+    async fn release(&self, key: &FleetKey);
+    /// Stores `token` for `ttl` and announces it; returns the stored bytes.
+    async fn publish(
+        &self,
+        key: &FleetKey,
+        token: &SharedToken,
+        ttl: Duration,
+    ) -> Result<Vec<u8>, StoreDown>;
+    /// Deletes the token of `key` while it is still `raw`; `Ok(false)`: replaced or gone.
+    async fn invalidate(&self, key: &FleetKey, raw: &[u8]) -> Result<bool, StoreDown>;
+    /// Subscribes to `key`'s announcements (before reading the token again).
+    async fn subscribe(&self, key: &FleetKey) -> Result<Box<dyn Announcements>, StoreDown>;
+}
+
+/// Announcements on one identity's channel ([`FleetStore::subscribe`]).
+#[async_trait::async_trait]
+pub trait Announcements: Send {
+    /// Waits for the next announcement until `deadline`. `false`: the deadline passed or
+    /// the subscription ended.
+    async fn next(&mut self, deadline: Instant) -> bool;
+}
 
 /// The connection to the fleet's Redis, shared by every token source of the gateway.
 pub struct Fleet {
@@ -189,11 +232,6 @@ impl Fleet {
         &self.display
     }
 
-    /// Whether the store answered the last operation or ping.
-    pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
-    }
-
     /// This replica's lease owner id (random per process).
     pub fn owner(&self) -> &str {
         &self.owner
@@ -233,148 +271,7 @@ impl Fleet {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        FleetKey {
-            token: format!("{}:token:{id}", self.prefix),
-            lease: format!("{}:lease:{id}", self.prefix),
-            channel: format!("{}:chan:{id}", self.prefix),
-        }
-    }
-
-    /// The shared token of `key`. `Ok(None)`: none, or one that does not open with this
-    /// fleet's key (another fleet's, or altered), counted `miss`.
-    pub async fn get(&self, key: &FleetKey) -> Result<Option<Stored>, StoreDown> {
-        let mut conn = self.conn.clone();
-        let cmd = redis::cmd("GET").arg(&key.token).to_owned();
-        let raw: Option<Vec<u8>> = self.run(ClusterOp::Get, cmd.query_async(&mut conn)).await?;
-        let stored = raw.and_then(|raw| {
-            let plain = self.sealer.open(key.token.as_bytes(), &raw)?;
-            let token = serde_json::from_slice::<SharedToken>(&plain).ok()?;
-            Some(Stored { token, raw })
-        });
-        self.metrics.op(
-            ClusterOp::Get,
-            if stored.is_some() {
-                ClusterOutcome::Ok
-            } else {
-                ClusterOutcome::Miss
-            },
-        );
-        Ok(stored)
-    }
-
-    /// Takes the lease of `key` for `ttl` (`SET NX PX`). `Ok(false)`: another replica holds it.
-    pub async fn lease(&self, key: &FleetKey, ttl: Duration) -> Result<bool, StoreDown> {
-        let mut conn = self.conn.clone();
-        let cmd = redis::cmd("SET")
-            .arg(&key.lease)
-            .arg(&self.owner)
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl.as_millis().max(1) as u64)
-            .to_owned();
-        let set: Option<String> = self
-            .run(ClusterOp::Lease, cmd.query_async(&mut conn))
-            .await?;
-        let taken = set.is_some();
-        self.metrics.op(
-            ClusterOp::Lease,
-            if taken {
-                ClusterOutcome::Ok
-            } else {
-                ClusterOutcome::Miss
-            },
-        );
-        Ok(taken)
-    }
-
-    /// Releases the lease of `key` if this replica still owns it (compare-and-delete), and
-    /// announces it so waiting replicas look again at once.
-    pub async fn release(&self, key: &FleetKey) {
-        self.settle().await;
-        if !self.is_up() {
-            return;
-        }
-        let mut conn = self.conn.clone();
-        let script = redis::Script::new(DELETE_IF_EQUAL);
-        let mut inv = script.key(&key.lease);
-        inv.key(&key.channel).arg(&self.owner).arg("released");
-        let call = inv.invoke_async::<i64>(&mut conn);
-        match tokio::time::timeout(self.timeout * 2, call).await {
-            Ok(Ok(_)) => {}
-            _ => self.mark_down(),
-        }
-    }
-
-    /// Stores `token` under `key` until it expires (`SET … PX`) and announces it on the
-    /// channel, in one transaction. Returns the stored bytes.
-    pub async fn publish(
-        &self,
-        key: &FleetKey,
-        token: &SharedToken,
-        ttl: Duration,
-    ) -> Result<Vec<u8>, StoreDown> {
-        let plain = serde_json::to_vec(token).map_err(|_| StoreDown)?;
-        let raw = self.sealer.seal(key.token.as_bytes(), &plain);
-        let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("SET")
-            .arg(&key.token)
-            .arg(&raw)
-            .arg("PX")
-            .arg(ttl.as_millis().max(1) as u64)
-            .ignore()
-            .cmd("PUBLISH")
-            .arg(&key.channel)
-            .arg("published")
-            .ignore();
-        self.run::<()>(ClusterOp::Publish, pipe.query_async(&mut conn))
-            .await?;
-        self.metrics.op(ClusterOp::Publish, ClusterOutcome::Ok);
-        Ok(raw)
-    }
-
-    /// Deletes the shared token of `key` only while it is still `raw` (the refused one): a
-    /// token another replica published meanwhile stays. `Ok(false)`: already replaced or gone
-    /// (counted `miss`).
-    pub async fn invalidate(&self, key: &FleetKey, raw: &[u8]) -> Result<bool, StoreDown> {
-        let mut conn = self.conn.clone();
-        let script = redis::Script::new(DELETE_IF_EQUAL);
-        let mut inv = script.key(&key.token);
-        inv.key(&key.channel).arg(raw).arg("invalidated");
-        let deleted: i64 = self
-            .run(ClusterOp::Invalidate, inv.invoke_async(&mut conn))
-            .await?;
-        self.metrics.op(
-            ClusterOp::Invalidate,
-            if deleted == 1 {
-                ClusterOutcome::Ok
-            } else {
-                ClusterOutcome::Miss
-            },
-        );
-        Ok(deleted == 1)
-    }
-
-    /// Subscribes to `key`'s channel. Subscribe first, then read the token: a publication
-    /// between the two is then never missed.
-    pub async fn subscribe(&self, key: &FleetKey) -> Result<Subscription, StoreDown> {
-        self.settle().await;
-        if !self.is_up() {
-            return Err(StoreDown);
-        }
-        let open = async {
-            let mut pubsub = self.client.get_async_pubsub().await?;
-            pubsub.subscribe(&key.channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
-        };
-        match tokio::time::timeout(self.timeout * 2, open).await {
-            Ok(Ok(pubsub)) => Ok(Subscription { pubsub }),
-            _ => {
-                self.mark_down();
-                Err(StoreDown)
-            }
-        }
+        FleetKey::new(&self.prefix, &id)
     }
 
     /// Runs one command within the timeout; an error or timeout marks the store down and is
@@ -453,15 +350,158 @@ impl Fleet {
     }
 }
 
-/// A subscription to one identity's channel ([`Fleet::subscribe`]).
-pub struct Subscription {
+#[async_trait::async_trait]
+impl FleetStore for Fleet {
+    fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// The shared token of `key`. `Ok(None)`: none, or one that does not open with this
+    /// fleet's key (another fleet's, or altered), counted `miss`.
+    async fn get(&self, key: &FleetKey) -> Result<Option<Stored>, StoreDown> {
+        let mut conn = self.conn.clone();
+        let cmd = redis::cmd("GET").arg(&key.token).to_owned();
+        let raw: Option<Vec<u8>> = self.run(ClusterOp::Get, cmd.query_async(&mut conn)).await?;
+        let stored = raw.and_then(|raw| {
+            let plain = self.sealer.open(key.token.as_bytes(), &raw)?;
+            let token = serde_json::from_slice::<SharedToken>(&plain).ok()?;
+            Some(Stored { token, raw })
+        });
+        self.metrics.op(
+            ClusterOp::Get,
+            if stored.is_some() {
+                ClusterOutcome::Ok
+            } else {
+                ClusterOutcome::Miss
+            },
+        );
+        Ok(stored)
+    }
+
+    /// Takes the lease of `key` for `ttl` (`SET NX PX`). `Ok(false)`: another replica holds it.
+    async fn lease(&self, key: &FleetKey, ttl: Duration) -> Result<bool, StoreDown> {
+        let mut conn = self.conn.clone();
+        let cmd = redis::cmd("SET")
+            .arg(&key.lease)
+            .arg(&self.owner)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .to_owned();
+        let set: Option<String> = self
+            .run(ClusterOp::Lease, cmd.query_async(&mut conn))
+            .await?;
+        let taken = set.is_some();
+        self.metrics.op(
+            ClusterOp::Lease,
+            if taken {
+                ClusterOutcome::Ok
+            } else {
+                ClusterOutcome::Miss
+            },
+        );
+        Ok(taken)
+    }
+
+    /// Releases the lease of `key` if this replica still owns it (compare-and-delete), and
+    /// announces it so waiting replicas look again at once.
+    async fn release(&self, key: &FleetKey) {
+        self.settle().await;
+        if !self.is_up() {
+            return;
+        }
+        let mut conn = self.conn.clone();
+        let script = redis::Script::new(DELETE_IF_EQUAL);
+        let mut inv = script.key(&key.lease);
+        inv.key(&key.channel).arg(&self.owner).arg("released");
+        let call = inv.invoke_async::<i64>(&mut conn);
+        match tokio::time::timeout(self.timeout * 2, call).await {
+            Ok(Ok(_)) => {}
+            _ => self.mark_down(),
+        }
+    }
+
+    /// Stores `token` under `key` until it expires (`SET … PX`) and announces it on the
+    /// channel, in one transaction. Returns the stored bytes.
+    async fn publish(
+        &self,
+        key: &FleetKey,
+        token: &SharedToken,
+        ttl: Duration,
+    ) -> Result<Vec<u8>, StoreDown> {
+        let plain = serde_json::to_vec(token).map_err(|_| StoreDown)?;
+        let raw = self.sealer.seal(key.token.as_bytes(), &plain);
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("SET")
+            .arg(&key.token)
+            .arg(&raw)
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .ignore()
+            .cmd("PUBLISH")
+            .arg(&key.channel)
+            .arg("published")
+            .ignore();
+        self.run::<()>(ClusterOp::Publish, pipe.query_async(&mut conn))
+            .await?;
+        self.metrics.op(ClusterOp::Publish, ClusterOutcome::Ok);
+        Ok(raw)
+    }
+
+    /// Deletes the shared token of `key` only while it is still `raw` (the refused one): a
+    /// token another replica published meanwhile stays. `Ok(false)`: already replaced or gone
+    /// (counted `miss`).
+    async fn invalidate(&self, key: &FleetKey, raw: &[u8]) -> Result<bool, StoreDown> {
+        let mut conn = self.conn.clone();
+        let script = redis::Script::new(DELETE_IF_EQUAL);
+        let mut inv = script.key(&key.token);
+        inv.key(&key.channel).arg(raw).arg("invalidated");
+        let deleted: i64 = self
+            .run(ClusterOp::Invalidate, inv.invoke_async(&mut conn))
+            .await?;
+        self.metrics.op(
+            ClusterOp::Invalidate,
+            if deleted == 1 {
+                ClusterOutcome::Ok
+            } else {
+                ClusterOutcome::Miss
+            },
+        );
+        Ok(deleted == 1)
+    }
+
+    /// Subscribes to `key`'s channel. Subscribe first, then read the token: a publication
+    /// between the two is then never missed.
+    async fn subscribe(&self, key: &FleetKey) -> Result<Box<dyn Announcements>, StoreDown> {
+        self.settle().await;
+        if !self.is_up() {
+            return Err(StoreDown);
+        }
+        let open = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(&key.channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        match tokio::time::timeout(self.timeout * 2, open).await {
+            Ok(Ok(pubsub)) => Ok(Box::new(Subscription { pubsub })),
+            _ => {
+                self.mark_down();
+                Err(StoreDown)
+            }
+        }
+    }
+}
+
+/// A Redis subscription to one identity's channel.
+struct Subscription {
     pubsub: redis::aio::PubSub,
 }
 
-impl Subscription {
-    /// Waits for the next announcement until `deadline`. `false`: the deadline passed or the
-    /// connection closed.
-    pub async fn next(&mut self, deadline: Instant) -> bool {
+#[async_trait::async_trait]
+impl Announcements for Subscription {
+    async fn next(&mut self, deadline: Instant) -> bool {
         let mut messages = self.pubsub.on_message();
         matches!(
             tokio::time::timeout_at(deadline, messages.next()).await,

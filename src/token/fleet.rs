@@ -25,7 +25,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use super::{Token, TokenSource};
-use crate::cluster::{Fleet, FleetKey, SharedToken, Stored};
+use crate::cluster::{FleetKey, FleetStore, SharedToken, Stored};
 use crate::oauth::AccessToken;
 
 /// The lease outlives the longest token request (`token_timeout`) by this much, so it is never
@@ -39,7 +39,7 @@ const ADOPT_JITTER: Duration = Duration::from_secs(2);
 
 /// A token source's place in the fleet: the store, its identity's names and what it holds.
 pub struct FleetLink {
-    fleet: Arc<Fleet>,
+    fleet: Arc<dyn FleetStore>,
     key: FleetKey,
     token_timeout: Duration,
     state: Mutex<LinkState>,
@@ -88,7 +88,7 @@ pub(super) enum Before {
 
 impl FleetLink {
     /// A source's link to `fleet` under `key`; `token_timeout` bounds one token request.
-    pub fn new(fleet: Arc<Fleet>, key: FleetKey, token_timeout: Duration) -> Self {
+    pub fn new(fleet: Arc<dyn FleetStore>, key: FleetKey, token_timeout: Duration) -> Self {
         FleetLink {
             fleet,
             key,

@@ -16,6 +16,8 @@
 pub mod clock;
 pub mod fleet;
 #[cfg(test)]
+mod fleet_tests;
+#[cfg(test)]
 mod paused_clock_tests;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -202,11 +202,8 @@ impl SubjectTokens {
         if let Some(fleet) = self.fleet.get() {
             let auth = self.client.auth();
             let key = fleet.key(&self.route, auth, Some(subject));
-            source.join_fleet(super::fleet::FleetLink::new(
-                Arc::clone(fleet),
-                key,
-                auth.token_timeout,
-            ));
+            let store: Arc<dyn crate::cluster::FleetStore> = fleet.clone();
+            source.join_fleet(super::fleet::FleetLink::new(store, key, auth.token_timeout));
         }
         let refresher = source.spawn_refresher(&self.runtime);
         let entry = Arc::new(Entry {

@@ -16,6 +16,10 @@ use tokengate_sandbox::Sandbox;
 
 use super::common::{demo_key_path, eventually, free_addr};
 
+/// One fleet test at a time: each runs several gateway processes under load, and two at once
+/// would starve the timing-sensitive tests running beside them.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A `redis-server` of the test's own on a free loopback port, no persistence; killed on drop.
 struct Redis {
     port: u16,
@@ -398,6 +402,7 @@ fn logs(replicas: &[Replica]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_cold_start_makes_one_token_request_per_route() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let sandbox = Sandbox::start().await.expect("sandbox");
     let redis = Redis::start();
     let dir = Dir::new();
@@ -443,6 +448,7 @@ async fn fleet_cold_start_makes_one_token_request_per_route() {
 /// password is in no log line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_over_tls_with_a_password() {
+    let _one = ONE_AT_A_TIME.lock().await;
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
     let dir = Dir::new();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -500,6 +506,7 @@ async fn fleet_over_tls_with_a_password() {
 /// (replayed with the new token).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_401_is_answered_by_one_refresh_for_the_fleet() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let sandbox = Sandbox::start().await.expect("sandbox");
     let redis = Redis::start();
     let dir = Dir::new();
@@ -536,6 +543,7 @@ async fn an_upstream_401_is_answered_by_one_refresh_for_the_fleet() {
 /// managed user at once make one token request for that user.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_shares_per_user_tokens() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let sandbox = Sandbox::start().await.expect("sandbox");
     let redis = Redis::start();
     let dir = Dir::new();
@@ -583,6 +591,7 @@ async fn fleet_shares_per_user_tokens() {
 /// token requests from the whole fleet (one per renewal), not three times that.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_renews_once_per_renewal_without_failed_requests() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let sandbox = Sandbox::builder()
         .token_lifetime(Duration::from_secs(5))
         .start()
@@ -596,7 +605,7 @@ async fn fleet_renews_once_per_renewal_without_failed_requests() {
     }
     let before = token_requests(&sandbox);
     let started = Instant::now();
-    let load = Load::start(&replicas, 2, Duration::from_millis(20));
+    let load = Load::start(&replicas, 2, Duration::from_millis(50));
     tokio::time::sleep(Duration::from_secs(20)).await;
     let (sent, failed) = load.finish().await;
     let elapsed = started.elapsed().as_secs_f64();
@@ -619,6 +628,7 @@ async fn fleet_renews_once_per_renewal_without_failed_requests() {
 /// sharing one token do not fight; three on their own revoke each other's in a loop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_survives_a_server_that_revokes_earlier_tokens_and_lone_replicas_do_not() {
+    let _one = ONE_AT_A_TIME.lock().await;
     async fn run(redis: Option<&str>) -> (u64, u64, u64, f64) {
         let sandbox = Sandbox::builder()
             .token_lifetime(Duration::from_secs(5))
@@ -629,7 +639,7 @@ async fn fleet_survives_a_server_that_revokes_earlier_tokens_and_lone_replicas_d
         let dir = Dir::new();
         let replicas = start_fleet(&dir, 3, &sandbox, redis, "").await;
         let before = token_requests(&sandbox);
-        let load = Load::start(&replicas, 2, Duration::from_millis(20));
+        let load = Load::start(&replicas, 2, Duration::from_millis(50));
         tokio::time::sleep(Duration::from_secs(10)).await;
         let (sent, failed) = load.finish().await;
         let mut unauthorized = 0.0;
@@ -668,6 +678,7 @@ async fn fleet_survives_a_server_that_revokes_earlier_tokens_and_lone_replicas_d
 /// after it returns the fleet is back to one token request per renewal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_outlives_redis_and_converges_when_it_returns_empty() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let sandbox = Sandbox::builder()
         .token_lifetime(Duration::from_secs(5))
         .start()
@@ -679,7 +690,7 @@ async fn fleet_outlives_redis_and_converges_when_it_returns_empty() {
     for r in &replicas {
         eventually(Duration::from_secs(20), "replica ready", || r.ready()).await;
     }
-    let load = Load::start(&replicas, 2, Duration::from_millis(20));
+    let load = Load::start(&replicas, 2, Duration::from_millis(50));
     tokio::time::sleep(Duration::from_secs(2)).await;
     redis.kill();
     eventually(
@@ -726,6 +737,7 @@ async fn fleet_outlives_redis_and_converges_when_it_returns_empty() {
 /// themselves once `token_timeout` has passed, within `token_timeout` plus the lease's expiry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_dying_with_the_lease_delays_the_others_at_most_the_timeout_and_lease() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let sandbox = Sandbox::start().await.expect("sandbox");
     let redis = Redis::start();
     let dir = Dir::new();
