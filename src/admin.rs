@@ -213,6 +213,10 @@ impl AdminApp {
                     "last_error_at": dns.failed_at.map(unix),
                     "last_error_at_rfc3339": dns.failed_at.map(rfc3339),
                 });
+                // `[cluster]`: where the token came from and whether the store answers.
+                if let Some(fleet) = &s.fleet {
+                    route["fleet"] = json!(fleet);
+                }
                 // Per-user tokens cached (`[routes.subjects]`); never which subjects.
                 if let Some(subjects) = &r.subjects {
                     route["subject_tokens"] = json!(subjects.cached());

@@ -18,6 +18,7 @@ use pingora::services::listening::Service;
 use tokio::sync::mpsc;
 
 use crate::admin::AdminApp;
+use crate::cluster::{Fleet, FleetStore};
 use crate::config::{AuthConfig, Config, ConfigErrors, RouteConfig, SubjectsConfig};
 use crate::files;
 use crate::metrics::Metrics;
@@ -26,6 +27,7 @@ use crate::proxy::fast_path::ListenerApp;
 use crate::proxy::route_compile::{compile_route, Unresolved};
 use crate::proxy::routes::RouteTable;
 use crate::proxy::{Live, SharedState};
+use crate::token::fleet::FleetLink;
 use crate::token::subjects::SubjectTokens;
 use crate::token::{FirstToken, RenewalPolicy, TokenSource};
 use crate::token_listener::TokenApp;
@@ -91,12 +93,20 @@ impl Built {
             .enable_all()
             .build()
             .map_err(|e| StartError::Internal(format!("token runtime: {e}")))?;
+        let fleet = match &config.cluster {
+            Some(cluster) => Some(
+                Fleet::start(cluster, metrics.cluster(), token_runtime.handle())
+                    .map_err(|e| StartError::Internal(e.to_string()))?,
+            ),
+            None => None,
+        };
         let (state, sources) = build_state(
             &config,
             &metrics,
             &[],
             token_runtime.handle(),
             Unresolved::Tolerate,
+            fleet.as_ref(),
         )?;
         let sources = start_refreshers(sources, token_runtime.handle());
         let live = Arc::new(Live::new(state));
@@ -104,6 +114,7 @@ impl Built {
             live: Arc::clone(&live),
             metrics,
             runtime: token_runtime.handle().clone(),
+            fleet,
             running: Mutex::new(Running { config, sources }),
         });
         Ok(Built {
@@ -232,6 +243,7 @@ fn build_state(
     running: &[RunningSource],
     runtime: &tokio::runtime::Handle,
     unresolved: Unresolved,
+    fleet: Option<&Arc<Fleet>>,
 ) -> Result<(SharedState, Vec<RunningSource>), StartError> {
     let mut routes = Vec::with_capacity(config.routes.len());
     let mut sources = Vec::with_capacity(config.routes.len());
@@ -250,21 +262,21 @@ fn build_state(
         let kept = running.iter().find(|r| r.builds_same(rc, &ca_pem));
         let source = match kept {
             Some(kept) => Arc::clone(&kept.source),
-            None => new_source(index, rc, ca_pem.as_deref(), metrics)?,
+            None => new_source(index, rc, ca_pem.as_deref(), metrics, fleet)?,
         };
         // Kept with the source (same credentials); reloaded settings apply after the swap
         // ([`Reloader::apply`]).
         let subjects = match (&rc.subjects, kept.and_then(|k| k.subjects.as_ref())) {
             (None, _) => None,
             (Some(_), Some(kept)) => Some(Arc::clone(kept)),
-            (Some(settings), None) => Some(new_subjects(
-                index,
-                rc,
-                settings,
-                ca_pem.as_deref(),
-                metrics,
-                runtime,
-            )?),
+            (Some(settings), None) => {
+                let subjects =
+                    new_subjects(index, rc, settings, ca_pem.as_deref(), metrics, runtime)?;
+                if let Some(fleet) = fleet {
+                    subjects.join_fleet(Arc::clone(fleet));
+                }
+                Some(subjects)
+            }
         };
         routes.push(compile_route(
             index,
@@ -325,14 +337,21 @@ fn new_source(
     rc: &RouteConfig,
     ca_pem: Option<&[u8]>,
     metrics: &Metrics,
+    fleet: Option<&Arc<Fleet>>,
 ) -> Result<Arc<TokenSource>, StartError> {
     let client = token_client(index, rc, ca_pem)?;
-    Ok(TokenSource::new(
+    let source = TokenSource::new(
         rc.name.clone(),
         Box::new(client),
         renewal_policy(rc),
         metrics.token(&rc.name),
-    ))
+    );
+    if let Some(fleet) = fleet {
+        let key = fleet.key(&rc.name, &rc.auth, None);
+        let store: Arc<dyn FleetStore> = fleet.clone();
+        source.join_fleet(FleetLink::new(store, key, rc.auth.token_timeout));
+    }
+    Ok(source)
 }
 
 /// The per-user token cache of route `index` (`[routes.subjects]` `settings`).
@@ -392,7 +411,7 @@ pub enum ReloadError {
     #[error("{0}")]
     Config(#[from] ConfigErrors),
     /// A key that only a restart can change was changed.
-    #[error("{key}: changed, but takes effect only on restart (listeners, threads, shutdown delay, grace period and logging are fixed at start); restart to apply it")]
+    #[error("{key}: changed, but takes effect only on restart (listeners, threads, shutdown delay, grace period, logging and [cluster] are fixed at start); restart to apply it")]
     NeedsRestart {
         /// The config key.
         key: &'static str,
@@ -437,6 +456,8 @@ pub struct Reloader {
     /// against this record could keep a token source the live routes no longer match. The
     /// panic ends only the reload task; the gateway keeps serving, and a restart reloads.
     running: Mutex<Running>,
+    /// The fleet store (`[cluster]`), fixed at start.
+    fleet: Option<Arc<Fleet>>,
 }
 
 struct Running {
@@ -509,6 +530,7 @@ impl Reloader {
             &running.sources,
             &self.runtime,
             Unresolved::Reject,
+            self.fleet.as_ref(),
         )?;
         let fresh: Vec<(usize, Arc<TokenSource>)> = sources
             .iter()
@@ -652,6 +674,8 @@ fn needs_restart(old: &Config, new: &Config) -> Option<&'static str> {
         Some("log")
     } else if layout(old) != layout(new) {
         Some("routes[].listen")
+    } else if old.cluster != new.cluster {
+        Some("cluster")
     } else {
         None
     }

@@ -52,3 +52,7 @@ pub const DEFAULT_REFRESH_RATIO: f64 = 0.8;
 pub const DEFAULT_MIN_TIME_LEFT: Duration = Duration::from_secs(10);
 /// Default `routes.auth.token_timeout`.
 pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `cluster.key_prefix`: the start of every Redis key and channel name.
+pub const DEFAULT_CLUSTER_KEY_PREFIX: &str = "tokengate";
+/// Default `cluster.timeout`: bounds each Redis connect and each command.
+pub const DEFAULT_CLUSTER_TIMEOUT: Duration = Duration::from_millis(500);

@@ -16,7 +16,9 @@ use toml::Spanned;
 use super::diagnostics::{
     found, leaf, render_path, type_error_message, unknown_key_message, Report, Seg,
 };
-use super::file::{AuthFile, FileConfig, LogFile, RouteFile, ServerFile, SubjectsFile};
+use super::file::{
+    AuthFile, ClusterFile, FileConfig, LogFile, RouteFile, ServerFile, SubjectsFile,
+};
 
 /// Most unknown keys and wrong types reported in one run: one typo repeated in every route of
 /// a large file would bury everything else (and each wrong type costs one more pass over the
@@ -116,6 +118,7 @@ fn keys_of(path: &[Seg]) -> &'static [&'static str] {
         [] => serde_introspect::<FileConfig>(),
         [Seg::Key(k)] if k == "server" => serde_introspect::<ServerFile>(),
         [Seg::Key(k)] if k == "log" => serde_introspect::<LogFile>(),
+        [Seg::Key(k)] if k == "cluster" => serde_introspect::<ClusterFile>(),
         [Seg::Key(k), Seg::Index(_)] if k == "routes" => serde_introspect::<RouteFile>(),
         [Seg::Key(k), Seg::Index(_), Seg::Key(a)] if k == "routes" && a == "auth" => {
             serde_introspect::<AuthFile>()
@@ -177,7 +180,12 @@ pub(super) fn check_shapes(root: &mut DeTable<'_>, r: &mut Report) {
         }
     }
     let mut bad = Vec::new();
-    for (name, want_array) in [("server", false), ("log", false), ("routes", true)] {
+    for (name, want_array) in [
+        ("server", false),
+        ("log", false),
+        ("cluster", false),
+        ("routes", true),
+    ] {
         if let Some((k, v)) = root.get_key_value(name) {
             if wrong(v.get_ref(), want_array) {
                 let fix = if want_array {
@@ -423,7 +431,11 @@ mod tests {
 
     #[test]
     fn keys_of_each_table() {
-        assert_eq!(keys_of(&[]), ["server", "log", "routes"]);
+        assert_eq!(keys_of(&[]), ["server", "log", "cluster", "routes"]);
+        assert_eq!(
+            keys_of(&[Seg::Key("cluster".into())]),
+            ["redis", "key_prefix", "encryption_key_file", "timeout"]
+        );
         let auth = [
             Seg::Key("routes".into()),
             Seg::Index(3),

@@ -21,7 +21,17 @@ use serde::Deserialize;
 pub(super) struct FileConfig {
     pub server: Option<ServerFile>,
     pub log: Option<LogFile>,
+    pub cluster: Option<ClusterFile>,
     pub routes: Option<Vec<RouteFile>>,
+}
+
+/// `[cluster]`: share tokens across a fleet of gateways through Redis.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct ClusterFile {
+    pub redis: Option<String>,
+    pub key_prefix: Option<String>,
+    pub encryption_key_file: Option<String>,
+    pub timeout: Option<DurationValue>,
 }
 
 /// `[server]`.

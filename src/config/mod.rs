@@ -81,6 +81,35 @@ pub struct Config {
     pub log: LogConfig,
     /// `[[routes]]`, in file order. Names are unique.
     pub routes: Vec<RouteConfig>,
+    /// `[cluster]`: tokens shared with other gateways through Redis (docs/fleet.md). `None`:
+    /// this gateway works alone.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: where the fleet's shared tokens live and how they are sealed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// `redis`: a `redis://` or `rediss://` (TLS) URL, password included. Never log it; use
+    /// [`ClusterConfig::redis_display`].
+    pub redis: Secret,
+    /// The URL with any password replaced by `***`, for logs and `/status`.
+    pub redis_display: String,
+    /// `key_prefix`: the start of every key and channel name. Default `tokengate`.
+    pub key_prefix: String,
+    /// `encryption_key_file`'s 32 bytes: the AES-256-GCM key of the stored tokens.
+    pub encryption_key: ClusterKey,
+    /// `timeout`: bounds each Redis connect and command. Default 500 ms.
+    pub timeout: Duration,
+}
+
+/// A 32-byte AES-256 key. `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterKey(pub [u8; 32]);
+
+impl fmt::Debug for ClusterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClusterKey([redacted])")
+    }
 }
 
 /// `[server]`: listeners, client allowlist and process-wide knobs.

@@ -36,6 +36,8 @@ pub struct Metrics {
     subject_tokens: IntGaugeVec,
     vended_tokens: IntCounterVec,
     connections: IntGauge,
+    cluster_up: IntGauge,
+    cluster_operations: IntCounterVec,
 }
 
 /// Why a request was refused before routing finished (`tokengate_denied_total{reason}`).
@@ -230,6 +232,21 @@ impl Metrics {
                 register(&r, g.clone());
                 g
             },
+            cluster_up: {
+                let g = IntGauge::new(
+                    "tokengate_cluster_up",
+                    "1 while the fleet's Redis answers, 0 while it does not (or no [cluster]).",
+                )
+                .expect("static metric definition");
+                register(&r, g.clone());
+                g
+            },
+            cluster_operations: counter_vec(
+                &r,
+                "tokengate_cluster_operations_total",
+                "Fleet store operations by op (get, lease, publish, invalidate) and outcome (ok, miss, error).",
+                &["op", "outcome"],
+            ),
             registry: r,
         };
         let build = gauge_vec(
@@ -319,6 +336,21 @@ impl Metrics {
         self.vended_tokens.with_label_values(&[route])
     }
 
+    /// Handles for the fleet store (`[cluster]`): `tokengate_cluster_up` and
+    /// `tokengate_cluster_operations_total{op,outcome}`, every label pair created at once.
+    pub fn cluster(&self) -> ClusterMetrics {
+        let ops = ClusterOp::ALL.map(|op| {
+            ClusterOutcome::ALL.map(|o| {
+                self.cluster_operations
+                    .with_label_values(&[op.label(), o.label()])
+            })
+        });
+        ClusterMetrics {
+            up: self.cluster_up.clone(),
+            ops: Arc::new(ops),
+        }
+    }
+
     /// Per-route handles for a token source.
     pub fn token(&self, route: &str) -> TokenMetrics {
         TokenMetrics {
@@ -328,6 +360,82 @@ impl Metrics {
             expiry: self.token_expiry.with_label_values(&[route]),
             failures: self.token_failures.with_label_values(&[route]),
         }
+    }
+}
+
+/// `op` label of `tokengate_cluster_operations_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterOp {
+    /// Reading a shared token.
+    Get,
+    /// Taking the lease to obtain one.
+    Lease,
+    /// Storing an obtained token (and announcing it).
+    Publish,
+    /// Deleting a token the upstream refused.
+    Invalidate,
+}
+
+impl ClusterOp {
+    const ALL: [ClusterOp; 4] = [
+        ClusterOp::Get,
+        ClusterOp::Lease,
+        ClusterOp::Publish,
+        ClusterOp::Invalidate,
+    ];
+    fn label(self) -> &'static str {
+        match self {
+            ClusterOp::Get => "get",
+            ClusterOp::Lease => "lease",
+            ClusterOp::Publish => "publish",
+            ClusterOp::Invalidate => "invalidate",
+        }
+    }
+}
+
+/// `outcome` label of `tokengate_cluster_operations_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterOutcome {
+    /// Done: a token read, a lease taken, a token stored or deleted.
+    Ok,
+    /// Answered, but nothing to use: no token (or one that does not decrypt with this
+    /// fleet's key), a lease another replica holds, a token already replaced.
+    Miss,
+    /// Redis did not answer in time, refused, or is known to be down.
+    Error,
+}
+
+impl ClusterOutcome {
+    const ALL: [ClusterOutcome; 3] = [
+        ClusterOutcome::Ok,
+        ClusterOutcome::Miss,
+        ClusterOutcome::Error,
+    ];
+    fn label(self) -> &'static str {
+        match self {
+            ClusterOutcome::Ok => "ok",
+            ClusterOutcome::Miss => "miss",
+            ClusterOutcome::Error => "error",
+        }
+    }
+}
+
+/// The fleet store's metric handles ([`Metrics::cluster`]).
+#[derive(Clone)]
+pub struct ClusterMetrics {
+    up: IntGauge,
+    ops: Arc<[[IntCounter; 3]; 4]>,
+}
+
+impl ClusterMetrics {
+    /// Sets `tokengate_cluster_up`.
+    pub fn set_up(&self, up: bool) {
+        self.up.set(i64::from(up));
+    }
+
+    /// Counts one operation.
+    pub fn op(&self, op: ClusterOp, outcome: ClusterOutcome) {
+        self.ops[op as usize][outcome as usize].inc();
     }
 }
 

@@ -14,11 +14,14 @@
 //! tests can run the whole lifecycle on tokio's paused clock.
 
 pub mod clock;
+pub mod fleet;
+#[cfg(test)]
+mod fleet_tests;
 #[cfg(test)]
 mod paused_clock_tests;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
@@ -208,6 +211,9 @@ pub struct SourceStatus {
     pub generation: u64,
     /// Whether a usable token is held right now.
     pub usable: bool,
+    /// The fleet state (`[cluster]`); `None` without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<fleet::FleetStatus>,
 }
 
 mod opt_unix {
@@ -266,6 +272,8 @@ pub struct TokenSource {
     /// Upstream 401s seen: the last drop, and a token held through further 401s because the
     /// API refuses requests, not it ([`TokenSource::invalidate`]).
     refusals: Mutex<Refusals>,
+    /// Set once, before the refresher starts, when the gateway is in a fleet (`[cluster]`).
+    fleet: OnceLock<fleet::FleetLink>,
 }
 
 /// What upstream 401s have done lately ([`TokenSource::invalidate`]).
@@ -380,7 +388,14 @@ impl TokenSource {
             waited: AtomicU64::new(0),
             retired: AtomicBool::new(false),
             refusals: Mutex::new(Refusals::default()),
+            fleet: OnceLock::new(),
         })
+    }
+
+    /// Shares this source's tokens with the fleet through `link` (docs/fleet.md). Call it
+    /// before [`TokenSource::spawn_refresher`]; a second call is ignored.
+    pub fn join_fleet(&self, link: fleet::FleetLink) {
+        let _ = self.fleet.set(link);
     }
 
     /// The route (identity) name, for logs and metrics.
@@ -542,6 +557,9 @@ impl TokenSource {
         let dropped = matches!((&*prev, &cur), (Some(a), Some(b)) if Arc::ptr_eq(a, b));
         if dropped {
             self.published.fetch_add(1, Ordering::Release);
+            if let Some(link) = self.fleet.get() {
+                link.refused(generation);
+            }
             let mut d = self.dropped.lock();
             d.push(hash_token(tok.authorization.as_bytes()));
             if d.len() > 16 {
@@ -632,6 +650,10 @@ impl TokenSource {
         s.usable = self.usable_now(Instant::now()).is_some();
         let backoff = self.backoff_remaining();
         s.next_attempt_at = (!backoff.is_zero()).then(|| self.clock.wall() + backoff);
+        s.fleet = self
+            .fleet
+            .get()
+            .map(|l| l.status(self.current.load().as_deref()));
         s
     }
 
@@ -671,10 +693,22 @@ impl TokenSource {
                 continue;
             }
             attempt_no += 1;
+            let leased = match self.fleet.get() {
+                Some(link) => match self.fleet_before_fetch(link).await {
+                    fleet::Before::Adopted => {
+                        backoff = self.new_backoff();
+                        self.attempts.send_replace(Attempt::Succeeded(attempt_no));
+                        continue;
+                    }
+                    fleet::Before::Fetch { leased } => leased,
+                },
+                None => false,
+            };
             let drops_before = self.drops.load(Ordering::SeqCst);
             let started = Instant::now();
             let result = self.fetcher.fetch(self.clock.wall()).await;
             let took = started.elapsed();
+            let mut obtained = None;
             match result {
                 Ok(token)
                     if self.drops.load(Ordering::SeqCst) != drops_before
@@ -705,7 +739,9 @@ impl TokenSource {
                 }
                 Ok(token) => {
                     self.metrics.fetched(FetchOutcome::Success, took);
-                    self.publish(token, took, Instant::now());
+                    let value = self.fleet.get().map(|_| token.value.clone());
+                    let published = self.publish_as(token, took, Instant::now(), None);
+                    obtained = published.zip(value);
                     backoff = self.new_backoff();
                     self.attempts.send_replace(Attempt::Succeeded(attempt_no));
                 }
@@ -713,6 +749,9 @@ impl TokenSource {
                     self.record_failure(e, took, &mut backoff);
                     self.attempts.send_replace(Attempt::Failed(attempt_no));
                 }
+            }
+            if let Some(link) = self.fleet.get() {
+                self.fleet_after_fetch(link, obtained, leased).await;
             }
         }
     }
@@ -726,12 +765,29 @@ impl TokenSource {
     }
 
     fn was_dropped(&self, token: &AccessToken) -> bool {
-        let h = hash_token(format!("Bearer {}", token.value).as_bytes());
+        self.was_dropped_value(&token.value)
+    }
+
+    fn was_dropped_value(&self, value: &str) -> bool {
+        let h = hash_token(format!("Bearer {value}").as_bytes());
         self.dropped.lock().contains(&h)
     }
 
     /// Publishes `token`, whose response arrived at `obtained_at` after `took`.
     fn publish(&self, token: AccessToken, took: Duration, obtained_at: Instant) {
+        self.publish_as(token, took, obtained_at, None);
+    }
+
+    /// [`TokenSource::publish`], renewing after `refresh_after` instead of at `refresh_ratio`
+    /// of the lifetime when given (a token adopted from the fleet keeps the fleet's renewal
+    /// time). Returns the published token.
+    fn publish_as(
+        &self,
+        token: AccessToken,
+        took: Duration,
+        obtained_at: Instant,
+        refresh_after: Option<Duration>,
+    ) -> Option<Arc<Token>> {
         let lifetime = token.lifetime.max(MIN_LIFETIME);
         let ratio = self.policy.refresh_ratio.clamp(0.05, 0.95);
         // Very short tokens: the margin shrinks so the token stays usable for most of its life.
@@ -741,20 +797,21 @@ impl TokenSource {
             .min(lifetime.mul_f64((1.0 - ratio) / 2.0));
         // Renew between 90 % and 100 % of `ratio` (jitter spreads many gateways' renewals).
         let jitter = 1.0 - rand::random::<f64>() * 0.1;
-        let refresh_after = lifetime.mul_f64(ratio * jitter);
+        let adopted = refresh_after.is_some();
+        let refresh_after = refresh_after.unwrap_or_else(|| lifetime.mul_f64(ratio * jitter));
         let len = token.value.len();
         let mut authorization = match HeaderValue::try_from(format!("Bearer {}", token.value)) {
             Ok(v) => v,
             Err(_) => {
                 // parse_token_response already refused such tokens; stay safe anyway.
-                return;
+                return None;
             }
         };
         authorization.set_sensitive(true);
         let generation = self.status.lock().generation + 1;
         let wall = self.clock.wall();
         let expires_at_wall = wall + lifetime - obtained_at.elapsed();
-        self.current.store(Some(Arc::new(Token {
+        let published = Arc::new(Token {
             authorization,
             generation,
             obtained_at,
@@ -762,7 +819,8 @@ impl TokenSource {
             refresh_at: obtained_at + refresh_after,
             expires_at_wall,
             len,
-        })));
+        });
+        self.current.store(Some(Arc::clone(&published)));
         self.published.fetch_add(1, Ordering::Release);
         self.next_attempt_ms.store(0, Ordering::Relaxed);
         {
@@ -776,14 +834,25 @@ impl TokenSource {
             self.metrics.set_consecutive_failures(0);
             self.metrics.set_expiry(expires_at_wall);
         }
-        tracing::info!(
-            route = %self.name,
-            subject = self.subject.as_deref().map(tracing::field::display),
-            generation,
-            lifetime_s = lifetime.as_secs_f64(),
-            took_ms = took.as_millis() as u64,
-            "access token obtained"
-        );
+        if adopted {
+            tracing::info!(
+                route = %self.name,
+                subject = self.subject.as_deref().map(tracing::field::display),
+                generation,
+                lifetime_s = lifetime.as_secs_f64(),
+                "access token adopted from the fleet"
+            );
+        } else {
+            tracing::info!(
+                route = %self.name,
+                subject = self.subject.as_deref().map(tracing::field::display),
+                generation,
+                lifetime_s = lifetime.as_secs_f64(),
+                took_ms = took.as_millis() as u64,
+                "access token obtained"
+            );
+        }
+        Some(published)
     }
 
     fn record_failure(&self, e: FetchError, took: Duration, backoff: &mut CappedBackoff) {

@@ -88,6 +88,8 @@ pub struct SubjectTokens {
     runtime: tokio::runtime::Handle,
     epoch: Instant,
     sweeper: Mutex<Option<JoinHandle<()>>>,
+    /// The fleet every subject's source joins (`[cluster]`).
+    fleet: std::sync::OnceLock<Arc<crate::cluster::Fleet>>,
 }
 
 impl Drop for SubjectTokens {
@@ -124,6 +126,7 @@ impl SubjectTokens {
             runtime: runtime.clone(),
             epoch: Instant::now(),
             sweeper: Mutex::new(None),
+            fleet: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&this);
         let sweeper = runtime.spawn(async move {
@@ -139,6 +142,12 @@ impl SubjectTokens {
         });
         *this.sweeper.lock() = Some(sweeper);
         this
+    }
+
+    /// Shares every subject's tokens with `fleet` (docs/fleet.md): each (route, subject) is a
+    /// credential identity of its own there. Call it before the first request.
+    pub fn join_fleet(&self, fleet: Arc<crate::cluster::Fleet>) {
+        let _ = self.fleet.set(fleet);
     }
 
     /// The route's name.
@@ -190,6 +199,12 @@ impl SubjectTokens {
             self.policy.clone(),
             self.metrics.clone(),
         );
+        if let Some(fleet) = self.fleet.get() {
+            let auth = self.client.auth();
+            let key = fleet.key(&self.route, auth, Some(subject));
+            let store: Arc<dyn crate::cluster::FleetStore> = fleet.clone();
+            source.join_fleet(super::fleet::FleetLink::new(store, key, auth.token_timeout));
+        }
         let refresher = source.spawn_refresher(&self.runtime);
         let entry = Arc::new(Entry {
             source: Arc::clone(&source),

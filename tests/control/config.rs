@@ -43,7 +43,10 @@ fn every_example_config_loads() {
             // Loopback everywhere, except where the operator says otherwise: the container
             // config must bind every interface for Docker's port mapping (which docker-compose.yml
             // publishes on the host's loopback only).
-            let in_container = path.file_name().and_then(|n| n.to_str()) == Some("docker.toml");
+            let in_container = matches!(
+                path.file_name().and_then(|n| n.to_str()),
+                Some("docker.toml" | "docker-fleet.toml")
+            );
             assert!(
                 addr.ip().is_loopback() || (in_container && addr.ip().is_unspecified()),
                 "{}: {addr} is not loopback",

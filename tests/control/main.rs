@@ -18,6 +18,7 @@ mod cli;
 mod config;
 mod deploy;
 mod discovery;
+mod fleet;
 mod interop;
 mod keys_and_clock;
 mod reload;

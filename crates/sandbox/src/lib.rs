@@ -35,6 +35,7 @@ pub mod keys;
 mod raw_api;
 mod recent;
 mod registry;
+mod revocation;
 mod server;
 mod token_format;
 

@@ -1,7 +1,7 @@
 //! The access tokens the sandbox authorization servers have issued, shared with the echo API.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard};
@@ -33,6 +33,10 @@ struct Inner {
     key: EncodingKey,
     tokens: Mutex<HashMap<String, IssuedToken>>,
     issued: AtomicU64,
+    /// [`TokenRegistry::set_revoke_previous`].
+    revoke_previous: AtomicBool,
+    /// Tokens revoked because a newer one superseded them.
+    revoked_by_policy: AtomicU64,
 }
 
 /// What the registry knows about one issued access token.
@@ -115,6 +119,8 @@ impl TokenRegistry {
                 key: EncodingKey::from_secret(&secret),
                 tokens: Mutex::new(HashMap::new()),
                 issued: AtomicU64::new(0),
+                revoke_previous: AtomicBool::new(false),
+                revoked_by_policy: AtomicU64::new(0),
             }),
         }
     }
@@ -167,6 +173,12 @@ impl TokenRegistry {
         if tokens.len() >= PRUNE_ABOVE {
             tokens.retain(|_, t| t.expires_at > now);
         }
+        if self.inner.revoke_previous.load(Ordering::Relaxed) {
+            let n = super::revocation::revoke_superseded(&mut tokens, &entry);
+            self.inner
+                .revoked_by_policy
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
         tokens.insert(token.clone(), entry);
         drop(tokens);
         self.inner.issued.fetch_add(1, Ordering::Relaxed);
@@ -218,6 +230,37 @@ impl TokenRegistry {
     /// check that no token leaked into logs. Secret material: never log the result.
     pub fn issued_tokens(&self) -> Vec<String> {
         self.tokens().keys().cloned().collect()
+    }
+
+    /// Each new token revokes the earlier unrevoked tokens of the same issuer, client and
+    /// subject (see `revocation.rs`: Doorkeeper's `revoke_previous_client_credentials_token`).
+    /// Off by default.
+    pub fn set_revoke_previous(&self, on: bool) {
+        self.inner.revoke_previous.store(on, Ordering::Relaxed);
+    }
+
+    /// How many tokens [`TokenRegistry::set_revoke_previous`] revoked so far.
+    pub fn revoked_by_policy(&self) -> u64 {
+        self.inner.revoked_by_policy.load(Ordering::Relaxed)
+    }
+
+    /// Issues a token for `client_id` and `subject` (unit tests of policies).
+    #[cfg(test)]
+    pub(crate) fn issue_for_test(
+        &self,
+        client_id: &str,
+        subject: &str,
+        lifetime: Duration,
+    ) -> String {
+        let request = TokenRequest {
+            subject,
+            client_id,
+            issuer: "test",
+            issuer_url: "http://127.0.0.1:1",
+            scope: None,
+            lifetime,
+        };
+        self.issue_as(&request, true).expect("issue").0
     }
 
     /// How many tokens have been issued since the registry was created.

@@ -3,6 +3,7 @@
 //! fails is replaced by its default (or left out) so the rest can still be checked.
 
 mod auth;
+mod cluster;
 mod routes;
 mod secrets;
 mod server;
@@ -34,11 +35,13 @@ impl<'r> Validator<'r> {
         let server = self.server(file.server.unwrap_or_default());
         let log = self.log(file.log.unwrap_or_default());
         let routes = self.routes(file.routes.unwrap_or_default(), &server);
+        let cluster = file.cluster.map(|c| self.cluster(c));
         Config {
             source: source.map(Path::to_path_buf),
             server,
             log,
             routes,
+            cluster: cluster.flatten(),
         }
     }
 
