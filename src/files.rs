@@ -11,6 +11,8 @@ pub const CONFIG_FILE_LIMIT: u64 = 16 << 20;
 pub const CA_FILE_LIMIT: u64 = 16 << 20;
 /// Cap for a key file or a secret file (a 4,096-bit RSA key in PEM is about 3.3 KiB).
 pub const SECRET_FILE_LIMIT: u64 = 64 << 10;
+/// Most bytes read from `server.hosts_file` (hosts(5) lines).
+pub const HOSTS_FILE_LIMIT: u64 = 1 << 20;
 
 /// Reads the whole file at `path`, at most `limit` bytes.
 ///

@@ -710,12 +710,14 @@ pub fn run(config: Config) -> Result<(), StartError> {
     check_listeners(&config)?;
     let delay = config.server.shutdown_delay;
     let grace = config.server.grace_period;
+    let config_admin = config.server.admin_listen;
     let built = Built::new(config)?;
     reload_on_sighup(&built)?;
     let signals = UnixSignals {
         live: Arc::clone(&built.live),
         delay,
         grace,
+        admin: config_admin,
     };
     run_with(built, Box::new(signals))
 }
@@ -792,6 +794,8 @@ struct UnixSignals {
     delay: Duration,
     /// `server.grace_period`.
     grace: Duration,
+    /// `server.admin_listen`: served on through the drain ([`crate::admin::draining`]).
+    admin: SocketAddr,
 }
 
 #[async_trait]
@@ -824,6 +828,7 @@ impl ShutdownSignalWatch for UnixSignals {
         // pingora stops the listeners once this returns; the process exits when the drain
         // ends (its own grace period, a little longer, is only a backstop).
         self.live.drain.close();
+        crate::admin::draining::serve_until_exit(Arc::clone(&self.live), self.admin);
         let live = Arc::clone(&self.live);
         let grace = self.grace;
         let spawned = std::thread::Builder::new()

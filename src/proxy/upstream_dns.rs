@@ -241,8 +241,12 @@ pub fn resolve_blocking(
     }
     let addrs: Vec<SocketAddr> = match hosts_file {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
+            // A regular file of bounded size: a FIFO or device would block or exhaust the
+            // resolver's thread, and with it every later resolution and reload.
+            let bytes = crate::files::read_regular_capped(path, crate::files::HOSTS_FILE_LIMIT)
                 .map_err(|e| format!("hosts file {}: {e}", path.display()))?;
+            let text = String::from_utf8(bytes)
+                .map_err(|_| format!("hosts file {}: not UTF-8 text", path.display()))?;
             hosts_lookup(&text, host)
                 .into_iter()
                 .map(|ip| SocketAddr::new(ip, port))
@@ -294,6 +298,22 @@ mod tests {
             ]
         );
         assert!(hosts_lookup(text, "missing.test").is_empty());
+    }
+
+    #[test]
+    fn a_hosts_file_that_is_no_regular_file_is_an_error_not_a_wait() {
+        let dir = std::env::temp_dir().join(format!("tokengate-dns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("hosts.fifo");
+        let _ = std::fs::remove_file(&fifo);
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        // Nothing ever writes to the FIFO: opening it to read would wait forever.
+        let err = resolve_blocking("api.test", 443, Some(&fifo)).unwrap_err();
+        assert!(err.contains("a FIFO, not a regular file"), "{err}");
+        let err = resolve_blocking("api.test", 443, Some(Path::new("/dev/zero"))).unwrap_err();
+        assert!(err.contains("a device"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -173,6 +173,25 @@ async fn sigterm_serves_through_the_delay_then_drains_and_exits_after_the_last_r
         "listener closed {:?} after SIGTERM, before the delay",
         signalled.elapsed()
     );
+    // The admin endpoints answer through the drain: /healthz while the process runs, /readyz
+    // still 503, /metrics showing it.
+    let healthz = common::poll_until(Duration::from_secs(3), || async {
+        reqwest::get(format!("http://{admin}/healthz"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(healthz, "/healthz does not answer while draining");
+    let (status, body) = readyz(admin).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["shutting_down"], true, "{body}");
+    let metrics = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("tokengate_connections"), "{metrics}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         gw.child.try_wait().unwrap().is_none(),

@@ -103,7 +103,13 @@ impl Validator<'_> {
             self.at_most("server.shutdown_delay", shutdown_delay, MAX_SHUTDOWN_DELAY);
         let hosts_file = s.hosts_file.and_then(|p| {
             let resolved = self.resolve(&p);
-            match std::fs::read_to_string(&resolved) {
+            let read = crate::files::read_regular_capped(&resolved, crate::files::HOSTS_FILE_LIMIT)
+                .and_then(|bytes| {
+                    String::from_utf8(bytes).map_err(|_| {
+                        std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text")
+                    })
+                });
+            match read {
                 Ok(_) => Some(resolved),
                 Err(e) => {
                     self.r.push(
@@ -365,6 +371,26 @@ mod shutdown_and_proxies_tests {
             "{errs:?}"
         );
         assert!(load(&cc_route("")).unwrap().server.hosts_file.is_none());
+    }
+
+    #[test]
+    fn hosts_file_must_be_a_regular_file() {
+        let dir = std::env::temp_dir().join(format!("tokengate-hosts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("hosts.fifo");
+        let _ = std::fs::remove_file(&fifo);
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        for (path, kind) in [
+            (fifo.display().to_string(), "a FIFO"),
+            ("/dev/zero".into(), "a device"),
+        ] {
+            let text = format!("[server]\nhosts_file = \"{path}\"\n{}", cc_route(""));
+            let errs = errors(&text);
+            assert!(has(&errs, "server.hosts_file: cannot read"), "{errs:?}");
+            assert!(has(&errs, kind), "{errs:?}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -333,10 +333,12 @@ fn promtool_test_rules_fails_when_an_alert_does_not_fire_as_expected() {
     let dir = std::env::temp_dir().join(format!("tokengate-deploy-alerts-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(alerts_path(), dir.join("alerts.yml")).unwrap();
-    // The token expiring in 30 s, expected quiet: the unit test must fail.
+    // The token expiring in 30 s with its renewal failing, expected quiet: the unit test must
+    // fail.
     let test = "rule_files: [alerts.yml]\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    \
                 input_series:\n      - series: 'tokengate_token_expiry_timestamp_seconds{route=\"a\"}'\n        \
-                values: '630x10'\n    alert_rule_test:\n      - eval_time: 10m\n        \
+                values: '630x10'\n      - series: 'tokengate_token_consecutive_failures{route=\"a\"}'\n        \
+                values: '1x10'\n    alert_rule_test:\n      - eval_time: 10m\n        \
                 alertname: TokengateTokenExpiringSoon\n        exp_alerts: []\n";
     std::fs::write(dir.join("wrong_test.yml"), test).unwrap();
     let out = run(

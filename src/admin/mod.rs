@@ -2,6 +2,8 @@
 //! endpoints").
 //! Nothing here ever shows a secret or a token.
 
+pub mod draining;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -264,14 +266,21 @@ impl ServeHttp for AdminApp {
             session.set_keepalive(None);
         }
         let req = session.req_header();
-        if req.method != Method::GET && req.method != Method::HEAD {
+        self.answer(&req.method, req.uri.path()).await
+    }
+}
+
+impl AdminApp {
+    /// The answer to `method` on `path`: one of the four endpoints, 404 or 405.
+    pub async fn answer(&self, method: &Method, path: &str) -> Response<Vec<u8>> {
+        if method != Method::GET && method != Method::HEAD {
             return respond(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "application/json",
                 br#"{"error":"method_not_allowed"}"#.to_vec(),
             );
         }
-        match req.uri.path() {
+        match path {
             "/metrics" => {
                 let (body, ct) = self.live.load().metrics.encode();
                 respond(StatusCode::OK, &ct, body)
