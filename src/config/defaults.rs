@@ -56,3 +56,5 @@ pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CLUSTER_KEY_PREFIX: &str = "tokengate";
 /// Default `cluster.timeout`: bounds each Redis connect and each command.
 pub const DEFAULT_CLUSTER_TIMEOUT: Duration = Duration::from_millis(500);
+/// Most `cluster.timeout` may be: a Redis that answers slower than this is treated as down.
+pub const MAX_CLUSTER_TIMEOUT: Duration = Duration::from_secs(5);

@@ -149,33 +149,75 @@ fn replicas(
     requests: &Arc<AtomicU32>,
     lifetime: Duration,
 ) -> Vec<Arc<TokenSource>> {
-    let clock = Clock::following_tokio(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000));
     (0..count)
-        .map(|owner| {
-            let fetcher = Counting {
-                n: Arc::clone(requests),
-                lifetime,
-            };
-            let s = TokenSource::with_clock(
-                "fleet",
-                Box::new(fetcher),
-                RenewalPolicy::default(),
-                TokenMetrics::detached(),
-                clock.clone(),
-            );
-            let store: Arc<dyn FleetStore> = Arc::new(Replica {
-                store: Arc::clone(store),
-                owner,
-            });
-            s.join_fleet(FleetLink::new(
-                store,
-                FleetKey::new("test", "identity"),
-                Duration::from_secs(10),
-            ));
-            s.spawn_refresher(&tokio::runtime::Handle::current());
-            s
-        })
+        .map(|owner| replica(owner, RenewalPolicy::default(), store, requests, lifetime))
         .collect()
+}
+
+/// Replica `owner`'s source of the one identity on `store`, renewing by `policy`.
+fn replica(
+    owner: u32,
+    policy: RenewalPolicy,
+    store: &Arc<MemoryStore>,
+    requests: &Arc<AtomicU32>,
+    lifetime: Duration,
+) -> Arc<TokenSource> {
+    let clock = Clock::following_tokio(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+    let fetcher = Counting {
+        n: Arc::clone(requests),
+        lifetime,
+    };
+    let s = TokenSource::with_clock(
+        "fleet",
+        Box::new(fetcher),
+        policy,
+        TokenMetrics::detached(),
+        clock,
+    );
+    let store: Arc<dyn FleetStore> = Arc::new(Replica {
+        store: Arc::clone(store),
+        owner,
+    });
+    s.join_fleet(FleetLink::new(
+        store,
+        FleetKey::new("test", "identity"),
+        Duration::from_secs(10),
+    ));
+    s.spawn_refresher(&tokio::runtime::Handle::current());
+    s
+}
+
+/// A replica that keeps a wider margin than the one that obtained the token renews an adopted
+/// token before its own margin, not at the other's later renewal time: its token is usable at
+/// every moment.
+#[tokio::test(start_paused = true)]
+async fn an_adopted_token_is_renewed_before_the_adopters_own_margin() {
+    let store = Arc::new(MemoryStore::default());
+    let requests = Arc::new(AtomicU32::new(0));
+    let lifetime = Duration::from_secs(30);
+    let late = RenewalPolicy {
+        refresh_ratio: 0.95,
+        min_time_left: Duration::from_secs(1),
+        ..RenewalPolicy::default()
+    };
+    let early = RenewalPolicy {
+        refresh_ratio: 0.3,
+        min_time_left: Duration::from_secs(8),
+        ..RenewalPolicy::default()
+    };
+    let a = replica(0, late, &store, &requests, lifetime);
+    a.token().await.expect("token");
+    let b = replica(1, early, &store, &requests, lifetime);
+    b.token().await.expect("adopted");
+    assert_eq!(requests.load(Ordering::SeqCst), 1, "b adopted a's token");
+    for step in 0..240 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(
+            b.usable_now(Instant::now()).is_some(),
+            "b holds no usable token {} ms after adopting",
+            (step + 1) * 250
+        );
+    }
 }
 
 #[tokio::test(start_paused = true)]

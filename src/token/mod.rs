@@ -59,6 +59,10 @@ impl TokenFetcher for crate::oauth::TokenClient {
     }
 }
 
+/// How long before its own margin a source renews a token adopted from the fleet (at most
+/// the margin itself): time for the lease and the token request.
+const ADOPTED_HEADROOM: Duration = Duration::from_secs(2);
+
 /// Shortest lifetime we act on: a token said to live less (`expires_in` 0, negative) is treated
 /// as living this long, so a misbehaving server cannot drive the refresher into a tight loop.
 pub const MIN_LIFETIME: Duration = Duration::from_secs(1);
@@ -798,7 +802,13 @@ impl TokenSource {
         // Renew between 90 % and 100 % of `ratio` (jitter spreads many gateways' renewals).
         let jitter = 1.0 - rand::random::<f64>() * 0.1;
         let adopted = refresh_after.is_some();
-        let refresh_after = refresh_after.unwrap_or_else(|| lifetime.mul_f64(ratio * jitter));
+        // An adopted token comes with the renewal time of the replica that obtained it, whose
+        // policy may keep a smaller margin: renew no later than a little before this source's
+        // own margin, or the token would stop being usable here before anyone renews it.
+        let latest = lifetime.saturating_sub(margin + margin.min(ADOPTED_HEADROOM));
+        let refresh_after = refresh_after
+            .map(|r| r.min(latest))
+            .unwrap_or_else(|| lifetime.mul_f64(ratio * jitter));
         let len = token.value.len();
         let mut authorization = match HeaderValue::try_from(format!("Bearer {}", token.value)) {
             Ok(v) => v,

@@ -5,7 +5,9 @@
 use base64::Engine;
 
 use super::Validator;
-use crate::config::defaults::{DEFAULT_CLUSTER_KEY_PREFIX, DEFAULT_CLUSTER_TIMEOUT};
+use crate::config::defaults::{
+    DEFAULT_CLUSTER_KEY_PREFIX, DEFAULT_CLUSTER_TIMEOUT, MAX_CLUSTER_TIMEOUT,
+};
 use crate::config::file::ClusterFile;
 use crate::config::{ClusterConfig, ClusterKey, Secret};
 use crate::files;
@@ -54,6 +56,9 @@ impl Validator<'_> {
             c.timeout.map(|d| d.0),
             DEFAULT_CLUSTER_TIMEOUT,
         );
+        // Every Redis command waits at most this long, and a start at most twice it: a store
+        // that hangs must never hold tokens back for longer than a token request would.
+        let timeout = self.at_most("cluster.timeout", timeout, MAX_CLUSTER_TIMEOUT);
         let (redis, redis_display) = redis?;
         Some(ClusterConfig {
             redis: Secret::new(redis),
@@ -214,6 +219,16 @@ mod tests {
         assert_eq!(cl.timeout, Duration::from_millis(500));
         assert_eq!(cl.redis_display, "redis://:***@127.0.0.1:6379/0");
         assert!(!format!("{cl:?}").contains("hunter2"), "{cl:?}");
+    }
+
+    #[test]
+    fn the_redis_timeout_is_bounded() {
+        let k = key_file(&format!("{KEY_B64}\n"));
+        let errs = errors(&with_cluster(&format!(
+            "redis = \"redis://127.0.0.1:6379/0\"\nencryption_key_file = \"{}\"\ntimeout = \"1h\"",
+            k.0.display()
+        )));
+        assert!(has(&errs, "cluster.timeout"), "{errs:?}");
     }
 
     #[test]
