@@ -315,34 +315,35 @@ client_secret = "s3cr+t/%41:y=z"
         return p.pid
 
     def stop(self):
-        """Stops every server, its children too (nginx workers): a second Ctrl-C or a SIGTERM
-        during the stop does not cut it short."""
-        counts = {}
-        masked = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-        try:
-            for name, p in self.procs.items():
-                if p.poll() is None:
-                    p.send_signal(signal.SIGINT if name == "sandbox" else signal.SIGTERM)
-            for name, p in self.procs.items():
-                try:
-                    if name == "sandbox":
-                        _, err = p.communicate(timeout=10)
-                        for line in err.splitlines():
-                            if line.startswith("{"):
-                                counts = json.loads(line)
-                    else:
-                        p.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    pass
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)  # its session: whatever is left of it
-                except ProcessLookupError:
-                    pass
-                p.wait()
-        finally:
-            for sig, handler in masked.items():
-                signal.signal(sig, handler)
-        return counts
+        return stop_servers(self.procs.values(), self.procs.get("sandbox"))
+
+
+def stop_servers(procs, sandbox=None):
+    """Stops the servers `procs` in order, their children too (nginx workers): a second Ctrl-C
+    or a SIGTERM during the stop does not cut it short. Returns the token request counts the
+    `sandbox` (one of `procs`, stopped by SIGINT) prints when it stops."""
+    counts = {}
+    masked = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT if p is sandbox else signal.SIGTERM)
+        for p in procs:
+            try:
+                if p is sandbox:
+                    _, err = p.communicate(timeout=10)
+                    counts = next((json.loads(l) for l in err.splitlines() if l.startswith("{")), counts)
+                else:
+                    p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)  # its session: whatever is left of it
+            p.wait()
+    finally:
+        for sig, handler in masked.items():
+            signal.signal(sig, handler)
+    return counts
 
 
 def wait_ready(timeout=20, admin=ADMIN):
@@ -572,29 +573,8 @@ client_secret = "s3cr+t/%41:y=z"
     def stop(self):
         """Stops the sandbox first (its token request count is final then), then the gateways.
         Returns the sandbox's counts."""
-        counts = {}
-        masked = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-        try:
-            procs = ([self.sandbox] if self.sandbox else []) + [g["proc"] for g in self.gateways]
-            for p in procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGINT if p is self.sandbox else signal.SIGTERM)
-            for p in procs:
-                try:
-                    if p is self.sandbox:
-                        _, err = p.communicate(timeout=10)
-                        counts = next((json.loads(l) for l in err.splitlines() if l.startswith("{")), {})
-                    else:
-                        p.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    pass
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-        finally:
-            for sig, handler in masked.items():
-                signal.signal(sig, handler)
-        return counts
+        return stop_servers(([self.sandbox] if self.sandbox else []) + [g["proc"] for g in self.gateways],
+                            self.sandbox)
 
 
 def wrk_fleet(reps, duration):
@@ -670,16 +650,7 @@ http {{ access_log off; keepalive_requests 1000000;
                     m["renewal_periods"] = max(t["generation"] for t in m["tokens"])
                     runs[mode].append(m)
         finally:
-            for p in servers:
-                if p.poll() is None:
-                    p.terminate()
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
+            stop_servers(servers)
     res = {"gateways": FLEET_SIZE, "token_lifetime_s": FLEET_TOKEN_LIFETIME, "connections": FLEET_CONNECTIONS}
     for mode, rs in runs.items():
         cpu = statistics.median(r["cpu_us_per_req"] for r in rs)
