@@ -25,13 +25,20 @@ Stages (all on loopback):
            on the same path (--rounds runs each, medians); writes scaling.svg
   token    60 s at 64 connections with 5-second tokens: token requests seen by the token
            endpoint vs renewals, and non-2xx responses
+  fleet    three tokengate gateways (all on core 0, one worker thread each) with the same route
+           and 5-second tokens, once with [cluster] sharing one redis-server (own loopback
+           port, no persistence) and once alone, alternating over --rounds rounds; one wrk per
+           gateway at once (63 connections in all) for --duration s after a 2 s warm-up:
+           requests/s per proxy-core second with [cluster] against without (from the three
+           gateways' CPU time), and token requests the token endpoint saw per renewal period
 
 --baseline BIN adds another tokengate build (an earlier commit's release binary, same config)
 to the peak stage's rotation as `baseline`, so a change is measured before and after in one
 run: its proxy-core CPU per request against this build's.
 
-Installs what is missing: cmake (for the release build), nginx-light, haproxy and wrk from Debian
-packages, oha from crates.io.
+Installs what is missing: cmake (for the release build), nginx-light, haproxy, wrk and (for the
+fleet stage) redis-server from Debian packages, oha from crates.io. Binaries are taken from
+$CARGO_TARGET_DIR/release when CARGO_TARGET_DIR is set, else target/release.
 Results: printed as Markdown, and written to --out (results.json, scaling.svg).
 """
 
@@ -51,6 +58,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# Where `cargo build --release` puts the binaries: CARGO_TARGET_DIR when set (relative to the
+# repository, as cargo takes it from there), else target/.
+RELEASE = ROOT / os.environ.get("CARGO_TARGET_DIR", "target") / "release"
 ORIGIN = "127.0.0.1:18000"
 PORTS = {"tokengate": 18081, "nginx": 18082, "haproxy": 18083, "pingora": 18084}
 ADMIN = "127.0.0.1:18091"
@@ -64,10 +74,11 @@ def sh(cmd, **kw):
     return subprocess.run(cmd, shell=isinstance(cmd, str), check=True, **kw)
 
 
-def ensure_tools(need_oha=True):
-    # cmake: the release build needs it (pingora's zlib-ng, aws-lc); the rest are the targets
-    # and the load generator.
-    missing = [p for p, b in (("cmake", "cmake"), ("nginx-light", "nginx"), ("haproxy", "haproxy"), ("wrk", "wrk"))
+def ensure_tools(need_oha=True, need_redis=False):
+    # cmake: the release build needs it (pingora's zlib-ng, aws-lc); the rest are the targets,
+    # the load generator and the fleet stage's Redis.
+    tools = (("cmake", "cmake"), ("nginx-light", "nginx"), ("haproxy", "haproxy"), ("wrk", "wrk"))
+    missing = [p for p, b in tools + ((("redis-server", "redis-server"),) if need_redis else ())
                if not shutil.which(b)]
     if missing:
         print(f"installing {' '.join(missing)} …", file=sys.stderr)
@@ -197,7 +208,7 @@ http {{ access_log off; keepalive_requests 1000000;
   server {{ listen {ORIGIN} reuseport backlog=4096; location / {{ return 200 "ok\\n"; }} }} }}
 """)
         self.procs["origin"] = pinned(CLIENT_CORE, ["nginx", "-p", str(w), "-c", str(w / "origin.conf")])
-        sandbox = pinned(CLIENT_CORE, [str(ROOT / "target/release/examples/sandbox_servers"), str(self.token_lifetime)],
+        sandbox = pinned(CLIENT_CORE, [str(RELEASE / "examples/sandbox_servers"), str(self.token_lifetime)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.procs["sandbox"] = sandbox
         self.endpoints = json.loads(sandbox.stdout.readline())
@@ -215,7 +226,7 @@ http {{ access_log off; keepalive_requests 1000000;
             nginx_extra = haproxy_extra = ""
 
         (w / "tokengate.toml").write_text(self.tokengate_config())
-        self.procs["tokengate"] = pinned(PROXY_CORE, [str(ROOT / "target/release/tokengate"), "run", "-c",
+        self.procs["tokengate"] = pinned(PROXY_CORE, [str(RELEASE / "tokengate"), "run", "-c",
                                                       str(w / "tokengate.toml")],
                                          stderr=open(w / "logs/tokengate.err", "w"))
         (w / "nginx.conf").write_text(f"""
@@ -247,7 +258,7 @@ backend be
 """)
         self.procs["haproxy"] = pinned(PROXY_CORE, ["haproxy", "-db", "-f", str(w / "haproxy.cfg")],
                                        stderr=open(w / "logs/haproxy.err", "w"))
-        self.procs["pingora"] = pinned(PROXY_CORE, [str(ROOT / "target/release/examples/passthrough"),
+        self.procs["pingora"] = pinned(PROXY_CORE, [str(RELEASE / "examples/passthrough"),
                                                     f"127.0.0.1:{PORTS['pingora']}", ORIGIN, "1"],
                                        stderr=open(w / "logs/pingora.err", "w"))
         if self.baseline:
@@ -304,34 +315,35 @@ client_secret = "s3cr+t/%41:y=z"
         return p.pid
 
     def stop(self):
-        """Stops every server, its children too (nginx workers): a second Ctrl-C or a SIGTERM
-        during the stop does not cut it short."""
-        counts = {}
-        masked = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-        try:
-            for name, p in self.procs.items():
-                if p.poll() is None:
-                    p.send_signal(signal.SIGINT if name == "sandbox" else signal.SIGTERM)
-            for name, p in self.procs.items():
-                try:
-                    if name == "sandbox":
-                        _, err = p.communicate(timeout=10)
-                        for line in err.splitlines():
-                            if line.startswith("{"):
-                                counts = json.loads(line)
-                    else:
-                        p.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    pass
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)  # its session: whatever is left of it
-                except ProcessLookupError:
-                    pass
-                p.wait()
-        finally:
-            for sig, handler in masked.items():
-                signal.signal(sig, handler)
-        return counts
+        return stop_servers(self.procs.values(), self.procs.get("sandbox"))
+
+
+def stop_servers(procs, sandbox=None):
+    """Stops the servers `procs` in order, their children too (nginx workers): a second Ctrl-C
+    or a SIGTERM during the stop does not cut it short. Returns the token request counts the
+    `sandbox` (one of `procs`, stopped by SIGINT) prints when it stops."""
+    counts = {}
+    masked = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT if p is sandbox else signal.SIGTERM)
+        for p in procs:
+            try:
+                if p is sandbox:
+                    _, err = p.communicate(timeout=10)
+                    counts = next((json.loads(l) for l in err.splitlines() if l.startswith("{")), counts)
+                else:
+                    p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)  # its session: whatever is left of it
+            p.wait()
+    finally:
+        for sig, handler in masked.items():
+            signal.signal(sig, handler)
+    return counts
 
 
 def wait_ready(timeout=20, admin=ADMIN):
@@ -346,10 +358,11 @@ def wait_ready(timeout=20, admin=ADMIN):
     raise RuntimeError("tokengate not ready")
 
 
-def metric(name_prefix):
+def metric(name_prefix, admin=ADMIN, only=""):
+    """The sum of the samples whose line starts with `name_prefix` (and contains `only`)."""
     import urllib.request
-    text = urllib.request.urlopen(f"http://{ADMIN}/metrics", timeout=2).read().decode()
-    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(name_prefix))
+    text = urllib.request.urlopen(f"http://{admin}/metrics", timeout=2).read().decode()
+    return sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(name_prefix) and only in l)
 
 
 def wrk(url, connections, duration, fleet=None, proxy=None):
@@ -366,10 +379,8 @@ def wrk(url, connections, duration, fleet=None, proxy=None):
     out = p.stdout.read()
     busy1 = core_busy(CLIENT_CORE)
     cpu = cpu_seconds(fleet.pid(proxy)) - cpu0 if proxy else None
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    total = int(re.search(r"(\d+) requests in", out).group(1))
-    non2xx = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
-    errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    w = parse_wrk(out)
+    rps, total, non2xx, errors = w["rps"], w["requests"], w["non2xx"], w["socket_errors"]
     client_busy = 1 - (busy1[1] - busy0[1]) / max(1, busy1[0] - busy0[0])
     return {"rps": rps, "requests": total, "non2xx": non2xx, "socket_errors": errors,
             "cpu_us_per_req": (cpu * 1e6 / total) if cpu is not None and total else None,
@@ -461,12 +472,211 @@ def svg_chart(series, path):
     path.write_text("\n".join(parts))
 
 
+# The fleet stage: three gateways, 5-second tokens (renewed every 3.6–4 s at the default
+# refresh_ratio), 63 connections in all (21 per gateway).
+FLEET_SIZE, FLEET_TOKEN_LIFETIME, FLEET_CONNECTIONS = 3, 5, 63
+
+
+def free_ports(n):
+    """`n` distinct loopback ports nothing listens on (all bound at once, so none repeats)."""
+    import socket
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def parse_wrk(out):
+    """wrk's summary: requests/s, requests, non-2xx responses, socket errors."""
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "requests": int(re.search(r"(\d+) requests in", out).group(1)),
+            "non2xx": int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0,
+            "socket_errors": sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))}
+
+
+class Replicas:
+    """One run of the fleet stage: a sandbox token endpoint issuing 5-second tokens and three
+    tokengate gateways with the same route in front of the origin, each pinned to the proxy core
+    with one worker thread; with `[cluster]` naming `redis` (a URL) when given, else alone."""
+
+    def __init__(self, work: Path, redis=None, key_prefix="tokengate"):
+        self.work, self.redis, self.key_prefix = work, redis, key_prefix
+        self.sandbox, self.gateways = None, []
+
+    def start(self):
+        w = self.work
+        (w / "logs").mkdir(exist_ok=True)
+        self.sandbox = pinned(CLIENT_CORE, [str(RELEASE / "examples/sandbox_servers"), str(FLEET_TOKEN_LIFETIME)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        ep = json.loads(self.sandbox.stdout.readline())["driftrock_token_endpoint"]
+        cluster = ""
+        if self.redis:
+            key = w / "cluster.key"
+            if not key.exists():
+                import base64
+                key.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+            cluster = (f'[cluster]\nredis = "{self.redis}"\nkey_prefix = "{self.key_prefix}"\n'
+                       f'encryption_key_file = "{key}"\n')
+        ports = free_ports(2 * FLEET_SIZE)
+        for i in range(FLEET_SIZE):
+            port, admin = ports[2 * i], f"127.0.0.1:{ports[2 * i + 1]}"
+            conf = w / f"gateway{i}.toml"
+            conf.write_text(f"""
+[server]
+listen = "127.0.0.1:{port}"
+admin_listen = "{admin}"
+threads = 1
+grace_period = "1s"
+shutdown_delay = "0s"
+[log]
+level = "warn"
+{cluster}
+[[routes]]
+name = "api"
+upstream = "http://{ORIGIN}"
+[routes.auth]
+grant = "client_credentials"
+token_endpoint = "{ep}"
+client_id = "dr/client 7"
+client_secret = "s3cr+t/%41:y=z"
+""")
+            p = pinned(PROXY_CORE, [str(RELEASE / "tokengate"), "run", "-c", str(conf)],
+                       stderr=open(w / f"logs/gateway{i}.err", "w"))
+            self.gateways.append({"proc": p, "port": port, "admin": admin})
+        for i, g in enumerate(self.gateways):
+            try:
+                wait_port(f"127.0.0.1:{g['port']}")
+                wait_ready(admin=g["admin"])
+            except RuntimeError as e:
+                log = (w / f"logs/gateway{i}.err").read_text()[-2000:]
+                raise RuntimeError(f"gateway {i}: {e}; its log ends:\n{log}") from None
+
+    def token_status(self):
+        """Per gateway: the route's token generation (tokens it has held: obtained or adopted,
+        `/status`), where the current one came from, and its own token requests (metrics)."""
+        import urllib.request
+        out = []
+        for g in self.gateways:
+            st = json.load(urllib.request.urlopen(f"http://{g['admin']}/status", timeout=2))
+            route = st["routes"][0]
+            out.append({"generation": route["token"]["generation"],
+                        "token_from": route.get("fleet", {}).get("token_from"),
+                        "token_requests": metric("tokengate_token_requests_total", g["admin"]),
+                        "cluster_errors": metric("tokengate_cluster_operations_total{", g["admin"],
+                                                 only='outcome="error"')})
+        return out
+
+    def stop(self):
+        """Stops the sandbox first (its token request count is final then), then the gateways.
+        Returns the sandbox's counts."""
+        return stop_servers(([self.sandbox] if self.sandbox else []) + [g["proc"] for g in self.gateways],
+                            self.sandbox)
+
+
+def wrk_fleet(reps, duration):
+    """One wrk per gateway at once (FLEET_CONNECTIONS split between them, all on the load
+    generator's core): the requests of all three, and the CPU time all three gateways spent on
+    the proxy core, per request."""
+    pids = [g["proc"].pid for g in reps.gateways]
+    busy0 = core_busy(CLIENT_CORE)
+    cpu0 = [cpu_seconds(p) for p in pids]
+    per = FLEET_CONNECTIONS // len(pids)
+    ps = [pinned(CLIENT_CORE, ["wrk", "-t1", f"-c{per}", f"-d{duration}s", f"http://127.0.0.1:{g['port']}/"],
+                 stdout=subprocess.PIPE, text=True) for g in reps.gateways]
+    try:
+        outs = [p.communicate()[0] for p in ps]
+    except BaseException:
+        for p in ps:
+            p.kill()
+            p.wait()
+        raise
+    busy1 = core_busy(CLIENT_CORE)
+    cpu = [cpu_seconds(p) - c for p, c in zip(pids, cpu0)]
+    each = [parse_wrk(o) for o in outs]
+    total = sum(e["requests"] for e in each)
+    client_busy = 1 - (busy1[1] - busy0[1]) / max(1, busy1[0] - busy0[0])
+    return {"rps": sum(e["rps"] for e in each), "requests": total,
+            "non2xx": sum(e["non2xx"] + e["socket_errors"] for e in each),
+            "cpu_us_per_req": sum(cpu) * 1e6 / total if total else None,
+            "gateway_rps": [e["rps"] for e in each], "gateway_cpu_s": cpu,
+            "client_core_busy": client_busy, "client_bound": client_busy >= 0.95}
+
+
+def fleet_stage(args):
+    """--rounds rounds, alternating which goes first: three gateways with `[cluster]` sharing one
+    Redis, and the same three alone. Each run starts its own sandbox (5-second tokens) and
+    gateways, warms up 2 s, then measures --duration s; token requests the sandbox saw over the
+    run's whole life are divided by the renewal periods it spanned (the highest token
+    generation among the three gateways: every token a gateway held, obtained or adopted)."""
+    runs = {"cluster": [], "alone": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        w = Path(tmp)
+        (w / "logs").mkdir()
+        (w / "origin.conf").write_text(f"""
+user root; worker_processes 1; daemon off; pid {w}/origin.pid; error_log {w}/logs/origin.err warn;
+events {{ worker_connections 4096; }}
+http {{ access_log off; keepalive_requests 1000000;
+  server {{ listen {ORIGIN} reuseport backlog=4096; location / {{ return 200 "ok\\n"; }} }} }}
+""")
+        redis_port = free_ports(1)[0]
+        servers = [pinned(CLIENT_CORE, ["nginx", "-p", str(w), "-c", str(w / "origin.conf")]),
+                   pinned(CLIENT_CORE, ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
+                                        "--save", "", "--appendonly", "no", "--logfile", str(w / "logs/redis.log")],
+                          stdout=subprocess.DEVNULL)]
+        try:
+            wait_port(ORIGIN)
+            wait_port(f"127.0.0.1:{redis_port}")
+            for r in range(args.rounds):
+                for mode in (("cluster", "alone") if r % 2 == 0 else ("alone", "cluster")):
+                    run_dir = w / f"{mode}{r}"
+                    run_dir.mkdir()
+                    reps = Replicas(run_dir, redis=f"redis://127.0.0.1:{redis_port}/0" if mode == "cluster" else None,
+                                    key_prefix=f"bench{r}")  # each run's fleet starts with an empty store
+                    counts = {}
+                    try:
+                        started = time.monotonic()
+                        reps.start()
+                        wrk_fleet(reps, 2)  # warm-up: connection pools
+                        m = wrk_fleet(reps, args.duration)
+                        m["tokens"] = reps.token_status()
+                        m["lifetime_s"] = time.monotonic() - started
+                    finally:
+                        counts = reps.stop()
+                    m["token_endpoint_requests"] = counts.get("driftrock_token_requests")
+                    m["renewal_periods"] = max(t["generation"] for t in m["tokens"])
+                    runs[mode].append(m)
+        finally:
+            stop_servers(servers)
+    res = {"gateways": FLEET_SIZE, "token_lifetime_s": FLEET_TOKEN_LIFETIME, "connections": FLEET_CONNECTIONS}
+    for mode, rs in runs.items():
+        cpu = statistics.median(r["cpu_us_per_req"] for r in rs)
+        seen = sum(r["token_endpoint_requests"] or 0 for r in rs)
+        periods = sum(r["renewal_periods"] for r in rs)
+        res[mode] = {"rps_median": statistics.median(r["rps"] for r in rs), "cpu_us_per_req_median": cpu,
+                     "core_capacity_rps": 1e6 / cpu, "non2xx": sum(r["non2xx"] for r in rs),
+                     "client_bound_runs": sum(r["client_bound"] for r in rs),
+                     "token_endpoint_requests": seen, "renewal_periods": periods,
+                     "token_requests_per_renewal": seen / periods if periods else None,
+                     "cluster_errors": sum(t["cluster_errors"] for r in rs for t in r["tokens"]), "runs": rs}
+    res["core_ratio"] = res["cluster"]["core_capacity_rps"] / res["alone"]["core_capacity_rps"]
+    # Paired by round: the runs of one round are back to back, so a slow stretch of the host
+    # that spans a round weighs on both.
+    res["core_ratio_per_round"] = [a["cpu_us_per_req"] / c["cpu_us_per_req"]
+                                   for c, a in zip(runs["cluster"], runs["alone"])]
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the peak and latency stages (default 3)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the peak, latency and fleet stages (default 3)")
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk or oha run (default 10; the scaling stage uses half, at least 5; "
                          "the token stage always runs 60 s)")
-    ap.add_argument("--stages", default="peak,latency,scaling,token", help="comma-separated subset of peak, latency, scaling, token (default: all)")
+    ap.add_argument("--stages", default="peak,latency,scaling,token,fleet",
+                    help="comma-separated subset of peak, latency, scaling, token, fleet (default: all)")
     ap.add_argument("--skip-build", action="store_true", help="use the existing release build")
     ap.add_argument("--latency-breakdown", action="store_true",
                     help="latency stage: keep oha's per-request records and report, per run, the wait before "
@@ -476,7 +686,7 @@ def main():
                     help="peak stage: also run this tokengate binary (an earlier build) in the rotation, "
                          "and report this build's proxy-core CPU per request against it")
     args = ap.parse_args()
-    known = ("peak", "latency", "scaling", "token")
+    known = ("peak", "latency", "scaling", "token", "fleet")
     stages = {s.strip() for s in args.stages.split(",") if s.strip()}
     if not stages or not stages <= set(known):
         ap.error(f"--stages: {args.stages!r}: name one or more of {', '.join(known)}, comma-separated")
@@ -496,99 +706,101 @@ def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     ports_free()  # before the install and the build: fail fast
     out.mkdir(parents=True, exist_ok=True)
-    ensure_tools(need_oha="latency" in stages)
+    ensure_tools(need_oha="latency" in stages, need_redis="fleet" in stages)
     if not args.skip_build:
         build()
     results = {"machine": {"cpus": os.cpu_count(), "proxy_core": PROXY_CORE, "client_core": CLIENT_CORE}}
     names = list(PORTS)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        fleet = Fleet(Path(tmp), baseline=args.baseline)
-        try:
-            fleet.start()
-            for n in names:  # warm-up: connection pools, token, page cache
-                wrk(f"http://127.0.0.1:{PORTS[n]}/", 64, 2)
-            if "peak" in stages:
-                runs = {n: [] for n in names}
-                for r in range(args.rounds):
-                    order = names[r % len(names):] + names[:r % len(names)]
-                    for n in order:
-                        runs[n].append(wrk(f"http://127.0.0.1:{PORTS[n]}/", 64, args.duration, fleet, n))
-                peak = {}
-                for n, rs in runs.items():
-                    peak[n] = {"rps_median": statistics.median(r["rps"] for r in rs),
-                               "cpu_us_per_req_median": statistics.median(r["cpu_us_per_req"] for r in rs),
-                               "non2xx": sum(r["non2xx"] + r["socket_errors"] for r in rs),
-                               "client_bound_runs": sum(r["client_bound"] for r in rs), "runs": rs}
-                for n in names:
-                    peak[n]["tokengate_ratio"] = peak["tokengate"]["rps_median"] / peak[n]["rps_median"]
-                    # Requests one second of the pinned proxy core serves: the per-core rate,
-                    # which stays a measure of the proxy when the load generator is the limit.
-                    peak[n]["core_capacity_rps"] = 1e6 / peak[n]["cpu_us_per_req_median"]
-                for n in names:
-                    peak[n]["tokengate_core_ratio"] = (peak["tokengate"]["core_capacity_rps"]
-                                                       / peak[n]["core_capacity_rps"])
-                results["peak"] = peak
-                (out / "results.json").write_text(json.dumps(results, indent=2))
-            if "latency" in stages:
-                top = results.get("peak", {}).get("tokengate", {}).get("rps_median") or \
-                    wrk(f"http://127.0.0.1:{PORTS['tokengate']}/", 64, args.duration)["rps"]
-                lat = {}
-                for frac in (0.25, 0.5):
-                    rate = top * frac
-                    # The tail of one 10 s run on a VM swings by tens of ms either way: --rounds
-                    # rounds of (direct, tokengate, nginx), each proxy's added latency taken against
-                    # the direct run of its round, medians reported.
-                    added = {"tokengate": [], "nginx": []}
-                    directs, breakdown, failed = [], {}, {"direct": 0, "tokengate": 0, "nginx": 0}
+    # The token and fleet stages start servers of their own.
+    if stages & {"peak", "latency", "scaling"}:
+        with tempfile.TemporaryDirectory() as tmp:
+            fleet = Fleet(Path(tmp), baseline=args.baseline)
+            try:
+                fleet.start()
+                for n in names:  # warm-up: connection pools, token, page cache
+                    wrk(f"http://127.0.0.1:{PORTS[n]}/", 64, 2)
+                if "peak" in stages:
+                    runs = {n: [] for n in names}
                     for r in range(args.rounds):
-                        direct = oha(f"http://{ORIGIN}/", rate, args.duration, args.latency_breakdown)
-                        failed["direct"] += direct.pop("failed")
-                        directs.append(direct)
-                        if "breakdown" in direct:
-                            breakdown.setdefault("direct", []).append(direct.pop("breakdown"))
-                        order = ("tokengate", "nginx") if r % 2 == 0 else ("nginx", "tokengate")
+                        order = names[r % len(names):] + names[:r % len(names)]
                         for n in order:
-                            m = oha(f"http://127.0.0.1:{PORTS[n]}/", rate, args.duration, args.latency_breakdown)
-                            if "breakdown" in m:
-                                breakdown.setdefault(n, []).append(m.pop("breakdown"))
-                            failed[n] += m.pop("failed")
-                            added[n].append({k: m[k] - direct[k] for k in m})
-                    row = {"rate": rate, "direct_ms": directs, "rounds": added, "non2xx_or_failed": failed}
-                    if breakdown:
-                        row["breakdown_ms"] = breakdown
-                    for n, runs in added.items():
-                        row[n] = {k: statistics.median(a[k] for a in runs) for k in runs[0]}
-                    # Paired: tokengate's p99 minus nginx's in the same round, back to back, so a
-                    # slow stretch of the host that spans a round does not count against one proxy.
-                    row["p99_tokengate_minus_nginx"] = [t["p99"] - g["p99"] for t, g in
-                                                        zip(added["tokengate"], added["nginx"])]
-                    lat[f"{int(frac * 100)}%"] = row
-                results["latency_added_ms"] = lat
-                (out / "results.json").write_text(json.dumps(results, indent=2))
-            if "scaling" in stages:
-                names = [n for n in names if n != "baseline"]  # peak stage only
-                scale = {n: {} for n in names}
-                cells = {n: {} for n in names}
-                rss = {n: {"idle_kib": rss_kib(fleet.pid(n))} for n in names}
-                for c in (1, 64, 256, 1024):
+                            runs[n].append(wrk(f"http://127.0.0.1:{PORTS[n]}/", 64, args.duration, fleet, n))
+                    peak = {}
+                    for n, rs in runs.items():
+                        peak[n] = {"rps_median": statistics.median(r["rps"] for r in rs),
+                                   "cpu_us_per_req_median": statistics.median(r["cpu_us_per_req"] for r in rs),
+                                   "non2xx": sum(r["non2xx"] + r["socket_errors"] for r in rs),
+                                   "client_bound_runs": sum(r["client_bound"] for r in rs), "runs": rs}
                     for n in names:
-                        r = wrk(f"http://127.0.0.1:{PORTS[n]}/", c, max(5, args.duration // 2), fleet, n)
-                        scale[n][c] = r["rps"]
-                        cells[n][c] = {"client_bound": r["client_bound"], "non2xx": r["non2xx"] + r["socket_errors"]}
-                        if c == 1024:
-                            rss[n]["at_1024_kib"] = r["rss_peak_kib"]
-                results["scaling_rps"] = scale
-                results["scaling_runs"] = cells
-                # The route-table comparison, measured the same way on both tables: this path
-                # matches the catch-all route here and the deepest of the 1,000 routes below.
-                results["routes_1"] = routes_runs(fleet, args)
-                results["routes_1_rps"] = results["routes_1"]["rps_median"]
-                results["rss"] = rss
-                svg_chart(scale, out / "scaling.svg")
-                (out / "results.json").write_text(json.dumps(results, indent=2))
-        finally:
-            fleet.stop()
+                        peak[n]["tokengate_ratio"] = peak["tokengate"]["rps_median"] / peak[n]["rps_median"]
+                        # Requests one second of the pinned proxy core serves: the per-core rate,
+                        # which stays a measure of the proxy when the load generator is the limit.
+                        peak[n]["core_capacity_rps"] = 1e6 / peak[n]["cpu_us_per_req_median"]
+                    for n in names:
+                        peak[n]["tokengate_core_ratio"] = (peak["tokengate"]["core_capacity_rps"]
+                                                           / peak[n]["core_capacity_rps"])
+                    results["peak"] = peak
+                    (out / "results.json").write_text(json.dumps(results, indent=2))
+                if "latency" in stages:
+                    top = results.get("peak", {}).get("tokengate", {}).get("rps_median") or \
+                        wrk(f"http://127.0.0.1:{PORTS['tokengate']}/", 64, args.duration)["rps"]
+                    lat = {}
+                    for frac in (0.25, 0.5):
+                        rate = top * frac
+                        # The tail of one 10 s run on a VM swings by tens of ms either way: --rounds
+                        # rounds of (direct, tokengate, nginx), each proxy's added latency taken against
+                        # the direct run of its round, medians reported.
+                        added = {"tokengate": [], "nginx": []}
+                        directs, breakdown, failed = [], {}, {"direct": 0, "tokengate": 0, "nginx": 0}
+                        for r in range(args.rounds):
+                            direct = oha(f"http://{ORIGIN}/", rate, args.duration, args.latency_breakdown)
+                            failed["direct"] += direct.pop("failed")
+                            directs.append(direct)
+                            if "breakdown" in direct:
+                                breakdown.setdefault("direct", []).append(direct.pop("breakdown"))
+                            order = ("tokengate", "nginx") if r % 2 == 0 else ("nginx", "tokengate")
+                            for n in order:
+                                m = oha(f"http://127.0.0.1:{PORTS[n]}/", rate, args.duration, args.latency_breakdown)
+                                if "breakdown" in m:
+                                    breakdown.setdefault(n, []).append(m.pop("breakdown"))
+                                failed[n] += m.pop("failed")
+                                added[n].append({k: m[k] - direct[k] for k in m})
+                        row = {"rate": rate, "direct_ms": directs, "rounds": added, "non2xx_or_failed": failed}
+                        if breakdown:
+                            row["breakdown_ms"] = breakdown
+                        for n, runs in added.items():
+                            row[n] = {k: statistics.median(a[k] for a in runs) for k in runs[0]}
+                        # Paired: tokengate's p99 minus nginx's in the same round, back to back, so a
+                        # slow stretch of the host that spans a round does not count against one proxy.
+                        row["p99_tokengate_minus_nginx"] = [t["p99"] - g["p99"] for t, g in
+                                                            zip(added["tokengate"], added["nginx"])]
+                        lat[f"{int(frac * 100)}%"] = row
+                    results["latency_added_ms"] = lat
+                    (out / "results.json").write_text(json.dumps(results, indent=2))
+                if "scaling" in stages:
+                    names = [n for n in names if n != "baseline"]  # peak stage only
+                    scale = {n: {} for n in names}
+                    cells = {n: {} for n in names}
+                    rss = {n: {"idle_kib": rss_kib(fleet.pid(n))} for n in names}
+                    for c in (1, 64, 256, 1024):
+                        for n in names:
+                            r = wrk(f"http://127.0.0.1:{PORTS[n]}/", c, max(5, args.duration // 2), fleet, n)
+                            scale[n][c] = r["rps"]
+                            cells[n][c] = {"client_bound": r["client_bound"], "non2xx": r["non2xx"] + r["socket_errors"]}
+                            if c == 1024:
+                                rss[n]["at_1024_kib"] = r["rss_peak_kib"]
+                    results["scaling_rps"] = scale
+                    results["scaling_runs"] = cells
+                    # The route-table comparison, measured the same way on both tables: this path
+                    # matches the catch-all route here and the deepest of the 1,000 routes below.
+                    results["routes_1"] = routes_runs(fleet, args)
+                    results["routes_1_rps"] = results["routes_1"]["rps_median"]
+                    results["rss"] = rss
+                    svg_chart(scale, out / "scaling.svg")
+                    (out / "results.json").write_text(json.dumps(results, indent=2))
+            finally:
+                fleet.stop()
 
     if "scaling" in stages:
         with tempfile.TemporaryDirectory() as tmp:
@@ -619,6 +831,9 @@ def main():
                                      "gateway_token_requests_total": after + failed,
                                      "failed_token_requests": failed,
                                      "non2xx": r["non2xx"] + r["socket_errors"], "rps": r["rps"]}
+
+    if "fleet" in stages:
+        results["fleet"] = fleet_stage(args)
 
     (out / "results.json").write_text(json.dumps(results, indent=2))
     report(results, out)
@@ -724,6 +939,28 @@ def report(res, out):
               f"token endpoint saw {t['token_endpoint_requests_total']} requests in all "
               f"(gateway made {t['gateway_token_requests_total']:.0f}, {t['failed_token_requests']:.0f} failed); "
               f"non-2xx responses: {t['non2xx']}")
+    if "fleet" in res:
+        f = res["fleet"]
+        n = len(f["cluster"]["runs"])
+        print(f"\nFleet: {f['gateways']} gateways on core {PROXY_CORE} (one worker thread each), {f['connections']} "
+              f"connections split between them, {f['token_lifetime_s']} s tokens, {medians(n, 'round')}:\n\n"
+              "| mode | req/s (all three) | CPU µs/req (proxy core) | req/s per proxy-core second | non-2xx "
+              "| client-bound runs | token endpoint requests / renewal periods | per renewal |\n"
+              "|---|---|---|---|---|---|---|---|")
+        for mode in ("cluster", "alone"):
+            m = f[mode]
+            per = m["token_requests_per_renewal"]
+            per = f"{per:.2f}" if per is not None else "–"
+            print(f"| {'[cluster]' if mode == 'cluster' else 'without'} | {m['rps_median']:.0f} | "
+                  f"{m['cpu_us_per_req_median']:.2f} | {m['core_capacity_rps']:.0f} | {m['non2xx']} | "
+                  f"{m['client_bound_runs']}/{len(m['runs'])} | {m['token_endpoint_requests']} / {m['renewal_periods']} | "
+                  f"{per} |")
+        ratio = f["core_ratio"]
+        print(f"\nGoal, requests/s per proxy core with [cluster] within 3 % of without: {ratio:.3f}× "
+              f"({(ratio - 1) * 100:+.1f} %): {'met' if ratio >= 0.97 else 'not met'}; paired by round "
+              + ", ".join(f"{x:.3f}" for x in f["core_ratio_per_round"])
+              + f" (median {statistics.median(f['core_ratio_per_round']):.3f})"
+              + f". Redis errors seen by the gateways: {f['cluster']['cluster_errors']:.0f}")
     print(f"\nRaw data: {out / 'results.json'}")
 
 
