@@ -7,9 +7,29 @@ use super::{Config, Grant, TokenEndpointLocation};
 
 /// One warning line per problem, each naming the key: a token endpoint (or issuer) reached
 /// over plain `http://` on a host that is not loopback, naming the credentials that would
-/// cross the network in clear.
+/// cross the network in clear; an upstream reached so, which the access token would cross; a
+/// `trusted_proxies` range that trusts every peer.
 pub fn warnings(config: &Config) -> Vec<String> {
     let mut out = Vec::new();
+    for (i, net) in config.server.trusted_proxies.iter().enumerate() {
+        if net.prefix_len() == 0 {
+            out.push(format!(
+                "server.trusted_proxies[{i}]: \"{net}\" trusts every peer, so any client can \
+                 name its own address in X-Forwarded-For (and pass allowed_clients and \
+                 header_clients with it); list only your load balancers' addresses"
+            ));
+        }
+    }
+    for (i, route) in config.routes.iter().enumerate() {
+        let u = &route.upstream;
+        if !u.tls && !host_is_loopback(&u.host) {
+            out.push(format!(
+                "routes[{i}].upstream: plain HTTP to \"{}\", a host that is not loopback: the \
+                 route's access tokens would travel in clear; use https://",
+                u.authority
+            ));
+        }
+    }
     for (i, route) in config.routes.iter().enumerate() {
         let auth = &route.auth;
         let (key, url) = match &auth.endpoint {
@@ -39,6 +59,18 @@ pub fn warnings(config: &Config) -> Vec<String> {
         ));
     }
     out
+}
+
+/// Whether `host` (a name or an IP literal without brackets) is `localhost` or a loopback
+/// address.
+fn host_is_loopback(host: &str) -> bool {
+    match host.parse::<IpAddr>() {
+        Ok(ip) => ip.to_canonical().is_loopback(),
+        Err(_) => {
+            let d = host.trim_end_matches('.').to_ascii_lowercase();
+            d == "localhost" || d.ends_with(".localhost")
+        }
+    }
 }
 
 /// Whether `url`'s host is `localhost` or a loopback address.
@@ -88,6 +120,26 @@ mod tests {
         let w = warnings(&load(&jwt).unwrap());
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(w[0].contains("assertions signed with the key of routes[0].auth.key_file"));
+    }
+
+    #[test]
+    fn trusting_every_peer_and_a_plain_http_upstream_are_warned_about() {
+        let text = cc("https://auth.example.com/token")
+            .replace("https://api.example.com", "http://api.example.com:8080");
+        let text = format!("[server]\ntrusted_proxies = [\"10.0.0.0/8\", \"::/0\"]\n{text}");
+        let w = warnings(&load(&text).unwrap());
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with("server.trusted_proxies[1]: \"::/0\" trusts every peer"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].starts_with("routes[0].upstream: plain HTTP to \"api.example.com:8080\""),
+            "{w:?}"
+        );
+        let loopback = cc("https://auth.example.com/token")
+            .replace("https://api.example.com", "http://127.0.0.1:8080");
+        assert!(warnings(&load(&loopback).unwrap()).is_empty());
     }
 
     #[test]

@@ -214,13 +214,16 @@ impl Validator<'_> {
         }
     }
 
-    /// A CIDR, or a single address as its /32 or /128; host bits are cleared.
+    /// A CIDR, or a single address as its /32 or /128; host bits are cleared. An IPv4-mapped
+    /// IPv6 range (`::ffff:10.0.0.0/104`) becomes its IPv4 range: client addresses are compared
+    /// as IPv4 (RFC 4291 §2.5.5.2), so the mapped form would never match.
     pub(super) fn cidr(&mut self, key: &str, text: &str) -> Option<IpNet> {
         let parsed = if text.contains('/') {
             text.parse::<IpNet>().ok().map(|n| n.trunc())
         } else {
             text.parse::<IpAddr>().ok().map(IpNet::from)
-        };
+        }
+        .map(unmapped);
         if parsed.is_none() {
             self.r.push(
                 key,
@@ -271,6 +274,17 @@ fn log_level_problem(level: &str) -> Option<String> {
     match tracing_subscriber::EnvFilter::try_new(level) {
         Ok(_) => None,
         Err(e) => Some(format!("{level:?} is not a valid filter ({e}); {fix}")),
+    }
+}
+
+/// `net` with an IPv4-mapped IPv6 prefix of at least 96 bits as the IPv4 network it maps.
+fn unmapped(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(net, IpNet::V4),
+            None => net,
+        },
+        _ => net,
     }
 }
 
@@ -354,6 +368,24 @@ mod shutdown_and_proxies_tests {
             ),
             "{errs:?}"
         );
+    }
+
+    #[test]
+    fn ipv4_mapped_ranges_are_read_as_ipv4() {
+        let text = format!(
+            "[server]\nallowed_clients = [\"::ffff:10.0.0.0/104\", \"::ffff:127.0.0.3\", \"::1\"]\n\
+             trusted_proxies = [\"::ffff:192.168.0.0/112\"]\n{}",
+            cc_route("")
+        );
+        let c = load(&text).expect("valid");
+        let shown: Vec<String> = c
+            .server
+            .allowed_clients
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(shown, ["10.0.0.0/8", "127.0.0.3/32", "::1/128"]);
+        assert_eq!(c.server.trusted_proxies[0].to_string(), "192.168.0.0/16");
     }
 
     #[test]
