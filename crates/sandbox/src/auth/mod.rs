@@ -6,12 +6,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
 use bytes::Bytes;
-use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, PRAGMA, WWW_AUTHENTICATE};
+use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE};
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt as _, Limited};
@@ -28,6 +26,13 @@ use super::registry::{ceil_secs, unix_now, TokenRegistry, TokenRequest};
 use super::server::{self, Bound, Handler, HttpServer, Reply, Resp};
 use super::token_format::{self, ContentCoding, ResponseFormat};
 use super::SandboxError;
+
+mod oauth_error;
+mod recorded;
+
+use oauth_error::{no_cache, OAuthError, Params};
+use recorded::record;
+pub use recorded::RecordedRequest;
 
 /// `grant_type` of the JWT bearer grant (RFC 7523 §2.1).
 pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
@@ -101,67 +106,6 @@ impl JsonField {
     /// The value sent as a JSON string, e.g. `JsonField::string("3600")` sends `"3600"`.
     pub fn string(value: &str) -> Self {
         Self::Raw(Value::String(value.to_owned()).to_string())
-    }
-}
-
-/// One token request as the server received it (for assertions in tests). Recorded before any
-/// fault or check runs, so hung, failed and refused requests are recorded too. It holds the
-/// client secret and assertion as sent: sandbox credentials only, never log it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RecordedRequest {
-    /// The request method.
-    pub method: String,
-    /// The request path, as received.
-    pub path: String,
-    /// The raw query string, if any.
-    pub query: Option<String>,
-    /// Headers as (lower-case name, value), grouped by name in first-seen order (what
-    /// `http::HeaderMap` keeps); values are lossily decoded as UTF-8.
-    pub headers: Vec<(String, String)>,
-    /// The raw body, lossily decoded as UTF-8.
-    pub body: String,
-    /// The body's form parameters, decoded, in order, including repeats and empty values.
-    pub params: Vec<(String, String)>,
-    /// When the request had been read (before any fault ran), for measuring retry intervals.
-    pub received: Instant,
-}
-
-impl RecordedRequest {
-    /// The first value of header `name` (case-insensitive).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.header_values(name).into_iter().next()
-    }
-
-    /// Every value of header `name` (case-insensitive).
-    pub fn header_values(&self, name: &str) -> Vec<&str> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect()
-    }
-
-    /// The first value of form parameter `name`.
-    pub fn param(&self, name: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// The decoded (unverified) JOSE header of the `assertion` parameter, if it is a JWT.
-    pub fn assertion_header(&self) -> Option<Value> {
-        self.assertion_part(0)
-    }
-
-    /// The decoded (unverified) claims of the `assertion` parameter, if it is a JWT.
-    pub fn assertion_claims(&self) -> Option<Value> {
-        self.assertion_part(1)
-    }
-
-    fn assertion_part(&self, index: usize) -> Option<Value> {
-        let part = self.param("assertion")?.split('.').nth(index)?;
-        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).ok()?).ok()
     }
 }
 
@@ -685,89 +629,6 @@ struct AuthState {
     discovery_paths: Mutex<Vec<String>>,
 }
 
-/// An RFC 6749 §5.2 error answer.
-#[derive(Debug, thiserror::Error)]
-#[error("{error}: {description}")]
-struct OAuthError {
-    status: StatusCode,
-    error: &'static str,
-    description: String,
-}
-
-impl OAuthError {
-    fn invalid_request(description: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::BAD_REQUEST,
-            error: "invalid_request",
-            description: description.into(),
-        }
-    }
-
-    fn invalid_client(description: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::UNAUTHORIZED,
-            error: "invalid_client",
-            description: description.into(),
-        }
-    }
-
-    fn invalid_grant(rejection: &AssertionRejection) -> Self {
-        Self {
-            status: StatusCode::BAD_REQUEST,
-            error: "invalid_grant",
-            description: rejection.to_string(),
-        }
-    }
-
-    fn into_response(self, realm: &str) -> Resp {
-        let body = json!({ "error": self.error, "error_description": self.description });
-        let mut response = no_cache(server::json(self.status, &body));
-        let headers = response.headers_mut();
-        match self.status {
-            // RFC 6749 §5.2: 401 carries a challenge for the scheme the client may use.
-            StatusCode::UNAUTHORIZED => {
-                let challenge = format!("Basic realm=\"{realm}\"");
-                if let Ok(value) = HeaderValue::from_str(&challenge) {
-                    headers.insert(WWW_AUTHENTICATE, value);
-                }
-            }
-            StatusCode::METHOD_NOT_ALLOWED => {
-                headers.insert(ALLOW, HeaderValue::from_static("POST"));
-            }
-            _ => {}
-        }
-        response
-    }
-}
-
-fn no_cache(mut response: Resp) -> Resp {
-    response
-        .headers_mut()
-        .insert(PRAGMA, HeaderValue::from_static("no-cache"));
-    response
-}
-
-/// Form parameters after RFC 6749 §3.2 checks: none repeated, empty ones dropped.
-struct Params(HashMap<String, String>);
-
-impl Params {
-    fn new(raw: &[(String, String)]) -> Result<Self, OAuthError> {
-        let mut map = HashMap::new();
-        for (name, value) in raw.iter().filter(|(_, v)| !v.is_empty()) {
-            if map.insert(name.clone(), value.clone()).is_some() {
-                return Err(OAuthError::invalid_request(format!(
-                    "parameter {name} included more than once"
-                )));
-            }
-        }
-        Ok(Self(map))
-    }
-
-    fn get(&self, name: &str) -> Option<&str> {
-        self.0.get(name).map(String::as_str)
-    }
-}
-
 impl Handler for AuthState {
     async fn handle(self: Arc<Self>, request: Request<Incoming>, _peer: SocketAddr) -> Reply {
         let path = request.uri().path();
@@ -1105,22 +966,5 @@ impl AuthState {
             }
         }
         Ok(verified.subject)
-    }
-}
-
-fn record(parts: &Parts, body: Option<&Bytes>) -> RecordedRequest {
-    let body = body.map(|b| b.as_ref()).unwrap_or_default();
-    RecordedRequest {
-        method: parts.method.to_string(),
-        path: parts.uri.path().to_owned(),
-        query: parts.uri.query().map(str::to_owned),
-        headers: parts
-            .headers
-            .iter()
-            .map(|(n, v)| (n.as_str().to_owned(), server::lossy(v)))
-            .collect(),
-        body: String::from_utf8_lossy(body).into_owned(),
-        params: form_urlencoded::parse(body).into_owned().collect(),
-        received: Instant::now(),
     }
 }
