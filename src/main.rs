@@ -83,6 +83,10 @@ fn main() -> ExitCode {
                 eprintln!("tokengate: SIGHUP handler: {e}");
                 return ExitCode::from(1);
             }
+            if let Err(e) = tokengate::gateway::catch_termination_while_starting() {
+                eprintln!("tokengate: SIGTERM/SIGINT handlers: {e}");
+                return ExitCode::from(1);
+            }
             let config = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,

@@ -231,3 +231,66 @@ async fn sigterm_serves_through_the_delay_then_drains_and_exits_after_the_last_r
     raw.shutdown().await;
     sandbox.shutdown().await.unwrap();
 }
+
+/// Whether `pid` has a handler for SIGTERM (bit 15 of `SigCgt` in `/proc/<pid>/status`).
+fn catches_sigterm(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (15 - 1)) != 0)
+}
+
+/// A SIGTERM in the first moments of `run`, while it reads its config, is caught and drains
+/// once the gateway runs: exit 0, not death by the signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_starting_drains_and_exits_0() {
+    let sandbox = Sandbox::start().await.unwrap();
+    let (listen, admin) = (free_addr(), free_addr());
+    let toml = tokengate::demo::config_toml(&sandbox, listen, admin, &demo_key_path());
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let config_path = dir.join(format!(
+        "starting-{}-{}.toml",
+        std::process::id(),
+        listen.port()
+    ));
+    let log_path = config_path.with_extension("log");
+    std::fs::write(&config_path, toml).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tokengate"))
+        .arg("run")
+        .arg("-c")
+        .arg(&config_path)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // The first moment a SIGTERM handler exists: long before the gateway's listeners.
+    let started = Instant::now();
+    while !catches_sigterm(pid) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no SIGTERM handler"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "still running 20 s after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert_eq!(status.code(), Some(0), "{status:?}; log:\n{log}");
+    assert!(log.contains("while starting"), "log:\n{log}");
+    sandbox.shutdown().await.unwrap();
+}

@@ -32,6 +32,11 @@ use crate::token::subjects::SubjectTokens;
 use crate::token::{FirstToken, RenewalPolicy, TokenSource};
 use crate::token_listener::TokenApp;
 
+mod signals;
+
+use signals::UnixSignals;
+pub use signals::{catch_sighup_while_starting, catch_termination_while_starting};
+
 /// Why the gateway could not start (exit code 1).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -722,22 +727,6 @@ pub fn run(config: Config) -> Result<(), StartError> {
     run_with(built, Box::new(signals))
 }
 
-/// Keeps SIGHUP from ending the process while it starts: SIGHUP's default action is to
-/// terminate, and [`run`] listens for it only once the gateway is built (after the config,
-/// secrets and key files are read and upstream hosts resolved). Call it first thing; a SIGHUP
-/// before the gateway runs is then ignored (the file is being read at start anyway). The
-/// handler stays installed for the life of the process.
-///
-/// # Errors
-/// The signal handler could not be installed.
-pub fn catch_sighup_while_starting() -> std::io::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()?;
-    let _guard = runtime.enter();
-    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map(drop)
-}
-
 /// Reloads on every SIGHUP, one reload at a time, on the token runtime (the handler is in
 /// place before any listener opens: SIGHUP's default action would end the process).
 fn reload_on_sighup(built: &Built) -> Result<(), StartError> {
@@ -784,83 +773,6 @@ pub fn check_listeners(config: &Config) -> Result<(), StartError> {
         })?;
     }
     Ok(())
-}
-
-/// SIGTERM and SIGINT: the drain (docs/operations.md "Shutdown"). SIGQUIT: fast, also during
-/// the shutdown delay.
-struct UnixSignals {
-    live: Arc<Live>,
-    /// `server.shutdown_delay`.
-    delay: Duration,
-    /// `server.grace_period`.
-    grace: Duration,
-    /// `server.admin_listen`: served on through the drain ([`crate::admin::draining`]).
-    admin: SocketAddr,
-}
-
-#[async_trait]
-impl ShutdownSignalWatch for UnixSignals {
-    async fn recv(&self) -> ShutdownSignal {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int), Ok(mut quit)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::quit()),
-        ) else {
-            tracing::error!("cannot install signal handlers; shutting down");
-            return ShutdownSignal::FastShutdown;
-        };
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-            _ = quit.recv() => return ShutdownSignal::FastShutdown,
-        };
-        self.live.drain.begin();
-        tracing::info!(
-            signal = name,
-            shutdown_delay_ms = self.delay.as_millis() as u64,
-            "shutting down: /readyz answers 503; serving on for the shutdown delay"
-        );
-        tokio::select! {
-            _ = tokio::time::sleep(self.delay) => {}
-            _ = quit.recv() => return ShutdownSignal::FastShutdown,
-        }
-        // pingora stops the listeners once this returns; the process exits when the drain
-        // ends (its own grace period, a little longer, is only a backstop).
-        self.live.drain.close();
-        crate::admin::draining::serve_until_exit(Arc::clone(&self.live), self.admin);
-        let live = Arc::clone(&self.live);
-        let grace = self.grace;
-        let spawned = std::thread::Builder::new()
-            .name("tokengate-drain".into())
-            .spawn(move || drain_and_exit(&live, grace));
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start the drain; pingora's grace period applies");
-        }
-        ShutdownSignal::GracefulTerminate
-    }
-}
-
-/// Waits until no request is in flight, for at most `grace`, then ends the process with 0.
-fn drain_and_exit(live: &Live, grace: Duration) {
-    let started = std::time::Instant::now();
-    tracing::info!(
-        in_flight = live.drain.in_flight(),
-        grace_period_ms = grace.as_millis() as u64,
-        "listeners closed; draining the requests in flight"
-    );
-    if live.drain.wait_idle(started + grace) {
-        tracing::info!(
-            drained_ms = started.elapsed().as_millis() as u64,
-            "no request in flight; exiting"
-        );
-    } else {
-        tracing::warn!(
-            in_flight = live.drain.in_flight(),
-            "grace period over with requests in flight; exiting"
-        );
-    }
-    std::process::exit(0);
 }
 
 struct ChannelSignal(tokio::sync::Mutex<mpsc::Receiver<()>>);
