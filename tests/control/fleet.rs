@@ -587,16 +587,21 @@ async fn fleet_shares_per_user_tokens() {
     );
 }
 
+/// A sandbox whose tokens live 5 s, so a test sees several renewals.
+async fn five_second_tokens() -> Sandbox {
+    Sandbox::builder()
+        .token_lifetime(Duration::from_secs(5))
+        .start()
+        .await
+        .expect("sandbox")
+}
+
 /// Tokens live 4–5 s and are renewed at 72–80 % of that: over 60 s each route sees about 15–20
 /// token requests from the whole fleet (one per renewal), not three times that.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_renews_once_per_renewal_without_failed_requests() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let sandbox = Sandbox::builder()
-        .token_lifetime(Duration::from_secs(5))
-        .start()
-        .await
-        .expect("sandbox");
+    let sandbox = five_second_tokens().await;
     let redis = Redis::start();
     let dir = Dir::new();
     let replicas = start_fleet(&dir, 3, &sandbox, Some(&redis.url()), "").await;
@@ -630,11 +635,7 @@ async fn fleet_renews_once_per_renewal_without_failed_requests() {
 async fn fleet_survives_a_server_that_revokes_earlier_tokens_and_lone_replicas_do_not() {
     let _one = ONE_AT_A_TIME.lock().await;
     async fn run(redis: Option<&str>) -> (u64, u64, u64, f64) {
-        let sandbox = Sandbox::builder()
-            .token_lifetime(Duration::from_secs(5))
-            .start()
-            .await
-            .expect("sandbox");
+        let sandbox = five_second_tokens().await;
         sandbox.registry.set_revoke_previous(true);
         let dir = Dir::new();
         let replicas = start_fleet(&dir, 3, &sandbox, redis, "").await;
@@ -679,11 +680,7 @@ async fn fleet_survives_a_server_that_revokes_earlier_tokens_and_lone_replicas_d
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_outlives_redis_and_converges_when_it_returns_empty() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let sandbox = Sandbox::builder()
-        .token_lifetime(Duration::from_secs(5))
-        .start()
-        .await
-        .expect("sandbox");
+    let sandbox = five_second_tokens().await;
     let mut redis = Redis::start();
     let dir = Dir::new();
     let replicas = start_fleet(&dir, 3, &sandbox, Some(&redis.url()), "").await;
