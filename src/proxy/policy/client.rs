@@ -69,11 +69,13 @@ pub fn client_address<F: Fields + ?Sized>(
 pub fn from_forwarded_for<'a>(
     peer: IpAddr,
     trusted: &[IpNet],
-    values: impl Iterator<Item = &'a [u8]>,
+    values: impl DoubleEndedIterator<Item = &'a [u8]> + Clone,
 ) -> ClientAddress {
-    let entries: Vec<&[u8]> = values.flat_map(list).collect();
+    // Walked from the right without collecting the entries: no allocation per request.
+    let total = values.clone().flat_map(list).count();
     let mut current = peer.to_canonical();
-    for (index, entry) in entries.iter().enumerate().rev() {
+    let from_right = values.rev().flat_map(|v| list(v).rev());
+    for (index, entry) in (0..total).rev().zip(from_right) {
         let Some(ip) = parse_entry(entry) else {
             // The trusted hop `current` reported something that is no address.
             return ClientAddress {

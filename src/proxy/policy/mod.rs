@@ -713,7 +713,7 @@ pub fn may_resend(method: &Method, body_whole: bool) -> bool {
 }
 
 /// The elements of a list-valued field value (RFC 9110 §5.6.1), trimmed, empty ones skipped.
-pub fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub fn list(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
     value
         .split(|b| *b == b',')
         .map(|e| e.trim_ascii())
