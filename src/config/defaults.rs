@@ -35,6 +35,29 @@ pub const DEFAULT_REPLAY_BODY_LIMIT: usize = 64 * 1024;
 /// Largest `server.replay_body_limit`, bytes: pingora-proxy keeps at most this much of a
 /// request body for a retry, so a larger limit could not take effect.
 pub const MAX_REPLAY_BODY_LIMIT: usize = crate::proxy::RETRY_BUFFER_LIMIT;
+/// Default `server.max_request_head`: nginx's `large_client_header_buffers` line size.
+pub const DEFAULT_MAX_REQUEST_HEAD: usize = 32 * 1024;
+/// Smallest `server.max_request_head`: room for a request line and a few fields.
+pub const MIN_MAX_REQUEST_HEAD: usize = 1024;
+/// Largest `server.max_request_head`: pingora's HTTP/1 server reads at most this much head.
+pub const MAX_MAX_REQUEST_HEAD: usize = 1024 * 1024;
+/// Default `server.request_head_timeout`.
+pub const DEFAULT_REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `server.idle_timeout`: pingora's HTTP/1 keep-alive.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default `server.body_timeout`.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default `server.send_timeout`.
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest `server.request_head_timeout`, `idle_timeout`, `body_timeout` and `send_timeout`:
+/// a client stalled longer than an hour is gone.
+pub const MAX_CLIENT_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Smallest of those timeouts: anything shorter cuts off clients on a slow network.
+pub const MIN_CLIENT_TIMEOUT: Duration = Duration::from_millis(100);
+/// Default `server.max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Largest `server.max_connections`.
+pub const MAX_MAX_CONNECTIONS: usize = 1_000_000;
 /// Default `routes.connect_timeout`.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default `routes.read_timeout`.

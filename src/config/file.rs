@@ -46,6 +46,12 @@ pub(super) struct ServerFile {
     pub trusted_proxies: Option<Vec<String>>,
     pub hosts_file: Option<String>,
     pub replay_body_limit: Option<ByteSizeValue>,
+    pub max_request_head: Option<ByteSizeValue>,
+    pub request_head_timeout: Option<DurationValue>,
+    pub idle_timeout: Option<DurationValue>,
+    pub body_timeout: Option<DurationValue>,
+    pub send_timeout: Option<DurationValue>,
+    pub max_connections: Option<i64>,
     pub token_listen: Option<String>,
     pub token_clients: Option<Vec<String>>,
 }

@@ -140,11 +140,56 @@ pub struct ServerConfig {
     /// Request bodies up to this many bytes are kept for one replay after an upstream 401.
     /// Default 64 KiB.
     pub replay_body_limit: usize,
+    /// Bounds on what one client connection may hold and how long it may stall.
+    pub limits: ClientLimits,
     /// The token listener for trusted backends: `GET /v1/token/{route}?subject={id}` hands out
     /// per-user tokens (docs/per-user-tokens.md). `None`: no such listener.
     pub token_listen: Option<SocketAddr>,
     /// CIDRs whose clients may use the token listener. Default: `127.0.0.0/8` and `::1/128`.
     pub token_clients: Vec<IpNet>,
+}
+
+/// Bounds on client connections to the proxy listeners (docs/configuration.md "[server]"), so
+/// slow, huge or idle clients cannot hold the gateway's memory or connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientLimits {
+    /// Largest request head (request line and fields), bytes; a larger one gets 431
+    /// (RFC 6585 §5). Default 32 KiB.
+    pub max_request_head: usize,
+    /// How long a request head may take from its first byte, however it trickles; then 408
+    /// and the connection is closed. Default 10 s.
+    pub request_head_timeout: Duration,
+    /// How long a client connection may sit between requests (or before its first one)
+    /// before it is closed. Default 60 s.
+    pub idle_timeout: Duration,
+    /// How long a request body may make no progress: 408, or a close once the response has
+    /// started. Default 60 s.
+    pub body_timeout: Duration,
+    /// How long a response write to the client may make no progress before the client and
+    /// upstream connections are closed. Default 60 s.
+    pub send_timeout: Duration,
+    /// Client connections open at once over all proxy listeners; more are refused
+    /// (closed at accept). Default 10,000.
+    pub max_connections: usize,
+}
+
+impl ClientLimits {
+    /// The default `max_request_head`, bytes.
+    pub const DEFAULT_MAX_REQUEST_HEAD: usize = defaults::DEFAULT_MAX_REQUEST_HEAD;
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        use defaults::*;
+        ClientLimits {
+            max_request_head: DEFAULT_MAX_REQUEST_HEAD,
+            request_head_timeout: DEFAULT_REQUEST_HEAD_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            send_timeout: DEFAULT_SEND_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
 }
 
 /// `[log]`.

@@ -313,6 +313,7 @@ fn build_state(
         Arc::clone(metrics),
     );
     state.trusted_proxies = config.server.trusted_proxies.clone();
+    state.limits = config.server.limits;
     state.tables = listeners(config).into_iter().map(|l| l.table).collect();
     state.route_info = crate::admin::route_info(config);
     Ok((state, sources))

@@ -36,8 +36,33 @@ pub struct Metrics {
     subject_tokens: IntGaugeVec,
     vended_tokens: IntCounterVec,
     connections: IntGauge,
+    connections_refused: IntCounter,
+    client_timeouts: IntCounterVec,
     cluster_up: IntGauge,
     cluster_operations: IntCounterVec,
+}
+
+/// Which client stall a connection was cut off for (`tokengate_client_timeouts_total{kind}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientTimeout {
+    /// A request head not complete within `server.request_head_timeout`: 408.
+    Head,
+    /// A request body that made no progress for `server.body_timeout`: 408, or a close once
+    /// the response had started.
+    Body,
+    /// A response write that made no progress for `server.send_timeout`: closed.
+    Send,
+}
+
+impl ClientTimeout {
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            ClientTimeout::Head => "head",
+            ClientTimeout::Body => "body",
+            ClientTimeout::Send => "send",
+        }
+    }
 }
 
 /// Why a request was refused before routing finished (`tokengate_denied_total{reason}`).
@@ -232,6 +257,27 @@ impl Metrics {
                 register(&r, g.clone());
                 g
             },
+            connections_refused: {
+                let c = IntCounter::new(
+                    "tokengate_connections_refused_total",
+                    "Client connections closed at accept because server.max_connections were open.",
+                )
+                .expect("static metric definition");
+                register(&r, c.clone());
+                c
+            },
+            client_timeouts: {
+                let c = counter_vec(
+                    &r,
+                    "tokengate_client_timeouts_total",
+                    "Client connections cut off for a stall, by kind (head, body, send).",
+                    &["kind"],
+                );
+                for kind in [ClientTimeout::Head, ClientTimeout::Body, ClientTimeout::Send] {
+                    c.with_label_values(&[kind.label()]);
+                }
+                c
+            },
             cluster_up: {
                 let g = IntGauge::new(
                     "tokengate_cluster_up",
@@ -286,6 +332,18 @@ impl Metrics {
     /// `tokengate_connections`: open client connections on the proxy listeners (both paths).
     pub fn connections(&self) -> IntGauge {
         self.connections.clone()
+    }
+
+    /// Counts a client connection closed at accept for `server.max_connections`.
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
+    }
+
+    /// Counts a client connection cut off for a stall.
+    pub fn client_timeout(&self, kind: ClientTimeout) {
+        self.client_timeouts
+            .with_label_values(&[kind.label()])
+            .inc();
     }
 
     /// Counts a refused request.

@@ -18,6 +18,7 @@
 //!    ▼ logging .................. metrics and the access log: the only per-request logging
 //! ```
 
+pub mod client_connections;
 pub mod downstream;
 pub mod fast_path;
 pub mod policy;
@@ -74,6 +75,8 @@ pub struct SharedState {
     pub metrics: Arc<Metrics>,
     /// `server.replay_body_limit`, bytes.
     pub replay_body_limit: usize,
+    /// `server.max_request_head`, the client timeouts and `server.max_connections`.
+    pub limits: crate::config::ClientLimits,
     pub(crate) request_ids: RequestIds,
     /// What `/status` shows of each route besides its token, indexed like `routes`.
     pub(crate) route_info: Vec<crate::admin::RouteInfo>,
@@ -93,6 +96,7 @@ impl SharedState {
             allowed_clients,
             trusted_proxies: Vec::new(),
             replay_body_limit,
+            limits: crate::config::ClientLimits::default(),
             metrics,
             request_ids: RequestIds::new(),
             route_info: Vec::new(),
@@ -108,6 +112,8 @@ pub struct Live {
     generation: AtomicU64,
     /// Shutdown state and requests in flight on both paths (kept across reloads).
     pub drain: crate::shutdown::Drain,
+    /// Open client connections on every proxy listener (kept across reloads).
+    pub clients: client_connections::ClientConnections,
 }
 
 impl Live {
@@ -117,6 +123,7 @@ impl Live {
             current: ArcSwap::from_pointee(state),
             generation: AtomicU64::new(0),
             drain: crate::shutdown::Drain::default(),
+            clients: client_connections::ClientConnections::default(),
         }
     }
 
@@ -658,6 +665,20 @@ impl ProxyHttp for Gateway {
             }
             (ErrorSource::Downstream, ErrorType::ReadError | ErrorType::WriteError)
             | (ErrorSource::Downstream, ErrorType::ConnectionClosed) => (0, None),
+            // `server.body_timeout` (the session's read timeout; its head was read whole by the
+            // fast path before the request was handed over): 408 while no response has started.
+            (ErrorSource::Downstream, ErrorType::ReadTimedout) => {
+                self.metrics
+                    .client_timeout(crate::metrics::ClientTimeout::Body);
+                let err = GatewayError::RequestTimeout;
+                (err.status(), Some(err))
+            }
+            // `server.send_timeout`: the client stopped reading; both connections close.
+            (ErrorSource::Downstream, ErrorType::WriteTimedout) => {
+                self.metrics
+                    .client_timeout(crate::metrics::ClientTimeout::Send);
+                (0, None)
+            }
             // The client's body could not be read as framed (a malformed chunk): RFC 9112 §7.1.
             (ErrorSource::Downstream, _) => {
                 let err = GatewayError::BadRequest("malformed request body");

@@ -3,6 +3,7 @@
 //! fails is replaced by its default (or left out) so the rest can still be checked.
 
 mod auth;
+mod client_limits;
 mod cluster;
 mod routes;
 mod secrets;

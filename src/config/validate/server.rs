@@ -19,6 +19,7 @@ impl Validator<'_> {
     /// `[server]`. Listener addresses must be distinct (port 0 excepted), the admin listener
     /// apart from the proxy's.
     pub(super) fn server(&mut self, s: ServerFile) -> ServerConfig {
+        let limits = self.client_limits(&s);
         let listen_entries: Vec<(String, String)> = match s.listen {
             None => vec![("server.listen".to_string(), DEFAULT_LISTEN.to_string())],
             Some(OneOrMany::One(a)) => vec![("server.listen".to_string(), a)],
@@ -192,6 +193,7 @@ impl Validator<'_> {
             trusted_proxies,
             hosts_file,
             replay_body_limit,
+            limits,
             token_listen,
             token_clients,
         }

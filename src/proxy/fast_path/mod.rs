@@ -43,24 +43,24 @@ use pingora::upstreams::peer::Peer as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadBuf};
 
 mod admission;
+mod client_io;
 mod request;
 mod response;
 mod timer;
 pub mod wire;
 
+use super::client_connections::bound_session;
 use super::policy::{self, ErrorResponse, GatewayError, Plan};
 use super::routes::{Route, RouteTable};
 use super::{record_request, Gateway, Live, RequestRecord, SharedState};
 use crate::metrics::UpstreamErrorKind;
 use crate::token::{Sent, TokenCache, TokenSource};
 use admission::{admit, Admitted};
+use client_io::write_down;
 use request::{parse_request, write_upstream_request, Field, Parsed, Plain, RequestId};
 use response::{parse_response, ChunkedEnd, Framing, ResponseHead};
 use timer::Timer;
 
-/// A request head larger than this, or with more fields than [`MAX_FIELDS`], is refused with
-/// 431 (RFC 6585 §5).
-const MAX_HEAD: usize = 64 * 1024;
 /// Most fields in one request head: pingora's limit.
 const MAX_FIELDS: usize = 256;
 /// Most fields in an upstream response head: pingora's HTTP/1 client's limit, so a response
@@ -69,13 +69,11 @@ const MAX_RESPONSE_FIELDS: usize = 256;
 /// Largest incomplete upstream response head the fast path keeps reading, bytes: pingora's
 /// HTTP/1 client's limit (`MAX_HEADER_SIZE`), for the same reason.
 const MAX_RESPONSE_HEAD: usize = 1024 * 1024 - 1;
-/// How long a downstream connection may sit idle between requests, and how long a request
-/// head or body may take to arrive: pingora's keep-alive default.
-const DOWNSTREAM_IDLE: Duration = Duration::from_secs(60);
 /// A held upstream connection idle longer than this is checked for a close before an
 /// idempotent request reuses it (a non-idempotent one always checks).
 const CHECK_IDLE_UPSTREAM_AFTER: Duration = Duration::from_millis(200);
-/// A client connection idle this long gives its upstream connection back to the pool.
+/// A client connection idle this long gives its upstream connection back to the pool and its
+/// buffers to the allocator.
 const HOLD_WHILE_IDLE: Duration = Duration::from_secs(2);
 /// Read size for response bodies.
 const READ_CHUNK: usize = 16 * 1024;
@@ -89,22 +87,6 @@ pub struct ListenerApp {
     slow: Arc<HttpProxy<Gateway>>,
     /// `tokengate_connections`.
     connections: pingora_prometheus::prometheus::IntGauge,
-}
-
-/// One open client connection in `tokengate_connections`, until dropped.
-struct OpenConnection<'a>(&'a pingora_prometheus::prometheus::IntGauge);
-
-impl<'a> OpenConnection<'a> {
-    fn new(gauge: &'a pingora_prometheus::prometheus::IntGauge) -> Self {
-        gauge.inc();
-        OpenConnection(gauge)
-    }
-}
-
-impl Drop for OpenConnection<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
 }
 
 impl ListenerApp {
@@ -147,13 +129,28 @@ impl ServerApp for ListenerApp {
         mut down: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let _open = OpenConnection::new(&self.connections);
+        let mut current = Current::load(&self.live);
+        let limits = current.state.limits;
+        let Some(_open) = self
+            .live
+            .clients
+            .open(limits.max_connections, &self.connections)
+        else {
+            // Closed at once: an accepted connection cannot be put back in the listen backlog.
+            current.state.metrics.connection_refused();
+            return None;
+        };
         // Only a plain TCP stream can take back bytes already read.
         if !down.as_any().is::<L4Stream>() {
             return ServerApp::process_new(&self.slow, down, shutdown).await;
         }
         let mut conn = Conn::new(&down);
-        let mut current = Current::load(&self.live);
+        conn.check_client(&current.state);
+        if !conn.allowed && !conn.peer_trusted {
+            self.refuse_unadmitted(&mut down, &mut conn, &current.state)
+                .await;
+            return None;
+        }
         loop {
             let outcome = self
                 .serve(&mut down, &mut conn, &mut current, shutdown)
@@ -173,8 +170,8 @@ impl ServerApp for ListenerApp {
             l4.rewind(&conn.buf);
             conn.buf.clear();
             let mut session = ServerSession::new_http1(l4);
-            // What pingora's own HTTP/1 loop sets: 60 s keep-alive, none while shutting down.
-            session.set_keepalive((!*shutdown.borrow()).then_some(60));
+            // The fast path's client bounds; no keep-alive while shutting down.
+            bound_session(&mut session, &current.state.limits, *shutdown.borrow());
             // Requests pipelined behind this one, read with it or while it is proxied, are kept
             // (pingora's default closes the connection after the first answer, or answers 400
             // when more arrives while it is proxied) and come back in front of the stream
@@ -279,10 +276,12 @@ impl Conn {
 
     fn detached(client_ip: Option<std::net::IpAddr>) -> Self {
         Conn {
-            buf: Vec::with_capacity(8 * 1024),
-            out: Vec::with_capacity(4 * 1024),
-            ubuf: Vec::with_capacity(READ_CHUNK),
-            fields: Vec::with_capacity(32),
+            // Taken when the first request arrives (client_io): a connection that never sends
+            // one holds none.
+            buf: Vec::new(),
+            out: Vec::new(),
+            ubuf: Vec::new(),
+            fields: Vec::new(),
             plan: Plan::default(),
             peer_ip: client_ip,
             peer_trusted: false,
@@ -295,6 +294,17 @@ impl Conn {
             timer: Timer::default(),
             tokens: TokenCache::default(),
         }
+    }
+}
+
+impl Conn {
+    /// Gives the request and response buffers back while the connection is idle.
+    fn release_buffers(&mut self) {
+        debug_assert!(self.buf.is_empty());
+        self.buf = Vec::new();
+        self.out = Vec::new();
+        self.ubuf = Vec::new();
+        self.fields = Vec::new();
     }
 }
 
@@ -410,7 +420,8 @@ pub fn own_work(
     let c = &mut scratch.0;
     c.buf.clear();
     c.buf.extend_from_slice(request);
-    let Parsed::Plain(req) = parse_request(&c.buf, &mut c.fields) else {
+    let Parsed::Plain(req) = parse_request(&c.buf, &mut c.fields, state.limits.max_request_head)
+    else {
         return None;
     };
     if !req.fast() {
@@ -463,7 +474,7 @@ pub fn upstream_head(
     let c = &mut scratch.0;
     c.buf.clear();
     c.buf.extend_from_slice(request);
-    let mut req = match parse_request(&c.buf, &mut c.fields) {
+    let mut req = match parse_request(&c.buf, &mut c.fields, state.limits.max_request_head) {
         Parsed::Plain(req) => req,
         Parsed::Refuse(e) => return Err(Some(e)),
         Parsed::Partial | Parsed::Delegate => return Err(None),
@@ -488,49 +499,6 @@ pub fn upstream_head(
 }
 
 impl ListenerApp {
-    /// Refuses a request head no server may accept (or one over the limit) with the gateway's
-    /// error, after the client check (a client outside `allowed_clients` gets 403 whatever it
-    /// sent), counts and logs it; the connection is closed after it.
-    async fn refuse(
-        &self,
-        down: &mut Stream,
-        c: &mut Conn,
-        state: &SharedState,
-        err: GatewayError,
-    ) {
-        let started = Instant::now();
-        if c.peer_trusted {
-            // An unreadable head names no client: judged by its peer (as pingora's path does).
-            c.check_client(state);
-        }
-        let err = if c.allowed {
-            err
-        } else {
-            GatewayError::ClientNotAllowed
-        };
-        if let Some(reason) = err.deny_reason() {
-            state.metrics.denied(reason);
-        }
-        let request_id = state.request_ids.next();
-        // A CONNECT: no route is known, so the methods a route takes by default.
-        let allow = HeaderValue::from_static(Route::DEFAULT_ALLOW);
-        let response = ErrorResponse::new(&err, None, Some(&request_id), Some(&allow));
-        response.write_h1(false, &mut c.out);
-        let _ = write_down(down, &c.out).await;
-        record_request(&RequestRecord {
-            route: None,
-            method: None,
-            path: "-",
-            status: response.status,
-            started,
-            generation: 0,
-            gateway_error: Some(err.code()),
-            error: None,
-            request_id: request_id.to_str().ok(),
-            authorization_len: 0,
-        });
-    }
-
     /// Serves requests on `down` until it closes or a request needs pingora.
     async fn serve(
         &self,
@@ -541,31 +509,9 @@ impl ListenerApp {
     ) -> Outcome {
         c.check_client(&current.state);
         loop {
-            let req = loop {
-                match parse_request(&c.buf, &mut c.fields) {
-                    Parsed::Plain(req) if req.fast() => break req,
-                    Parsed::Plain(_) | Parsed::Delegate => return Outcome::Delegate,
-                    Parsed::Refuse(err) => {
-                        self.refuse(down, c, &current.state, err).await;
-                        return Outcome::Close;
-                    }
-                    Parsed::Partial => {}
-                }
-                c.buf.reserve(4096);
-                let wait = match &c.held {
-                    Some(_) => HOLD_WHILE_IDLE,
-                    None => DOWNSTREAM_IDLE,
-                };
-                match c.timer.bounded(Some(wait), down.read_buf(&mut c.buf)).await {
-                    Ok(0) => return Outcome::Close,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::TimedOut && c.held.is_some() => {
-                        // An idle client does not keep an upstream connection to itself: it
-                        // goes back to pingora's pool (bounded, watched for closes).
-                        self.release(c.held.take(), &current.state);
-                    }
-                    Err(_) => return Outcome::Close,
-                }
+            let req = match self.read_head(down, c, current).await {
+                Ok(req) => req,
+                Err(outcome) => return outcome,
             };
             // In flight until this iteration ends (docs/operations.md "Shutdown").
             let _busy = self.live.drain.busy();
@@ -593,16 +539,8 @@ impl ListenerApp {
             // The body (Content-Length only) in full: it may have to be sent twice.
             let total = req.head_len + req.body_len;
             if c.buf.len() < total {
-                while c.buf.len() < total {
-                    c.buf.reserve(total - c.buf.len());
-                    match c
-                        .timer
-                        .bounded(Some(DOWNSTREAM_IDLE), down.read_buf(&mut c.buf))
-                        .await
-                    {
-                        Ok(0) | Err(_) => return Outcome::Close,
-                        Ok(_) => {}
-                    }
+                if let Err(outcome) = self.read_body(down, c, state, total).await {
+                    return outcome;
                 }
                 // A slow body can outlast the token picked when the head arrived: the one sent
                 // is the one current when the request leaves (pingora waits for a token).
@@ -879,7 +817,10 @@ async fn forward(
     let read_timeout = ctx.route.upstream.options().read_timeout;
     // Interim responses (103 Early Hints, an unasked 100) are forwarded as they come.
     while (100..200).contains(&head.status) {
-        if write_down(down, &c.out).await.is_err() {
+        if write_down(down, &mut c.timer, ctx.state, &c.out)
+            .await
+            .is_err()
+        {
             return Exchange::Broken { status: 0 };
         }
         c.ubuf.drain(..head.head_len);
@@ -924,7 +865,10 @@ async fn forward(
     };
     c.out
         .extend_from_slice(&c.ubuf[head.head_len..head.head_len + n]);
-    if write_down(down, &c.out).await.is_err() {
+    if write_down(down, &mut c.timer, ctx.state, &c.out)
+        .await
+        .is_err()
+    {
         // The client never got the head (it left): no response, as pingora-proxy counts it.
         return Exchange::Broken { status: 0 };
     }
@@ -949,7 +893,10 @@ async fn forward(
             Ok(t) => t,
             Err(_) => return Exchange::Broken { status },
         };
-        if write_down(down, &c.ubuf[..n]).await.is_err() {
+        if write_down(down, &mut c.timer, ctx.state, &c.ubuf[..n])
+            .await
+            .is_err()
+        {
             return Exchange::Broken { status };
         }
     }
@@ -968,11 +915,6 @@ async fn forward(
     }
 }
 
-async fn write_down(down: &mut Stream, bytes: &[u8]) -> io::Result<()> {
-    down.write_all(bytes).await?;
-    down.flush().await
-}
-
 /// Answers with a gateway error (JSON body, `tokengate-error`) and closes the connection, as
 /// pingora-proxy's `fail_to_proxy` does for [`Gateway`].
 async fn fail(
@@ -985,7 +927,7 @@ async fn fail(
     let request_id = ctx.request_id.to_header_value();
     let response = ErrorResponse::new(&err, Some(&ctx.route.name), Some(&request_id), None);
     response.write_h1(ctx.req.method == Method::HEAD, &mut c.out);
-    let _ = write_down(down, &c.out).await;
+    let _ = write_down(down, &mut c.timer, ctx.state, &c.out).await;
     (
         Exchange::Broken {
             status: response.status,

@@ -8,7 +8,7 @@ use std::ops::Range;
 use http::{HeaderValue, Method};
 
 use super::response::{offset_in, FieldWriter};
-use super::{Conn, RequestCtx, MAX_FIELDS, MAX_HEAD};
+use super::{Conn, RequestCtx, MAX_FIELDS};
 use crate::proxy::policy::target::TargetForm;
 use crate::proxy::policy::{
     self, uri_bytes, Action, FieldName, Fields, Forwarding, GatewayError, RequestFacts,
@@ -92,18 +92,19 @@ impl Plain {
 
 /// Parses the head at the start of `buf` into `fields`: a complete HTTP/1.1 origin-form head
 /// the policy admits is [`Parsed::Plain`] (see [`Plain::fast`] for which of those the fast path
-/// forwards itself).
-pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>) -> Parsed {
+/// forwards itself). A head longer than `max_head` bytes (`server.max_request_head`) is
+/// refused with 431 (RFC 6585 §5) as soon as that many bytes are in without its end.
+pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>, max_head: usize) -> Parsed {
     // Uninitialised: zeroing the field storage per request cost more than parsing it.
     let mut storage = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
     let mut req = httparse::Request::new(&mut []);
     let head_len = match req.parse_with_uninit_headers(buf, &mut storage) {
-        Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
-        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Parsed::Partial,
+        Ok(httparse::Status::Complete(n)) if n <= max_head => n,
+        Ok(httparse::Status::Partial) if buf.len() < max_head => return Parsed::Partial,
         // A request line that does not end within the limit holds a target no upstream URI
         // parser takes (pingora's `http` refuses targets past 65,534 bytes): 400 as pingora
         // answered it.
-        Ok(_) if memchr::memchr(b'\n', &buf[..buf.len().min(MAX_HEAD)]).is_none() => {
+        Ok(_) if memchr::memchr(b'\n', &buf[..buf.len().min(max_head)]).is_none() => {
             return Parsed::Refuse(GatewayError::BadRequest("request line too long"))
         }
         Ok(_) | Err(httparse::Error::TooManyHeaders) => {
@@ -345,7 +346,7 @@ mod tests {
 
     fn plain(raw: &[u8]) -> Option<(Plain, Vec<Field>)> {
         let mut fields = Vec::new();
-        match parse_request(raw, &mut fields) {
+        match parse_request(raw, &mut fields, super::super::wire::MAX_HEAD) {
             Parsed::Plain(p) if p.fast() => Some((p, fields)),
             _ => None,
         }
@@ -380,7 +381,7 @@ mod tests {
         }
         let mut fields = Vec::new();
         assert!(matches!(
-            parse_request(b"GET / HTTP/1.1\r\nHost: g", &mut fields),
+            parse_request(b"GET / HTTP/1.1\r\nHost: g", &mut fields, 1024),
             Parsed::Partial
         ));
     }

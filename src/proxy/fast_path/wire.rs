@@ -12,8 +12,9 @@ use crate::proxy::policy::GatewayError;
 
 pub use super::response::Framing;
 
-/// Largest request head [`request_head`] accepts, bytes (431 past it).
-pub const MAX_HEAD: usize = super::MAX_HEAD;
+/// Largest request head [`request_head`] accepts, bytes (431 past it): the default
+/// `server.max_request_head`.
+pub const MAX_HEAD: usize = crate::config::ClientLimits::DEFAULT_MAX_REQUEST_HEAD;
 /// Largest incomplete response head [`response_head`] reads on, bytes.
 pub const MAX_RESPONSE_HEAD: usize = super::MAX_RESPONSE_HEAD;
 /// Longest chunk-size line (size, extensions, CRLF) [`chunked_body`] reads, bytes.
@@ -66,7 +67,7 @@ pub struct PlainRequest {
 /// For fuzzing and tests.
 pub fn request_head(bytes: &[u8]) -> RequestHead {
     let mut fields = Vec::new();
-    match parse_request(bytes, &mut fields) {
+    match parse_request(bytes, &mut fields, MAX_HEAD) {
         Parsed::Plain(p) => RequestHead::Plain(PlainRequest {
             fast: p.fast(),
             head_len: p.head_len,

@@ -34,6 +34,10 @@ pub enum GatewayError {
     UpstreamTimeout,
     /// 400 `bad_request`: the request's framing or request line (RFC 9112 §2.2, §3, §6.3).
     BadRequest(&'static str),
+    /// 408 `request_timeout`: the request head did not arrive within
+    /// `server.request_head_timeout`, or its body stalled for `server.body_timeout`
+    /// (RFC 9110 §15.5.9).
+    RequestTimeout,
     /// 431 `request_header_too_large`: the request head is over the limit (RFC 6585 §5).
     HeaderTooLarge,
     /// 501 `not_implemented`: a transfer coding other than `chunked` (RFC 9112 §6.1).
@@ -55,6 +59,7 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable => "upstream_unreachable",
             GatewayError::UpstreamTimeout => "upstream_timeout",
             GatewayError::BadRequest(_) => "bad_request",
+            GatewayError::RequestTimeout => "request_timeout",
             GatewayError::HeaderTooLarge => "request_header_too_large",
             GatewayError::NotImplemented => "not_implemented",
             GatewayError::SubjectNotAllowed => "subject_not_allowed",
@@ -71,6 +76,7 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable => 502,
             GatewayError::UpstreamTimeout => 504,
             GatewayError::BadRequest(_) => 400,
+            GatewayError::RequestTimeout => 408,
             GatewayError::HeaderTooLarge => 431,
             GatewayError::NotImplemented => 501,
             GatewayError::SubjectNotAllowed => 403,
@@ -107,6 +113,7 @@ impl GatewayError {
             GatewayError::UpstreamUnreachable => "the upstream could not be reached".into(),
             GatewayError::UpstreamTimeout => "the upstream did not answer in time".into(),
             GatewayError::BadRequest(why) => format!("malformed request: {why}"),
+            GatewayError::RequestTimeout => "the request did not arrive in time".into(),
             GatewayError::HeaderTooLarge => "the request head is too large".into(),
             GatewayError::NotImplemented => {
                 "transfer coding not implemented; only chunked is accepted".into()

@@ -39,6 +39,8 @@ const CONTRACT: &[(&str, Type)] = &[
     ("tokengate_cluster_up", Type::Gauge),
     ("tokengate_cluster_operations_total", Type::Counter),
     ("tokengate_connections", Type::Gauge),
+    ("tokengate_connections_refused_total", Type::Counter),
+    ("tokengate_client_timeouts_total", Type::Counter),
     ("tokengate_config_reloads_total", Type::Counter),
     ("tokengate_build_info", Type::Gauge),
 ];
