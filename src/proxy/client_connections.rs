@@ -10,10 +10,25 @@ use pingora_prometheus::prometheus::IntGauge;
 
 use crate::config::ClientLimits;
 
-/// Open client connections over all proxy listeners, counted for `server.max_connections`.
+/// Most refused connections drained at once before they are closed (each holds a task for at
+/// most two seconds); more are closed right after their refusal.
+pub const MAX_LINGERING: usize = 1024;
+
+/// Open client connections over all proxy listeners, counted for `server.max_connections`,
+/// and refused ones still draining.
 #[derive(Default)]
 pub struct ClientConnections {
     open: AtomicUsize,
+    lingering: AtomicUsize,
+}
+
+/// A refused connection draining before its close, counted until dropped.
+pub struct Lingering<'a>(&'a AtomicUsize);
+
+impl Drop for Lingering<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// One open client connection, counted in [`ClientConnections`] and `tokengate_connections`
@@ -37,6 +52,16 @@ impl ClientConnections {
         }
         gauge.inc();
         Some(OpenConnection { count: self, gauge })
+    }
+
+    /// A place among the [`MAX_LINGERING`] refused connections that may drain, or `None`.
+    pub fn linger(&self) -> Option<Lingering<'_>> {
+        self.lingering
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_LINGERING).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Lingering(&self.lingering))
     }
 
     /// Connections open now.
@@ -78,5 +103,16 @@ mod tests {
         let _c = count.open(2, &gauge).expect("a place was freed");
         drop(b);
         assert_eq!((count.current(), gauge.get()), (1, 1));
+    }
+
+    #[test]
+    fn at_most_max_lingering_refusals_drain() {
+        let count = ClientConnections::default();
+        let held: Vec<_> = (0..MAX_LINGERING)
+            .map(|_| count.linger().unwrap())
+            .collect();
+        assert!(count.linger().is_none());
+        drop(held);
+        assert!(count.linger().is_some());
     }
 }

@@ -164,6 +164,11 @@ impl ListenerApp {
         self.refuse(down, c, state, GatewayError::ClientNotAllowed)
             .await;
         c.release_buffers();
+        // Refused connections take no place among `max_connections`; so that a flood of them
+        // cannot hold many tasks, at most MAX_LINGERING linger and the rest close at once.
+        let Some(_lingering) = self.live.clients.linger() else {
+            return;
+        };
         let deadline = Instant::now() + LINGER;
         let _ = c.timer.bounded(Some(LINGER), down.shutdown()).await;
         let mut sink = [0u8; 512];

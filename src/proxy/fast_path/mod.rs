@@ -130,26 +130,27 @@ impl ServerApp for ListenerApp {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let mut current = Current::load(&self.live);
-        let limits = current.state.limits;
+        // Only a plain TCP stream can take back bytes already read.
+        let plain_tcp = down.as_any().is::<L4Stream>();
+        let mut conn = Conn::new(&down);
+        conn.check_client(&current.state);
+        if plain_tcp && !conn.allowed && !conn.peer_trusted {
+            // Refused before it takes a place among `max_connections`.
+            self.refuse_unadmitted(&mut down, &mut conn, &current.state)
+                .await;
+            return None;
+        }
         let Some(_open) = self
             .live
             .clients
-            .open(limits.max_connections, &self.connections)
+            .open(current.state.limits.max_connections, &self.connections)
         else {
             // Closed at once: an accepted connection cannot be put back in the listen backlog.
             current.state.metrics.connection_refused();
             return None;
         };
-        // Only a plain TCP stream can take back bytes already read.
-        if !down.as_any().is::<L4Stream>() {
+        if !plain_tcp {
             return ServerApp::process_new(&self.slow, down, shutdown).await;
-        }
-        let mut conn = Conn::new(&down);
-        conn.check_client(&current.state);
-        if !conn.allowed && !conn.peer_trusted {
-            self.refuse_unadmitted(&mut down, &mut conn, &current.state)
-                .await;
-            return None;
         }
         loop {
             let outcome = self
