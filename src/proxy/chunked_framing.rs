@@ -42,6 +42,10 @@ pub const MAX_EXTENSION: usize = 4 * 1024;
 /// Most bytes of trailer section after the last chunk (its field lines with their CRLFs, not
 /// the final CRLF): 32 KiB, half of pingora-core's own cap.
 pub const MAX_TRAILERS: usize = 32 * 1024;
+/// Most bytes after the body's end kept for the fast path: pingora reads at most its body
+/// buffer (64 KiB) and one idle read past a body; more means the connection is no longer a
+/// plain HTTP/1.1 one (an upgrade's tunnel), and it is not reused.
+const MAX_AFTER_BODY: usize = 128 * 1024;
 
 /// Why a chunked request body is not framed as RFC 9112 §7.1 says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -342,8 +346,8 @@ pub struct ChunkedFraming {
     /// The body's validator; once it failed, every read fails.
     body: ChunkedBody,
     /// Bytes handed to pingora after the body's end: pingora keeps them as the next request's
-    /// start where only its own sessions can take them.
-    after_body: Vec<u8>,
+    /// start where only its own sessions can take them. `None` once over [`MAX_AFTER_BODY`].
+    after_body: Option<Vec<u8>>,
 }
 
 impl ChunkedFraming {
@@ -354,7 +358,7 @@ impl ChunkedFraming {
             inner,
             head_left: head_len,
             body: ChunkedBody::default(),
-            after_body: Vec::new(),
+            after_body: Some(Vec::new()),
         }
     }
 
@@ -365,8 +369,18 @@ impl ChunkedFraming {
             return None;
         }
         let mut inner = self.inner;
-        inner.rewind(&self.after_body);
+        inner.rewind(&self.after_body?);
         Some(inner)
+    }
+
+    fn keep_after_body(&mut self, bytes: &[u8]) {
+        if let Some(kept) = &mut self.after_body {
+            if kept.len() + bytes.len() > MAX_AFTER_BODY {
+                self.after_body = None;
+            } else {
+                kept.extend_from_slice(bytes);
+            }
+        }
     }
 
     /// Checks the bytes just read (`read`); how many of them pingora may have, or the error.
@@ -375,13 +389,13 @@ impl ChunkedFraming {
         self.head_left -= head;
         let body = &read[head..];
         if self.body.is_done() {
-            self.after_body.extend_from_slice(body);
+            self.keep_after_body(body);
             return Ok(read.len());
         }
         match self.body.feed(body) {
             Ok(None) => Ok(read.len()),
             Ok(Some(end)) => {
-                self.after_body.extend_from_slice(&body[end..]);
+                self.keep_after_body(&body[end..]);
                 Ok(read.len())
             }
             // The head goes on its own so pingora can answer the request; the error comes with
