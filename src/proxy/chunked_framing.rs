@@ -56,7 +56,8 @@ pub enum FramingError {
     NotHex,
     /// More than [`MAX_SIZE_DIGITS`] hex digits.
     SizeTooLong,
-    /// An LF not preceded by CR in a chunk-size line or a trailer line.
+    /// An LF not preceded by CR, or a CR not followed by LF, in a chunk-size line or a
+    /// trailer line.
     BareLf,
     /// A control character (other than HTAB) in a chunk extension or trailer line.
     ControlCharacter,
@@ -74,7 +75,7 @@ impl fmt::Display for FramingError {
             FramingError::EmptySize => "chunk size missing",
             FramingError::NotHex => "chunk size is not hexadecimal",
             FramingError::SizeTooLong => "chunk size has too many digits",
-            FramingError::BareLf => "bare LF in a chunk-size or trailer line",
+            FramingError::BareLf => "bare LF or CR in a chunk-size or trailer line",
             FramingError::ControlCharacter => "control character in a chunk extension or trailer",
             FramingError::ExtensionTooLong => "chunk extension too long",
             FramingError::MissingDataCrlf => "chunk data not followed by CRLF",
@@ -167,6 +168,11 @@ impl ChunkedBody {
     /// # Errors
     /// The first framing error; every later call returns it again.
     pub fn feed(&mut self, bytes: &[u8]) -> Result<Option<usize>, FramingError> {
+        match self.state {
+            State::Done => return Ok(Some(0)),
+            State::Failed(e) => return Err(e),
+            _ => {}
+        }
         let mut i = 0;
         while i < bytes.len() {
             if let State::Data(left) = self.state {
@@ -278,7 +284,8 @@ impl ChunkedBody {
                 b'\n' => State::Data(self.size),
                 _ => return Err(FramingError::BareLf),
             },
-            State::Data(_) => unreachable!("chunk data is skipped in feed"),
+            // Chunk data never gets here: `feed` skips it by length.
+            State::Data(left) => State::Data(left),
             State::DataCr => match b {
                 b'\r' => State::DataLf,
                 _ => return Err(FramingError::MissingDataCrlf),
@@ -675,6 +682,14 @@ mod tests {
         for (body, error) in cases {
             check(body, Err(error));
         }
+    }
+
+    #[test]
+    fn a_finished_body_takes_nothing_more() {
+        let mut v = ChunkedBody::default();
+        assert_eq!(v.feed(b"0\r\n\r\n"), Ok(Some(5)));
+        assert_eq!(v.feed(b"GET / HTTP/1.1\r\n"), Ok(Some(0)));
+        assert!(v.is_done());
     }
 
     #[test]
