@@ -768,6 +768,69 @@ mod tests {
         assert!(v.is_done());
     }
 
+    /// Bytes from the alphabet framing is made of, so random inputs reach every state.
+    fn framing_bytes() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let alphabet: &[u8] = b"0159aAfFgz;= \t\r\n\"\\x:\x00";
+        prop::collection::vec(prop::sample::select(alphabet.to_vec()), 0..64)
+    }
+
+    /// A valid chunked body: chunks of the given sizes (with an extension on every other line),
+    /// the last chunk, the trailer lines.
+    fn valid_body(sizes: &[usize], trailers: usize, upper: bool) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            let size = if upper {
+                format!("{n:X}")
+            } else {
+                format!("{n:x}")
+            };
+            b.extend_from_slice(size.as_bytes());
+            if i % 2 == 1 {
+                b.extend_from_slice(b";e=\"a;b\"");
+            }
+            b.extend_from_slice(b"\r\n");
+            b.extend((0..n).map(|k| b"\r\n0;x"[k % 5]));
+            b.extend_from_slice(b"\r\n");
+        }
+        b.extend_from_slice(b"0\r\n");
+        for t in 0..trailers {
+            b.extend_from_slice(format!("X-T{t}: v\r\n").as_bytes());
+        }
+        b.extend_from_slice(b"\r\n");
+        b
+    }
+
+    proptest::proptest! {
+        /// However reads split any input, the verdict is the same.
+        #[test]
+        fn any_input_gets_one_verdict_however_split(
+            body in framing_bytes(),
+            cuts in proptest::collection::vec(0usize..64, 0..4),
+        ) {
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(body.len())).collect();
+            cuts.sort_unstable();
+            proptest::prop_assert_eq!(verdict(&body, &cuts), verdict(&body, &[]));
+        }
+
+        /// A valid body ends exactly at its end, whatever follows and however it is split,
+        /// and is not over one byte before.
+        #[test]
+        fn valid_bodies_end_at_their_end(
+            sizes in proptest::collection::vec(1usize..40, 0..5),
+            trailers in 0usize..3,
+            upper in proptest::bool::ANY,
+            cut in 0usize..400,
+        ) {
+            let body = valid_body(&sizes, trailers, upper);
+            let mut with_next = body.clone();
+            with_next.extend_from_slice(NEXT);
+            let cut = cut.min(with_next.len());
+            proptest::prop_assert_eq!(verdict(&with_next, &[cut]), Ok(Some(body.len())));
+            proptest::prop_assert_eq!(verdict(&body[..body.len() - 1], &[]), Ok(None));
+        }
+    }
+
     #[test]
     fn the_cause_is_found_in_pingoras_error_chain() {
         let io = io::Error::new(io::ErrorKind::InvalidData, FramingError::EmptySize);
