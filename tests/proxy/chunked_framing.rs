@@ -82,6 +82,13 @@ async fn refused(body: &[u8], valid_prefix: u64) {
         assert!(r.error.is_some(), "{r:?}");
         assert!(r.body_len <= valid_prefix, "{r:?}");
     }
+    let metrics = rig.gw.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "tokengate_denied_total{reason=\"bad_request\"} 2"),
+        "both refusals counted:\n{metrics}"
+    );
     rig.stop().await;
 }
 
