@@ -18,6 +18,7 @@
 //!    ▼ logging .................. metrics and the access log: the only per-request logging
 //! ```
 
+pub mod chunked_framing;
 pub mod client_connections;
 pub mod downstream;
 pub mod fast_path;
@@ -655,6 +656,12 @@ impl ProxyHttp for Gateway {
             _ if ctx.unavailable.is_some() => {
                 let retry_after = ctx.unavailable.unwrap_or_default();
                 (503, Some(GatewayError::TokenUnavailable { retry_after }))
+            }
+            // A chunked body framed against RFC 9112 §7.1, stopped before pingora read it
+            // (`chunked_framing`): a read error of the client's stream, answered 400.
+            _ if chunked_framing::is_framing_error(e) => {
+                let err = GatewayError::BadRequest("malformed request body");
+                (err.status(), Some(err))
             }
             (ErrorSource::Upstream, etype) => {
                 let (kind, err) = classify_upstream_error(etype);

@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 const EACH_PATH: [&str; 2] = ["", "Connection: X-Hop\r\nX-Hop: 1\r\n"];
 
 /// Asserts a gateway refusal: `status`, `tokengate-error: code`, the JSON body's `error`.
-fn assert_refused(a: &Answer, status: u16, code: &str) {
+pub(crate) fn assert_refused(a: &Answer, status: u16, code: &str) {
     assert_eq!(a.status, status, "{}", a.head);
     assert_eq!(
         a.header("tokengate-error").as_deref(),

@@ -10,6 +10,7 @@ mod common;
 #[path = "../support/proxy_support.rs"]
 mod proxy_support;
 
+mod chunked_framing;
 mod client_bounds;
 mod fast_path;
 mod forwarding;

@@ -59,9 +59,10 @@ pub struct RawRequest {
     pub sni: Option<String>,
     /// The `sub` of the accepted token (`None` when refused or when token checks are off).
     pub subject: Option<String>,
-    /// Why the token was refused, if it was.
+    /// Why the token was refused, or why the body could not be read (then `status` is 0 and
+    /// `body_len` counts the body bytes that arrived).
     pub error: Option<String>,
-    /// The status this server answered with.
+    /// The status this server answered with (0: none, the body did not arrive whole).
     pub status: u16,
 }
 
@@ -121,7 +122,8 @@ fn lossy_pairs<S: serde::Serializer>(h: &[(String, Vec<u8>)], s: S) -> Result<S:
 ///    [`TokenRegistry`] (unless [`set_check_tokens(false)`](Self::set_check_tokens), which
 ///    accepts any single Bearer token). A refusal is 401 `invalid_token` (RFC 6750 §3.1), sent
 ///    early (no `100`, connection closed) when the client is waiting on `Expect: 100-continue`.
-/// 4. Otherwise `100 Continue` if asked for, the body is read (`Content-Length` or chunked) and:
+/// 4. Otherwise `100 Continue` if asked for, the body is read (`Content-Length` or chunked; a
+///    body cut short or malformed is recorded with status 0 and the connection ends) and:
 ///    - `GET /download/<n>` answers 200 with `n` bytes of [`download_byte`] generated on the fly
 ///      (memory stays flat however large `n` is);
 ///    - `GET /ws` with `Upgrade: websocket` answers 101 (RFC 6455 §4.2.2) and echoes every text
@@ -152,6 +154,10 @@ struct RawState {
     check_tokens: AtomicBool,
     requests: AtomicU64,
     connections: AtomicU64,
+    /// Connections whose task has ended.
+    connections_ended: AtomicU64,
+    /// Request body bytes received (after de-chunking), counted as they arrive.
+    body_bytes: AtomicU64,
     ws_messages: AtomicU64,
     recent: Recent<RawRequest>,
 }
@@ -206,6 +212,8 @@ impl RawApiBuilder {
             check_tokens: AtomicBool::new(true),
             requests: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            connections_ended: AtomicU64::new(0),
+            body_bytes: AtomicU64::new(0),
             ws_messages: AtomicU64::new(0),
             recent: Recent::new(),
         });
@@ -286,6 +294,17 @@ impl RawApi {
     /// Request heads received, whatever became of them.
     pub fn request_count(&self) -> u64 {
         self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// Request body bytes received so far over all requests (after de-chunking), counted as
+    /// they arrive: shows a body streams through before it is complete.
+    pub fn body_bytes(&self) -> u64 {
+        self.state.body_bytes.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections whose serving has ended (closed by either side, or failed).
+    pub fn connections_ended(&self) -> u64 {
+        self.state.connections_ended.load(Ordering::SeqCst)
     }
 
     /// TCP connections accepted.
@@ -372,6 +391,7 @@ async fn accept_loop(
                         if let Err(e) = result {
                             tracing::debug!(error = %e, "raw api connection ended");
                         }
+                        state.connections_ended.fetch_add(1, Ordering::SeqCst);
                     });
                 }
                 Err(e) => {
@@ -489,9 +509,22 @@ where
                 io.flush().await?;
                 request.sent_continue = true;
             }
-            let (len, sha) = read_body(&mut io, &mut buf, framing).await?;
-            request.body_len = len;
-            request.body_sha256 = sha;
+            let mut received = 0;
+            let read = read_body(&mut io, &mut buf, framing, &mut received, &state.body_bytes);
+            match read.await {
+                Ok(sha) => {
+                    request.body_len = received;
+                    request.body_sha256 = sha;
+                }
+                Err(e) => {
+                    // Recorded with what arrived of the body (status 0: no answer), so a test
+                    // can tell a body cut short from one that never came.
+                    request.body_len = received;
+                    request.error = Some(format!("request body: {e}"));
+                    state.record(request);
+                    return Err(e);
+                }
+            }
         }
 
         // 4. The answer.
@@ -651,14 +684,14 @@ async fn read_body<S: AsyncRead + Unpin>(
     io: &mut S,
     buf: &mut BytesMut,
     framing: Framing,
-) -> io::Result<(u64, String)> {
+    total: &mut u64,
+    counter: &AtomicU64,
+) -> io::Result<String> {
     let mut hasher = Sha256::new();
-    let mut total = 0u64;
     match framing {
         Framing::None => {}
         Framing::Length(n) => {
-            hash_exact(io, buf, n, &mut hasher).await?;
-            total += n;
+            hash_exact(io, buf, n, &mut hasher, (total, counter)).await?;
         }
         Framing::Chunked => loop {
             let line = read_line(io, buf).await?;
@@ -671,8 +704,7 @@ async fn read_body<S: AsyncRead + Unpin>(
                 while !read_line(io, buf).await?.is_empty() {}
                 break;
             }
-            hash_exact(io, buf, size, &mut hasher).await?;
-            total += size;
+            hash_exact(io, buf, size, &mut hasher, (total, counter)).await?;
             if !read_line(io, buf).await?.is_empty() {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -681,15 +713,17 @@ async fn read_body<S: AsyncRead + Unpin>(
             }
         },
     }
-    Ok((total, hex(&hasher.finalize())))
+    Ok(hex(&hasher.finalize()))
 }
 
-/// Feeds the next `n` body bytes (from `buf`, then `io`) to `hasher`, consuming them.
+/// Feeds the next `n` body bytes (from `buf`, then `io`) to `hasher`, consuming them and
+/// counting them in `total` and the server's counter.
 async fn hash_exact<S: AsyncRead + Unpin>(
     io: &mut S,
     buf: &mut BytesMut,
     n: u64,
     hasher: &mut Sha256,
+    (total, counter): (&mut u64, &AtomicU64),
 ) -> io::Result<()> {
     let mut left = n;
     while left > 0 {
@@ -700,6 +734,8 @@ async fn hash_exact<S: AsyncRead + Unpin>(
         hasher.update(&buf[..take]);
         buf.advance(take);
         left -= take as u64;
+        *total += take as u64;
+        counter.fetch_add(take as u64, Ordering::SeqCst);
     }
     Ok(())
 }

@@ -48,7 +48,10 @@ impl ListenerApp {
         loop {
             match parse_request(&c.buf, &mut c.fields, limits.max_request_head) {
                 Parsed::Plain(req) if req.fast() => return Ok(req),
-                Parsed::Plain(_) | Parsed::Delegate => return Err(Outcome::Delegate),
+                Parsed::Plain(r) => {
+                    return Err(Outcome::Delegate(r.facts.chunked.then_some(r.head_len)))
+                }
+                Parsed::Delegate(chunked_body) => return Err(Outcome::Delegate(chunked_body)),
                 Parsed::Refuse(err) => {
                     self.refuse(down, c, state, err).await;
                     return Err(Outcome::Close);

@@ -49,6 +49,7 @@ mod response;
 mod timer;
 pub mod wire;
 
+use super::chunked_framing;
 use super::client_connections::bound_session;
 use super::policy::{self, ErrorResponse, GatewayError, Plan};
 use super::routes::{Route, RouteTable};
@@ -156,12 +157,12 @@ impl ServerApp for ListenerApp {
             let outcome = self
                 .serve(&mut down, &mut conn, &mut current, shutdown)
                 .await;
-            if let Outcome::Close = outcome {
+            let Outcome::Delegate(chunked_body) = outcome else {
                 if !*shutdown.borrow() {
                     self.release(conn.held.take(), &current.state);
                 }
                 return None;
-            }
+            };
             // One request for pingora-proxy. It may take long (an upgraded connection lasts as
             // long as the client wants): the held upstream connection goes back to the pool.
             self.release(conn.held.take(), &current.state);
@@ -170,7 +171,7 @@ impl ServerApp for ListenerApp {
             };
             l4.rewind(&conn.buf);
             conn.buf.clear();
-            let mut session = ServerSession::new_http1(l4);
+            let mut session = ServerSession::new_http1(chunked_framing::wrap(l4, chunked_body));
             // The fast path's client bounds; no keep-alive while shutting down.
             bound_session(&mut session, &current.state.limits, *shutdown.borrow());
             // Requests pipelined behind this one, read with it or while it is proxied, are kept
@@ -191,7 +192,7 @@ impl ServerApp for ListenerApp {
                 return None;
             }
             let (stream, _pipelining_off) = reused.consume();
-            down = stream;
+            down = chunked_framing::unwrap(stream)?;
             if !down.as_any().is::<L4Stream>() {
                 return ServerApp::process_new(&self.slow, down, shutdown).await;
             }
@@ -219,8 +220,10 @@ enum Outcome {
     /// Closed (or to be closed).
     Close,
     /// The next request goes to pingora-proxy, with `Conn::buf` put back in front of the
-    /// stream; the connection comes back to the fast path after it if it stays open.
-    Delegate,
+    /// stream; the connection comes back to the fast path after it if it stays open. With
+    /// the head's length when the body is chunked: pingora reads it through
+    /// [`chunked_framing::ChunkedFraming`].
+    Delegate(Option<usize>),
 }
 
 /// Per-connection state, reused across the connection's requests.
@@ -478,7 +481,7 @@ pub fn upstream_head(
     let mut req = match parse_request(&c.buf, &mut c.fields, state.limits.max_request_head) {
         Parsed::Plain(req) => req,
         Parsed::Refuse(e) => return Err(Some(e)),
-        Parsed::Partial | Parsed::Delegate => return Err(None),
+        Parsed::Partial | Parsed::Delegate(_) => return Err(None),
     };
     // Only the body bytes given are copied.
     let body_len = req.body_len.min(c.buf.len().saturating_sub(req.head_len));
@@ -534,7 +537,7 @@ impl ListenerApp {
             let Some(Admitted { index, mut grant }) =
                 admit(&state.tables[self.slot], state, c, &req, body_limit, now)
             else {
-                return Outcome::Delegate;
+                return Outcome::Delegate(None);
             };
             let route = &state.routes[index];
             // The body (Content-Length only) in full: it may have to be sent twice.
@@ -547,7 +550,7 @@ impl ListenerApp {
                 // is the one current when the request leaves (pingora waits for a token).
                 let now = tokio::time::Instant::now();
                 let Some(current) = grant.renew(route, &mut c.tokens, now) else {
-                    return Outcome::Delegate;
+                    return Outcome::Delegate(None);
                 };
                 grant = current;
             }

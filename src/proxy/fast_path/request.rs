@@ -70,8 +70,9 @@ pub(super) enum Parsed {
     Plain(Plain),
     /// The head is not complete yet.
     Partial,
-    /// Hand the connection to pingora.
-    Delegate,
+    /// Hand the connection to pingora; where the body starts (the head's length) when it is
+    /// chunked.
+    Delegate(Option<usize>),
     /// Answer with this gateway error and close: a head no server may accept (RFC 9112 §2.2,
     /// §3, §5) or one over the limit (431). pingora-proxy's parser is more lenient (it accepts
     /// two spaces in the request line, a space in the target) and would forward a different
@@ -179,12 +180,12 @@ pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>, max_head: usize
     if version != 1 || form != TargetForm::Origin {
         // HTTP/1.0 (no keep-alive by default, no chunked responses) and absolute-form or `*`
         // targets: pingora-proxy's path, with the same policy.
-        return Parsed::Delegate;
+        return Parsed::Delegate(facts.chunked.then_some(head_len));
     }
     let path_len = match accepted_path_len(target) {
         Some(n) => n,
         // A fragment: pingora drops it.
-        None if target.contains('#') => return Parsed::Delegate,
+        None if target.contains('#') => return Parsed::Delegate(facts.chunked.then_some(head_len)),
         // A target pingora's URI parser refuses (`"`, `<`, `>`, too long).
         None => return Parsed::Refuse(GatewayError::BadRequest("invalid request-target")),
     };
@@ -192,7 +193,7 @@ pub(super) fn parse_request(buf: &[u8], fields: &mut Vec<Field>, max_head: usize
         facts.host,
         usize::try_from(facts.content_length.unwrap_or(0)),
     ) else {
-        return Parsed::Delegate;
+        return Parsed::Delegate(facts.chunked.then_some(head_len));
     };
     Parsed::Plain(Plain {
         head_len,

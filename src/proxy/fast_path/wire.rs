@@ -81,7 +81,7 @@ pub fn request_head(bytes: &[u8]) -> RequestHead {
             fields: fields.into_iter().map(|f| (f.name, f.value)).collect(),
         }),
         Parsed::Partial => RequestHead::Partial,
-        Parsed::Delegate => RequestHead::Delegate,
+        Parsed::Delegate(_) => RequestHead::Delegate,
         Parsed::Refuse(e) => RequestHead::Refuse(e),
     }
 }
