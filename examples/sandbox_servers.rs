@@ -1,5 +1,6 @@
 //! Runs the sandbox authorization servers and echo API until killed, printing their URLs as one
-//! JSON line on stdout: the token endpoints for load benchmarks (`benches/load/run.py`).
+//! JSON line on stdout: the token endpoints for the load and abuse benchmarks
+//! (`benches/load/run.py`, `benches/abuse/run.py`).
 //!
 //! `cargo run --release --example sandbox_servers -- [TOKEN_LIFETIME_SECONDS]`
 
