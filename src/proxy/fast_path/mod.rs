@@ -125,7 +125,39 @@ impl Current {
 
 #[async_trait]
 impl ServerApp for ListenerApp {
+    /// Moves the connection to a task of its own and returns at once. pingora's accept task
+    /// is sized for its TLS handshake (about 12 KiB, whatever the listener), so a connection
+    /// served inside it would hold that for its whole life; this task holds ~2 KiB
+    /// (docs/benchmarks.md "Abuse bounds").
     async fn process_new(
+        self: &Arc<Self>,
+        down: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let app = Arc::clone(self);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { app.serve_connection(down, &shutdown).await });
+        None
+    }
+
+    async fn cleanup(&self) {
+        ServerApp::cleanup(&*self.slow).await;
+    }
+}
+
+impl ListenerApp {
+    /// Serves one client connection until it closes, as pingora's own loop would: a stream
+    /// handed back for reuse is served again.
+    async fn serve_connection(self: Arc<Self>, down: Stream, shutdown: &ShutdownWatch) {
+        let mut next = self.serve_stream(down, shutdown).await;
+        while let Some(down) = next {
+            next = self.serve_stream(down, shutdown).await;
+        }
+    }
+
+    /// Serves `down`: the fast path, and pingora-proxy for the requests it hands over.
+    /// `Some` when the stream is handed back for reuse.
+    async fn serve_stream(
         self: &Arc<Self>,
         mut down: Stream,
         shutdown: &ShutdownWatch,
@@ -137,8 +169,9 @@ impl ServerApp for ListenerApp {
         conn.check_client(&current.state);
         if plain_tcp && !conn.allowed && !conn.peer_trusted {
             // Refused before it takes a place among `max_connections`.
-            self.refuse_unadmitted(&mut down, &mut conn, &current.state)
-                .await;
+            // Boxed, as every rare step with a large future: a connection's task is sized for
+            // the largest step it may take, and an idle connection should cost little.
+            Box::pin(self.refuse_unadmitted(&mut down, &mut conn, &current.state)).await;
             return None;
         }
         let Some(_open) = self
@@ -199,12 +232,6 @@ impl ServerApp for ListenerApp {
         }
     }
 
-    async fn cleanup(&self) {
-        ServerApp::cleanup(&*self.slow).await;
-    }
-}
-
-impl ListenerApp {
     /// Returns a clean upstream connection to pingora's connection pool.
     fn release(&self, held: Option<Held>, state: &SharedState) {
         if let Some(held) = held.filter(|h| h.reusable) {
@@ -309,6 +336,7 @@ impl Conn {
         self.out = Vec::new();
         self.ubuf = Vec::new();
         self.fields = Vec::new();
+        self.plan = Plan::default();
     }
 }
 
@@ -667,7 +695,8 @@ impl ListenerApp {
                     replayed = true;
                     attempts = 0;
                     drop(up);
-                    match source.token().await {
+                    // Boxed: rare, and its future is large (see `process_new`).
+                    match Box::pin(source.token()).await {
                         Ok((a, g)) => (renewed, generation) = (Some(a), g),
                         Err(unavailable) => {
                             let err = GatewayError::TokenUnavailable {
@@ -734,7 +763,9 @@ impl ListenerApp {
             .peer()
             .map_err(|why| pingora::Error::explain(pingora::ErrorType::ConnectNoRoute, why))?;
         c.up_reuse_hash = peer.reuse_hash();
-        self.connector.get_stream(&*peer).await
+        // Boxed: only for a new connection (the pool and the held one serve most requests),
+        // and pingora's connect future (TLS included) is large (see `process_new`).
+        Box::pin(self.connector.get_stream(&*peer)).await
     }
 }
 
