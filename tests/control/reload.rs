@@ -851,3 +851,56 @@ async fn kept_token_sources_keep_a_single_refresher() {
     assert_eq!(status_of(listen, "/driftrock/a").await, 200);
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_new_client_bounds_to_open_connections_from_their_next_wait() {
+    let sandbox = Sandbox::start().await.unwrap();
+    let dir = Dir::new("bounds");
+    let (listen, admin) = (free_addr(), free_addr());
+    let text = |bounds: &str| {
+        config_text(&sandbox, listen, admin, "").replacen(
+            "[server]\n",
+            &format!("[server]\n{bounds}\n"),
+            1,
+        )
+    };
+    std::fs::write(dir.config(), text("")).unwrap();
+    let gw = start_from_file(&dir.config()).await;
+
+    let mut a = tokio::net::TcpStream::connect(listen).await.unwrap();
+    let mut b = tokio::net::TcpStream::connect(listen).await.unwrap();
+    for conn in [&mut a, &mut b] {
+        assert_eq!(on_connection(conn, "/driftrock/v2/x").await.0, 200);
+    }
+    std::fs::write(
+        dir.config(),
+        text("max_request_head = \"4KiB\"\nidle_timeout = \"1s\""),
+    )
+    .unwrap();
+    tokio::task::block_in_place(|| reload(&gw)).expect("reload applies");
+
+    // An 8,000-byte head on a connection opened before the reload: over the new limit.
+    let filler = "a".repeat(8000);
+    let head = format!("GET /driftrock/v2/x HTTP/1.1\r\nHost: gw\r\nX-Big: {filler}\r\n\r\n");
+    a.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), a.read_to_end(&mut answer)).await;
+    assert!(
+        answer.starts_with(b"HTTP/1.1 431"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // The other one, after its next request, is closed after the new idle_timeout.
+    assert_eq!(on_connection(&mut b, "/driftrock/v2/x").await.0, 200);
+    let idle_since = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), b.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok() && rest.is_empty(),
+        "closed without an answer"
+    );
+    let after = idle_since.elapsed();
+    assert!(after < Duration::from_secs(5), "closed after {after:?}");
+    gw.stop().await;
+}

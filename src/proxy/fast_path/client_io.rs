@@ -38,10 +38,9 @@ impl ListenerApp {
         &self,
         down: &mut Stream,
         c: &mut Conn,
-        current: &Current,
+        current: &mut Current,
     ) -> Result<Plain, Outcome> {
-        let state = &*current.state;
-        let limits = state.limits;
+        let mut limits = current.state.limits;
         // When the head was first found incomplete: read only then, so a head that arrives in
         // one read costs no clock read.
         let mut head_started: Option<Instant> = None;
@@ -53,13 +52,16 @@ impl ListenerApp {
                 }
                 Parsed::Delegate(chunked_body) => return Err(Outcome::Delegate(chunked_body)),
                 Parsed::Refuse(err) => {
-                    self.refuse(down, c, state, err).await;
+                    self.refuse(down, c, &current.state, err).await;
                     return Err(Outcome::Close);
                 }
                 Parsed::Partial => {}
             }
             if c.buf.is_empty() {
                 self.wait_for_request(down, c, current).await?;
+                // A reload while the connection waited: its bounds apply to this request.
+                self.follow_reload(c, current);
+                limits = current.state.limits;
                 continue;
             }
             let started = *head_started.get_or_insert_with(Instant::now);
@@ -73,6 +75,7 @@ impl ListenerApp {
                 Ok(0) => return Err(Outcome::Close),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    let state = &current.state;
                     state.metrics.client_timeout(ClientTimeout::Head);
                     self.refuse(down, c, state, GatewayError::RequestTimeout)
                         .await;

@@ -232,6 +232,18 @@ impl ListenerApp {
         }
     }
 
+    /// After a config reload: from the next request on, the new routes, tokens, allowlist and
+    /// client bounds. The held upstream connection and the cached token belong to the old ones.
+    #[inline]
+    fn follow_reload(&self, c: &mut Conn, current: &mut Current) {
+        if self.live.generation() != current.generation {
+            self.release(c.held.take(), &current.state);
+            *current = Current::load(&self.live);
+            c.tokens = TokenCache::default();
+            c.check_client(&current.state);
+        }
+    }
+
     /// Returns a clean upstream connection to pingora's connection pool.
     fn release(&self, held: Option<Held>, state: &SharedState) {
         if let Some(held) = held.filter(|h| h.reusable) {
@@ -541,20 +553,15 @@ impl ListenerApp {
     ) -> Outcome {
         c.check_client(&current.state);
         loop {
+            // A reload's client bounds apply from the next wait on.
+            self.follow_reload(c, current);
             let req = match self.read_head(down, c, current).await {
                 Ok(req) => req,
                 Err(outcome) => return outcome,
             };
             // In flight until this iteration ends (docs/operations.md "Shutdown").
             let _busy = self.live.drain.busy();
-            if self.live.generation() != current.generation {
-                // A config reload: from this request on, the new routes, tokens and allowlist.
-                // The held upstream connection and the cached token belong to the old ones.
-                self.release(c.held.take(), &current.state);
-                *current = Current::load(&self.live);
-                c.tokens = TokenCache::default();
-                c.check_client(&current.state);
-            }
+            self.follow_reload(c, current);
             if c.peer_trusted {
                 c.judge_forwarded(&current.state);
             }
